@@ -1,0 +1,1 @@
+"""Clients: generated stubs, the friendly Python client and the `genserve` command line."""

@@ -1,0 +1,121 @@
+"""The data spec: shape, domain and normalisation of a data set, carried from training to serving."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Kind = Literal["discrete", "continuous"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What one example looks like; every station needs it to read, check and write data.
+
+    Discrete data are integer levels 0..levels-1 (digits: 17 levels, 8x8 images). Continuous data are real
+    rows; models normalise them internally with ``mean``/``std`` (taken from the training split), so every
+    density is reported in the units of the raw data.
+    """
+
+    name: str
+    """Data set name (``digits``, ``moons``, ``gmm`` or a file stem)."""
+    shape: tuple[int, ...]
+    """Shape of one example: ``(8, 8)`` for digit images, ``(D,)`` for tabular rows."""
+    kind: Kind
+    """``discrete`` (integer levels) or ``continuous`` (real values)."""
+    levels: int = 0
+    """Number of integer levels for discrete data (values 0..levels-1); 0 for continuous data."""
+    low: float = -math.inf
+    """Smallest valid value (0 for discrete data)."""
+    high: float = math.inf
+    """Largest valid value (levels-1 for discrete data)."""
+    mean: tuple[float, ...] = field(default_factory=tuple)
+    """Per-feature mean used to normalise continuous data (empty for discrete data)."""
+    std: tuple[float, ...] = field(default_factory=tuple)
+    """Per-feature standard deviation used to normalise continuous data."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if any(s <= 0 for s in self.shape) or not self.shape:
+            raise ValueError(f"shape must be non-empty with positive sizes, got {self.shape}")
+        if self.kind not in ("discrete", "continuous"):
+            raise ValueError(f"kind must be 'discrete' or 'continuous', got {self.kind!r}")
+        if self.kind == "discrete":
+            if self.levels < 2:
+                raise ValueError(f"discrete data need levels >= 2, got levels={self.levels}")
+            if (self.low, self.high) != (0.0, float(self.levels - 1)):
+                object.__setattr__(self, "low", 0.0)
+                object.__setattr__(self, "high", float(self.levels - 1))
+        else:
+            if self.levels:
+                raise ValueError(f"continuous data have no levels, got levels={self.levels}")
+            for name in ("mean", "std"):
+                values = getattr(self, name)
+                if values and len(values) != self.dim:
+                    raise ValueError(f"{name} has {len(values)} entries but one example has {self.dim} values")
+            if self.std and min(self.std) <= 0:
+                raise ValueError(f"std must be positive, got {self.std}")
+
+    @property
+    def dim(self) -> int:
+        """Number of values in one example (D in bits per dimension)."""
+        return int(np.prod(self.shape))
+
+    @property
+    def is_image(self) -> bool:
+        """True for 2-D examples (H, W), which get image grids and convolutional models."""
+        return len(self.shape) == 2
+
+    @property
+    def discrete(self) -> bool:
+        return self.kind == "discrete"
+
+    def check(self, x: np.ndarray, what: str = "x") -> None:
+        """Raise ValueError naming the first problem of a batch ``x`` of shape (N, *shape), if any."""
+        x = np.asarray(x)
+        if x.ndim == len(self.shape) and tuple(x.shape) == self.shape:
+            raise ValueError(f"{what} has shape {tuple(x.shape)}: add a batch axis, e.g. shape (1, *{self.shape})")
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"{what} has shape {tuple(x.shape)} but this data needs (N, {', '.join(map(str, self.shape))})")
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} is empty: send at least one row")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise ValueError(f"{what} has dtype {x.dtype}; send real numbers (float32 or integers)")
+        flat = x.reshape(x.shape[0], -1)
+        bad = ~np.isfinite(flat).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{what} row {int(np.argmax(bad))} has NaN or infinite values; remove or impute them")
+        if self.discrete:
+            out = (flat < 0) | (flat > self.levels - 1) | (flat != np.round(flat))
+            if out.any():
+                row, col = np.argwhere(out)[0]
+                raise ValueError(
+                    f"{what} row {row} value {flat[row, col]!r} is not an integer level in 0..{self.levels - 1}"
+                )
+        else:
+            out = (flat < self.low) | (flat > self.high)
+            if out.any():
+                row, col = np.argwhere(out)[0]
+                raise ValueError(f"{what} row {row} value {flat[row, col]!r} is outside [{self.low}, {self.high}]")
+
+    def postprocess(self, x: np.ndarray) -> np.ndarray:
+        """Map model output to the data domain: round and clip discrete values to the levels."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.discrete:
+            return np.clip(np.rint(x), 0, self.levels - 1).astype(np.float32)
+        return x
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataSpec:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})

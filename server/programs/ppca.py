@@ -1,0 +1,41 @@
+"""pPCA served from its graphs: ``log_prob`` (x[, u]), ``encoder`` (x -> z), ``generator`` (z, eps -> x)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from genserve.core.noise import Noise
+from genserve.server.programs.base import Program, Run, SampleResult
+
+
+class PPCAProgram(Program):
+    operations = ("sample", "log_likelihood", "encode", "decode")
+
+    async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, draws: int | None = None,
+                             **options: Any) -> np.ndarray:
+        x = x.astype(np.float32)
+        if not self.spec.discrete:
+            return (await run("log_prob", {"x": x}))["log_prob"]
+        draws = int(draws or self.param("dequant_draws"))
+        total = np.zeros(x.shape[0], dtype=np.float64)
+        for _ in range(draws):  # same draw order as training.ppca.PPCA.log_prob
+            u = noise.uniform(x.shape[0], self.spec.dim)
+            total += (await run("log_prob", {"x": x, "u": u}))["log_prob"]
+        return (total / draws).astype(np.float32)
+
+    async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
+        q = int(self.param("latent_dim"))
+        z = noise.normal(n, q) * np.float32(temperature)
+        eps = noise.normal(n, self.spec.dim) * np.float32(temperature)
+        x = (await run("generator", {"z": z, "eps": eps}))["x"]
+        return SampleResult(self.spec.postprocess(x), z)
+
+    async def encode(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
+        return (await run("encoder", {"x": x.astype(np.float32)}))["z"]
+
+    async def decode(self, run: Run, z: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
+        eps = np.zeros((z.shape[0], self.spec.dim), dtype=np.float32)
+        x = (await run("generator", {"z": z.astype(np.float32), "eps": eps}))["x"]
+        return self.spec.postprocess(x)
