@@ -1,0 +1,53 @@
+"""Checkpoints: config, architecture, data spec, weights and metrics, loadable with weights_only=True."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genserve.core.spec import DataSpec
+from genserve.training.base import GenerativeModel
+from genserve.training.registry import model_class
+
+FORMAT = "genserve-checkpoint/1"
+
+
+def save_checkpoint(path: str | Path, model: GenerativeModel, **extra: Any) -> None:
+    """Write the model with everything needed to rebuild it; ``extra`` holds config, metrics, state."""
+    state = {
+        "format": FORMAT,
+        "model": model.name,
+        "arch": dict(model.arch),
+        "spec": model.spec.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves half a checkpoint
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, loaded with ``weights_only=True`` (no pickle of arbitrary objects)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `genserve train`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged or foreign files
+        raise ValueError(f"{path} is not a readable genserve checkpoint: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a genserve checkpoint (format {FORMAT})")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> tuple[GenerativeModel, dict[str, Any]]:
+    """Rebuild the model in eval mode from a checkpoint; returns (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    model = model_class(ckpt["model"])(DataSpec.from_dict(ckpt["spec"]), **ckpt["arch"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
