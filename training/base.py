@@ -49,6 +49,10 @@ class GenerativeModel(nn.Module):
     capabilities: ClassVar[Capabilities]
     closed_form: ClassVar[bool] = False  # fitted in one step (pPCA) rather than by gradient descent
     has_temperature: ClassVar[bool] = True
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Training settings per profile (``quick``, ``full``): keys of ``TrainConfig`` plus ``arch`` (the
+    constructor's keyword arguments). Tuned for digits; ``tabular_profiles`` overrides them for real rows."""
+    tabular_profiles: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, spec: DataSpec, **arch: Any) -> None:
         super().__init__()

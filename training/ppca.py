@@ -35,6 +35,8 @@ class PPCA(GenerativeModel):
     operations = ("sample", "log_likelihood", "encode", "decode")
     capabilities = Capabilities("prescribed", "stable", "approximate", "fast", "lossy", True)
     closed_form = True
+    profiles = {"quick": {"arch": {"latent_dim": 16}}, "full": {"arch": {"latent_dim": 16}}}
+    tabular_profiles = {"quick": {"arch": {"latent_dim": 1}}, "full": {"arch": {"latent_dim": 1}}}
 
     def __init__(self, spec, latent_dim: int = 16, dequant_draws: int = 16) -> None:
         super().__init__(spec, latent_dim=latent_dim, dequant_draws=dequant_draws)
