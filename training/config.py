@@ -71,15 +71,15 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise ValueError(f"{key}={value!r}: expected a {type(current).__name__}") from None
+            raise ValueError(f"{key}={value!r}: expected {type(current).__name__}") from None
     if isinstance(current, bool) or isinstance(value, bool):
         if not isinstance(value, bool) or not isinstance(current, bool):
-            raise ValueError(f"{key}={value!r}: expected a {type(current).__name__}")
+            raise ValueError(f"{key}={value!r}: expected {type(current).__name__}")
         return value
     if isinstance(current, float) and isinstance(value, int):
         return float(value)
     if current is not None and not isinstance(value, type(current)):
-        raise ValueError(f"{key}={value!r}: expected a {type(current).__name__}, got {type(value).__name__}")
+        raise ValueError(f"{key}={value!r}: expected {type(current).__name__}, got {type(value).__name__}")
     return value
 
 
