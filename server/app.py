@@ -1,0 +1,205 @@
+"""The running server: grpc.aio with GenerativeService, health and reflection, metrics HTTP, signals, reload.
+
+Limits (stated once, here): requests and responses are at most ``cfg.max_message_mb`` MiB each way (gRPC
+max_send/max_receive_message_length; 64 MiB by default, e.g. ~260k digit images of 8x8 float32 per message);
+rows per request ``cfg.max_rows_per_request``; samples per request ``cfg.max_sample_n``; a unary Sample whose
+answer would not fit one message is refused with a pointer to SampleStream.
+
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING for every service first, the server stops accepting
+RPCs, every accepted RPC runs to its end (up to ``cfg.grace_s``, then what is left is cancelled), then the
+engine stops. Reload (SIGHUP, the ReloadRepository RPC, or every ``cfg.poll_s`` seconds) goes through one lock
+and refreshes per-model health afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from genserve.server.servicer import GenerativeServicer
+from genserve.v1 import service_pb2, service_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("genserve.server")
+
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GenerativeService"].full_name
+HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def grpc_options(max_message_mb: int) -> list[tuple[str, Any]]:
+    """Channel arguments of the server; also what a client needs for messages above gRPC's 4 MiB default."""
+    size = int(max_message_mb) * 2**20
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.so_reuseport", 0),  # a busy port must fail loudly, not be shared with another server
+    ]
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """GenerativeService, health, reflection and metrics over one engine: ``await start(cfg)``, ``stop()``.
+
+    ``port`` and ``metrics_port`` are the bound ports (useful when the config asks for port 0 = any free).
+    """
+
+    def __init__(self) -> None:
+        self.cfg: Any = None
+        self.engine: Any = None
+        self.metrics: Any = None
+        self.health: health_aio.HealthServicer | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: Any = None
+        self._poller: asyncio.Task | None = None
+        self._reload_lock = asyncio.Lock()
+        self._health_names: set[str] = set()
+        self._stopping = False
+
+    async def start(self, cfg: Any, engine: Any = None) -> None:
+        """Load the repository, bind ``cfg.host:cfg.port`` and serve; ``engine`` replaces the default one."""
+        self.cfg = cfg
+        if engine is None:
+            from genserve.server.engine import Engine
+            from genserve.server.metrics import Metrics
+
+            self.metrics = Metrics()
+            engine = Engine(cfg, self.metrics)
+        else:
+            self.metrics = getattr(engine, "metrics", None)
+        self.engine = engine
+        await engine.start()
+
+        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb))
+        servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
+        service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], self._grpc)
+        target = address(cfg.host, cfg.port)
+        try:
+            self.port = self._grpc.add_insecure_port(target)
+        except RuntimeError as e:
+            await engine.stop()
+            raise ValueError(f"cannot listen on {target} ({e}); is the port in use? pick another with --port"
+                             ) from None
+        await self._grpc.start()
+        await self.refresh_health()
+        self._start_metrics_http()
+        if cfg.poll_s > 0:
+            self._poller = asyncio.ensure_future(self._poll())
+        log.info("serving on %s", address(cfg.host, self.port))
+
+    def _start_metrics_http(self) -> None:
+        """The Prometheus endpoint on its own port (``cfg.metrics_port``; 0 leaves it off)."""
+        if not self.cfg.metrics_port or self.metrics is None:
+            return
+        self._http, self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
+
+    def _observe(self, method: str, model: str, code: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request(model, method, code, seconds)
+
+    async def refresh_health(self) -> None:
+        """Overall and service SERVING; a model SERVING when ready, NOT_SERVING when failed or gone."""
+        assert self.health is not None
+        await self.health.set("", SERVING)
+        await self.health.set(SERVICE_NAME, SERVING)
+        names = {s.name for s in self.engine.list_models()}
+        for name in sorted(names | self._health_names):
+            await self.health.set(name, SERVING if name in names and self.engine.ready(name) else NOT_SERVING)
+        self._health_names |= names
+
+    async def reload(self) -> Any:
+        """Rescan the repository (one reload at a time) and refresh health; returns the engine's result."""
+        async with self._reload_lock:
+            result = await self.engine.reload()
+            await self.refresh_health()
+        for error in getattr(result, "errors", ()) or ():
+            log.warning("reload: %s version %s failed to load: %s", error.model, error.version, error.message)
+        return result
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.poll_s)
+            try:
+                await self.reload()
+            except Exception:  # noqa: BLE001 - a failed poll must not end polling
+                log.exception("polling reload failed")
+
+    def schedule_reload(self) -> None:
+        """For SIGHUP: reload in the background, logging the outcome."""
+        task = asyncio.ensure_future(self.reload())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                               or log.error("reload failed: %s", t.exception()))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop within ``grace`` s (default cfg.grace_s): health, then RPCs, then the engine."""
+        if self._stopping or self._grpc is None:
+            return
+        self._stopping = True
+        grace = self.cfg.grace_s if grace is None else grace
+        deadline = time.monotonic() + grace
+        if self._poller is not None:
+            self._poller.cancel()
+        assert self.health is not None
+        await self.health.enter_graceful_shutdown()
+        # Leave a little of the grace period for the engine's own stop.
+        await self._grpc.stop(max(0.0, grace - min(1.0, grace * 0.1)))
+        try:
+            await asyncio.wait_for(self.engine.stop(), timeout=max(0.05, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("engine did not stop within the grace period")
+        if self._http is not None:
+            with contextlib.suppress(Exception):
+                self._http.shutdown()
+                self._http.server_close()
+
+    async def wait(self) -> None:
+        assert self._grpc is not None
+        await self._grpc.wait_for_termination()
+
+
+def ready_line(server: Server) -> str:
+    """The one line printed when the server is ready: address, ports, and each model's versions or state."""
+    cfg = server.cfg
+    models = []
+    for s in sorted(server.engine.list_models(), key=lambda s: s.name):
+        if s.state == "READY":
+            models.append(f"{s.name}:v{','.join(str(v) for v in s.versions)}")
+        else:
+            models.append(f"{s.name}:{s.state}")
+    metrics = f"http://{address(cfg.host, server.metrics_port)}/metrics" if server.metrics_port else "off"
+    return (f"genserve: serving grpc={address(cfg.host, server.port)} port={server.port} "
+            f"metrics={metrics} metrics_port={server.metrics_port} models={' '.join(models) or '(none)'}")
+
+
+async def serve(cfg: Any, announce: Callable[[str], None] = print) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the repository. Returns the exit code."""
+    server = Server()
+    await server.start(cfg)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.schedule_reload)
+    announce(ready_line(server))
+    await stop.wait()
+    log.info("stopping: draining accepted requests for up to %.1f s", cfg.grace_s)
+    await server.stop()
+    return 0

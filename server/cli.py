@@ -1,0 +1,92 @@
+"""`genserve serve`: run the model server (grpc, health, reflection, metrics) from a config file and flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  genserve serve --repo model_repository
+  genserve serve --repo /models --host 0.0.0.0 --port 8500 --metrics-port 8502 --provider cuda
+  genserve serve --config server.toml --max-batch-size 128 --max-queue-delay-ms 5 --poll-s 30
+  python -m genserve.server.cli --repo model_repository --port 0     # any free port, printed when ready
+
+signals: SIGTERM/SIGINT drain accepted requests (up to --grace-s) and exit; SIGHUP reloads the repository.
+"""
+
+# flag -> ServerConfig field; every one overrides the config file when given.
+FLAGS: list[tuple[str, str, type, str]] = [
+    ("--host", "host", str, "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"),
+    ("--port", "port", int, "gRPC port (default 8500; 0 = any free port)"),
+    ("--metrics-port", "metrics_port", int, "Prometheus /metrics HTTP port (default 8502; 0 = off)"),
+    ("--provider", "provider", str, "ONNX Runtime provider: auto, cpu or cuda (default auto)"),
+    ("--max-batch-size", "max_batch_size", int, "most rows merged into one graph call (default 64)"),
+    ("--max-queue-delay-ms", "max_queue_delay_ms", float, "longest wait for a batch to fill (default 2.0)"),
+    ("--max-queue-size", "max_queue_size", int, "most queued requests per graph before RESOURCE_EXHAUSTED"),
+    ("--threads", "intra_op_threads", int, "ONNX Runtime intra-op threads per session (default 1)"),
+    ("--inter-op-threads", "inter_op_threads", int, "ONNX Runtime inter-op threads per session (default 1)"),
+    ("--workers", "workers", int, "threads running ONNX Runtime calls (default 4)"),
+    ("--max-sample-n", "max_sample_n", int, "most samples per request (default 100000)"),
+    ("--max-rows-per-request", "max_rows_per_request", int, "most rows per scored/encoded batch"),
+    ("--max-message-mb", "max_message_mb", int, "gRPC message size limit each way, MiB (default 64)"),
+    ("--grace-s", "grace_s", float, "seconds to finish accepted requests after SIGTERM (default 10)"),
+    ("--poll-s", "poll_s", float, "rescan the repository every this many seconds (default 0 = never)"),
+]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over gRPC", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    p.set_defaults(handler=run)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", help="model repository (REPO/NAME/VERSION/manifest.json), or repo in --config")
+    p.add_argument("--config", help="server settings file (.toml) with ServerConfig keys; flags override it")
+    for flag, dest, kind, help_text in FLAGS:
+        p.add_argument(flag, dest=dest, type=kind, help=help_text)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="server log level on stderr (default INFO)")
+
+
+def build_config(args: argparse.Namespace):  # -> ServerConfig (imported lazily)
+    """The ServerConfig from --config, then --repo and the flags; ValueError naming what is wrong."""
+    from genserve.server.config import ServerConfig
+
+    overrides = {dest: getattr(args, dest) for _, dest, _, _ in FLAGS if getattr(args, dest) is not None}
+    if args.repo:
+        overrides["repo"] = args.repo
+    if args.config:
+        return ServerConfig.from_toml(args.config, overrides)
+    if "repo" not in overrides:
+        raise ValueError("no model repository: pass --repo DIR (or a --config file that sets repo)")
+    return ServerConfig.from_dict(overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from genserve.server.app import serve
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = build_config(args)
+    return asyncio.run(serve(cfg, announce=lambda line: print(line, flush=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m genserve.server.cli`` (same flags as ``genserve serve``)."""
+    from genserve.clients.cli import guarded
+
+    p = argparse.ArgumentParser(prog="genserve serve", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    args = p.parse_args(argv)
+    args.command = "serve"
+    return guarded(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
