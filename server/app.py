@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -173,6 +174,54 @@ class Server:
     async def wait(self) -> None:
         assert self._grpc is not None
         await self._grpc.wait_for_termination()
+
+
+class BackgroundServer:
+    """A Server on its own event loop in a daemon thread, for synchronous code (tests, notebooks).
+
+    Example: ``with BackgroundServer(cfg) as srv: grpc.insecure_channel(f"127.0.0.1:{srv.port}")``.
+    """
+
+    def __init__(self, cfg: Any, engine: Any = None) -> None:
+        self.server = Server()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="genserve-server", daemon=True)
+        self._thread.start()
+        try:
+            self.call(self.server.start(cfg, engine))
+        except BaseException:
+            self._close()
+            raise
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.server.metrics_port
+
+    def call(self, coro: Any, timeout: float | None = 120.0) -> Any:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._thread.is_alive():
+            try:
+                self.call(self.server.stop(grace))
+            finally:
+                self._close()
+
+    def _close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def ready_line(server: Server) -> str:

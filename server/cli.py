@@ -23,6 +23,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-batch-size", "max_batch_size", int, "most rows merged into one graph call (default 64)"),
     ("--max-queue-delay-ms", "max_queue_delay_ms", float, "longest wait for a batch to fill (default 2.0)"),
     ("--max-queue-size", "max_queue_size", int, "most queued requests per graph before RESOURCE_EXHAUSTED"),
+    ("--instances", "instances", int, "ONNX Runtime sessions per graph (default 1)"),
     ("--threads", "intra_op_threads", int, "ONNX Runtime intra-op threads per session (default 1)"),
     ("--inter-op-threads", "inter_op_threads", int, "ONNX Runtime inter-op threads per session (default 1)"),
     ("--workers", "workers", int, "threads running ONNX Runtime calls (default 4)"),
@@ -57,11 +58,7 @@ def build_config(args: argparse.Namespace):  # -> ServerConfig (imported lazily)
     overrides = {dest: getattr(args, dest) for _, dest, _, _ in FLAGS if getattr(args, dest) is not None}
     if args.repo:
         overrides["repo"] = args.repo
-    if args.config:
-        return ServerConfig.from_toml(args.config, overrides)
-    if "repo" not in overrides:
-        raise ValueError("no model repository: pass --repo DIR (or a --config file that sets repo)")
-    return ServerConfig.from_dict(overrides)
+    return ServerConfig.from_toml(args.config, overrides)
 
 
 def run(args: argparse.Namespace) -> int:

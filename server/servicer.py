@@ -124,6 +124,8 @@ def serving_proto(serving: Any) -> manifest_pb2.ServingConfig:
         return serving
     if serving is None:
         return manifest_pb2.ServingConfig()
+    if hasattr(serving, "to_proto"):
+        return serving.to_proto()
     items = serving.items() if isinstance(serving, dict) else vars(serving).items()
     fields = manifest_pb2.ServingConfig.DESCRIPTOR.fields_by_name
     return manifest_pb2.ServingConfig(**{k: v for k, v in items if k in fields and v is not None})
