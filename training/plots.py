@@ -1,0 +1,78 @@
+"""Pictures of samples: a PNG grid for image data, a scatter over the test data for 2-D rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from genserve.core.spec import DataSpec
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, and safe in threads and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def sample_grid(samples: np.ndarray, spec: DataSpec, path: str | Path, title: str = "",
+                columns: int = 10) -> Path:
+    """Write up to columns^2 images (N, H, W) as a gray grid (level 0 black, the top level white); returns
+    the path."""
+    plt = _pyplot()
+    x = np.asarray(samples, dtype=np.float32)[: columns * columns]
+    rows = max(1, -(-len(x) // columns))
+    h, w = spec.shape
+    pad = 1
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad), np.nan, dtype=np.float32)
+    for i, img in enumerate(x):
+        r, c = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[top:top + h, left:left + w] = img
+    vmax = spec.levels - 1 if spec.discrete else float(np.nanmax(canvas)) if len(x) else 1.0
+    vmin = 0.0 if spec.discrete else float(np.nanmin(canvas)) if len(x) else 0.0
+    cmap = plt.get_cmap("gray").copy()
+    cmap.set_bad("#4060a0")  # the gutters between images, so neighbours do not merge
+    fig, ax = plt.subplots(figsize=(0.55 * columns + 0.4, 0.55 * rows + 0.8), dpi=100)
+    ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sample_scatter(samples: np.ndarray, reference: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """Write a scatter of 2-D samples (N, 2) over the reference (test) rows (M, 2); returns the path."""
+    plt = _pyplot()
+    s, r = np.asarray(samples, dtype=np.float32), np.asarray(reference, dtype=np.float32)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
+    ax.scatter(r[:, 0], r[:, 1], s=4, c="#999999", alpha=0.6, label=f"test data ({len(r)})")
+    ax.scatter(s[:, 0], s[:, 1], s=4, c="#d04020", alpha=0.6, label=f"samples ({len(s)})")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(loc="upper right", fontsize=8, markerscale=3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(samples: np.ndarray, spec: DataSpec, reference: np.ndarray, path: str | Path,
+                 title: str = "") -> Path | None:
+    """The picture that fits the data: a grid for images, a scatter for 2-D rows, None otherwise."""
+    if spec.is_image:
+        return sample_grid(samples, spec, path, title)
+    if spec.shape == (2,):
+        return sample_scatter(samples, reference, path, title)
+    return None
