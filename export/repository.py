@@ -1,0 +1,306 @@
+"""Write a checkpoint into the model repository: REPO/NAME/N/ with checked ONNX graphs and a manifest.
+
+    export_checkpoint("runs/vae.pt", "models")  ->  models/digits-vae/1/{encoder,decoder}.onnx, manifest.json
+                                                    models/digits-vae/config.json (serving defaults if absent)
+
+Every graph is exported (dynamo, legacy fallback), checked with onnx.checker, and compared with PyTorch at
+batch 1, 7 and 64 (export/parity.py); then the family's serving program runs every operation over ONNX
+Runtime and must reproduce the PyTorch model (log-likelihood within 1e-3 nats, the same samples). Any
+failure raises before the version folder appears: the version is written to a hidden folder and renamed
+into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from genserve.core.manifest import (
+    FORMAT_VERSION,
+    LIKELIHOOD,
+    MANIFEST,
+    OPERATION,
+    SERVING_CONFIG,
+    spec_to_proto,
+)
+from genserve.v1 import manifest_pb2 as pb
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERSION_RE = re.compile(r"^[1-9][0-9]*$")
+DEFAULT_SERVING = {"max_batch_size": 64, "max_queue_delay_ms": 2.0, "max_queue_size": 4096, "instances": 1}
+CHECK_ROWS = 64  # test rows for the operation checks at export time
+
+
+def versions(model_dir: str | Path) -> list[int]:
+    """Whole-number version folders of one model, ascending; [] when the model does not exist."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and VERSION_RE.match(p.name))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_name(model: Any) -> str:
+    """``<dataset>-<model>``, e.g. ``digits-vae``; user-file stems are reduced to safe characters."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", model.spec.name).strip("-.") or "data"
+    return f"{stem}-{model.name}"
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+           "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    try:
+        import onnxscript
+
+        out["onnxscript"] = onnxscript.__version__
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        out["genserve"] = version("genserve")
+    except Exception:  # not installed as a distribution (running from a source tree)
+        pass
+    return out
+
+
+def numeric_metrics(ckpt: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Finite numbers from the checkpoint's metrics, its evaluation results and ``extra``, by key.
+
+    Evaluation results (``genserve evaluate --json``) may sit in ``ckpt["evaluation"]`` or under
+    ``metrics["test"]`` / ``metrics["evaluation"]``; their keys (``nll_nats``, ``bits_per_dim``, ...) are
+    kept unprefixed. Other nested dicts are flattened as ``outer.inner``; booleans and strings are dropped.
+    """
+    out: dict[str, float] = {}
+
+    def add(d: Any, prefix: str = "") -> None:
+        if not isinstance(d, dict):
+            return
+        for k, v in d.items():
+            if isinstance(v, dict):
+                add(v, "" if k in ("test", "evaluation", "eval") else f"{prefix}{k}.")
+            elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                out[f"{prefix}{k}"] = float(v)
+
+    add(ckpt.get("metrics"))
+    add(ckpt.get("evaluation"))
+    add(extra)
+    return out
+
+
+def _test_rows(ckpt: dict[str, Any], spec: Any) -> np.ndarray | None:
+    """Test rows of the training data set, or None when it cannot be loaded here (a moved user file)."""
+    from genserve.training.data import load_dataset
+
+    cfg = ckpt.get("config") or {}
+    try:
+        data = load_dataset(cfg.get("dataset", spec.name), seed=int(cfg.get("seed", 0)),
+                            levels=int(cfg.get("levels", 0)))
+    except (ValueError, OSError):
+        return None
+    if tuple(data.spec.shape) != tuple(spec.shape):
+        return None
+    return np.asarray(data.test, dtype=np.float32)
+
+
+def _program(model: Any) -> tuple[Any | None, str]:
+    """The family's serving program over ``program_parameters``, or (None, why) when it does not exist."""
+    from genserve.server.programs import program_class
+
+    try:
+        cls = program_class(model.name)
+    except (ValueError, ModuleNotFoundError, AttributeError) as e:
+        return None, f"no serving program for {model.name!r} ({e})"
+    return cls(model.spec, {k: float(v) for k, v in model.program_parameters().items()}), ""
+
+
+def _tensor_specs(infos: list[Any]) -> list[pb.TensorSpec]:
+    return [pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in infos]
+
+
+def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None = None,
+                      version: int | None = None, fp16: bool = False, force: bool = False,
+                      metrics: dict[str, Any] | None = None, log: Any = print) -> Path:
+    """Export ``checkpoint`` to ``repo``/NAME/VERSION and return that folder.
+
+    NAME defaults to ``<dataset>-<model>``; VERSION to the model's highest version + 1. An existing version
+    is refused unless ``force``. ``fp16`` adds a float16 copy of every graph (checked, see export/fp16.py).
+    ``metrics`` adds test metrics (e.g. ``genserve evaluate --json`` output) to the checkpoint's. ``log``
+    receives one line per graph with its parity error. Raises ValueError (ExportError, ParityError) naming
+    the graph or operation that failed.
+    """
+    from genserve.export.onnx_export import export_graph, set_inference_mode
+    from genserve.export.parity import (
+        ParityError,
+        check_graph_parity,
+        check_operations,
+        graph_input_sets,
+        onnx_session,
+        record_program_feeds,
+    )
+    from genserve.export.torch_runner import TorchRunner
+    from genserve.server.sessions import DirectRunner
+    from genserve.training.checkpoint import load_checkpoint
+
+    start = time.perf_counter()
+    model, ckpt = load_checkpoint(checkpoint)
+    set_inference_mode(model)
+    name = name or default_name(model)
+    if not NAME_RE.match(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '.', '_' and '-', starting "
+                         "with a letter or digit")
+    model_dir = Path(repo) / name
+    existing = versions(model_dir)
+    version = int(version) if version is not None else (max(existing) + 1 if existing else 1)
+    if version < 1:
+        raise ValueError(f"version must be a whole number >= 1, got {version}")
+    final = model_dir / str(version)
+    if final.exists() and not force:
+        raise ValueError(f"{final} already exists; pass --force to overwrite it or --version "
+                         f"{max(existing + [version]) + 1} for a new version")
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".{version}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        graphs = model.export_graphs()
+        for g in graphs.values():
+            set_inference_mode(g.module)
+        test_rows = _test_rows(ckpt, model.spec)
+        program, why = _program(model)
+        recorded = None
+        if program is not None and test_rows is not None:
+            latent = model.program_parameters().get("latent_dim")
+            recorded, errors = record_program_feeds(program, TorchRunner(model), test_rows[:CHECK_ROWS],
+                                                    tuple(model.operations), int(latent) if latent else None)
+            if errors:
+                raise ParityError(f"the {model.name} serving program fails over PyTorch graphs: {errors[0]}")
+        log(f"exporting {model.name} ({model.family}) from {checkpoint} to {final}")
+
+        graph_specs, exporters = [], {}
+        for gname, g in graphs.items():
+            t0 = time.perf_counter()
+            pool = recorded.pool(gname) if recorded is not None else None
+            input_sets, source = graph_input_sets(gname, g, model.spec, test_rows, pool)
+            exported, parity, failures = None, None, []
+            for exporter in ("dynamo", "legacy"):
+                try:
+                    exported = export_graph(gname, g, tmp / f"{gname}.onnx", exporters=(exporter,))
+                    parity = check_graph_parity(gname, g, onnx_session(exported.path), input_sets)
+                    break
+                except ValueError as e:  # ExportError or ParityError: the next exporter may do better
+                    failures.append(f"{exporter}: {e}")
+                    exported = None
+            if exported is None or parity is None:
+                raise ParityError(f"graph {gname!r} failed with every exporter: " + " | ".join(failures))
+            exporters[gname] = exported.exporter
+            note = f" (dynamo failed, legacy exporter used: {failures[0]})" if failures else ""
+            log(f"  {gname}: opset {exported.opset}, {exported.exporter} exporter, parity max|ORT-PyTorch| "
+                f"{parity.max_abs_error:.2g} at batch 1/7/64 on {source} and random inputs, "
+                f"{time.perf_counter() - t0:.1f} s{note}")
+            spec = pb.GraphSpec(name=gname, file=exported.path.name, inputs=_tensor_specs(exported.inputs),
+                                outputs=_tensor_specs(exported.outputs), opset=exported.opset,
+                                sha256=sha256_file(exported.path))
+            if fp16:
+                from genserve.export.fp16 import export_fp16
+
+                half = export_fp16(exported.path, tmp / f"{gname}.fp16.onnx", g, input_sets)
+                spec.fp16_file, spec.fp16_sha256 = half.path.name, sha256_file(half.path)
+                log(f"  {gname} fp16: max|fp16-PyTorch|/(1+max|PyTorch|) {half.max_rel_error:.2g} "
+                    f"(tolerance {half.tolerance:g})")
+            graph_specs.append(spec)
+
+        if program is None:
+            log(f"  WARNING: {why}: operations not checked, and the server cannot serve this model yet")
+        elif test_rows is None:
+            log("  WARNING: the training data set is not available here: operations not checked")
+        else:
+            files = {s.name: tmp / s.file for s in graph_specs}
+            ops = check_operations(model, program, DirectRunner.from_files(files), test_rows[:CHECK_ROWS])
+            log(f"  operations over ONNX Runtime vs PyTorch: {ops.summary()}")
+
+        manifest = _manifest(model, ckpt, name, version, graph_specs, exporters, metrics)
+        for p in sorted(tmp.iterdir()):
+            manifest.provenance.file_sha256[p.name] = sha256_file(p)
+        from genserve.core.manifest import write_manifest
+
+        write_manifest(manifest, tmp / MANIFEST)
+        if final.exists():
+            old = model_dir / f".{version}.old-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    config = model_dir / SERVING_CONFIG
+    if not config.exists():
+        config.write_text(json.dumps(DEFAULT_SERVING, indent=2) + "\n")
+    log(f"wrote {final} ({len(graph_specs)} graphs; operations {', '.join(model.operations)}) "
+        f"in {time.perf_counter() - start:.1f} s")
+    return final
+
+
+def _manifest(model: Any, ckpt: dict[str, Any], name: str, version: int, graphs: list[pb.GraphSpec],
+              exporters: dict[str, str], metrics: dict[str, Any] | None) -> pb.ModelManifest:
+    from genserve.training.trainer import code_revision
+
+    caps = model.capabilities
+    m = pb.ModelManifest(
+        format_version=FORMAT_VERSION, name=name, version=version, family=model.family, model=model.name,
+        description=_description(model, ckpt), data=spec_to_proto(model.spec), graphs=graphs,
+        capabilities=pb.Capabilities(training_stability=caps.training,
+                                     likelihood=LIKELIHOOD[model.likelihood_kind],
+                                     sampling_speed=caps.sampling, compression=caps.compression,
+                                     representation=bool(caps.representation)),
+        operations=[OPERATION[op] for op in model.operations],
+        serving=pb.ServingConfig(**DEFAULT_SERVING),
+    )
+    for k, v in model.program_parameters().items():
+        m.parameters[k] = float(v)
+    for k, v in numeric_metrics(ckpt, metrics).items():
+        m.test_metrics[k] = v
+    prov = m.provenance
+    prov.training_config_json = json.dumps(ckpt.get("config", {}), sort_keys=True)
+    prov.code_revision = str(ckpt.get("code_revision") or code_revision())
+    prov.created_at.GetCurrentTime()
+    tools = tool_versions()
+    tools["exporter"] = ", ".join(f"{g}: torch.onnx {e}" for g, e in exporters.items())
+    tools["export_code_revision"] = code_revision()
+    prov.tool_versions.update(tools)
+    return m
+
+
+def _description(model: Any, ckpt: dict[str, Any]) -> str:
+    cfg = ckpt.get("config") or {}
+    trained = ckpt.get("created_at", "")
+    parts = [f"{model.name} ({model.capabilities.group}) on {model.spec.name}",
+             f"profile {cfg.get('profile', '?')}"]
+    if model.arch:
+        parts.append(", ".join(f"{k}={v}" for k, v in sorted(model.arch.items())))
+    if trained:
+        parts.append(f"trained {trained}")
+    return "; ".join(parts)
