@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,8 +37,8 @@ class ClassifierConfig:
     """Dropout before each linear layer."""
     epochs: int = 20
     """Passes over the 1000 training digits (fixed: no early stopping, so training is reproducible)."""
-    batch_size: int = 64
-    lr: float = 3e-3
+    batch_size: int = 128
+    lr: float = 5e-3
     weight_decay: float = 1e-3
     seed: int = 0
     shift: bool = True
@@ -208,11 +209,13 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a = np.atleast_2d(np.cov(a, rowvar=False))
     cov_b = np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        # Singular product (e.g. collapsed samples): nudge both covariances, as pytorch-fid does.
-        eps = 1e-6 * np.eye(len(cov_a))
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    with warnings.catch_warnings():
+        # A singular product (collapsed samples, fewer examples than features) is expected and handled below.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():
+            eps = 1e-6 * np.eye(len(cov_a))  # nudge both covariances, as pytorch-fid does
+            covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     if np.iscomplexobj(covmean):
         # Round-off gives tiny imaginary parts; large ones mean a real failure, which we must not hide.
         if not np.allclose(covmean.imag, 0, atol=1e-3 * max(1.0, np.abs(covmean.real).max())):

@@ -34,8 +34,7 @@ def sample_grid(samples: np.ndarray, spec: DataSpec, path: str | Path, title: st
         canvas[top:top + h, left:left + w] = img
     vmax = spec.levels - 1 if spec.discrete else float(np.nanmax(canvas)) if len(x) else 1.0
     vmin = 0.0 if spec.discrete else float(np.nanmin(canvas)) if len(x) else 0.0
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("#4060a0")  # the gutters between images, so neighbours do not merge
+    cmap = plt.get_cmap("gray").with_extremes(bad="#4060a0")  # coloured gutters keep neighbours apart
     fig, ax = plt.subplots(figsize=(0.55 * columns + 0.4, 0.55 * rows + 0.8), dpi=100)
     ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_axis_off()
