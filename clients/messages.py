@@ -1,0 +1,259 @@
+"""What the client hands back, and the protobuf messages behind it: requests from numpy, answers read back.
+
+Shared by the blocking and the asyncio client (genserve.clients.client), which only differ in how they call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from genserve.clients.channel import GenserveError
+from genserve.clients.tensors import from_proto, to_proto
+from genserve.core.manifest import LIKELIHOOD_NAME, OPERATION_NAME, spec_from_proto
+from genserve.core.spec import DataSpec
+from genserve.v1 import manifest_pb2, service_pb2
+from google.protobuf import json_format
+
+MAX_SEED = 2**63 - 1
+STATE_NAME = {v: k.removeprefix("MODEL_STATE_") for k, v in service_pb2.ModelState.items()}
+HEALTH_NAME = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def chunk_seed(seed: int, offset: int) -> int:
+    """The seed score_stream sends with the chunk starting at row ``offset`` (the seed itself for row 0).
+
+    Each chunk gets its own stream of dequantisation / importance noise, reproducible from (seed, offset).
+    """
+    if offset == 0:
+        return int(seed)
+    state = np.random.SeedSequence([int(seed), int(offset)]).generate_state(2, np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & MAX_SEED
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model as ListModels lists it."""
+
+    name: str
+    versions: tuple[int, ...]
+    default_version: int
+    family: str
+    model: str
+    operations: tuple[str, ...]
+    state: str
+    """READY, LOADING or FAILED."""
+    message: str
+    """Why the model (or one of its versions) failed to load; empty otherwise."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model version in full (GetModel); ``manifest`` is the raw genserve.v1.ModelManifest."""
+
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    default_version: int
+    state: str
+    family: str
+    model: str
+    description: str
+    spec: DataSpec
+    """Shape, domain and levels of one example."""
+    operations: tuple[str, ...]
+    likelihood: str
+    """What log_likelihood returns: exact, lower_bound, unnormalized or none."""
+    parameters: dict[str, float]
+    test_metrics: dict[str, float]
+    serving: dict[str, Any]
+    providers: tuple[str, ...]
+    manifest: manifest_pb2.ModelManifest = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (the manifest as protobuf JSON)."""
+        keys = ("name", "version", "versions", "default_version", "state", "family", "model", "description",
+                "operations", "likelihood", "parameters", "test_metrics", "serving", "providers")
+        out = {k: getattr(self, k) for k in keys}
+        out["data"] = self.spec.to_dict()
+        out["manifest"] = json_format.MessageToDict(self.manifest, preserving_proto_field_name=True)
+        return out
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    """Scores of N examples: ``log_prob`` (N,) float64 nats, ``bits_per_dim`` (N,) or None (unnormalized)."""
+
+    log_prob: np.ndarray
+    bits_per_dim: np.ndarray | None
+    kind: str
+    """exact (log p(x)), lower_bound (ELBO / importance-weighted bound) or unnormalized (-E(x))."""
+    version: int
+    """The model version that answered."""
+    seed: int | None
+    """The seed used (for a stream: the seed its chunk seeds derive from; None when the server drew them)."""
+
+    def __len__(self) -> int:
+        return len(self.log_prob)
+
+
+def floats(x: Any) -> np.ndarray:
+    """Examples and latents travel as float32, the dtype every genserve graph takes."""
+    return np.asarray(x, dtype=np.float32)
+
+
+def sample_request(model: str, n: int, seed: int | None, temperature: float | None,
+                   langevin_steps: int | None, langevin_step_size: float | None, return_latents: bool,
+                   version: int) -> service_pb2.SampleRequest:
+    if int(n) < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    fields = {"seed": seed, "temperature": temperature, "langevin_steps": langevin_steps,
+              "langevin_step_size": langevin_step_size}
+    return service_pb2.SampleRequest(model=model, version=version, n=int(n), return_latents=return_latents,
+                                     **{k: v for k, v in fields.items() if v is not None})
+
+
+def ll_request(model: str, x: Any, seed: int | None, importance_samples: int | None, version: int,
+               chunk_id: int = 0) -> service_pb2.LogLikelihoodRequest:
+    request = service_pb2.LogLikelihoodRequest(model=model, version=version, x=to_proto(floats(x)),
+                                               chunk_id=chunk_id)
+    if seed is not None:
+        request.seed = int(seed)
+    if importance_samples is not None:
+        request.importance_samples = int(importance_samples)
+    return request
+
+
+def encode_request(model: str, x: Any, seed: int | None, sample: bool,
+                   version: int) -> service_pb2.EncodeRequest:
+    request = service_pb2.EncodeRequest(model=model, version=version, x=to_proto(floats(x)), sample=sample)
+    if seed is not None:
+        request.seed = int(seed)
+    return request
+
+
+def decode_request(model: str, z: Any, seed: int | None, sample: bool,
+                   version: int) -> service_pb2.DecodeRequest:
+    request = service_pb2.DecodeRequest(model=model, version=version, z=to_proto(floats(z)), sample=sample)
+    if seed is not None:
+        request.seed = int(seed)
+    return request
+
+
+def likelihood(response: service_pb2.LogLikelihoodResponse, seed: int | None = None) -> Likelihood:
+    bpd = from_proto(response.bits_per_dim) if response.HasField("bits_per_dim") else None
+    return Likelihood(from_proto(response.log_prob), bpd, LIKELIHOOD_NAME.get(response.kind, "unspecified"),
+                      int(response.model_version), int(response.seed) if seed is None else seed)
+
+
+def join(parts: list[Likelihood], seed: int | None) -> Likelihood:
+    """The scores of consecutive chunks as one Likelihood."""
+    if not parts:
+        raise ValueError("no rows to score")
+    bpd = None if parts[0].bits_per_dim is None else np.concatenate([p.bits_per_dim for p in parts])
+    return Likelihood(np.concatenate([p.log_prob for p in parts]), bpd, parts[0].kind, parts[0].version, seed)
+
+
+def stream_chunk(response: service_pb2.LogLikelihoodResponse, seed: int | None, offset: int,
+                 rows: int) -> Likelihood:
+    """A LogLikelihoodStream answer, checked to answer the chunk of ``rows`` rows sent at row ``offset``."""
+    scores = likelihood(response, seed)
+    if response.chunk_id != offset or len(scores) != rows:
+        raise GenserveError(grpc.StatusCode.INTERNAL,
+                            f"stream answer out of order: chunk_id {response.chunk_id}, {len(scores)} rows"
+                            f" where rows {offset}..{offset + rows} were expected",
+                            "LogLikelihoodStream")
+    return scores
+
+
+def samples(response: service_pb2.SampleResponse, offset: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(samples, latents or None) of a Sample answer or of the SampleStream chunk expected at ``offset``."""
+    if response.offset != offset:
+        raise GenserveError(grpc.StatusCode.INTERNAL,
+                            f"chunk at row {response.offset} where row {offset} was expected", "SampleStream")
+    z = from_proto(response.latents) if response.HasField("latents") else None
+    return from_proto(response.samples), z
+
+
+def concat_samples(parts: list[tuple[int, np.ndarray, np.ndarray | None]], n: int
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    rows = sum(len(p[1]) for p in parts)
+    if rows != n:
+        raise GenserveError(grpc.StatusCode.INTERNAL, f"stream ended after {rows} of {n} rows",
+                            "SampleStream")
+    x = np.concatenate([p[1] for p in parts])
+    z = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+    return x, z
+
+
+def summary(m: service_pb2.ModelSummary) -> ModelSummary:
+    return ModelSummary(m.name, tuple(m.versions), m.default_version, m.family, m.model,
+                        tuple(OPERATION_NAME.get(op, str(op)) for op in m.operations),
+                        STATE_NAME.get(m.state, "UNSPECIFIED"), m.message)
+
+
+def info(r: service_pb2.ModelInfo) -> ModelInfo:
+    m = r.manifest
+    return ModelInfo(
+        name=r.name, version=r.version, versions=tuple(r.versions), default_version=r.default_version,
+        state=STATE_NAME.get(r.state, "UNSPECIFIED"), family=m.family, model=m.model,
+        description=m.description, spec=spec_from_proto(m.data),
+        operations=tuple(OPERATION_NAME.get(op, str(op)) for op in m.operations),
+        likelihood=LIKELIHOOD_NAME.get(m.capabilities.likelihood, "unspecified"),
+        parameters=dict(m.parameters), test_metrics=dict(m.test_metrics),
+        serving=json_format.MessageToDict(r.serving, preserving_proto_field_name=True),
+        providers=tuple(r.providers), manifest=m,
+    )
+
+
+# -- standard gRPC health, with or without grpcio-health-checking -------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def health_request_bytes(service: str) -> bytes:
+    """grpc.health.v1.HealthCheckRequest{service} in protobuf wire format (field 1, length-delimited)."""
+    data = service.encode()
+    return (b"\x0a" + _varint(len(data)) + data) if data else b""
+
+
+def health_status(data: bytes) -> int:
+    """The status (field 1, varint) of a HealthCheckResponse in wire format; 0 (UNKNOWN) when absent."""
+    if data[:1] != b"\x08":
+        return 0
+    value, shift = 0, 0
+    for byte in data[1:]:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return value
+
+
+def health_method(channel: Any) -> Any:
+    """The Health/Check callable (service name -> status number) on a sync or aio channel.
+
+    grpcio-health-checking's messages when it is installed; otherwise the two one-field messages are written
+    by hand, so health works in a bare client install too.
+    """
+    try:
+        from grpc_health.v1 import health_pb2
+    except ModuleNotFoundError:
+        serialize, deserialize = health_request_bytes, health_status
+    else:
+        def serialize(service: str) -> bytes:
+            return health_pb2.HealthCheckRequest(service=service).SerializeToString()
+
+        def deserialize(data: bytes) -> int:
+            return health_pb2.HealthCheckResponse.FromString(data).status
+    return channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=serialize,
+                               response_deserializer=deserialize)
