@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a subcommand; expected failures end in one line on stderr and exit code 2, not a traceback."""
+    """Run a subcommand; expected failures end in one line on stderr, not a traceback.
+
+    Exit codes: 2 for bad input or settings, 1 when a server answered with an error (GenserveError).
+    """
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -54,6 +57,15 @@ def guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"genserve: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # A failed call to a server: its status and message in one line. Imported here, on the error path,
+        # so that `genserve --help` does not load grpc.
+        from genserve.clients.channel import GenserveError
+
+        if not isinstance(e, GenserveError):
+            raise
+        print(f"genserve: error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,343 @@
+"""`genserve models | info | sample | score | encode | decode`: the command line against a running server.
+
+Only argparse is imported here; the client (grpc, numpy) is imported when a subcommand runs, so `genserve
+--help` stays fast and works in any install.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+CONNECTION = """server connection:
+  --server defaults to $GENSERVE_SERVER, else localhost:8500; a comma-separated list of HOST:PORT (or a
+  dns:///NAME:PORT target) spreads requests round-robin. The token defaults to $GENSERVE_TOKEN. Calls that
+  find the server down are retried by gRPC with backoff for a few seconds."""
+
+EPILOGS = {
+    "models": """examples:
+  genserve models
+  genserve models --server gpu-box:8500 --json
+""",
+    "info": """examples:
+  genserve info digits-vae
+  genserve info digits-vae --version 2 --json > info.json
+""",
+    "sample": """examples:
+  genserve sample digits-vae -n 64 --seed 1 --out samples.npy          # also writes samples.png (8x8 images)
+  genserve sample digits-arcnn -n 16 --temperature 0.8 --out ar.npy --png ar-grid.png
+  genserve sample moons-realnvp -n 100000 --out moons.npy               # large n is streamed in chunks
+  genserve sample digits-ebm -n 32 --langevin-steps 200 --langevin-step-size 0.01 --out ebm.npy
+  genserve sample digits-vae -n 64 --latents z.npy --out x.npy         # also save the latent codes
+
+The .npy holds (n, *shape) float32 in raw data units (digits: grey levels 0..16). Without --seed a seed is
+drawn and printed, so every run can be repeated exactly.
+""",
+    "score": """examples:
+  genserve score digits-vae test.npy --out scores.csv
+  genserve score digits-arcnn images.npz --key x --out scores.csv --quantile 0.05     # flag the lowest 5%
+  genserve score moons-realnvp points.csv --out scores.csv --threshold -6.5          # flag log p < -6.5 nats
+  genserve score digits-vae big.parquet --out scores.csv --chunk-size 8192         # Parquet needs pyarrow
+
+Input: .npy (memory-mapped), .npz, .csv (one example per line, optional header) or .parquet, with rows of
+the model's shape or flattened (64 values for 8x8 digits). Output: one line per input row,
+  row,log_prob_nats,bits_per_dim[,outlier]
+in input order; bits_per_dim is empty for energy models (unnormalized scores). Rows stream to the server in
+chunks with several in flight: a file of any size is read in constant memory (only the scores are kept).
+""",
+    "encode": """examples:
+  genserve encode digits-vae images.npy --out z.npy                 # posterior means E[z|x]
+  genserve encode digits-vae images.npy --out z.npy --sample --seed 3   # draws z ~ q(z|x)
+""",
+    "decode": """examples:
+  genserve decode digits-vae z.npy --out x.npy --png x.png
+  genserve decode digits-gan z.npy --out x.npy
+""",
+}
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _connection() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("server connection")
+    g.add_argument("--server", metavar="HOST:PORT",
+                   help="server address (default $GENSERVE_SERVER or localhost:8500); a comma list balances")
+    g.add_argument("--token",
+                   help="bearer token, sent as 'authorization: Bearer TOKEN' (default $GENSERVE_TOKEN)")
+    g.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file")
+    g.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    g.add_argument("--tls-ca", metavar="PEM", help="root certificates to trust (implies TLS)")
+    g.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    g.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+    g.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="deadline of each call in seconds (default 30; streams have none)")
+    return common
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    common = _connection()
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                           epilog=EPILOGS[name] + "\n" + CONNECTION, formatter_class=_formatter)
+        p.set_defaults(handler=globals()[f"run_{name}"])
+        return p
+
+    p = command("models", "list the models a running server has")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("info", "describe one model version: data, operations, likelihood, parameters, serving")
+    p.add_argument("model", help="model name, as `genserve models` lists it")
+    p.add_argument("--version", type=int, default=0, help="model version (default 0: the highest)")
+    p.add_argument("--json", action="store_true", help="print everything, the manifest included, as JSON")
+
+    p = command("sample", "draw samples from a model; write .npy (and a PNG grid for images)")
+    p.add_argument("model", help="model name")
+    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=int, help="random seed (default: drawn and printed)")
+    p.add_argument("--temperature", type=float, help="sampling temperature > 0 (default: the model's)")
+    p.add_argument("--langevin-steps", type=int, help="energy models: Langevin steps")
+    p.add_argument("--langevin-step-size", type=float, help="energy models: Langevin step size")
+    p.add_argument("--out", default="samples.npy", help="samples .npy to write (default samples.npy)")
+    p.add_argument("--png", help="PNG grid to write for image data (default: --out with .png)")
+    p.add_argument("--no-png", action="store_true", help="write no PNG grid")
+    p.add_argument("--latents", metavar="PATH", help="also write the latent codes to this .npy")
+    p.add_argument("--version", type=int, default=0, help="model version (default 0: the highest)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = command("score", "score every row of a file by log-likelihood; write one score per row")
+    p.add_argument("model", help="model name")
+    p.add_argument("input", help=".npy, .npz, .csv or .parquet file of examples")
+    p.add_argument("--out", required=True, help="CSV to write: row,log_prob_nats,bits_per_dim[,outlier]")
+    flag = p.add_mutually_exclusive_group()
+    flag.add_argument("--threshold", type=float, metavar="NATS", help="flag rows whose log p is below this")
+    flag.add_argument("--quantile", type=float, metavar="Q",
+                      help="flag rows whose log p is below this quantile of all scores, 0 < Q < 1")
+    p.add_argument("--key", help=".npz: the array to read (default x, or the only one)")
+    p.add_argument("--chunk-size", type=int, default=4096, metavar="N",
+                   help="rows per streamed chunk (default 4096)")
+    p.add_argument("--in-flight", type=int, default=4, metavar="N",
+                   help="chunks sent ahead of their answers (default 4)")
+    p.add_argument("--seed", type=int, help="seed of dequantisation / importance noise (default: drawn)")
+    p.add_argument("--importance-samples", type=int, metavar="K", help="VAE: importance samples K per row")
+    p.add_argument("--version", type=int, default=0, help="model version (default 0: the highest)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    for name, what, verb in (("encode", "examples", "map examples to latent codes"),
+                             ("decode", "latent codes", "map latent codes to examples")):
+        p = command(name, f"{verb} (.npy in, .npy out)")
+        p.add_argument("model", help="model name")
+        p.add_argument("input", help=f".npy (or .npz, .csv, .parquet) file of {what}")
+        p.add_argument("--out", required=True, help=".npy file to write")
+        p.add_argument("--sample", action="store_true",
+                       help="draw from q(z|x) / p(x|z) instead of taking its mean")
+        p.add_argument("--seed", type=int, help="random seed for --sample (default: drawn)")
+        p.add_argument("--key", help=".npz: the array to read")
+        p.add_argument("--chunk-size", type=int, default=4096, metavar="N",
+                       help="rows per request (default 4096)")
+        p.add_argument("--version", type=int, default=0, help="model version (default 0: the highest)")
+        if name == "decode":
+            p.add_argument("--png", help="also write a PNG grid of the decoded images")
+
+
+# -- handlers ------------------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):  # -> genserve.clients.client.Client
+    import os
+
+    from genserve.clients.client import Client
+
+    server = args.server or os.environ.get("GENSERVE_SERVER") or "localhost:8500"
+    token = args.token or (None if args.token_file else os.environ.get("GENSERVE_TOKEN"))
+    return Client(server, timeout=args.timeout, tls=True if args.tls else None, tls_ca=args.tls_ca,
+                  tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, token_file=args.token_file)
+
+
+def _seed(seed: int | None) -> int:
+    import secrets
+
+    return secrets.randbits(63) if seed is None else seed
+
+
+def _out(path: str, suffix: str):  # -> Path with its folder made
+    from pathlib import Path
+
+    out = Path(path)
+    if out.suffix.lower() != suffix:
+        raise ValueError(f"--out {path}: expected a {suffix} file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_grid(path, x, spec) -> str:
+    """A PNG grid of the first 256 images; grey levels scaled by the data's levels when discrete."""
+    from genserve.clients.images import write_grid
+
+    low, high = (0, spec.levels - 1) if spec.discrete else (None, None)
+    write_grid(path, x[:256], low, high)
+    return f" and {path} (grid of {min(len(x), 256)})"
+
+
+def run_models(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    with _client(args) as client:
+        models = client.models()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        return 0
+    rows = [("NAME", "VERSIONS", "FAMILY", "MODEL", "OPERATIONS", "STATE")]
+    for m in models:
+        rows.append((m.name, ",".join(map(str, m.versions)) or "-", m.family or "-", m.model or "-",
+                     ",".join(m.operations) or "-", m.state + (f": {m.message}" if m.message else "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    if not models:
+        print("(the server's repository has no models)")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        info = client.info(args.model, args.version)
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return 0
+    spec = info.spec
+    domain = f"discrete, {spec.levels} levels" if spec.discrete else "continuous"
+    lines = [
+        f"{info.name} v{info.version} ({info.state}; versions {', '.join(map(str, info.versions))},"
+        f" default {info.default_version})",
+        f"  {info.family} / {info.model}: {info.description}".rstrip(": "),
+        f"  data: {spec.name}, shape {'x'.join(map(str, spec.shape))}, {domain}",
+        f"  operations: {', '.join(info.operations)}",
+        f"  likelihood: {info.likelihood}",
+        f"  parameters: {', '.join(f'{k}={v:g}' for k, v in sorted(info.parameters.items())) or '-'}",
+        f"  test metrics: {', '.join(f'{k}={v:.4g}' for k, v in sorted(info.test_metrics.items())) or '-'}",
+        f"  serving: {', '.join(f'{k}={v}' for k, v in sorted(info.serving.items())) or '-'}",
+        f"  providers: {', '.join(info.providers) or '-'}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    out = _out(args.out, ".npy")
+    seed = _seed(args.seed)
+    with _client(args) as client:
+        info = client.info(args.model, args.version)
+        x, z = client.sample(args.model, args.n, seed=seed, temperature=args.temperature,
+                             langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,
+                             return_latents=bool(args.latents), version=info.version, progress=not args.quiet)
+    np.save(out, x)
+    wrote = f"{out} {tuple(x.shape)} {x.dtype}"
+    if args.latents:
+        if z is None:
+            raise ValueError(f"{args.model} returned no latent codes ({info.model} has none); drop --latents")
+        np.save(_out(args.latents, ".npy"), z)
+        wrote += f", {args.latents} {tuple(z.shape)}"
+    if x.ndim == 3 and not args.no_png:
+        wrote += _write_grid(_out(args.png, ".png") if args.png else out.with_suffix(".png"), x, info.spec)
+    print(f"sampled {len(x)} from {info.name} v{info.version} with seed {seed}; wrote {wrote}")
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+    from genserve.clients.messages import join
+
+    if args.quantile is not None and not 0 < args.quantile < 1:
+        raise ValueError(f"--quantile must be between 0 and 1, got {args.quantile}")
+    out = _out(args.out, ".csv")
+    seed = _seed(args.seed)
+    started = time.perf_counter()
+    with _client(args) as client:
+        info = client.info(args.model, args.version)
+        parts = [part for _, part in client.iter_scores(
+            args.model, args.input, args.chunk_size, progress=not args.quiet, max_in_flight=args.in_flight,
+            seed=seed, importance_samples=args.importance_samples, version=info.version, key=args.key)]
+    scores = join(parts, seed)
+    seconds = time.perf_counter() - started
+    log_prob = scores.log_prob
+    cut = args.threshold if args.quantile is None else float(np.quantile(log_prob, args.quantile))
+    outlier = None if cut is None else log_prob < cut
+    write_scores(out, log_prob, scores.bits_per_dim, outlier)
+    line = (f"scored {len(log_prob)} rows of {args.input} with {info.name} v{scores.version} ({scores.kind},"
+            f" seed {seed}) in {seconds:.1f} s: mean log p {log_prob.mean():.4g} nats")
+    if scores.bits_per_dim is not None:
+        line += f", {scores.bits_per_dim.mean():.4g} bits/dim"
+    if outlier is not None:
+        rule = f"{args.quantile:g} quantile {cut:.4g}" if args.quantile is not None else f"threshold {cut:g}"
+        line += f"; {int(outlier.sum())} outliers below the {rule} nats"
+    print(f"{line}; wrote {out}")
+    return 0
+
+
+def write_scores(path, log_prob, bits_per_dim, outlier) -> None:
+    """CSV of one line per row: row, log_prob_nats, bits_per_dim (empty when None), outlier (0/1) if given."""
+    import numpy as np
+
+    n = len(log_prob)
+    columns = [np.arange(n).astype(str), np.char.mod("%.9g", log_prob),
+               np.char.mod("%.9g", bits_per_dim) if bits_per_dim is not None else np.full(n, "", dtype="<U1")]
+    header = "row,log_prob_nats,bits_per_dim"
+    if outlier is not None:
+        columns.append(np.where(outlier, "1", "0"))
+        header += ",outlier"
+    with open(path, "w") as f:
+        f.write(header + "\n")
+        for start in range(0, n, 65536):
+            block = [c[start:start + 65536] for c in columns]
+            f.writelines(",".join(fields) + "\n" for fields in zip(*block, strict=True))
+
+
+def _latent_map(args: argparse.Namespace, method: str) -> int:
+    import numpy as np
+    from genserve.clients.client import chunk_seed
+    from genserve.clients.datafiles import open_rows
+
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    out = _out(args.out, ".npy")
+    seed = _seed(args.seed)
+    with _client(args) as client:
+        info = client.info(args.model, args.version)
+        # Examples take the model's shape; latent codes keep the shape they were saved with.
+        rows = open_rows(args.input, shape=info.spec.shape if method == "encode" else None, key=args.key)
+        call = getattr(client, method)
+        parts, offset = [], 0
+        for chunk in rows.chunks(args.chunk_size):
+            parts.append(call(args.model, chunk, seed=chunk_seed(seed, offset), sample=args.sample,
+                              version=info.version))
+            offset += len(chunk)
+    if not parts:
+        raise ValueError(f"{args.input} has no rows")
+    result = np.concatenate(parts)
+    np.save(out, result)
+    wrote = f"{out} {tuple(result.shape)}"
+    if method == "decode" and args.png:
+        if result.ndim != 3:
+            raise ValueError(f"--png: {info.name} decodes to shape {result.shape[1:]}, not images")
+        wrote += _write_grid(_out(args.png, ".png"), result, info.spec)
+    print(f"{method}d {len(result)} rows with {info.name} v{info.version}" +
+          (f" (sampled, seed {seed})" if args.sample else "") + f"; wrote {wrote}")
+    return 0
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    return _latent_map(args, "encode")
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    return _latent_map(args, "decode")
