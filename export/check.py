@@ -57,9 +57,16 @@ def _sha256(path: Path) -> str:
 
 
 def _tensors(values) -> list[tuple[str, str, tuple[int, ...]]]:
-    from genserve.export.onnx_export import tensor_infos
+    """(name, numpy dtype name, shape with -1 for symbolic dims) of ONNX value infos (no torch needed)."""
+    import onnx
 
-    return [(t.name, t.dtype, t.shape) for t in tensor_infos(list(values))]
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "undefined"
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        out.append((v.name, dtype, dims))
+    return out
 
 
 def _declared(specs) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -113,10 +120,9 @@ def check_version(model_dir: Path, version: int) -> tuple[list[str], list[str]]:
     try:
         m = read_manifest(vdir / MANIFEST)
     except ValueError as e:
-        msg = str(e).replace(str(vdir / MANIFEST) + ": ", "")
         if not (vdir / MANIFEST).exists():
             return [f"{tag}: {MANIFEST} is missing"], []
-        return [f"{tag}: {MANIFEST} {msg}"], []
+        return [f"{tag}: {str(e).replace(str(vdir / MANIFEST) + ': ', '')}"], []
     problems = []
     if m.name != model_dir.name:
         problems.append(f"{tag}: manifest names model {m.name!r}, folder is {model_dir.name!r}")

@@ -156,6 +156,10 @@ def export_graph(name: str, graph: GraphDef, path: str | Path, opset: int = OPSE
     """
     path = Path(path)
     set_inference_mode(graph.module)
+    shared = sorted(set(graph.inputs) & set(graph.outputs))
+    if shared:  # ONNX graphs are in SSA form: a value name is produced once, so no output may echo an input
+        raise ExportError(f"graph {name!r} uses {shared} as both input and output names; ONNX needs distinct "
+                          f"names, e.g. {shared[0]!r} in and {shared[0] + '_next'!r} out")
     notes: list[str] = []
     for exporter in exporters:
         if exporter not in EXPORTERS:

@@ -140,14 +140,16 @@ def _tensor_specs(infos: list[Any]) -> list[pb.TensorSpec]:
 
 def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None = None,
                       version: int | None = None, fp16: bool = False, force: bool = False,
-                      metrics: dict[str, Any] | None = None, log: Any = print) -> Path:
+                      metrics: dict[str, Any] | None = None, log: Any = print,
+                      report: dict[str, Any] | None = None) -> Path:
     """Export ``checkpoint`` to ``repo``/NAME/VERSION and return that folder.
 
     NAME defaults to ``<dataset>-<model>``; VERSION to the model's highest version + 1. An existing version
     is refused unless ``force``. ``fp16`` adds a float16 copy of every graph (checked, see export/fp16.py).
     ``metrics`` adds test metrics (e.g. ``genserve evaluate --json`` output) to the checkpoint's. ``log``
-    receives one line per graph with its parity error. Raises ValueError (ExportError, ParityError) naming
-    the graph or operation that failed.
+    receives one line per graph with its parity error; ``report``, when given, is filled with the measured
+    numbers (per graph: exporter, opset, parity errors, seconds; the operation checks; total seconds).
+    Raises ValueError (ExportError, ParityError) naming the graph or operation that failed.
     """
     from genserve.export.onnx_export import export_graph, set_inference_mode
     from genserve.export.parity import (
@@ -163,6 +165,8 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
     from genserve.training.checkpoint import load_checkpoint
 
     start = time.perf_counter()
+    report = report if report is not None else {}
+    report["graphs"] = {}
     model, ckpt = load_checkpoint(checkpoint)
     set_inference_mode(model)
     name = name or default_name(model)
@@ -215,6 +219,10 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
             if exported is None or parity is None:
                 raise ParityError(f"graph {gname!r} failed with every exporter: " + " | ".join(failures))
             exporters[gname] = exported.exporter
+            report["graphs"][gname] = {"exporter": exported.exporter, "opset": exported.opset,
+                                       "parity_max_abs": parity.max_abs_error, "parity_checks": parity.checks,
+                                       "real_inputs": source, "seconds": time.perf_counter() - t0,
+                                       "fallback": failures}
             note = f" (dynamo failed, legacy exporter used: {failures[0]})" if failures else ""
             log(f"  {gname}: opset {exported.opset}, {exported.exporter} exporter, parity max|ORT-PyTorch| "
                 f"{parity.max_abs_error:.2g} at batch 1/7/64 on {source} and random inputs, "
@@ -227,6 +235,7 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
 
                 half = export_fp16(exported.path, tmp / f"{gname}.fp16.onnx", g, input_sets)
                 spec.fp16_file, spec.fp16_sha256 = half.path.name, sha256_file(half.path)
+                report["graphs"][gname]["fp16_rel_error"] = half.max_rel_error
                 log(f"  {gname} fp16: max|fp16-PyTorch|/(1+max|PyTorch|) {half.max_rel_error:.2g} "
                     f"(tolerance {half.tolerance:g})")
             graph_specs.append(spec)
@@ -238,6 +247,7 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
         else:
             files = {s.name: tmp / s.file for s in graph_specs}
             ops = check_operations(model, program, DirectRunner.from_files(files), test_rows[:CHECK_ROWS])
+            report["operations"] = ops
             log(f"  operations over ONNX Runtime vs PyTorch: {ops.summary()}")
 
         manifest = _manifest(model, ckpt, name, version, graph_specs, exporters, metrics)
@@ -255,10 +265,13 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
             tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not any(model_dir.iterdir()):  # a failed first export leaves no empty model folder behind
+            model_dir.rmdir()
 
     config = model_dir / SERVING_CONFIG
     if not config.exists():
         config.write_text(json.dumps(DEFAULT_SERVING, indent=2) + "\n")
+    report["seconds"] = time.perf_counter() - start
     log(f"wrote {final} ({len(graph_specs)} graphs; operations {', '.join(model.operations)}) "
         f"in {time.perf_counter() - start:.1f} s")
     return final
