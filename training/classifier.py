@@ -8,6 +8,7 @@ weights are cached on disk under a name that hashes every setting, so evaluation
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -75,9 +76,14 @@ class DigitClassifier(nn.Module):
 
 def digit_labels() -> np.ndarray:
     """The class labels (0..9) of all 1797 digits, aligned with ``load_dataset('digits')``'s images."""
+    return _digit_labels().copy()
+
+
+@functools.cache
+def _digit_labels() -> np.ndarray:
     from sklearn.datasets import load_digits
 
-    return load_digits().target.astype(np.int64)
+    return load_digits().target.astype(np.int64)  # parsing the bundled CSV costs ~0.1 s: do it once
 
 
 def default_cache_dir() -> Path:

@@ -25,7 +25,7 @@ from genserve.training.classifier import (
     train_classifier,
 )
 from genserve.training.data import load_dataset
-from genserve.training.evaluate import add_parser, evaluate, evaluate_checkpoint, main
+from genserve.training.evaluate import add_parser, evaluate, evaluate_checkpoint, main, to_json
 from genserve.training.ppca import PPCA
 
 
@@ -124,6 +124,22 @@ def test_options_reach_only_models_that_name_them_and_kinds_are_kept():
     assert none.seen == [] and r["nll_nats"] is None and r["bits_per_dim"] is None
     assert r["likelihood_kind"] == "none" and r["frechet_distance"] > 0
     assert json.loads(json.dumps(r))["nll_nats"] is None
+
+
+class Broken(Stub):
+    def log_prob(self, x, noise, importance_samples=None):
+        return torch.full((x.shape[0],), -math.inf)
+
+    def sample(self, n, noise, temperature=1.0, **options):
+        return torch.full((n, 2), math.nan)
+
+
+def test_non_finite_results_are_null_and_warned(tmp_path):
+    data = load_dataset("moons", seed=0)
+    r = evaluate(Broken(data.spec, kind="exact"), data, n_samples=20, out_dir=tmp_path, progress=False)
+    assert r["nll_nats"] is None and r["frechet_distance"] is None and len(r["warnings"]) == 2
+    assert r["plots"] == {}  # no picture of NaNs
+    assert json.loads(to_json({**r, "x": math.inf}), parse_constant=pytest.fail)["x"] is None
 
 
 # ---- Frechet distance ---------------------------------------------------------------------------------
@@ -245,7 +261,7 @@ def test_cli_bad_input_is_one_line_exit_2(kind, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err
+    assert len(lines) == 1 and lines[0].startswith("genserve: error: ") and "Traceback" not in captured.err
 
 
 def test_add_parser_is_cheap_and_wired():
@@ -254,7 +270,7 @@ def test_add_parser_is_cheap_and_wired():
     parser = argparse.ArgumentParser(prog="genserve")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["evaluate", "c.pt", "--json", "--importance-samples", "600"])
-    assert args.importance_samples == 600 and args.json and callable(args.func)
+    assert args.importance_samples == 600 and args.json and args.handler.__name__ == "run"
     code = "import sys, genserve.training.evaluate; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"  # the CLI can list subcommands without paying for torch
