@@ -39,7 +39,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for damaged or foreign files
-        raise ValueError(f"{path} is not a readable genserve checkpoint: {str(e).splitlines()[0]}") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        why = first if len(first) > 8 else f"{type(e).__name__} {first}".strip()
+        raise ValueError(f"{path} is not a readable genserve checkpoint (torch.load: {why}); "
+                         "pass a file written by `genserve train`") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a genserve checkpoint (format {FORMAT})")
     return ckpt
