@@ -1,0 +1,64 @@
+"""VAE served from its graphs: ``encoder`` (x -> mu, logvar), ``decoder`` (z -> logits | mean, std) and
+``log_weights`` (x, eps -> log p(x, z) - log q(z|x)) for the importance-weighted likelihood bound."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from genserve.core.noise import Noise, categorical_from_uniform
+from genserve.server.programs.base import Program, Run, SampleResult
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class VAEProgram(Program):
+    """The operations of ``genserve.training.vae.VAE``, drawing noise in the same order."""
+
+    operations = ("sample", "log_likelihood", "encode", "decode")
+
+    async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, importance_samples: int | None = None,
+                             **options: Any) -> np.ndarray:
+        """log (1/K) sum_k w_k in nats per row, (N,): eps = noise.normal(K, N, q), scored K-chunk by K-chunk
+        as rows k*N + n of the ``log_weights`` graph (chunks of consecutive k draw the same numbers as one)."""
+        x = x.astype(np.float32)
+        K = int(importance_samples or self.param("importance_samples"))
+        q, N = int(self.param("latent_dim")), x.shape[0]
+        chunk = max(1, int(self.param("iw_rows")) // N)
+        logw = []
+        for k0 in range(0, K, chunk):
+            k = min(chunk, K - k0)
+            eps = noise.normal(k, N, q).reshape(k * N, q)
+            xs = np.broadcast_to(x, (k, *x.shape)).reshape(k * N, *x.shape[1:])
+            logw.append((await run("log_weights", {"x": xs, "eps": eps}))["log_weight"].reshape(k, N))
+        w = np.concatenate(logw).astype(np.float64)
+        m = w.max(axis=0)
+        return (m + np.log(np.exp(w - m).sum(axis=0)) - math.log(K)).astype(np.float32)
+
+    async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
+        """z = noise.normal(n, q) * temperature; discrete: per-pixel inverse-CDF draws with
+        u = noise.uniform(n, D); continuous: mean + std * noise.normal(n, D) * temperature."""
+        z = noise.normal(n, int(self.param("latent_dim"))) * np.float32(temperature)
+        out = await run("decoder", {"z": z})
+        if self.spec.discrete:
+            u = noise.uniform(n, self.spec.dim)
+            x = categorical_from_uniform(softmax(out["logits"]), u)
+        else:
+            eps = noise.normal(n, self.spec.dim) * np.float32(temperature)
+            x = out["mean"] + out["std"] * eps
+        return SampleResult(x.reshape(n, *self.spec.shape).astype(np.float32), z)
+
+    async def encode(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
+        """The posterior mean mu(x), (N, q)."""
+        return (await run("encoder", {"x": x.astype(np.float32)}))["mu"]
+
+    async def decode(self, run: Run, z: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
+        """Most likely level per pixel (discrete) or the decoder mean (continuous)."""
+        out = await run("decoder", {"z": z.astype(np.float32)})
+        x = out["logits"].argmax(axis=-1).astype(np.float32) if self.spec.discrete else out["mean"]
+        return x.reshape(z.shape[0], *self.spec.shape)
