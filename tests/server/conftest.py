@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+
 from genserve.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,7 @@ def _cache_key(model_name: str, dataset: str) -> str:
     import onnx
     import onnxruntime
     import torch
+
     from genserve.server.programs import PROGRAMS
     from genserve.training.registry import MODELS
 
@@ -71,6 +73,7 @@ def _cache_key(model_name: str, dataset: str) -> str:
 def _train(model_name: str, dataset: str, seed: int = 0):
     """A briefly trained model and its config (pPCA: its closed form)."""
     import torch
+
     from genserve.training.config import build_config
     from genserve.training.data import load_dataset
     from genserve.training.trainer import build_model

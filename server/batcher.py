@@ -1,0 +1,346 @@
+"""Dynamic batching for one graph: concurrent submissions merge into shared ONNX Runtime calls.
+
+A queue of futures, in the manner of Triton's dynamic batcher and Ray Serve's ``@serve.batch``. Each
+``submit(feeds)`` enqueues its rows and awaits a future. Workers (one per model instance) take up to
+``max_batch_size`` rows as soon as that many are queued, or once the oldest waiting submission has waited
+``max_queue_delay_ms``; run them as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event
+loop keeps serving); and split the outputs back in row order. Guarantees:
+
+* exactly one result per submission: its own rows, in its order, never a neighbour's;
+* a call that raises fails every submission with rows in that call, and only those; the next call runs;
+* a submission larger than ``max_batch_size`` is split over several calls and reassembled; a partly taken
+  submission goes to the back of the queue, so big requests take turns with small ones (round robin);
+* a cancelled submission's rows that have not run yet are dropped from the queue;
+* at most ``max_queue_size`` submissions wait; beyond that ``submit`` raises QueueFull at once.
+
+Per-row results do not depend on the company a row keeps: on the CPU provider ONNX Runtime's kernels compute
+each output row from its own input row with the same arithmetic whatever the batch size (checked bitwise for
+the exported graphs in tests/server/test_batcher.py), and the order of rows within a call does not matter.
+
+The batcher knows nothing about gRPC or models: ``run(instance, feeds) -> outputs`` is any blocking callable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+
+import numpy as np
+
+from genserve.server.errors import EngineError, NotReady, QueueFull
+from genserve.server.metrics import BatchStats
+
+log = logging.getLogger("genserve.server")
+
+Feeds = dict[str, np.ndarray]
+RunFn = Callable[[int, Feeds], Feeds]
+"""``run(instance, feeds) -> outputs``: one blocking graph call on model instance ``instance``."""
+
+
+class BatchFailed(EngineError):
+    """The graph call that held this submission's rows raised; the message names the graph and the cause."""
+
+
+class _Submission:
+    """One ``submit`` call: its rows, how many were handed to calls, and the parts that came back."""
+
+    __slots__ = ("feeds", "rows", "key", "taken", "done", "parts", "future", "enqueued")
+
+    def __init__(self, feeds: Feeds, rows: int, future: asyncio.Future, now: float) -> None:
+        self.feeds = feeds
+        self.rows = rows
+        self.key = tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))  # only equal keys can merge
+        self.taken = 0  # rows [0, taken) were handed to calls
+        self.done = 0  # rows whose outputs came back
+        self.parts: list[tuple[int, Feeds]] = []
+        self.future = future
+        self.enqueued = now
+
+
+class Batcher:
+    """The dynamic batcher of one graph.
+
+    Args:
+        graph: graph name (metrics label, error messages).
+        run: blocking ``run(instance, feeds) -> outputs``; called with ``instance`` in 0..instances-1.
+        max_batch_size: most rows per call.
+        max_queue_delay_ms: longest wait of the oldest queued submission for others to join it.
+        max_queue_size: most submissions waiting (not yet fully handed to calls).
+        instances: calls that may run at once (one worker per instance).
+        executor: thread pool for the calls (None: the event loop's default executor).
+        input_shapes: input name -> shape of one row (None for a free axis); submissions are checked against
+            it so that a malformed submission fails alone instead of breaking a merged call.
+        model: metrics label.
+        observe: receives a ``BatchStats`` per call.
+        on_depth: receives the number of queued rows whenever it changes.
+
+    Example:
+        >>> import asyncio, numpy as np
+        >>> b = Batcher("double", lambda i, f: {"y": 2 * f["x"]}, max_batch_size=8)
+        >>> async def main():
+        ...     xs = [np.full((1, 2), k, np.float32) for k in range(3)]
+        ...     outs = await asyncio.gather(*(b.submit({"x": x}) for x in xs))
+        ...     await b.stop()
+        ...     return [float(o["y"][0, 0]) for o in outs]
+        >>> asyncio.run(main())
+        [0.0, 2.0, 4.0]
+    """
+
+    def __init__(self, graph: str, run: RunFn, *, max_batch_size: int = 64, max_queue_delay_ms: float = 2.0,
+                 max_queue_size: int = 4096, instances: int = 1, executor: Executor | None = None,
+                 input_shapes: dict[str, Sequence[int | None]] | None = None, model: str = "",
+                 observe: Callable[[BatchStats], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0:
+            raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0,"
+                             f" got {max_batch_size}, {max_queue_size}, {instances}, {max_queue_delay_ms}")
+        self.graph, self.model = graph, model
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.delay = max_queue_delay_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self.instances = instances
+        self.executor = executor
+        self.input_shapes = None if input_shapes is None else {k: tuple(v) for k, v in input_shapes.items()}
+        self.observe = observe
+        self.on_depth = on_depth
+        self._queue: deque[_Submission] = deque()
+        self._queued_rows = 0  # rows not yet handed to a call, of live submissions
+        self._waiting = 0  # live submissions with rows not yet handed to a call
+        self._running = 0  # calls in progress
+        self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._workers: list[asyncio.Task] = []
+        self._closed = False
+        self.calls = 0  # ONNX Runtime calls made, for tests and benchmarks
+
+    # ---- public ------------------------------------------------------------------------------------
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def start(self) -> None:
+        """Start the workers on the running event loop (``submit`` does this on first use)."""
+        if self._workers:
+            return
+        self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        self._workers = [asyncio.ensure_future(self._worker(i)) for i in range(self.instances)]
+
+    async def submit(self, feeds: Feeds) -> Feeds:
+        """Run ``feeds`` (arrays with the same number of rows on axis 0) as part of shared calls.
+
+        Returns the outputs for exactly these rows, in order. Raises QueueFull when ``max_queue_size``
+        submissions wait, BatchFailed when a call with these rows raised, ValueError for malformed feeds;
+        cancelling the awaiting task drops the rows not yet run.
+        """
+        if self._closed:
+            raise NotReady(f"graph {self.graph!r} of model {self.model!r} is shutting down; retry")
+        feeds, rows = self._checked(feeds)
+        if self._waiting >= self.max_queue_size:
+            raise QueueFull(f"graph {self.graph!r} of model {self.model!r} has {self._waiting} requests "
+                            f"queued (max_queue_size {self.max_queue_size}); retry later, send fewer "
+                            "concurrent requests, or raise max_queue_size in the model's config.json")
+        self.start()
+        loop = asyncio.get_running_loop()
+        sub = _Submission(feeds, rows, loop.create_future(), loop.time())
+        sub.future.add_done_callback(lambda _f, s=sub: self._settled(s))
+        self._queue.append(sub)
+        self._queued_rows += rows
+        self._waiting += 1
+        self._depth_changed()
+        self._wakeup.set()
+        return await sub.future  # task cancellation cancels the future; _settled drops its unrun rows
+
+    async def stop(self, drain: bool = True) -> None:
+        """Refuse new submissions; with ``drain`` finish what is queued and running first; end the workers."""
+        self._closed = True
+        if drain and self._workers:
+            while self._queued_rows or self._running:
+                self._idle.clear()
+                await self._idle.wait()
+        for w in self._workers:
+            w.cancel()
+        for w in self._workers:
+            try:
+                await w
+            except asyncio.CancelledError:
+                pass
+        self._workers = []
+        while self._queue:
+            sub = self._queue.popleft()
+            if not sub.future.done():
+                sub.future.set_exception(NotReady(f"graph {self.graph!r} of model {self.model!r} stopped "
+                                                  "before this request ran; retry"))
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _checked(self, feeds: Feeds) -> tuple[Feeds, int]:
+        if not feeds:
+            raise ValueError(f"graph {self.graph!r}: no inputs given")
+        out = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+        rows = {k: (v.shape[0] if v.ndim else -1) for k, v in out.items()}
+        n = next(iter(rows.values()))
+        if n < 1 or any(r != n for r in rows.values()):
+            raise ValueError(f"graph {self.graph!r}: inputs need the same number (>= 1) of rows on axis 0, "
+                             f"got {rows}")
+        if self.input_shapes is not None:
+            if set(out) != set(self.input_shapes):
+                raise ValueError(f"graph {self.graph!r} takes inputs {sorted(self.input_shapes)}, "
+                                 f"got {sorted(out)}")
+            for k, v in out.items():
+                want = self.input_shapes[k]
+                if len(want) != v.ndim - 1 or any(w not in (None, s) for w, s in zip(want, v.shape[1:],
+                                                                                     strict=True)):
+                    raise ValueError(f"graph {self.graph!r} input {k!r}: rows of shape {v.shape[1:]}, "
+                                     f"the graph takes {tuple(want)}")
+        return out, n
+
+    def _settled(self, sub: _Submission) -> None:
+        """A submission's future is done (answered, failed or cancelled): forget its unrun rows."""
+        if sub.taken < sub.rows:
+            self._queued_rows -= sub.rows - sub.taken
+            self._waiting -= 1
+            sub.taken = sub.rows
+            self._depth_changed()
+            self._check_idle()
+
+    def _depth_changed(self) -> None:
+        if self.on_depth is not None:
+            try:
+                self.on_depth(self._queued_rows)
+            except Exception:  # noqa: BLE001 - metrics must never break the queue's bookkeeping
+                log.exception("batcher %s/%s: recording queue depth failed", self.model, self.graph)
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self._queued_rows and not self._running:
+            self._idle.set()
+
+    async def _worker(self, instance: int) -> None:
+        while True:
+            parts = await self._next_batch()
+            if parts:
+                await self._execute(instance, parts)
+
+    async def _next_batch(self) -> list[tuple[_Submission, int, int]]:
+        """Wait until a batch is due (full, or its oldest row waited ``delay``), then take it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._queue and self._queue[0].future.done():
+                self._queue.popleft()
+            if not self._queued_rows:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            due = self._queue[0].enqueued + self.delay
+            if self._queued_rows >= self.max_batch_size or loop.time() >= due:
+                return self._take()
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(due - loop.time()):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    def _take(self) -> list[tuple[_Submission, int, int]]:
+        """Up to max_batch_size rows from the queue front; a partly taken submission moves to the back."""
+        parts: list[tuple[_Submission, int, int]] = []
+        skipped: list[_Submission] = []
+        capacity, key, rotate = self.max_batch_size, None, None
+        while capacity and self._queue:
+            sub = self._queue.popleft()
+            if sub.future.done():
+                continue
+            if key is not None and sub.key != key:  # other input shapes: a later call takes it
+                skipped.append(sub)
+                continue
+            key = sub.key
+            k = min(capacity, sub.rows - sub.taken)
+            parts.append((sub, sub.taken, sub.taken + k))
+            sub.taken += k
+            capacity -= k
+            self._queued_rows -= k
+            if sub.taken < sub.rows:
+                rotate = sub
+            else:
+                self._waiting -= 1
+        self._queue.extendleft(reversed(skipped))
+        if rotate is not None:
+            self._queue.append(rotate)
+        self._running += 1
+        self._depth_changed()
+        return parts
+
+    async def _execute(self, instance: int, parts: list[tuple[_Submission, int, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waits = tuple(now - sub.enqueued for sub, start, _ in parts if start == 0)
+        rows = sum(stop - start for _, start, stop in parts)
+        seconds, ok = 0.0, False
+        try:
+            if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == parts[0][0].rows:
+                feeds = parts[0][0].feeds  # a whole submission alone: no copy
+            else:
+                feeds = {k: np.concatenate([sub.feeds[k][a:b] for sub, a, b in parts])
+                         for k in parts[0][0].feeds}
+            outputs, seconds = await loop.run_in_executor(self.executor, self._call, instance, feeds)
+            bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows}
+            if bad:
+                raise RuntimeError(f"outputs {bad} do not have the batch's {rows} rows on axis 0")
+            ok = True
+        except asyncio.CancelledError:
+            for sub, _, _ in parts:
+                if not sub.future.done():
+                    sub.future.set_exception(NotReady(f"graph {self.graph!r} stopped while running this "
+                                                      "request; retry"))
+            raise
+        except Exception as e:  # noqa: BLE001 - the call's failure is every one of its submissions' failure
+            for sub, _, _ in parts:
+                if not sub.future.done():
+                    err = BatchFailed(f"graph {self.graph!r} of model {self.model!r} failed on a batch of "
+                                      f"{rows} rows from {len(parts)} requests: {type(e).__name__}: "
+                                      f"{str(e)[:500]}")
+                    err.__cause__ = e
+                    sub.future.set_exception(err)
+        else:
+            offset = 0
+            for sub, a, b in parts:
+                self._deliver(sub, a, b - a, {k: v[offset:offset + b - a] for k, v in outputs.items()})
+                offset += b - a
+        finally:
+            self._running -= 1
+            self.calls += 1
+            self._check_idle()
+            if self.observe is not None:
+                try:
+                    self.observe(BatchStats(self.model, self.graph, rows, len(parts), waits, seconds, ok))
+                except Exception:  # noqa: BLE001 - metrics must never stop a worker
+                    log.exception("batcher %s/%s: recording metrics failed", self.model, self.graph)
+
+    def _call(self, instance: int, feeds: Feeds) -> tuple[Feeds, float]:
+        t = time.perf_counter()
+        out = self.run(instance, feeds)
+        return out, time.perf_counter() - t
+
+    @staticmethod
+    def _deliver(sub: _Submission, start: int, rows: int, outputs: Feeds) -> None:
+        """Store one part; the submission's future resolves when all its rows are back, in row order."""
+        if sub.future.done():
+            return
+        sub.parts.append((start, outputs))
+        sub.done += rows
+        if sub.done < sub.rows:
+            return
+        if len(sub.parts) == 1:
+            sub.future.set_result(sub.parts[0][1])
+            return
+        sub.parts.sort(key=lambda p: p[0])
+        names = sub.parts[0][1].keys()
+        sub.future.set_result({k: np.concatenate([p[1][k] for p in sub.parts]) for k in names})

@@ -1,0 +1,136 @@
+"""Prometheus metrics of one server, in a registry of its own (several servers can live in one process).
+
+Who records what: the transport calls ``observe_request`` once per finished RPC (its status code is known
+only there); the engine records in-flight operations, samples generated, rows scored and which model versions
+are loaded; each graph's batcher hands a ``BatchStats`` per ONNX Runtime call to ``observe_batch`` and reports
+its queue depth. Batch size and request counts together show batching at work, as Triton's execution count
+vs inference count do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Seconds; from 100 µs (one small ONNX Runtime call) to a minute (a long Langevin chain)."""
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+"""Rows per ONNX Runtime call."""
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One ONNX Runtime call made by a batcher: what it merged and how long things took."""
+
+    model: str
+    """Model name (the metrics label; versions of a model share their series)."""
+    graph: str
+    """Graph name within the model, e.g. ``logits``."""
+    rows: int
+    """Rows in the call (the batch size)."""
+    requests: int
+    """Submissions with rows in this call."""
+    queue_waits: tuple[float, ...]
+    """Seconds each submission whose first rows are in this call waited in the queue."""
+    inference_s: float
+    """Seconds the ONNX Runtime call took, in its worker thread."""
+    ok: bool = True
+    """False when the call raised (every submission in it failed)."""
+
+
+class Metrics:
+    """The server's metrics; ``render()`` gives the exposition text, ``serve_http`` the /metrics endpoint."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("genserve_requests", "RPCs finished, by model, method and gRPC status code",
+                                ["model", "method", "code"], registry=r)
+        self.request_duration = Histogram("genserve_request_duration_seconds",
+                                          "RPC latency from arrival to answer, seconds", ["model", "method"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("genserve_inflight_requests", "Operations the engine is running now",
+                              ["model", "method"], registry=r)
+        self.queue_wait = Histogram("genserve_queue_wait_seconds",
+                                    "Wait of a submission in a graph's batch queue until its first rows ran",
+                                    ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("genserve_batch_size", "Rows per ONNX Runtime call (dynamic batching)",
+                                    ["model", "graph"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram("genserve_batch_requests",
+                                        "Submissions merged into one ONNX Runtime call", ["model", "graph"],
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.inference = Histogram("genserve_inference_duration_seconds", "ONNX Runtime call time per graph",
+                                   ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_failures = Counter("genserve_batch_failures", "ONNX Runtime calls that raised",
+                                      ["model", "graph"], registry=r)
+        self.queue_depth = Gauge("genserve_queue_depth", "Rows waiting in a graph's batch queue",
+                                 ["model", "graph"], registry=r)
+        self.samples = Counter("genserve_samples_generated", "Samples returned by Sample", ["model"],
+                               registry=r)
+        self.rows_scored = Counter("genserve_rows_scored", "Rows scored by LogLikelihood", ["model"],
+                                   registry=r)
+        self.model_loaded = Gauge("genserve_model_loaded", "1 while a model version is loaded and serving",
+                                  ["model", "version"], registry=r)
+        self.unauthenticated = Counter("genserve_unauthenticated",
+                                       "RPCs refused for missing or bad credentials", registry=r)
+
+    # ---- transport ---------------------------------------------------------------------------------
+    def observe_request(self, model: str, method: str, code: str, seconds: float) -> None:
+        """One finished RPC: ``method`` the RPC name (``Sample``), ``code`` the grpc.StatusCode name."""
+        self.requests.labels(model, method, code).inc()
+        self.request_duration.labels(model, method).observe(seconds)
+
+    # ---- engine ------------------------------------------------------------------------------------
+    def track_inflight(self, model: str, method: str, delta: int) -> None:
+        self.inflight.labels(model, method).inc(delta)
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        labels = (stats.model, stats.graph)
+        self.batch_size.labels(*labels).observe(stats.rows)
+        self.batch_requests.labels(*labels).observe(stats.requests)
+        self.inference.labels(*labels).observe(stats.inference_s)
+        wait = self.queue_wait.labels(*labels)
+        for w in stats.queue_waits:
+            wait.observe(w)
+        if not stats.ok:
+            self.batch_failures.labels(*labels).inc()
+
+    def set_queue_depth(self, model: str, graph: str, rows: int) -> None:
+        self.queue_depth.labels(model, graph).set(rows)
+
+    def add_samples(self, model: str, n: int) -> None:
+        self.samples.labels(model).inc(n)
+
+    def add_rows_scored(self, model: str, n: int) -> None:
+        self.rows_scored.labels(model).inc(n)
+
+    def set_model_loaded(self, model: str, version: int, loaded: bool | None) -> None:
+        """1 loaded, 0 failed to load; ``None`` removes the series (the version left the repository)."""
+        if loaded is None:
+            try:
+                self.model_loaded.remove(model, str(version))
+            except KeyError:
+                pass
+        else:
+            self.model_loaded.labels(model, str(version)).set(1 if loaded else 0)
+
+    # ---- exposition --------------------------------------------------------------------------------
+    def render(self) -> str:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry).decode()
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample's value by its full name (e.g. ``genserve_batch_size_count``); for tests and tools."""
+        return self.registry.get_sample_value(name, labels or {})
+
+    def serve_http(self, host: str, port: int) -> tuple[Any, int]:
+        """Serve /metrics on ``host:port`` (0: any free port) in a daemon thread; returns (server, port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, int(server.server_port)
+
+    def start_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, int]:
+        """``serve_http`` with the host last: the metrics port on every interface by default."""
+        return self.serve_http(host, port)

@@ -1,0 +1,227 @@
+"""The model repository: scan folders, check manifests and graph hashes, open sessions, build batchers.
+
+Layout (genserve.core.manifest): ``REPO/NAME/config.json`` (optional ServingConfig) and
+``REPO/NAME/VERSION/manifest.json`` with one .onnx file per graph. Every version folder is served ("all"
+version policy); a version that fails to load is reported with a message and the others load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from genserve.core.manifest import (
+    MANIFEST,
+    OPERATION_NAME,
+    SERVING_CONFIG,
+    read_manifest,
+    read_serving_config,
+    spec_from_proto,
+)
+from genserve.core.spec import DataSpec
+from genserve.server.batcher import Batcher, Feeds
+from genserve.server.config import ServingSettings
+from genserve.server.metrics import BatchStats
+from genserve.server.programs import program_class
+from genserve.server.programs.base import Program
+from genserve.server.sessions import SessionOptions, make_session, run_session, uses_cuda
+from genserve.v1 import manifest_pb2 as pb
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERSION_RE = re.compile(r"^[1-9][0-9]*$")
+
+
+class LoadFailed(ValueError):
+    """A model version that cannot be served; the message says what is wrong and how to fix it."""
+
+
+def scan(repo: Path) -> dict[str, list[int]]:
+    """Model folders and their whole-number version folders, ascending; other entries are ignored."""
+    out: dict[str, list[int]] = {}
+    for d in sorted(p for p in repo.iterdir() if p.is_dir() and NAME_RE.match(p.name)):
+        out[d.name] = sorted(int(v.name) for v in d.iterdir() if v.is_dir() and VERSION_RE.match(v.name))
+    return out
+
+
+def fingerprint(repo: Path, name: str, version: int) -> str:
+    """Changes when the version's manifest, its graph files or the model's config.json change."""
+    h = hashlib.sha256()
+    folder = repo / name / str(version)
+    for path in [repo / name / SERVING_CONFIG, *sorted(folder.iterdir())]:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One loaded model version: what the engine serves and the transport describes."""
+
+    name: str
+    version: int
+    manifest: pb.ModelManifest
+    spec: DataSpec
+    serving: ServingSettings
+    """Effective settings: config.json over the manifest's over the server defaults."""
+    providers: list[str]
+    """Execution providers the sessions actually run on, e.g. ["CPUExecutionProvider"]."""
+    program: Program
+    batchers: dict[str, Batcher]
+    operations: tuple[str, ...]
+    fingerprint: str = ""
+    active: int = 0
+    """Operations running on this version now; a retired version stops once it reaches 0."""
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    @property
+    def family(self) -> str:
+        return self.manifest.family
+
+    @property
+    def model(self) -> str:
+        return self.manifest.model
+
+    @property
+    def likelihood_kind(self) -> int:
+        return self.manifest.capabilities.likelihood
+
+    async def run(self, graph: str, feeds: Feeds) -> Feeds:
+        """The ``run`` handed to the program: through the graph's dynamic batcher."""
+        batcher = self.batchers.get(graph)
+        if batcher is None:
+            raise RuntimeError(f"the {self.model} program asked for graph {graph!r}, which {self.name} "
+                               f"version {self.version} does not have (it has {sorted(self.batchers)}); "
+                               "re-export the model")
+        return await batcher.submit(feeds)
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def retire(self) -> None:
+        """Wait for the operations in flight on this version, then stop its batchers (sessions are freed)."""
+        await self._idle.wait()
+        for b in self.batchers.values():
+            await b.stop(drain=True)
+
+
+def load_version(repo: Path, name: str, version: int, defaults: ServingSettings, inter_op_threads: int,
+                 executor: Executor | None = None, observe: Callable[[BatchStats], None] | None = None,
+                 on_depth: Callable[[str, str, int], None] | None = None) -> LoadedModel:
+    """Load ``repo/name/version`` (blocking: reads files, hashes graphs, opens sessions); else LoadFailed."""
+    folder = repo / name / str(version)
+    where = f"{name} version {version}"
+    try:
+        manifest = read_manifest(folder / MANIFEST)
+    except ValueError as e:
+        raise LoadFailed(str(e)) from None
+    if manifest.name != name or manifest.version != version:
+        raise LoadFailed(f"{folder / MANIFEST}: says model {manifest.name!r} version {manifest.version}, "
+                         f"but it lies in {name}/{version}; move the folder or fix the manifest")
+    try:
+        spec = spec_from_proto(manifest.data)
+        settings = defaults.merged(read_serving_config(repo / name / SERVING_CONFIG), manifest.serving)
+    except ValueError as e:
+        raise LoadFailed(f"{where}: {e}") from None
+    try:
+        program = program_class(manifest.model)(spec, dict(manifest.parameters))
+    except (ValueError, ImportError, AttributeError) as e:
+        raise LoadFailed(f"{where}: {e}") from None
+    operations = tuple(OPERATION_NAME[op] for op in manifest.operations if op in OPERATION_NAME)
+    missing = [op for op in operations if op not in program.operations]
+    if missing:
+        raise LoadFailed(f"{where}: the manifest lists {missing}, which the {manifest.model} serving program "
+                         f"does not implement (it has {list(program.operations)}); re-export the model")
+    if not manifest.graphs:
+        raise LoadFailed(f"{where}: the manifest lists no graphs; re-export the model")
+
+    opts = SessionOptions(provider=settings.provider, intra_op_threads=settings.intra_op_threads,
+                          inter_op_threads=inter_op_threads)
+    batchers: dict[str, Batcher] = {}
+    providers: list[str] = []
+    for g in manifest.graphs:
+        sessions = [_open_graph(folder, g, opts, settings, where) for _ in range(settings.instances)]
+        providers = providers or list(sessions[0].get_providers())
+        got = [i.name for i in sessions[0].get_inputs()]
+        want = [i.name for i in g.inputs]
+        if sorted(got) != sorted(want):
+            raise LoadFailed(f"{where}: graph {g.name!r} has inputs {got} but the manifest says {want}; "
+                             "re-export the model")
+        shapes = {i.name: tuple(None if d < 0 else d for d in i.shape[1:]) for i in g.inputs}
+        batchers[g.name] = Batcher(
+            g.name, _runner(sessions), max_batch_size=settings.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
+            instances=settings.instances, executor=executor, input_shapes=shapes, model=name, observe=observe,
+            on_depth=None if on_depth is None else (lambda rows, g=g.name: on_depth(name, g, rows)))
+    return LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
+                       providers=providers, program=program, batchers=batchers, operations=operations,
+                       fingerprint=fingerprint(repo, name, version))
+
+
+def _open_graph(folder: Path, g: pb.GraphSpec, opts: SessionOptions, settings: ServingSettings,
+                where: str) -> ort.InferenceSession:
+    """A session for graph ``g``, its file's sha256 checked first (the fp16 variant when asked, on CUDA)."""
+    session = _session(folder, g.name, g.file, g.sha256, opts, where)
+    if settings.fp16 and g.fp16_file and uses_cuda(session):
+        session = _session(folder, g.name, g.fp16_file, g.fp16_sha256, opts, where)
+    return session
+
+
+def _session(folder: Path, graph: str, file: str, sha256: str, opts: SessionOptions,
+             where: str) -> ort.InferenceSession:
+    path = (folder / file).resolve()
+    if folder.resolve() not in path.parents:
+        raise LoadFailed(f"{where}: graph {graph!r} file {file!r} lies outside the version folder")
+    if not path.is_file():
+        raise LoadFailed(f"{where}: graph {graph!r} file {file} is missing; re-export the model")
+    if not sha256:
+        raise LoadFailed(f"{where}: the manifest gives no sha256 for {file}; re-export the model")
+    actual = sha256_file(path)
+    if actual != sha256.lower():
+        raise LoadFailed(f"{where}: {file}: sha256 mismatch (manifest {sha256[:12]}..., file "
+                         f"{actual[:12]}...); it changed or was damaged after export; re-export the model")
+    try:
+        return make_session(path, opts)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own types for bad graphs
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise LoadFailed(f"{where}: ONNX Runtime cannot load {file}: {first}") from None
+
+
+def _runner(sessions: list[ort.InferenceSession]) -> Callable[[int, Feeds], Feeds]:
+    def run(instance: int, feeds: Feeds) -> Feeds:
+        return run_session(sessions[instance], feeds)
+
+    return run
+
+
+def describe_error(e: BaseException) -> str:
+    """A one-line message for an unexpected load failure."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+

@@ -1,0 +1,337 @@
+"""The dynamic batcher on real ONNX Runtime sessions of exported graphs: merging, splitting, order, queue
+limits, cancellation, failures, and per-row results that do not depend on the company a row keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from genserve.core.manifest import read_manifest, spec_from_proto
+from genserve.server.batcher import Batcher, BatchFailed
+from genserve.server.errors import QueueFull
+from genserve.server.metrics import BatchStats
+from genserve.server.sessions import SessionOptions, make_session, run_session
+from genserve.v1 import manifest_pb2 as pb
+
+CPU = SessionOptions(provider="cpu", intra_op_threads=1)
+
+
+def graphs(repo: Path) -> list[tuple[str, pb.ModelManifest, pb.GraphSpec]]:
+    """(model folder, manifest, graph) for every graph of the newest version of every model."""
+    out = []
+    for model in sorted(p for p in repo.iterdir() if p.is_dir()):
+        folder = max((v for v in model.iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
+        manifest = read_manifest(folder / "manifest.json")
+        out += [(str(folder), manifest, g) for g in manifest.graphs]
+    return out
+
+
+def graph_feeds(manifest: pb.ModelManifest, graph: pb.GraphSpec, rows: int,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Plausible inputs: data rows for ``x`` (integer levels for discrete data), uniforms for ``u``, else
+    standard normal values."""
+    rng = np.random.default_rng(seed)
+    spec = spec_from_proto(manifest.data)
+    feeds = {}
+    for i in graph.inputs:
+        shape = (rows, *[d if d > 0 else 1 for d in i.shape[1:]])
+        if i.name == "x" and tuple(shape[1:]) == spec.shape:
+            if spec.discrete:
+                v = rng.integers(0, spec.levels, shape)
+            else:
+                v = rng.standard_normal(shape) * np.asarray(spec.std or 1.0) + np.asarray(spec.mean or 0.0)
+        elif i.name.startswith("u"):
+            v = rng.random(shape)
+        elif i.name == "t":  # a time-step index (the RNN's step graph)
+            v = rng.integers(0, spec.dim, shape)
+        else:
+            v = rng.standard_normal(shape)
+        feeds[i.name] = v.astype(np.float32)
+    return feeds
+
+
+def rows_of(feeds: dict[str, np.ndarray], a: int, b: int) -> dict[str, np.ndarray]:
+    return {k: v[a:b] for k, v in feeds.items()}
+
+
+def same_bits(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes()
+                                        for k in a)
+
+
+@pytest.fixture(scope="module")
+def ppca(repo_dir: Path) -> tuple[pb.ModelManifest, ort.InferenceSession]:
+    folder = repo_dir / "digits-ppca" / "1"
+    manifest = read_manifest(folder / "manifest.json")
+    return manifest, make_session(folder / "log_prob.onnx", CPU)
+
+
+def ppca_batcher(ppca, **kw) -> Batcher:
+    manifest, session = ppca
+    return Batcher("log_prob", lambda i, f: run_session(session, f), **kw)
+
+
+# ---- row independence: the ground the batching guarantee stands on -----------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnx_runtime_rows_are_bitwise_independent_of_batch_size(repo_dir: Path, threads: int) -> None:
+    """Every exported graph: a row computed alone equals, bit for bit, the row inside batches of 64, 33, 7."""
+    checked = 0
+    for folder, manifest, g in graphs(repo_dir):
+        opts = SessionOptions(provider="cpu", intra_op_threads=threads)
+        session = make_session(Path(folder) / g.file, opts)
+        feeds = graph_feeds(manifest, g, 64, seed=checked)
+        alone = [run_session(session, rows_of(feeds, i, i + 1)) for i in range(64)]
+        for size in (64, 33, 7):
+            for start in range(0, 64, size):
+                out = run_session(session, rows_of(feeds, start, start + size))
+                for i in range(start, min(start + size, 64)):
+                    row = {k: v[i - start:i - start + 1] for k, v in out.items()}
+                    assert same_bits(row, alone[i]), f"{manifest.name}/{g.name} row {i} in a batch of {size}"
+        checked += 1
+    assert checked >= 3
+
+
+# ---- merging, splitting, order -----------------------------------------------------------------------------
+
+def test_64_concurrent_one_row_submissions_merge_and_each_equals_its_unbatched_twin(ppca) -> None:
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 64, seed=1)
+    twins = [run_session(session, rows_of(feeds, i, i + 1)) for i in range(64)]
+    stats: list[BatchStats] = []
+    b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=5.0, observe=stats.append)
+
+    async def main():
+        outs = await asyncio.gather(*(b.submit(rows_of(feeds, i, i + 1)) for i in range(64)))
+        await b.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    assert all(same_bits(o, t) for o, t in zip(outs, twins, strict=True))
+    assert b.calls < 64 and max(s.rows for s in stats) > 1
+    assert sum(s.rows for s in stats) == 64 and sum(len(s.queue_waits) for s in stats) == 64
+
+
+def test_mixed_sizes_come_back_in_order_exactly_once_and_large_ones_are_split(ppca) -> None:
+    manifest, session = ppca
+    sizes = [1, 50, 3, 130, 8, 1, 64, 17]
+    feeds = graph_feeds(manifest, manifest.graphs[0], sum(sizes), seed=2)
+    starts = np.cumsum([0, *sizes])
+    direct = run_session(session, feeds)
+    stats: list[BatchStats] = []
+    b = ppca_batcher(ppca, max_batch_size=16, max_queue_delay_ms=1.0, observe=stats.append)
+
+    async def main():
+        spans = zip(starts[:-1], starts[1:], strict=True)
+        outs = await asyncio.gather(*(b.submit(rows_of(feeds, a, z)) for a, z in spans))
+        await b.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    for out, a, z in zip(outs, starts, starts[1:], strict=False):
+        assert same_bits(out, rows_of(direct, a, z))
+    assert max(s.rows for s in stats) == 16  # never more than max_batch_size rows in one call
+    assert b.calls == len(stats) >= -(-sum(sizes) // 16)
+    assert b.queued_rows == 0 and b.waiting == 0
+
+
+def test_a_large_request_takes_turns_with_small_ones(ppca) -> None:
+    """A 640-row request is split into 10 calls; a 1-row request queued after it runs in the second call."""
+    manifest, _ = ppca
+    big = graph_feeds(manifest, manifest.graphs[0], 640, seed=3)
+    small = graph_feeds(manifest, manifest.graphs[0], 1, seed=4)
+    order: list[str] = []
+    b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=0.0)
+
+    async def main():
+        async def tagged(tag, feeds):
+            await b.submit(feeds)
+            order.append(tag)
+
+        big_task = asyncio.ensure_future(tagged("big", big))
+        await asyncio.sleep(0)
+        await tagged("small", small)
+        await big_task
+        await b.stop()
+
+    asyncio.run(main())
+    assert order == ["small", "big"] and b.calls == 11
+
+
+# ---- queue limit, cancellation, failures -------------------------------------------------------------------
+
+class Gate:
+    """Wraps a session's run so that calls block until released: lets a test hold the worker busy."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+
+    def __call__(self, instance: int, feeds):
+        self.entered.set()
+        self.open.wait(10)
+        self.batches.append(next(iter(feeds.values())).shape[0])
+        return run_session(self.session, feeds)
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+def test_queue_full_refuses_at_once_and_frees_up_when_the_queue_drains(ppca) -> None:
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 4, seed=5)
+    gate = Gate(session)
+    b = Batcher("log_prob", gate, max_batch_size=4, max_queue_delay_ms=0.0, max_queue_size=3)
+
+    async def main():
+        running = asyncio.ensure_future(b.submit(feeds))  # taken by the worker, blocked in the gate
+        await until(gate.entered.is_set)
+        queued = [asyncio.ensure_future(b.submit(feeds)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert b.waiting == 3
+        with pytest.raises(QueueFull, match="max_queue_size 3"):
+            await b.submit(feeds)
+        gate.open.set()
+        await asyncio.gather(running, *queued)
+        out = await b.submit(feeds)  # room again
+        await b.stop()
+        return out
+
+    assert same_bits(asyncio.run(main()), run_session(session, feeds))
+
+
+def test_cancelled_requests_rows_are_dropped_from_the_queue(ppca) -> None:
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 10, seed=6)
+    gate = Gate(session)
+    b = Batcher("log_prob", gate, max_batch_size=64, max_queue_delay_ms=0.0)
+
+    async def main():
+        first = asyncio.ensure_future(b.submit(rows_of(feeds, 0, 1)))
+        await until(gate.entered.is_set)
+        doomed = asyncio.ensure_future(b.submit(rows_of(feeds, 1, 8)))  # 7 rows
+        kept = asyncio.ensure_future(b.submit(rows_of(feeds, 8, 10)))  # 2 rows
+        await asyncio.sleep(0)
+        assert b.queued_rows == 9
+        doomed.cancel()
+        await until(lambda: b.queued_rows == 2)
+        assert b.waiting == 1
+        gate.open.set()
+        out = await kept
+        await first
+        await b.stop()
+        assert doomed.cancelled()
+        return out
+
+    out = asyncio.run(main())
+    assert gate.batches == [1, 2]  # the cancelled request's 7 rows never ran
+    assert same_bits(out, run_session(session, rows_of(feeds, 8, 10)))
+
+
+def test_a_failing_call_fails_every_request_in_it_and_only_those(ppca) -> None:
+    """The run raises for a batch holding a poisoned row: its requests fail, the next batch is answered."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 12, seed=7)
+    poison = rows_of(feeds, 0, 1)
+    poison["x"] = poison["x"].copy()
+    poison["x"][0, 0, 0] = -1.0  # not a level: the wrapped run refuses the whole call
+
+    def run(instance, f):
+        if (f["x"] < 0).any():
+            raise RuntimeError("ONNX Runtime refused the batch")
+        return run_session(session, f)
+
+    b = Batcher("log_prob", run, max_batch_size=4, max_queue_delay_ms=50.0)
+
+    async def main():
+        first = [b.submit(poison), *(b.submit(rows_of(feeds, i, i + 1)) for i in range(1, 4))]  # one call
+        second = [b.submit(rows_of(feeds, i, i + 1)) for i in range(4, 12)]  # two more calls
+        return await asyncio.gather(*first, *second, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, BatchFailed) and "refused the batch" in str(r) for r in results[:4])
+    for i, r in enumerate(results[4:], start=4):
+        assert same_bits(r, run_session(session, rows_of(feeds, i, i + 1)))
+
+
+def test_a_real_onnx_runtime_error_stays_within_its_call(ppca) -> None:
+    """Without shape checks, a malformed request reaches ONNX Runtime; it cannot merge with well-formed ones
+    (different row shapes never share a call), so only it fails and its neighbours are answered."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 8, seed=8)
+    bad = {"x": np.zeros((2, 8, 9), np.float32), "u": np.zeros((2, 64), np.float32)}
+    b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=20.0)
+
+    async def main():
+        subs = [b.submit(rows_of(feeds, i, i + 1)) for i in range(4)] + [b.submit(bad)]
+        subs += [b.submit(rows_of(feeds, i, i + 1)) for i in range(4, 8)]
+        out = await asyncio.gather(*subs, return_exceptions=True)
+        await b.stop()
+        return out
+
+    results = asyncio.run(main())
+    assert isinstance(results[4], BatchFailed) and "ONNX" not in type(results[4]).__name__
+    good = results[:4] + results[5:]
+    for i, r in enumerate(good):
+        assert same_bits(r, run_session(session, rows_of(feeds, i, i + 1)))
+    assert b.calls == 2
+
+
+def test_malformed_feeds_are_refused_before_queueing(ppca) -> None:
+    manifest, _ = ppca
+    b = Batcher("log_prob", lambda i, f: f, input_shapes={"x": (8, 8), "u": (64,)})
+    good = graph_feeds(manifest, manifest.graphs[0], 2)
+
+    async def main():
+        with pytest.raises(ValueError, match="takes inputs"):
+            await b.submit({"x": good["x"]})
+        with pytest.raises(ValueError, match="rows of shape"):
+            await b.submit({"x": np.zeros((2, 8, 9), np.float32), "u": good["u"]})
+        with pytest.raises(ValueError, match="same number"):
+            await b.submit({"x": good["x"], "u": good["u"][:1]})
+        assert b.queued_rows == 0
+
+    asyncio.run(main())
+
+
+def test_instances_run_calls_concurrently(ppca) -> None:
+    """Two instances: a second call starts while the first is still inside ONNX Runtime."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 2, seed=9)
+    inside, both = [0], threading.Event()
+    lock = threading.Lock()
+
+    def run(instance, f):
+        with lock:
+            inside[0] += 1
+            if inside[0] == 2:
+                both.set()
+        both.wait(5)
+        with lock:
+            inside[0] -= 1
+        return run_session(session, f)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        b = Batcher("log_prob", run, max_batch_size=1, max_queue_delay_ms=0.0, instances=2, executor=pool)
+
+        async def main():
+            out = await asyncio.gather(b.submit(rows_of(feeds, 0, 1)), b.submit(rows_of(feeds, 1, 2)))
+            await b.stop()
+            return out
+
+        asyncio.run(main())
+    assert both.is_set()
