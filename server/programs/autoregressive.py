@@ -1,0 +1,110 @@
+"""Autoregressive models served from their graphs: exact log-likelihood in one pass, sampling in D steps.
+
+Graphs: ``logits`` (x -> conditional parameters of every position) for both models; the recurrent model also
+has ``step`` (x_prev, h, t -> conditional parameters of position t, h_next), so that sampling carries the
+hidden state instead of re-reading the prefix. Discrete data have ``logits`` (B, D, levels); continuous data
+a Gaussian mixture per feature in normalised units: ``logits``, ``means``, ``log_scales``, each (B, D, K).
+Noise is drawn in the order of ``training.arcnn.AutoregressiveModel.sample``: per position i, one
+``noise.uniform(n)`` and, for continuous data, one ``noise.normal(n)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from genserve.core.noise import Noise, categorical_from_uniform
+from genserve.core.spec import DataSpec
+from genserve.server.programs.base import Program, Run, SampleResult, flat
+
+LOG2PI = float(np.log(2 * np.pi))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    a = logits.astype(np.float64)
+    a = a - a.max(axis=-1, keepdims=True)
+    return a - np.log(np.exp(a).sum(axis=-1, keepdims=True))
+
+
+def _softmax32(logits: np.ndarray) -> np.ndarray:
+    """Softmax in float32 like torch.softmax, so that inverse-CDF draws agree with PyTorch's at the edges."""
+    a = logits.astype(np.float32)
+    e = np.exp(a - a.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _names(spec: DataSpec) -> tuple[str, ...]:
+    return ("logits",) if spec.discrete else ("logits", "means", "log_scales")
+
+
+def conditional_log_prob(spec: DataSpec, x: np.ndarray, params: list[np.ndarray]) -> np.ndarray:
+    """sum_i log p(x_i | x_<i) in nats, (N,), for flat x (N, D) in raw units; float64 arithmetic."""
+    if spec.discrete:
+        logp = _log_softmax(params[0])
+        return np.take_along_axis(logp, x.astype(np.int64)[..., None], axis=-1)[..., 0].sum(-1)
+    logits, means, log_scales = (p.astype(np.float64) for p in params)
+    mean, std = np.asarray(spec.mean), np.asarray(spec.std)
+    y = ((x.astype(np.float64) - mean) / std)[..., None]
+    z = (y - means) * np.exp(-log_scales)
+    comp = _log_softmax(logits) - 0.5 * z * z - log_scales - 0.5 * LOG2PI
+    top = comp.max(axis=-1, keepdims=True)
+    lse = (top + np.log(np.exp(comp - top).sum(axis=-1, keepdims=True)))[..., 0]
+    return lse.sum(-1) - np.log(std).sum()
+
+
+def draw_position(spec: DataSpec, i: int, params: list[np.ndarray], noise: Noise, temperature: float) -> np.ndarray:
+    """x_i (n,) float32 in raw units from the conditional parameters of position i, each (n, P)."""
+    n = params[0].shape[0]
+    u = noise.uniform(n)
+    inv_t, temp = np.float32(1.0 / temperature), np.float32(temperature)
+    if spec.discrete:
+        return categorical_from_uniform(_softmax32(params[0] * inv_t), u)
+    logits, means, log_scales = params
+    k = categorical_from_uniform(_softmax32(logits * inv_t), u).astype(np.int64)[:, None]
+    eps = noise.normal(n)
+    mu = np.take_along_axis(means, k, axis=-1)[:, 0]
+    log_s = np.take_along_axis(log_scales, k, axis=-1)[:, 0]
+    y = mu + np.exp(log_s) * (eps * temp)
+    return (y * np.float32(spec.std[i]) + np.float32(spec.mean[i])).astype(np.float32)
+
+
+class CausalConvARProgram(Program):
+    """Sampling re-runs ``logits`` on the partial sample at every step (D calls); likelihood is one call."""
+
+    operations = ("sample", "log_likelihood")
+
+    async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
+        x = x.astype(np.float32)
+        out = await run("logits", {"x": x})
+        return conditional_log_prob(self.spec, flat(x), [out[k] for k in _names(self.spec)]).astype(np.float32)
+
+    async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
+        return SampleResult(await self._sample_by_prefix(run, n, noise, temperature))
+
+    async def _sample_by_prefix(self, run: Run, n: int, noise: Noise, temperature: float) -> np.ndarray:
+        spec, names = self.spec, _names(self.spec)
+        x = np.zeros((n, spec.dim), dtype=np.float32)
+        for i in range(spec.dim):
+            out = await run("logits", {"x": x.reshape(n, *spec.shape)})
+            x[:, i] = draw_position(spec, i, [out[k][:, i] for k in names], noise, temperature)
+        return spec.postprocess(x.reshape(n, *spec.shape))
+
+
+class RecurrentARProgram(CausalConvARProgram):
+    """Sampling runs ``step`` D times carrying the hidden state (``recompute=True`` re-reads the prefix with
+    ``logits`` instead, the same samples at D times the cost, kept for benchmarks)."""
+
+    async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, recompute: bool = False,
+                     **options: Any) -> SampleResult:
+        if recompute:
+            return SampleResult(await self._sample_by_prefix(run, n, noise, temperature))
+        spec, names = self.spec, _names(self.spec)
+        x = np.zeros((n, spec.dim), dtype=np.float32)
+        h = np.zeros((n, int(self.param("state_size"))), dtype=np.float32)  # the GRU's initial state
+        prev = np.zeros((n, 1), dtype=np.float32)  # ignored at t = 0, where the graph reads its start token
+        for i in range(spec.dim):
+            out = await run("step", {"x_prev": prev, "h": h, "t": np.full((n, 1), i, dtype=np.float32)})
+            x[:, i] = draw_position(spec, i, [out[k] for k in names], noise, temperature)
+            h, prev = out["h_next"], x[:, i:i + 1].copy()
+        return SampleResult(spec.postprocess(x.reshape(n, *spec.shape)))

@@ -1,0 +1,156 @@
+"""Recurrent autoregressive model: a GRU over the raster order of the pixels, exact likelihood.
+
+At step t the GRU reads x_{t-1} (a start token at t = 0) together with an embedding of the position t, and its
+output gives p(x_t | x_<t): categorical over ``spec.levels`` for discrete data, a Gaussian mixture in
+normalised units for continuous rows (as in ``training.arcnn``). Two graphs are exported: ``logits`` (all
+conditionals in one pass, for the likelihood) and ``step`` (one GRU step carrying the hidden state, so that
+sampling costs D steps rather than D passes over the growing prefix). The step graph spells out the GRU cell
+with the weights of ``nn.GRU``, which keeps the exported graph a plain, batch-dynamic sequence of matmuls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genserve.core.noise import Noise
+from genserve.core.spec import DataSpec
+from genserve.training.arcnn import AutoregressiveModel, draw_position
+from genserve.training.base import GraphDef, Lambda
+
+
+class RecurrentAR(AutoregressiveModel):
+    """GRU autoregressive model.
+
+    Arguments:
+        hidden: GRU state size per layer.
+        layers: stacked GRU layers.
+        embed: size of the input embedding (previous value plus position).
+        dropout: dropout on the embedding, between GRU layers and before the output layer.
+        weight_drop: DropConnect rate on the GRU's hidden-to-hidden weights during training.
+        components: Gaussian mixture components per feature (continuous data only).
+
+    Example:
+        >>> from genserve.training.data import load_dataset
+        >>> m = RecurrentAR(load_dataset("digits").spec, hidden=16, layers=1)
+        >>> m.sample(2, Noise(0)).shape
+        torch.Size([2, 8, 8])
+    """
+
+    name = "arrnn"
+    profiles = {
+        "quick": {"epochs": 10, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
+                  "patience": 5, "arch": {"hidden": 64, "layers": 1, "embed": 32, "dropout": 0.1}},
+        "full": {"epochs": 200, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
+                 "patience": 20, "arch": {"hidden": 256, "layers": 1, "embed": 64, "dropout": 0.3}},
+    }
+    tabular_profiles = {
+        "quick": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 5.0,
+                  "patience": 10, "arch": {"hidden": 64, "layers": 1, "embed": 16, "dropout": 0.0, "components": 8}},
+        "full": {"epochs": 300, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.0, "grad_clip": 5.0,
+                 "patience": 30, "arch": {"hidden": 128, "layers": 1, "embed": 32, "dropout": 0.0, "components": 10}},
+    }
+
+    def __init__(self, spec: DataSpec, hidden: int = 256, layers: int = 1, embed: int = 64, dropout: float = 0.2,
+                 weight_drop: float = 0.0, components: int = 8) -> None:
+        super().__init__(spec, hidden=hidden, layers=layers, embed=embed, dropout=dropout, weight_drop=weight_drop,
+                         components=components)
+        self.hidden, self.layers, self.weight_drop = hidden, layers, weight_drop
+        if spec.discrete:  # index `levels` is the start token
+            self.value_embed = nn.Embedding(spec.levels + 1, embed)
+        else:
+            self.value_embed = nn.Linear(1, embed)
+            self.start = nn.Parameter(torch.zeros(embed))
+        self.position_embed = nn.Embedding(self.dim, embed)
+        self.gru = nn.GRU(embed, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, self.out_per_position)
+        self.position_bias = nn.Parameter(torch.zeros(self.dim, self.out_per_position))
+
+    @property
+    def state_size(self) -> int:
+        """Size of the flat hidden state carried between steps: layers * hidden."""
+        return self.layers * self.hidden
+
+    def _embed(self, x_prev: Tensor, t: Tensor) -> Tensor:
+        """x_prev (...,) raw units and integer positions t (...,) -> GRU inputs (..., embed); t = 0 reads the start."""
+        first = t == 0
+        if self.spec.discrete:
+            e = self.value_embed(torch.where(first, self.spec.levels, x_prev.long()))
+        else:
+            y = (x_prev - torch.tensor(self.spec.mean)[t]) / torch.tensor(self.spec.std)[t]
+            e = torch.where(first.unsqueeze(-1), self.start, self.value_embed(y.unsqueeze(-1)))
+        return self.drop(e + self.position_embed(t))
+
+    def conditionals(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x (B, *shape) raw units -> conditional parameters of every position in one GRU pass, (B, D, P) each."""
+        B, D = x.shape[0], self.dim
+        flat = self.flat(x)
+        prev = torch.cat([torch.zeros(B, 1, dtype=flat.dtype), flat[:, :-1]], dim=1)  # x_{t-1}; t=0 is masked
+        t = torch.arange(D).expand(B, D)
+        inp = self._embed(prev, t)
+        if self.training and self.weight_drop > 0:
+            # DropConnect on the recurrent weights (Merity et al., AWD-LSTM): one mask per batch, shared by all steps
+            weights = {k: F.dropout(w, self.weight_drop) if k.startswith("weight_hh") else w
+                       for k, w in self.gru.named_parameters()}
+            o, _ = torch.func.functional_call(self.gru, weights, (inp,))
+        else:
+            o, _ = self.gru(inp)
+        return self.split_params(self.out(self.drop(o)) + self.position_bias)
+
+    def step(self, x_prev: Tensor, h: Tensor, t: Tensor) -> tuple[Tensor, ...]:
+        """One GRU step: x_prev (B, 1) raw value of position t-1 (ignored at t = 0), h (B, layers*hidden)
+        state after x_<t-1>, t (B, 1) position as a float -> (conditional parameters of x_t, each (B, P'), h')."""
+        t = t[:, 0].long()
+        inp = self._embed(x_prev[:, 0], t)
+        states = []
+        for layer in range(self.layers):
+            hl = h[:, layer * self.hidden:(layer + 1) * self.hidden]
+            hl = self._gru_cell(inp, hl, layer)
+            states.append(hl)
+            inp = self.drop(hl) if layer < self.layers - 1 else hl
+        p = self.out(self.drop(inp)) + self.position_bias[t]
+        return (*self.split_params(p), torch.cat(states, dim=1))
+
+    def _gru_cell(self, x: Tensor, h: Tensor, layer: int) -> Tensor:
+        """nn.GRU's cell written out (gates r, z, n in its weight order), so that it exports as plain matmuls."""
+        gi = F.linear(x, getattr(self.gru, f"weight_ih_l{layer}"), getattr(self.gru, f"bias_ih_l{layer}"))
+        gh = F.linear(h, getattr(self.gru, f"weight_hh_l{layer}"), getattr(self.gru, f"bias_hh_l{layer}"))
+        i_r, i_z, i_n = gi.chunk(3, dim=1)
+        h_r, h_z, h_n = gh.chunk(3, dim=1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h
+
+    @torch.no_grad()
+    def sample(self, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> Tensor:
+        """D steps of the ``step`` graph carrying the hidden state (zeros at the start).
+
+        Noise order as ``training.arcnn.AutoregressiveModel.sample``: per step i, ``noise.uniform(n)`` and, for
+        continuous data, ``noise.normal(n)``.
+        """
+        x = torch.zeros(n, self.dim)
+        h = torch.zeros(n, self.state_size)
+        prev = torch.zeros(n, 1)
+        for i in range(self.dim):
+            *params, h = self.step(prev, h, torch.full((n, 1), float(i)))
+            x[:, i] = draw_position(self.spec, i, params, noise, temperature)
+            prev = x[:, i:i + 1]
+        return self.postprocess(self.unflat(x))
+
+    def export_graphs(self) -> dict[str, GraphDef]:
+        graphs = super().export_graphs()
+        B = 4
+        prev = self.example_input(B).reshape(B, -1)[:, :1]
+        h = torch.randn(B, self.state_size, generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([[0.0], [1.0], [2.0], [float(self.dim - 1)]])
+        outputs = ["logits"] if self.spec.discrete else ["logits", "means", "log_scales"]
+        graphs["step"] = GraphDef(Lambda(self, self.step), {"x_prev": prev, "h": h, "t": t}, [*outputs, "h_next"])
+        return graphs
+
+    def program_parameters(self) -> dict[str, float]:
+        return {"components": self.components, "hidden": self.hidden, "layers": self.layers,
+                "state_size": self.state_size}
