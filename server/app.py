@@ -119,9 +119,13 @@ class Server:
     async def refresh_health(self) -> None:
         """Overall and service SERVING; a model SERVING when ready, NOT_SERVING when failed or gone."""
         assert self.health is not None
-        await self.health.set("", SERVING)
-        await self.health.set(SERVICE_NAME, SERVING)
-        names = {s.name for s in self.engine.list_models()}
+        statuses = self.engine.list_models()
+        names = {s.name for s in statuses}
+        # Overall health is the server's: SERVING while any model serves (or the repository is empty), so
+        # one broken model does not take the others out of a load balancer; per-model health says which.
+        overall = SERVING if not names or any(self.engine.ready(n) for n in names) else NOT_SERVING
+        await self.health.set("", overall)
+        await self.health.set(SERVICE_NAME, overall)
         for name in sorted(names | self._health_names):
             await self.health.set(name, SERVING if name in names and self.engine.ready(name) else NOT_SERVING)
         self._health_names |= names

@@ -476,7 +476,8 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             z = tensor_field(request, "z", self.max_rows)
             seed = request_seed(request)
             x, version = await self._deadline(
-                context, self.engine.decode(request.model, int(request.version), z, seed))
+                context,
+                self.engine.decode(request.model, int(request.version), z, seed, bool(request.sample)))
             return service_pb2.DecodeResponse(x=to_proto(np.asarray(x, dtype=np.float32)),
                                               model_version=int(version), seed=seed)
 

@@ -1,0 +1,231 @@
+"""The server's life: `genserve serve` in a real process, SIGTERM under load, reload by signal, RPC and polling,
+a model that fails to load, and an import of the serving code that leaves torch out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from genserve.clients.tensors import from_proto, to_proto
+from genserve.core.manifest import read_manifest, write_manifest
+from genserve.server.app import BackgroundServer
+from genserve.v1 import service_pb2 as pb
+from genserve.v1 import service_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def add_version(repo: Path, name: str, version: int) -> None:
+    """Copy the model's version 1 as ``version`` (same graphs, manifest renumbered)."""
+    src, dst = repo / name / "1", repo / name / str(version)
+    tmp = repo / name / f".{version}.tmp"  # build beside, then rename: a poll never sees half a version
+    shutil.copytree(src, tmp)
+    manifest = read_manifest(tmp / "manifest.json")
+    manifest.version = version
+    write_manifest(manifest, tmp / "manifest.json")
+    tmp.rename(dst)
+
+
+def latent(repo: Path, rows: int) -> np.ndarray:
+    manifest = read_manifest(repo / "digits-ppca" / "1" / "manifest.json")
+    return np.zeros((rows, int(manifest.parameters["latent_dim"])), np.float32)
+
+
+class ServeProcess:
+    """`python -m genserve.server.cli` in a subprocess; reads the ready line for the port."""
+
+    def __init__(self, repo: Path, *flags: str, log: Path) -> None:
+        self.metrics_port = free_port()
+        self.log = log
+        cmd = [sys.executable, "-m", "genserve.server.cli", "--repo", str(repo), "--port", "0",
+               "--metrics-port", str(self.metrics_port), "--provider", "cpu", "--workers", "2", *flags]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 90
+        self.ready = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("genserve: serving"):
+                self.ready = line.strip()
+                break
+        if not self.ready:
+            self.proc.kill()
+            raise AssertionError(f"server did not become ready:\n{log.read_text()[-3000:]}")
+        self.port = int(re.search(r" port=(\d+)", self.ready).group(1))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_serving_code_does_not_import_torch() -> None:
+    code = ("import sys, genserve.server.app, genserve.server.cli, genserve.server.servicer; "
+            "import genserve.server.engine; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_sigterm_under_load_finishes_every_accepted_request(repo_copy: Path, tmp_path: Path) -> None:
+    grace = 6.0
+    # A 400 ms batching window (the model's config.json) keeps the requests queued when SIGTERM arrives.
+    (repo_copy / "digits-ppca" / "config.json").write_text('{"max_queue_delay_ms": 400}')
+    server = ServeProcess(repo_copy, "--grace-s", str(grace), log=tmp_path / "server.log")
+    try:
+        assert f"port={server.port}" in server.ready and "digits-ppca:v1" in server.ready
+        assert f"metrics_port={server.metrics_port}" in server.ready
+        z = latent(repo_copy, 1)
+
+        async def scenario() -> tuple[list, list, float, grpc.StatusCode]:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = service_pb2_grpc.GenerativeServiceStub(channel)
+                health = health_pb2_grpc.HealthStub(channel)
+                watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+                assert (await watch.read()).status == SERVING
+                calls = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z + i), seed=i), timeout=30)
+                         for i in range(50)]
+                await asyncio.sleep(0.2)  # accepted and queued: the 400 ms batching window has not closed
+                server.proc.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+                statuses = [(await watch.read()).status]
+                results = await asyncio.gather(*calls, return_exceptions=True)
+                try:
+                    await stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z)), timeout=5)
+                    late = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    late = e.code()
+                return results, statuses, sent, late
+
+        results, statuses, sent, late = asyncio.run(scenario())
+        assert statuses == [NOT_SERVING]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} accepted requests failed: {failed[0]}"
+        for i, r in enumerate(results):
+            assert from_proto(r.x).shape == (1, 8, 8), i
+        assert late == grpc.StatusCode.UNAVAILABLE  # new requests are refused once draining began
+        server.proc.wait(timeout=grace + 5)
+        elapsed = time.monotonic() - sent
+        assert server.proc.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
+        assert elapsed < grace, f"exited {elapsed:.1f} s after SIGTERM, grace is {grace} s"
+    finally:
+        server.close()
+
+
+def test_sighup_reloads_the_repository(repo_copy: Path, tmp_path: Path) -> None:
+    server = ServeProcess(repo_copy, log=tmp_path / "server.log")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = service_pb2_grpc.GenerativeServiceStub(channel)
+            assert stub.GetModel(pb.GetModelRequest(model="digits-ppca")).version == 1
+            add_version(repo_copy, "digits-ppca", 2)
+            server.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while stub.GetModel(pb.GetModelRequest(model="digits-ppca")).version != 2:
+                assert time.monotonic() < deadline, "SIGHUP did not load version 2"
+                time.sleep(0.1)
+            got = stub.Sample(pb.SampleRequest(model="digits-ppca", n=2, seed=3))
+            assert got.model_version == 2
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=15) == 0
+    finally:
+        server.close()
+
+
+def test_reload_rpc_picks_up_a_new_version_without_failing_requests_in_flight(repo_copy: Path) -> None:
+    from genserve.server.config import ServerConfig
+
+    (repo_copy / "digits-ppca" / "config.json").write_text('{"max_queue_delay_ms": 50}')
+    cfg = ServerConfig(repo=repo_copy, port=0, metrics_port=0, provider="cpu", workers=2)
+    z = latent(repo_copy, 1)
+    with BackgroundServer(cfg) as srv:
+        async def scenario() -> tuple[list, pb.ReloadResponse, list]:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+                stub = service_pb2_grpc.GenerativeServiceStub(channel)
+                before = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=i), timeout=30)
+                          for i in range(30)]
+                await asyncio.sleep(0.02)
+                add_version(repo_copy, "digits-ppca", 2)
+                reload = stub.ReloadRepository(pb.ReloadRequest(), timeout=60)
+                during = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=i), timeout=30)
+                          for i in range(30)]
+                results = await asyncio.gather(*before, *during, return_exceptions=True)
+                return results, await reload, [await stub.GetModel(pb.GetModelRequest(model="digits-ppca"))]
+
+        results, reloaded, (info,) = asyncio.run(scenario())
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} requests in flight failed during the reload: {failed[0]}"
+        assert {r.model_version for r in results} <= {1, 2}
+        assert info.version == info.default_version == 2
+        summary = next(m for m in reloaded.models if m.name == "digits-ppca")
+        assert summary.default_version == 2 and 2 in summary.versions
+        assert not reloaded.errors
+        # Both versions give the same numbers (same graphs): the answer is the version's, not the reload's.
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            stub = service_pb2_grpc.GenerativeServiceStub(channel)
+            a = stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=1))
+            assert a.model_version == 2
+            np.testing.assert_array_equal(from_proto(a.x), from_proto(results[0].x))
+
+
+def test_polling_reload_and_a_model_that_fails_to_load(repo_copy: Path) -> None:
+    from genserve.server.config import ServerConfig
+
+    broken = repo_copy / "broken"
+    shutil.copytree(repo_copy / "digits-ppca", broken)
+    manifest = read_manifest(broken / "1" / "manifest.json")
+    manifest.name = "broken"
+    write_manifest(manifest, broken / "1" / "manifest.json")
+    graph = broken / "1" / manifest.graphs[0].file
+    graph.write_bytes(b"not an onnx file")  # sha256 mismatch / unreadable graph
+    cfg = ServerConfig(repo=repo_copy, port=0, metrics_port=0, provider="cpu", poll_s=0.2, workers=2)
+    with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = service_pb2_grpc.GenerativeServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        listed = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+        assert listed["broken"].state == pb.MODEL_STATE_FAILED
+        assert listed["broken"].message, "a failed model must say why"
+        assert listed["digits-ppca"].state == pb.MODEL_STATE_READY
+        check = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name)).status  # noqa: E731
+        assert check("") == SERVING and check("digits-ppca") == SERVING
+        assert check("broken") == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Sample(pb.SampleRequest(model="broken", n=1))
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+        assert stub.Sample(pb.SampleRequest(model="digits-ppca", n=1)).model_version == 1
+
+        add_version(repo_copy, "digits-ppca", 2)
+        deadline = time.monotonic() + 20
+        while stub.GetModel(pb.GetModelRequest(model="digits-ppca")).version != 2:
+            assert time.monotonic() < deadline, "polling did not load version 2"
+            time.sleep(0.1)
+        # Fix the broken model: the next poll loads it and its health turns SERVING.
+        shutil.copy(repo_copy / "digits-ppca" / "1" / manifest.graphs[0].file, graph)
+        deadline = time.monotonic() + 20
+        while check("broken") != SERVING:
+            assert time.monotonic() < deadline, "the repaired model never became SERVING"
+            time.sleep(0.1)
+        assert stub.Sample(pb.SampleRequest(model="broken", n=1)).model_version == 1
