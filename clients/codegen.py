@@ -1,4 +1,11 @@
-"""Regenerate the Python protobuf and gRPC stubs of protos/genserve/v1 with the pinned grpcio-tools."""
+"""Regenerate the Python protobuf and gRPC stubs of protos/genserve/{v1,oip} with the pinned grpcio-tools.
+
+genserve.oip (the Open Inference Protocol, protobuf package ``inference``) defines the same protobuf symbols as
+tritonclient's and KServe's stubs; in protobuf's default descriptor pool two such modules cannot be imported
+into one process ("duplicate symbol 'inference.DataType'"). Its generated modules therefore register their
+descriptors in a pool of their own, ``genserve.oip.POOL`` (one line of each generated file is rewritten here),
+so a server and a tritonclient can share a process (tests, notebooks). The wire format is unaffected.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +20,31 @@ from pathlib import Path
 # clients/ and protos/ are siblings at the repository root; an editable install keeps this file there.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO_ROOT / "protos"
-PROTO_PACKAGE = Path("genserve") / "v1"
+PROTO_PACKAGES = (Path("genserve") / "v1", Path("genserve") / "oip")
+"""Proto folders under protos/, each compiled into the same folder under clients/generated/."""
+PROTO_PACKAGE = PROTO_PACKAGES[0]
+PRIVATE_POOL = {Path("genserve") / "oip": "genserve.oip"}
+"""Packages whose descriptors go to ``<module>.POOL`` instead of protobuf's default pool (see above)."""
+_DEFAULT_POOL_LINE = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
 GENERATED_ROOT = REPO_ROOT / "clients" / "generated"
 # Patterns of the files protoc writes; anything else in the output folder (e.g. __init__.py) is ours.
 GENERATED_PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
 
 
-def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
-    """The .proto files of the genserve.v1 package, sorted."""
-    folder = proto_root / PROTO_PACKAGE
+def proto_files(proto_root: Path = PROTO_ROOT, package: Path = PROTO_PACKAGE) -> list[Path]:
+    """The .proto files of one package folder (default genserve/v1), sorted."""
+    folder = proto_root / package
     protos = sorted(folder.glob("*.proto"))
     if not protos:
         raise FileNotFoundError(f"no .proto files in {folder} (codegen runs from a source checkout)")
     return protos
 
 
-def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
-    """Compile every genserve/v1 .proto into out_dir (python, grpc, .pyi); return the files written, sorted.
+def generate(out_dir: Path, proto_root: Path = PROTO_ROOT, package: Path = PROTO_PACKAGE) -> list[Path]:
+    """Compile one package's .proto files into out_dir (python, grpc, .pyi); return the files written, sorted.
 
-    The include root is proto_root, so generated modules import each other as `genserve.v1.<name>_pb2`.
+    The include root is proto_root, so generated modules import each other as `genserve.v1.<name>_pb2`
+    (`genserve.oip.<name>_pb2` for package genserve/oip).
     """
     from grpc_tools import protoc  # dev-only dependency: imported here so clients need no grpcio-tools
 
@@ -45,12 +58,27 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--pyi_out={out_dir}",
-        *(str(path) for path in proto_files(proto_root)),
+        *(str(path) for path in proto_files(proto_root, package)),
     ]
     code = protoc.main(args)
     if code != 0:
         raise RuntimeError(f"protoc exited with status {code}; arguments were {args[1:]}")
-    return _generated_files(out_dir / PROTO_PACKAGE)
+    files = _generated_files(out_dir / package)
+    if package in PRIVATE_POOL:
+        for path in files:
+            if path.name.endswith("_pb2.py"):
+                _use_private_pool(path, PRIVATE_POOL[package])
+    return files
+
+
+def _use_private_pool(path: Path, module: str) -> None:
+    """Make a generated _pb2.py register its descriptors in ``<module>.POOL`` instead of the default pool."""
+    text = path.read_text()
+    if text.count(_DEFAULT_POOL_LINE) != 1:
+        raise RuntimeError(f"{path}: expected one line starting {_DEFAULT_POOL_LINE!r} in protoc's output; "
+                           "the generated code changed, update genserve.clients.codegen")
+    line = f"from {module} import POOL as _POOL  # genserve codegen: a pool of its own, not the default\n"
+    path.write_text(text.replace(_DEFAULT_POOL_LINE, line + "DESCRIPTOR = _POOL.AddSerializedFile("))
 
 
 def _generated_files(folder: Path) -> list[Path]:
@@ -58,32 +86,41 @@ def _generated_files(folder: Path) -> list[Path]:
     return sorted(path for pattern in GENERATED_PATTERNS for path in folder.glob(pattern))
 
 
-def stale_files(generated_root: Path = GENERATED_ROOT, proto_root: Path = PROTO_ROOT) -> list[str]:
-    """Generated files under generated_root that differ from a fresh generation, are missing, or are extra."""
+def stale_files(generated_root: Path = GENERATED_ROOT, proto_root: Path = PROTO_ROOT,
+                packages: tuple[Path, ...] = PROTO_PACKAGES) -> list[str]:
+    """Names of generated files under generated_root (every package; names are unique across packages) that
+    differ from a fresh generation, are missing, or are extra; sorted."""
+    stale = []
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = {path.name: path for path in generate(Path(tmp), proto_root)}
-        current = {path.name: path for path in _generated_files(generated_root / PROTO_PACKAGE)}
-        names = sorted(fresh.keys() | current.keys())
-        return [
-            name
-            for name in names
-            if name not in fresh
-            or name not in current
-            or not filecmp.cmp(fresh[name], current[name], shallow=False)
-        ]
+        for package in packages:
+            fresh = {path.name: path for path in generate(Path(tmp), proto_root, package)}
+            current = {path.name: path for path in _generated_files(generated_root / package)}
+            stale += [
+                name
+                for name in fresh.keys() | current.keys()
+                if name not in fresh
+                or name not in current
+                or not filecmp.cmp(fresh[name], current[name], shallow=False)
+            ]
+    return sorted(stale)
 
 
-def regenerate(generated_root: Path = GENERATED_ROOT, proto_root: Path = PROTO_ROOT) -> list[Path]:
-    """Regenerate generated_root in place, removing stubs of .proto files that no longer exist."""
-    target = generated_root / PROTO_PACKAGE
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = generate(Path(tmp), proto_root)
-        for old in _generated_files(target):
-            old.unlink()
-        for path in fresh:
-            shutil.copyfile(path, target / path.name)
-    return _generated_files(target)
+def regenerate(generated_root: Path = GENERATED_ROOT, proto_root: Path = PROTO_ROOT,
+               packages: tuple[Path, ...] = PROTO_PACKAGES) -> list[Path]:
+    """Regenerate every package under generated_root in place, removing stubs of .proto files that no longer
+    exist; returns the generated files, sorted."""
+    out = []
+    for package in packages:
+        target = generated_root / package
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = generate(Path(tmp), proto_root, package)
+            for old in _generated_files(target):
+                old.unlink()
+            for path in fresh:
+                shutil.copyfile(path, target / path.name)
+        out += _generated_files(target)
+    return sorted(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = stale_files(args.out)
         if stale:
-            print(f"stale generated stubs in {args.out / PROTO_PACKAGE}: {', '.join(stale)}", file=sys.stderr)
+            print(f"stale generated stubs in {args.out}: {', '.join(stale)}", file=sys.stderr)
             print("run: python -m genserve.clients.codegen", file=sys.stderr)
             return 1
-        print(f"generated stubs in {args.out / PROTO_PACKAGE} are current")
+        print(f"generated stubs in {args.out} are current")
         return 0
     for path in regenerate(args.out):
         print(path)
