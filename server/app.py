@@ -23,11 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from genserve.server.servicer import GenerativeServicer
-from genserve.v1 import service_pb2, service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
+from genserve.server.servicer import GenerativeServicer
+from genserve.v1 import service_pb2, service_pb2_grpc
 
 log = logging.getLogger("genserve.server")
 
@@ -97,11 +98,17 @@ class Server:
             self.port = self._grpc.add_insecure_port(target)
         except RuntimeError as e:
             await engine.stop()
-            raise ValueError(f"cannot listen on {target} ({e}); is the port in use? pick another with --port"
-                             ) from None
+            raise ValueError(f"cannot listen on {target} ({str(e).split(';')[0]}); is the port in use? "
+                             "pick another with --port") from None
+        try:
+            self._start_metrics_http()
+        except OSError as e:
+            await self._grpc.stop(None)
+            await engine.stop()
+            raise ValueError(f"cannot serve metrics on {address(cfg.host, cfg.metrics_port)} "
+                             f"({e.strerror or e}); pick another --metrics-port (0: off)") from None
         await self._grpc.start()
         await self.refresh_health()
-        self._start_metrics_http()
         if cfg.poll_s > 0:
             self._poller = asyncio.ensure_future(self._poll())
         log.info("serving on %s", address(cfg.host, self.port))

@@ -14,25 +14,26 @@ EPILOG = """examples:
 signals: SIGTERM/SIGINT drain accepted requests (up to --grace-s) and exit; SIGHUP reloads the repository.
 """
 
-# flag -> ServerConfig field; every one overrides the config file when given.
-FLAGS: list[tuple[str, str, type, str]] = [
-    ("--host", "host", str, "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"),
-    ("--port", "port", int, "gRPC port (default 8500; 0 = any free port)"),
-    ("--metrics-port", "metrics_port", int, "Prometheus /metrics HTTP port (default 8502; 0 = off)"),
-    ("--provider", "provider", str, "ONNX Runtime provider: auto, cpu or cuda (default auto)"),
-    ("--max-batch-size", "max_batch_size", int, "most rows merged into one graph call (default 64)"),
-    ("--max-queue-delay-ms", "max_queue_delay_ms", float, "longest wait for a batch to fill (default 2.0)"),
-    ("--max-queue-size", "max_queue_size", int, "most queued requests per graph before RESOURCE_EXHAUSTED"),
-    ("--instances", "instances", int, "ONNX Runtime sessions per graph (default 1)"),
-    ("--threads", "intra_op_threads", int, "ONNX Runtime intra-op threads per session (default 1)"),
-    ("--inter-op-threads", "inter_op_threads", int, "ONNX Runtime inter-op threads per session (default 1)"),
-    ("--workers", "workers", int, "threads running ONNX Runtime calls (default 4)"),
-    ("--max-sample-n", "max_sample_n", int, "most samples per request (default 100000)"),
-    ("--max-rows-per-request", "max_rows_per_request", int, "most rows per scored/encoded batch"),
-    ("--max-message-mb", "max_message_mb", int, "gRPC message size limit each way, MiB (default 64)"),
-    ("--grace-s", "grace_s", float, "seconds to finish accepted requests after SIGTERM (default 10)"),
-    ("--poll-s", "poll_s", float, "rescan the repository every this many seconds (default 0 = never)"),
+FLAGS: list[tuple[str, str, type, str, str]] = [
+    ("--host", "host", str, "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"),
+    ("--port", "port", int, "N", "gRPC port (default 8500; 0 = any free port)"),
+    ("--metrics-port", "metrics_port", int, "N", "Prometheus /metrics HTTP port (default 8502; 0 = off)"),
+    ("--provider", "provider", str, "{auto,cpu,cuda}", "ONNX Runtime provider (auto: CUDA if it loads)"),
+    ("--max-batch-size", "max_batch_size", int, "N", "most rows merged into one graph call (default 64)"),
+    ("--max-queue-delay-ms", "max_queue_delay_ms", float, "MS", "longest wait for a batch to fill (2)"),
+    ("--max-queue-size", "max_queue_size", int, "N", "most queued requests per graph (default 4096)"),
+    ("--instances", "instances", int, "N", "ONNX Runtime sessions per graph (default 1)"),
+    ("--threads", "intra_op_threads", int, "N", "ONNX Runtime intra-op threads per session (default 1)"),
+    ("--inter-op-threads", "inter_op_threads", int, "N", "ONNX Runtime inter-op threads (default 1)"),
+    ("--workers", "workers", int, "N", "threads running ONNX Runtime calls (default 4)"),
+    ("--max-sample-n", "max_sample_n", int, "N", "most samples per request (default 100000)"),
+    ("--max-rows-per-request", "max_rows_per_request", int, "N", "most rows per scored batch (65536)"),
+    ("--max-message-mb", "max_message_mb", int, "MIB", "gRPC message size limit each way (default 64)"),
+    ("--grace-s", "grace_s", float, "S", "seconds to finish accepted requests after SIGTERM (default 10)"),
+    ("--poll-s", "poll_s", float, "S", "rescan the repository every S seconds (default 0 = never)"),
 ]
+"""flag, ServerConfig field, type, metavar, help. Model-level batching settings (batch size, delay, queue,
+instances) are defaults: a model's manifest and its config.json override them."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,10 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", help="model repository (REPO/NAME/VERSION/manifest.json), or repo in --config")
-    p.add_argument("--config", help="server settings file (.toml) with ServerConfig keys; flags override it")
-    for flag, dest, kind, help_text in FLAGS:
-        p.add_argument(flag, dest=dest, type=kind, help=help_text)
+    p.add_argument("--repo", metavar="DIR",
+                   help="model repository (REPO/NAME/VERSION/manifest.json), or repo in --config")
+    p.add_argument("--config", metavar="TOML",
+                   help="server settings file (.toml) with ServerConfig keys; flags override it")
+    for flag, dest, kind, metavar, help_text in FLAGS:
+        p.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=help_text)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="server log level on stderr (default INFO)")
 
@@ -55,7 +58,7 @@ def build_config(args: argparse.Namespace):  # -> ServerConfig (imported lazily)
     """The ServerConfig from --config, then --repo and the flags; ValueError naming what is wrong."""
     from genserve.server.config import ServerConfig
 
-    overrides = {dest: getattr(args, dest) for _, dest, _, _ in FLAGS if getattr(args, dest) is not None}
+    overrides = {dest: getattr(args, dest) for _, dest, *_ in FLAGS if getattr(args, dest) is not None}
     if args.repo:
         overrides["repo"] = args.repo
     return ServerConfig.from_toml(args.config, overrides)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD, OPERATION
 from genserve.server.errors import EngineError
@@ -161,16 +162,20 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         self.max_message_bytes = int(limits.max_message_mb) * 2**20
         self.observe = observe
         self.reload = reload or engine.reload
+        self._known: set[str] = set()
+        self._known_at = -math.inf
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
     def _model_label(self, name: str) -> str:
         """Known model names label metrics; others are "unknown", so clients cannot blow up label sets."""
-        try:
-            known = {s.name for s in self.engine.list_models()}
-        except Exception:  # noqa: BLE001 - labels must never fail a request
-            known = set()
-        return name if name in known else "unknown"
+        if name not in self._known and time.monotonic() - self._known_at > 1.0:  # re-list at most 1/s
+            try:
+                self._known = {s.name for s in self.engine.list_models()}
+            except Exception:  # noqa: BLE001 - labels must never fail a request
+                pass
+            self._known_at = time.monotonic()
+        return name if name in self._known else "unknown"
 
     def _record(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
         if self.observe is not None:

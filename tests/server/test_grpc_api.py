@@ -1,4 +1,4 @@
-"""The gRPC API end to end: a real server on a loopback port, the generated stubs, the export reference numbers.
+"""The gRPC API end to end: a real server on loopback, the generated stubs, the export reference numbers.
 
 Every operation of every model in the test repository must give the numbers of the family's program run
 straight on ONNX Runtime (``DirectRunner``) with the same seed; concurrent requests must be merged by the
@@ -139,7 +139,8 @@ def test_reflection_lists_and_describes_the_service(server: BackgroundServer) ->
         service = pool.FindServiceByName("genserve.v1.GenerativeService")
         methods = {m.name: m for m in service.methods}
         assert methods["Sample"].output_type.full_name == "genserve.v1.SampleResponse"
-        assert methods["LogLikelihoodStream"].client_streaming and methods["LogLikelihoodStream"].server_streaming
+        stream = methods["LogLikelihoodStream"]
+        assert stream.client_streaming and stream.server_streaming
         assert pool.FindMessageTypeByName("genserve.v1.ModelManifest").fields_by_name["operations"]
 
 
@@ -159,7 +160,8 @@ def test_every_operation_gives_the_reference_numbers(stub, repo_dir: Path, repo_
             np.testing.assert_array_equal(from_proto(got.samples), want.x, err_msg=f"{name} samples")
             assert from_proto(got.samples).shape == (n, *ref.spec.shape)
             if want.latents is not None:
-                np.testing.assert_array_equal(from_proto(got.latents), want.latents, err_msg=f"{name} latents")
+                np.testing.assert_array_equal(from_proto(got.latents), want.latents,
+                                              err_msg=f"{name} latents")
             checked.append((name, "sample"))
         x = data_rows(stub, name, 6) if "sample" in ref.operations else None
         if "log_likelihood" in ref.operations:
@@ -204,7 +206,8 @@ def test_unset_seed_is_drawn_and_returned_so_the_answer_reproduces(stub) -> None
 
 def test_integer_data_is_accepted_and_scored_like_float(stub) -> None:
     x = data_rows(stub, "digits-ppca", 3)
-    as_float = stub.LogLikelihood(service_pb2.LogLikelihoodRequest(model="digits-ppca", x=to_proto(x), seed=1))
+    as_float = stub.LogLikelihood(service_pb2.LogLikelihoodRequest(model="digits-ppca", x=to_proto(x),
+                                                                    seed=1))
     as_int = stub.LogLikelihood(service_pb2.LogLikelihoodRequest(model="digits-ppca",
                                                                   x=to_proto(x.astype(np.int64)), seed=1))
     np.testing.assert_array_equal(from_proto(as_float.log_prob), from_proto(as_int.log_prob))
@@ -255,8 +258,8 @@ def test_log_likelihood_stream_answers_each_chunk_in_order(server: BackgroundSer
             got = []
             # Pipelined: all chunks are written before the first answer is read.
             for cid, c in chunks:
-                await call.write(service_pb2.LogLikelihoodRequest(model="digits-ppca", x=to_proto(c), seed=cid,
-                                                                  chunk_id=cid))
+                await call.write(service_pb2.LogLikelihoodRequest(model="digits-ppca", x=to_proto(c),
+                                                                  seed=cid, chunk_id=cid))
             await call.done_writing()
             async for response in call:
                 got.append(response)
@@ -276,11 +279,13 @@ def batch_size_histogram(port: int) -> tuple[float, float]:
     """(number of graph calls, number of calls with one row) summed over models and graphs."""
     samples = [s for s in metric_samples(port) if s.name.startswith("genserve_batch_size")]
     count = sum(s.value for s in samples if s.name == "genserve_batch_size_count")
-    ones = sum(s.value for s in samples if s.name == "genserve_batch_size_bucket" and float(s.labels["le"]) == 1.0)
+    ones = sum(s.value for s in samples
+               if s.name == "genserve_batch_size_bucket" and float(s.labels["le"]) == 1.0)
     return count, ones
 
 
-def test_64_concurrent_requests_are_merged_and_equal_their_unbatched_twins(server: BackgroundServer, stub) -> None:
+def test_64_concurrent_requests_are_merged_and_equal_their_unbatched_twins(server: BackgroundServer,
+                                                                           stub) -> None:
     x = data_rows(stub, "digits-ppca", 64)
     alone = [from_proto(stub.LogLikelihood(service_pb2.LogLikelihoodRequest(
         model="digits-ppca", x=to_proto(x[i:i + 1]), seed=i)).log_prob) for i in range(64)]

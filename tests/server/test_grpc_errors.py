@@ -1,4 +1,4 @@
-"""Every error of the API answers its status code with a message that says what to fix, and the server goes on.
+"""Every API error answers its status code with a message that says what to fix, and the server goes on.
 
 Each case is sent to a real server through the generated stub; after every failure a valid request must be
 answered, so no error leaves the server (or the batcher) in a bad state.
@@ -11,6 +11,7 @@ import socket
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import OPERATION_NAME, read_manifest
 from genserve.server.app import BackgroundServer
-from genserve.v1 import service_pb2, service_pb2_grpc
+from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 
 pb = service_pb2
 
@@ -35,8 +36,8 @@ def free_port() -> int:
 def server(repo_dir: Path):
     from genserve.server.config import ServerConfig
 
-    cfg = ServerConfig(repo=repo_dir, port=0, metrics_port=0, provider="cpu", max_queue_delay_ms=2.0, workers=2,
-                       max_sample_n=1000, max_rows_per_request=500, max_langevin_steps=50,
+    cfg = ServerConfig(repo=repo_dir, port=0, metrics_port=0, provider="cpu", max_queue_delay_ms=2.0,
+                       workers=2, max_sample_n=1000, max_rows_per_request=500, max_langevin_steps=50,
                        max_importance_samples=20, max_message_mb=4)
     with BackgroundServer(cfg) as srv:
         yield srv
@@ -75,7 +76,8 @@ def expect(stub, method: str, request, code: grpc.StatusCode, *words: str) -> st
     assert e.value.code() == code, f"{method}: {e.value.code()} {message}"
     for word in words:
         assert word.lower() in message.lower(), f"{method}: {word!r} not in {message!r}"
-    ok = stub.LogLikelihood(pb.LogLikelihoodRequest(model="digits-ppca", x=to_proto(digits(1)), seed=1), timeout=30)
+    valid = pb.LogLikelihoodRequest(model="digits-ppca", x=to_proto(digits(1)), seed=1)
+    ok = stub.LogLikelihood(valid, timeout=30)
     assert np.isfinite(from_proto(ok.log_prob)).all()
     return message
 
@@ -84,7 +86,8 @@ def test_unknown_model_or_version_is_not_found(stub) -> None:
     msg = expect(stub, "Sample", pb.SampleRequest(model="no-such-model", n=1), grpc.StatusCode.NOT_FOUND,
                  "no-such-model")
     assert "digits-ppca" in msg or "ListModels" in msg  # says what exists
-    expect(stub, "Sample", pb.SampleRequest(model="digits-ppca", version=99, n=1), grpc.StatusCode.NOT_FOUND, "99")
+    expect(stub, "Sample", pb.SampleRequest(model="digits-ppca", version=99, n=1), grpc.StatusCode.NOT_FOUND,
+           "99")
     expect(stub, "GetModel", pb.GetModelRequest(model="nope"), grpc.StatusCode.NOT_FOUND, "nope")
     expect(stub, "LogLikelihood", pb.LogLikelihoodRequest(model="nope", x=to_proto(digits())),
            grpc.StatusCode.NOT_FOUND)
@@ -97,7 +100,8 @@ def test_missing_name_and_negative_version_are_invalid(stub) -> None:
            grpc.StatusCode.INVALID_ARGUMENT, "version")
 
 
-def test_operation_the_family_lacks_is_failed_precondition_naming_what_it_can_do(stub, repo_dir: Path) -> None:
+def test_operation_the_family_lacks_is_failed_precondition_naming_what_it_can_do(stub, repo_dir: Path
+                                                                                 ) -> None:
     cases = [(name, "LogLikelihood", pb.LogLikelihoodRequest(model=name, x=to_proto(digits())))
              for name in models_that_cannot(repo_dir, "log_likelihood")]
     cases += [(name, "Encode", pb.EncodeRequest(model=name, x=to_proto(digits())))
@@ -106,7 +110,7 @@ def test_operation_the_family_lacks_is_failed_precondition_naming_what_it_can_do
         pytest.skip("every model in the repository supports every operation (no GAN/EBM exported yet)")
     for name, method, request in cases:
         message = expect(stub, method, request, grpc.StatusCode.FAILED_PRECONDITION)
-        assert "sample" in message, f"{name} {method}: the message should name what the model can do: {message}"
+        assert "sample" in message, f"{name} {method}: name what the model can do: {message}"
 
 
 @pytest.mark.parametrize("x, words", [
@@ -125,7 +129,8 @@ def test_bad_data_is_invalid_argument(stub, x: np.ndarray, words: list[str]) -> 
     request = pb.LogLikelihoodRequest(model="digits-ppca", x=to_proto(x))
     message = expect(stub, "LogLikelihood", request, grpc.StatusCode.INVALID_ARGUMENT, *words)
     assert message.startswith("x") or " x " in message or "x has" in message, message
-    expect(stub, "Encode", pb.EncodeRequest(model="digits-ppca", x=to_proto(x)), grpc.StatusCode.INVALID_ARGUMENT)
+    expect(stub, "Encode", pb.EncodeRequest(model="digits-ppca", x=to_proto(x)),
+           grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def test_malformed_tensors_name_the_field(stub) -> None:
@@ -198,6 +203,46 @@ def test_a_failing_stream_chunk_ends_the_stream_with_its_status(stub) -> None:
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape" in e.value.details()
 
 
+class ExplodingEngine:
+    """A stand-in engine whose operations hit a bug: the transport must answer INTERNAL and keep serving."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def list_models(self) -> list:
+        return []
+
+    def ready(self, name: str | None = None) -> bool:
+        return True
+
+    def get_model(self, name: str, version: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(manifest=manifest_pb2.ModelManifest(data=manifest_pb2.DataSpec(shape=[2])))
+
+    async def sample(self, model: str, version: int, n: int, *args: object) -> tuple:
+        if model == "bug":
+            raise ZeroDivisionError("a bug deep inside")
+        return np.zeros((n, 2), np.float32), None, 1
+
+
+def test_an_unexpected_exception_is_internal_with_a_short_message(caplog: pytest.LogCaptureFixture) -> None:
+    from genserve.server.config import ServerConfig
+
+    cfg = ServerConfig(repo=Path("."), port=0, metrics_port=0)
+    with BackgroundServer(cfg, engine=ExplodingEngine()) as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = service_pb2_grpc.GenerativeServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Sample(pb.SampleRequest(model="bug", n=1, seed=1))
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        details = e.value.details()
+        assert "ZeroDivisionError" in details and "a bug deep inside" not in details and len(details) < 200
+        rid = details.split("request id ")[1].split()[0]
+        logged = [r for r in caplog.records if rid in r.getMessage()]
+        assert logged and logged[0].exc_info is not None, "the traceback must be in the server log"
+        assert from_proto(stub.Sample(pb.SampleRequest(model="ok", n=3, seed=1)).samples).shape == (3, 2)
+
+
 def metric(port: int, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
@@ -224,7 +269,8 @@ def test_full_queue_is_resource_exhausted_and_deadlines_drop_rows(repo_copy: Pat
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
         assert codes.count(grpc.StatusCode.OK) >= 1, codes
         refused = next(r for r in results if isinstance(r, grpc.RpcError))
-        assert "queue" in refused.details().lower() and "retry" in refused.details().lower(), refused.details()
+        details = refused.details().lower()
+        assert "queue" in details and "retry" in details, details
 
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             stub = service_pb2_grpc.GenerativeServiceStub(channel)

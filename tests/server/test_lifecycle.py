@@ -1,5 +1,5 @@
-"""The server's life: `genserve serve` in a real process, SIGTERM under load, reload by signal, RPC and polling,
-a model that fails to load, and an import of the serving code that leaves torch out."""
+"""The server's life: `genserve serve` in a real process, SIGTERM under load, reload by signal, RPC and
+polling, a model that fails to load, and an import of the serving code that leaves torch out."""
 
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def test_sigterm_under_load_finishes_every_accepted_request(repo_copy: Path, tmp
                 health = health_pb2_grpc.HealthStub(channel)
                 watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
                 assert (await watch.read()).status == SERVING
-                calls = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z + i), seed=i), timeout=30)
-                         for i in range(50)]
+                calls = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z + i), seed=i),
+                                     timeout=30) for i in range(50)]
                 await asyncio.sleep(0.2)  # accepted and queued: the 400 ms batching window has not closed
                 server.proc.send_signal(signal.SIGTERM)
                 sent = time.monotonic()
@@ -165,13 +165,13 @@ def test_reload_rpc_picks_up_a_new_version_without_failing_requests_in_flight(re
         async def scenario() -> tuple[list, pb.ReloadResponse, list]:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
                 stub = service_pb2_grpc.GenerativeServiceStub(channel)
-                before = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=i), timeout=30)
-                          for i in range(30)]
+                before = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=i),
+                                      timeout=30) for i in range(30)]
                 await asyncio.sleep(0.02)
                 add_version(repo_copy, "digits-ppca", 2)
                 reload = stub.ReloadRepository(pb.ReloadRequest(), timeout=60)
-                during = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=i), timeout=30)
-                          for i in range(30)]
+                during = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=i),
+                                      timeout=30) for i in range(30)]
                 results = await asyncio.gather(*before, *during, return_exceptions=True)
                 return results, await reload, [await stub.GetModel(pb.GetModelRequest(model="digits-ppca"))]
 
