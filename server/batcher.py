@@ -2,8 +2,10 @@
 
 A queue of futures, in the manner of Triton's dynamic batcher and Ray Serve's ``@serve.batch``. Each
 ``submit(feeds)`` enqueues its rows and awaits a future. Workers (one per model instance) take up to
-``max_batch_size`` rows as soon as that many are queued, or once the oldest waiting submission has waited
-``max_queue_delay_ms``; run them as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event
+``max_batch_size`` rows as soon as that many are queued, once the oldest waiting submission has waited
+``max_queue_delay_ms``, or as soon as every request that could join is already queued (``expected``: a lone
+request does not wait for company that cannot come, and the steps of concurrent sampling loops, which
+resubmit together, go at once); run them as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event
 loop keeps serving); and split the outputs back in row order. Guarantees:
 
 * exactly one result per submission: its own rows, in its order, never a neighbour's;
@@ -77,6 +79,8 @@ class Batcher:
         model: metrics label.
         observe: receives a ``BatchStats`` per call.
         on_depth: receives the number of queued rows whenever it changes.
+        expected: how many submissions could be waiting at most right now (the engine: operations in flight on
+            the model version); once that many wait, the batch goes without waiting out the delay.
 
     Example:
         >>> import asyncio, numpy as np
@@ -94,7 +98,7 @@ class Batcher:
                  max_queue_size: int = 4096, instances: int = 1, executor: Executor | None = None,
                  input_shapes: dict[str, Sequence[int | None]] | None = None, model: str = "",
                  observe: Callable[[BatchStats], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None) -> None:
+                 on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0:
             raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0,"
                              f" got {max_batch_size}, {max_queue_size}, {instances}, {max_queue_delay_ms}")
@@ -108,6 +112,7 @@ class Batcher:
         self.input_shapes = None if input_shapes is None else {k: tuple(v) for k, v in input_shapes.items()}
         self.observe = observe
         self.on_depth = on_depth
+        self.expected = expected
         self._queue: deque[_Submission] = deque()
         self._queued_rows = 0  # rows not yet handed to a call, of live submissions
         self._waiting = 0  # live submissions with rows not yet handed to a call
@@ -240,7 +245,8 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             due = self._queue[0].enqueued + self.delay
-            if self._queued_rows >= self.max_batch_size or loop.time() >= due:
+            if (self._queued_rows >= self.max_batch_size or loop.time() >= due
+                    or (self.expected is not None and self._waiting >= self.expected())):
                 return self._take()
             self._wakeup.clear()
             try:

@@ -232,13 +232,14 @@ class Engine:
         return versions[version]
 
     def ready(self, name: str | None = None) -> bool:
-        """Overall: started and every model has a serving version. Per model: it has a serving version."""
+        """Per model: it has a serving version. Overall: the repository was loaded (a model that failed to
+        load is reported as not ready by name, but does not take the server out of service)."""
         if not self._started:
             return False
         if name is not None:
             entry = self._models.get(name)
             return entry is not None and bool(entry.versions)
-        return all(e.versions for e in self._models.values())
+        return not any(e.loading for e in self._models.values())
 
     # ---- operations --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -179,9 +179,12 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
             max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
             instances=settings.instances, executor=executor, input_shapes=shapes, model=name, observe=observe,
             on_depth=None if on_depth is None else (lambda rows, g=g.name: on_depth(name, g, rows)))
-    return LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
-                       providers=providers, program=program, batchers=batchers, operations=operations,
-                       fingerprint=fingerprint(repo, name, version))
+    loaded = LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
+                         providers=providers, program=program, batchers=batchers, operations=operations,
+                         fingerprint=fingerprint(repo, name, version))
+    for b in batchers.values():  # no request in flight can join a batch beyond the version's active ones
+        b.expected = lambda: loaded.active
+    return loaded
 
 
 def _open_graph(folder: Path, g: pb.GraphSpec, opts: SessionOptions, settings: ServingSettings,

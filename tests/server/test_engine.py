@@ -1,0 +1,375 @@
+"""The engine in-process on the fixture repository: every family's operations against the export station's
+reference (the program over DirectRunner), batching that changes no answer, validation, reload, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from genserve.core.manifest import OPERATION, read_manifest, spec_from_proto, write_manifest
+from genserve.core.noise import Noise
+from genserve.server.config import ServerConfig
+from genserve.server.engine import Engine
+from genserve.server.errors import InvalidInput, NotFound, NotReady, Unsupported
+from genserve.server.metrics import Metrics
+from genserve.server.programs import program_class
+from genserve.server.sessions import DirectRunner, SessionOptions
+
+ROWS = 6
+AR_FIRST = ("digits-arrnn", "digits-arcnn")  # multi-step samplers show step merging best; the RNN step is cheap
+
+
+class Reference:
+    """The export station's reference for one model version: its program over unbatched ONNX Runtime calls."""
+
+    def __init__(self, folder: Path) -> None:
+        self.manifest = read_manifest(folder / "manifest.json")
+        self.spec = spec_from_proto(self.manifest.data)
+        self.program = program_class(self.manifest.model)(self.spec, dict(self.manifest.parameters))
+        self.runner = DirectRunner.from_files({g.name: folder / g.file for g in self.manifest.graphs},
+                                              SessionOptions(provider="cpu"))
+        self.operations = [op for op, v in OPERATION.items() if v in self.manifest.operations]
+
+    def run(self, op: str, *args, **kw):
+        return asyncio.run(getattr(self.program, op)(self.runner, *args, **kw))
+
+    def latents(self, rows: int, seed: int = 0) -> np.ndarray:
+        latent = self.manifest.parameters.get("latent_dim")
+        shape = (int(latent),) if latent else self.spec.shape
+        return np.random.default_rng(seed).standard_normal((rows, *shape)).astype(np.float32)
+
+    def data(self, rows: int, seed: int = 0) -> np.ndarray:
+        """Rows in the data domain: the model's own samples where it samples, else random levels/values."""
+        if "sample" in self.operations:
+            return self.run("sample", rows, Noise(seed)).x
+        rng = np.random.default_rng(seed)
+        if self.spec.discrete:
+            return rng.integers(0, self.spec.levels, (rows, *self.spec.shape)).astype(np.float32)
+        return rng.standard_normal((rows, *self.spec.shape)).astype(np.float32)
+
+
+def newest(repo: Path, name: str) -> Path:
+    return max((v for v in (repo / name).iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
+
+
+def running(cfg: ServerConfig, body, metrics: Metrics | None = None):
+    """Start an engine, run ``await body(engine)``, stop it; returns body's result."""
+    async def main():
+        engine = Engine(cfg, metrics or Metrics())
+        await engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def equal(a, b) -> bool:
+    return a is None and b is None or (np.shape(a) == np.shape(b) and np.array_equal(a, b))
+
+
+def set_serving(repo: Path, name: str, **settings) -> None:
+    """Write the model's config.json (it overrides the server defaults)."""
+    path = repo / name / "config.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**current, **settings}))
+
+
+# ---- every operation of every family ------------------------------------------------------------------------------
+
+def test_every_operation_of_every_family_gives_the_reference_numbers(engine_config, repo_dir, repo_models) -> None:
+    refs = {name: Reference(newest(repo_dir, name)) for name in repo_models}
+    expected, calls = {}, []
+    for name, ref in refs.items():
+        x = ref.data(ROWS, seed=1)
+        for op in ref.operations:
+            if op == "sample":
+                t = float(ref.manifest.parameters.get("temperature", 1.0))
+                r = ref.run("sample", ROWS, Noise(11), t)
+                expected[name, op] = (r.x, r.latents)
+                calls.append((name, op, lambda e, n=name: e.sample(n, 0, ROWS, 11, None, None, None, True)))
+            elif op == "log_likelihood":
+                expected[name, op] = np.asarray(ref.run("log_likelihood", x, Noise(12)), np.float64)
+                calls.append((name, op, lambda e, n=name, x=x: e.log_likelihood(n, 0, x, 12, None)))
+            elif op == "encode":
+                expected[name, op] = ref.run("encode", x, Noise(13))
+                calls.append((name, op, lambda e, n=name, x=x: e.encode(n, 0, x, 13, False)))
+            elif op == "decode":
+                z = ref.latents(ROWS, seed=2)
+                expected[name, op] = ref.run("decode", z, Noise(14))
+                calls.append((name, op, lambda e, n=name, z=z: e.decode(n, 0, z, 14)))
+
+    async def body(engine):  # all at once: different models and operations share the event loop and pool
+        return await asyncio.gather(*(call(engine) for _, _, call in calls))
+
+    results = running(engine_config, body)
+    assert len(calls) >= 2 * len(repo_models)
+    for (name, op, _), got in zip(calls, results, strict=True):
+        want = expected[name, op]
+        version = int(newest(repo_dir, name).name)
+        if op == "sample":
+            x, latents, v = got
+            assert equal(x, want[0]) and v == version, f"{name} {op}"
+            assert want[1] is None or equal(latents, want[1]), f"{name} {op} latents"
+        elif op == "log_likelihood":
+            lp, bpd, kind, v = got
+            assert equal(lp, want) and lp.dtype == np.float64, f"{name} {op}"
+            assert kind in ("exact", "lower_bound", "unnormalized")
+            dim = refs[name].spec.dim
+            assert bpd is None if kind == "unnormalized" else np.allclose(bpd, -want / (dim * np.log(2)))
+        else:
+            assert equal(got[0], want) and got[1] == version, f"{name} {op}"
+
+
+# ---- batching changes no answer -----------------------------------------------------------------------------------
+
+def test_64_concurrent_samples_merge_their_steps_and_each_equals_its_solo_run(engine_config, repo_dir,
+                                                                             repo_models) -> None:
+    """64 one-sample requests run together; each equals the same request run alone (unbatched ONNX Runtime
+    calls through the reference, and for a few, alone through the engine)."""
+    name = next((m for m in AR_FIRST if m in repo_models), "digits-ppca")
+    ref = Reference(newest(repo_dir, name))
+    metrics = Metrics()
+
+    async def body(engine):
+        merged = await asyncio.gather(*(engine.sample(name, 0, 1, seed, None, None, None, False)
+                                        for seed in range(64)))
+        graphs = list(engine.get_model(name).batchers)
+        count = sum(metrics.value("genserve_batch_size_count", {"model": name, "graph": g}) or 0 for g in graphs)
+        total = sum(metrics.value("genserve_batch_size_sum", {"model": name, "graph": g}) or 0 for g in graphs)
+        alone = [await engine.sample(name, 0, 1, seed, None, None, None, False) for seed in (0, 17, 63)]
+        return merged, alone, count, total
+
+    merged, alone, count, total = running(engine_config, body, metrics)
+    solo = [ref.run("sample", 1, Noise(seed)).x for seed in range(64)]
+    assert all(equal(m[0], s) for m, s in zip(merged, solo, strict=True))
+    assert all(equal(a[0], merged[seed][0]) for a, seed in zip(alone, (0, 17, 63), strict=True))
+    assert total / count > 8, f"mean batch {total / count:.1f} rows: the 64 requests' steps did not merge"
+    assert len({m[0].tobytes() for m in merged}) > 32  # different seeds, different samples
+
+
+def test_concurrent_scores_of_every_family_equal_their_solo_runs(engine_config, repo_dir, repo_models) -> None:
+    """16 concurrent 1-row LogLikelihood (and Encode) requests per model against the same requests one by one."""
+    data = {n: Reference(newest(repo_dir, n)).data(16, seed=5) for n in repo_models}
+
+    async def body(engine):
+        out = {}
+        for name in repo_models:
+            ops = engine.get_model(name).operations
+            for op in ("log_likelihood", "encode"):
+                if op not in ops:
+                    continue
+                call = getattr(engine, op)
+                args = (None,) if op == "log_likelihood" else (False,)
+                merged = await asyncio.gather(*(call(name, 0, data[name][i:i + 1], i, *args) for i in range(16)))
+                solo = [await call(name, 0, data[name][i:i + 1], i, *args) for i in range(16)]
+                out[name, op] = merged, solo
+        return out
+
+    results = running(engine_config, body)
+    assert results
+    for (name, op), (merged, solo) in results.items():
+        assert all(equal(m[0], s[0]) for m, s in zip(merged, solo, strict=True)), f"{name} {op}"
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+
+def test_operations_the_model_lacks_are_unsupported_naming_what_it_can_do(engine_config, repo_copy) -> None:
+    src, dst = repo_copy / "digits-ppca", repo_copy / "digits-sampler"
+    shutil.copytree(src, dst)
+    manifest = read_manifest(dst / "1" / "manifest.json")
+    manifest.name = "digits-sampler"
+    del manifest.operations[:]
+    manifest.operations.extend([OPERATION["sample"], OPERATION["decode"]])
+    write_manifest(manifest, dst / "1" / "manifest.json")
+    x = np.zeros((1, 8, 8), np.float32)
+
+    async def body(engine):
+        with pytest.raises(Unsupported, match="supports: sample, decode"):
+            await engine.log_likelihood("digits-sampler", 0, x, 0, None)
+        with pytest.raises(Unsupported, match="encode"):
+            await engine.encode("digits-sampler", 0, x, 0, False)
+        return await engine.sample("digits-sampler", 0, 2, 0, None, None, None, False)
+
+    assert running(replace(engine_config, repo=repo_copy), body)[0].shape == (2, 8, 8)
+
+
+def test_bad_inputs_are_invalid_and_unknown_names_not_found(engine_config) -> None:
+    ppca, moons = "digits-ppca", "moons-ppca"
+    ok = np.zeros((2, 8, 8), np.float32)
+
+    def with_value(v):
+        x = ok.copy()
+        x[1, 3, 4] = v
+        return x
+
+    async def body(engine):
+        bad_x = {
+            "shape": (np.zeros((2, 8, 9), np.float32), "shape"), "no batch axis": (ok[0], "batch axis"),
+            "empty": (ok[:0], "empty"), "NaN": (with_value(np.nan), "NaN"), "inf": (with_value(np.inf), "infinite"),
+            "level 17": (with_value(17), "0..16"), "non-integer": (with_value(0.5), "integer"),
+            "negative": (with_value(-1), "0..16"), "strings": (np.array([["a"] * 8] * 8)[None], "dtype"),
+        }
+        for what, (x, message) in bad_x.items():
+            for call in (engine.log_likelihood(ppca, 0, x, 0, None), engine.encode(ppca, 0, x, 0, False)):
+                with pytest.raises(InvalidInput, match=message):
+                    await call
+                    pytest.fail(what)
+        for z, message in [(np.zeros((2, 15), np.float32), r"\(N, 16\)"), (np.full((1, 16), np.nan), "NaN")]:
+            with pytest.raises(InvalidInput, match=message):
+                await engine.decode(ppca, 0, z, 0)
+        sample = engine.sample
+        for n in (0, -3, engine.cfg.max_sample_n + 1):
+            with pytest.raises(InvalidInput, match="samples per request"):
+                await sample(ppca, 0, n, 0, None, None, None, False)
+        for t in (0.0, -1.0, float("inf"), float("nan"), 1000.0):
+            with pytest.raises(InvalidInput, match="temperature"):
+                await sample(ppca, 0, 1, 0, t, None, None, False)
+        with pytest.raises(InvalidInput, match="energy-based"):
+            await sample(ppca, 0, 1, 0, None, 10, None, False)
+        with pytest.raises(InvalidInput, match="seed"):
+            await sample(ppca, 0, 1, -1, None, None, None, False)
+        with pytest.raises(InvalidInput, match="importance_samples"):
+            await engine.log_likelihood(ppca, 0, ok, 0, 0)
+        with pytest.raises(InvalidInput, match="rows"):
+            await engine.log_likelihood(ppca, 0, np.zeros((engine.cfg.max_rows_per_request + 1, 8, 8)), 0, None)
+        with pytest.raises(InvalidInput, match=r"outside \[-1, 1\]|shape"):
+            await engine.log_likelihood(moons, 0, np.zeros((1, 3), np.float32), 0, None)
+        with pytest.raises(NotFound, match="digits-ppca"):  # the message lists the models there are
+            await engine.sample("no-such-model", 0, 1, 0, None, None, None, False)
+        with pytest.raises(NotFound, match="loaded versions: 1"):
+            engine.get_model(ppca, 7)
+        # the engine keeps serving after every refusal
+        return await engine.log_likelihood(ppca, 0, ok, 0, None)
+
+    lp, bpd, kind, version = running(replace(engine_config, max_rows_per_request=100), body)
+    assert lp.shape == (2,) and np.isfinite(lp).all() and version == 1
+
+
+# ---- reload, failed loads, cancellation, metrics ---------------------------------------------------------------------
+
+def add_version(repo: Path, name: str, version: int, corrupt: bool = False) -> None:
+    src, tmp = repo / name / "1", repo / name / f".{version}.tmp"
+    shutil.copytree(src, tmp)
+    manifest = read_manifest(tmp / "manifest.json")
+    manifest.version = version
+    write_manifest(manifest, tmp / "manifest.json")
+    if corrupt:
+        graph = tmp / manifest.graphs[0].file
+        data = bytearray(graph.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        graph.write_bytes(bytes(data))
+    tmp.rename(repo / name / str(version))
+
+
+def test_reload_serves_new_versions_keeps_old_ones_when_the_new_one_is_corrupt_and_fails_no_request(
+        engine_config, repo_copy) -> None:
+    name = "digits-ppca"
+    set_serving(repo_copy, name, max_queue_delay_ms=30.0)
+    x = np.zeros((1, 8, 8), np.float32)
+    metrics = Metrics()
+
+    def slow(engine, version):  # every step waits the full 30 ms: requests are surely in flight during reloads
+        for b in engine.get_model(name, version).batchers.values():
+            b.expected = None
+
+    async def body(engine):
+        async def load(n):
+            return await asyncio.gather(*(engine.log_likelihood(name, 0, x, i, None) for i in range(n)))
+
+        slow(engine, 1)
+        inflight = asyncio.ensure_future(load(32))
+        await asyncio.sleep(0.005)
+        assert engine.get_model(name).active == 32
+        add_version(repo_copy, name, 2)
+        r2 = await engine.reload()
+        assert not inflight.done()
+        during = await inflight  # requests that started on version 1 finished on it
+        after = await load(4)
+        add_version(repo_copy, name, 3, corrupt=True)
+        r3 = await engine.reload()
+        still = await engine.log_likelihood(name, 0, x, 0, None)
+        status = next(s for s in engine.list_models() if s.name == name)
+        slow(engine, 2)
+        inflight = asyncio.ensure_future(load(16))
+        await asyncio.sleep(0.005)
+        shutil.rmtree(repo_copy / name / "2")
+        r4 = await engine.reload()
+        assert not inflight.done()
+        last = await inflight
+        return r2, during, after, r3, still, status, r4, last, engine.get_model(name).version
+
+    r2, during, after, r3, still, status, r4, last, final = running(replace(engine_config, repo=repo_copy), body,
+                                                                     metrics)
+    assert (name, 2) in r2.loaded and not r2.errors
+    assert {v for *_, v in during} == {1} and {v for *_, v in after} == {2}
+    assert all(equal(d[0], a[0]) for d, a in zip(during[:4], after, strict=True))  # same graphs, same numbers
+    assert [(e.model, e.version) for e in r3.errors] == [(name, 3)] and "sha256" in r3.errors[0].message
+    assert still[3] == 2 and status.state == "READY" and status.versions == [1, 2] and "version 3" in status.message
+    assert (name, 2) in r4.unloaded and {v for *_, v in last} == {2} and final == 1
+    assert metrics.value("genserve_model_loaded", {"model": name, "version": "1"}) == 1
+    assert metrics.value("genserve_model_loaded", {"model": name, "version": "3"}) == 0
+    assert metrics.value("genserve_model_loaded", {"model": name, "version": "2"}) is None
+
+
+def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(engine_config, repo_copy) -> None:
+    (repo_copy / "moons-ppca" / "1" / "manifest.json").write_text("{ not json")
+    (repo_copy / "empty-model").mkdir()
+
+    async def body(engine):
+        statuses = {s.name: s for s in engine.list_models()}
+        with pytest.raises(NotReady, match="does not parse"):
+            await engine.sample("moons-ppca", 0, 1, 0, None, None, None, False)
+        x, _, _ = await engine.sample("digits-ppca", 0, 1, 0, None, None, None, False)
+        return statuses, x, engine.ready(), engine.ready("moons-ppca"), engine.ready("digits-ppca")
+
+    statuses, x, ready, ready_moons, ready_digits = running(replace(engine_config, repo=repo_copy), body)
+    assert statuses["moons-ppca"].state == "FAILED" and "does not parse" in statuses["moons-ppca"].message
+    assert statuses["empty-model"].state == "FAILED" and "no version" in statuses["empty-model"].message
+    assert statuses["digits-ppca"].state == "READY" and x.shape == (1, 8, 8)
+    assert ready and not ready_moons and ready_digits
+
+
+def test_cancelling_a_request_drops_its_queued_rows(engine_config, repo_copy) -> None:
+    set_serving(repo_copy, "digits-ppca", max_queue_delay_ms=10_000.0, max_batch_size=4096)
+
+    async def body(engine):
+        batcher = engine.get_model("digits-ppca").batchers["encoder"]
+        batcher.expected = None  # wait out the whole delay even when alone: the request stays queued
+        task = asyncio.ensure_future(engine.encode("digits-ppca", 0, np.zeros((100, 8, 8), np.float32), 0, False))
+        await asyncio.sleep(0.01)
+        queued = batcher.queued_rows
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        return queued, batcher.queued_rows, batcher.calls
+
+    assert running(replace(engine_config, repo=repo_copy), body) == (100, 0, 0)
+
+
+def test_metrics_count_batches_samples_rows_and_loaded_versions(engine_config) -> None:
+    metrics = Metrics()
+    x = np.zeros((3, 8, 8), np.float32)
+
+    async def body(engine):
+        await asyncio.gather(engine.sample("digits-ppca", 0, 5, 0, None, None, None, False),
+                             engine.log_likelihood("digits-ppca", 0, x, 0, None))
+        return metrics.render()
+
+    text = running(engine_config, body, metrics)
+    assert metrics.value("genserve_samples_generated_total", {"model": "digits-ppca"}) == 5
+    assert metrics.value("genserve_rows_scored_total", {"model": "digits-ppca"}) == 3
+    assert metrics.value("genserve_model_loaded", {"model": "digits-ppca", "version": "1"}) == 1
+    assert metrics.value("genserve_batch_size_sum", {"model": "digits-ppca", "graph": "generator"}) == 5
+    assert metrics.value("genserve_inflight_requests", {"model": "digits-ppca", "method": "Sample"}) == 0
+    for name in ("genserve_inference_duration_seconds_bucket", "genserve_queue_wait_seconds_count",
+                 "genserve_queue_depth", "genserve_batch_size_bucket"):
+        assert name in text
