@@ -91,8 +91,15 @@ class Server:
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        # ---- Open Inference Protocol (KServe v2 / Triton GRPCInferenceService) beside GenerativeService: owned
+        # by server/oip.py, whose reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
+        from genserve.server import oip
+
+        oip.register_oip(self._grpc, engine, cfg, observe=self._observe)
         reflection.enable_server_reflection(
-            [SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], self._grpc)
+            [SERVICE_NAME, HEALTH_NAME, oip.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc,
+            pool=oip.reflection_pool())
+        # ---- end Open Inference Protocol
         target = address(cfg.host, cfg.port)
         try:
             self.port = self._grpc.add_insecure_port(target)
