@@ -2,11 +2,13 @@
 
 A queue of futures, in the manner of Triton's dynamic batcher and Ray Serve's ``@serve.batch``. Each
 ``submit(feeds)`` enqueues its rows and awaits a future. Workers (one per model instance) take up to
-``max_batch_size`` rows as soon as that many are queued, once the oldest waiting submission has waited
-``max_queue_delay_ms``, or as soon as every request that could join is already queued (``expected``: a lone
-request does not wait for company that cannot come, and the steps of concurrent sampling loops, which
-resubmit together, go at once); run them as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event
-loop keeps serving); and split the outputs back in row order. Guarantees:
+``max_batch_size`` rows as soon as that many are queued, or once the oldest waiting submission has waited
+``max_queue_delay_ms`` (Triton's rule, for new requests). Later steps of a request's program (sampling loops,
+dequantisation draws, importance-sample chunks) are submitted with ``fresh=False``: when only such steps wait
+and every request in flight on the model has one queued (``expected``), no request in flight is left to join,
+so the batch goes at once; a lone sampler pays the delay once, not at each of its steps. Each batch runs as ONE
+call in a thread pool (ONNX Runtime releases the GIL, so the event loop keeps serving), and its outputs are
+split back in row order. Guarantees:
 
 * exactly one result per submission: its own rows, in its order, never a neighbour's;
 * a call that raises fails every submission with rows in that call, and only those; the next call runs;
@@ -50,9 +52,9 @@ class BatchFailed(EngineError):
 class _Submission:
     """One ``submit`` call: its rows, how many were handed to calls, and the parts that came back."""
 
-    __slots__ = ("feeds", "rows", "key", "taken", "done", "parts", "future", "enqueued")
+    __slots__ = ("feeds", "rows", "key", "taken", "done", "parts", "future", "enqueued", "fresh")
 
-    def __init__(self, feeds: Feeds, rows: int, future: asyncio.Future, now: float) -> None:
+    def __init__(self, feeds: Feeds, rows: int, future: asyncio.Future, now: float, fresh: bool) -> None:
         self.feeds = feeds
         self.rows = rows
         self.key = tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))  # only equal keys can merge
@@ -61,6 +63,7 @@ class _Submission:
         self.parts: list[tuple[int, Feeds]] = []
         self.future = future
         self.enqueued = now
+        self.fresh = fresh  # a request's first submission: waits up to the delay for company
 
 
 class Batcher:
@@ -80,7 +83,7 @@ class Batcher:
         observe: receives a ``BatchStats`` per call.
         on_depth: receives the number of queued rows whenever it changes.
         expected: how many submissions could be waiting at most right now (the engine: operations in flight on
-            the model version); once that many wait, the batch goes without waiting out the delay.
+            the model version); once that many wait and none is fresh, the batch goes without the delay.
 
     Example:
         >>> import asyncio, numpy as np
@@ -116,6 +119,7 @@ class Batcher:
         self._queue: deque[_Submission] = deque()
         self._queued_rows = 0  # rows not yet handed to a call, of live submissions
         self._waiting = 0  # live submissions with rows not yet handed to a call
+        self._fresh = 0  # of those, the fresh ones
         self._running = 0  # calls in progress
         self._wakeup: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
@@ -140,8 +144,10 @@ class Batcher:
         self._idle.set()
         self._workers = [asyncio.ensure_future(self._worker(i)) for i in range(self.instances)]
 
-    async def submit(self, feeds: Feeds) -> Feeds:
+    async def submit(self, feeds: Feeds, fresh: bool = True) -> Feeds:
         """Run ``feeds`` (arrays with the same number of rows on axis 0) as part of shared calls.
+
+        ``fresh=False`` marks a later step of a request already in flight (see the module docstring).
 
         Returns the outputs for exactly these rows, in order. Raises QueueFull when ``max_queue_size``
         submissions wait, BatchFailed when a call with these rows raised, ValueError for malformed feeds;
@@ -156,11 +162,12 @@ class Batcher:
                             "concurrent requests, or raise max_queue_size in the model's config.json")
         self.start()
         loop = asyncio.get_running_loop()
-        sub = _Submission(feeds, rows, loop.create_future(), loop.time())
+        sub = _Submission(feeds, rows, loop.create_future(), loop.time(), fresh)
         sub.future.add_done_callback(lambda _f, s=sub: self._settled(s))
         self._queue.append(sub)
         self._queued_rows += rows
         self._waiting += 1
+        self._fresh += fresh
         self._depth_changed()
         self._wakeup.set()
         return await sub.future  # task cancellation cancels the future; _settled drops its unrun rows
@@ -213,9 +220,15 @@ class Batcher:
         if sub.taken < sub.rows:
             self._queued_rows -= sub.rows - sub.taken
             self._waiting -= 1
+            self._unfresh(sub)
             sub.taken = sub.rows
             self._depth_changed()
             self._check_idle()
+
+    def _unfresh(self, sub: _Submission) -> None:
+        if sub.fresh:
+            sub.fresh = False
+            self._fresh -= 1
 
     def _depth_changed(self) -> None:
         if self.on_depth is not None:
@@ -246,7 +259,7 @@ class Batcher:
                 continue
             due = self._queue[0].enqueued + self.delay
             if (self._queued_rows >= self.max_batch_size or loop.time() >= due
-                    or (self.expected is not None and self._waiting >= self.expected())):
+                    or (self.expected is not None and not self._fresh and self._waiting >= self.expected())):
                 return self._take()
             self._wakeup.clear()
             try:
@@ -273,6 +286,7 @@ class Batcher:
             sub.taken += k
             capacity -= k
             self._queued_rows -= k
+            self._unfresh(sub)  # a partly taken submission's remaining rows do not wait again
             if sub.taken < sub.rows:
                 rotate = sub
             else:

@@ -289,7 +289,7 @@ class Engine:
             elif not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
                 raise InvalidInput(f"temperature = {temperature}: use a number in (0, {MAX_TEMPERATURE:g}] "
                                    "(1 samples the model as trained)")
-            result = await m.program.sample(m.run, int(n), noise, float(temperature), **options)
+            result = await m.program.sample(m.runner(), int(n), noise, float(temperature), **options)
             x = np.asarray(result.x, dtype=np.float32)
             latents = None if not return_latents or result.latents is None else np.asarray(result.latents,
                                                                                              dtype=np.float32)
@@ -313,7 +313,7 @@ class Engine:
                     raise InvalidInput(f"importance_samples = {importance_samples}: use 1 to "
                                        f"{self.cfg.max_importance_samples}")
                 options["importance_samples"] = int(importance_samples)
-            lp = np.asarray(await m.program.log_likelihood(m.run, x, noise, **options), dtype=np.float64)
+            lp = np.asarray(await m.program.log_likelihood(m.runner(), x, noise, **options), dtype=np.float64)
             if lp.shape != (x.shape[0],):
                 raise RuntimeError(f"the {m.model} program returned log-likelihoods of shape {lp.shape} for "
                                    f"{x.shape[0]} rows")
@@ -329,7 +329,7 @@ class Engine:
         async with self._use(model, version, "encode") as m:
             x = self._check_x(m, x)
             options = {"sample": True} if sample else {}
-            z = await m.program.encode(m.run, x, _noise(seed), **options)
+            z = await m.program.encode(m.runner(), x, _noise(seed), **options)
             return np.asarray(z, dtype=np.float32), m.version
 
     async def decode(self, model: str, version: int, z: np.ndarray, seed: int,
@@ -338,7 +338,7 @@ class Engine:
         async with self._use(model, version, "decode") as m:
             z = self._check_z(m, z)
             options = {"sample": True} if sample else {}
-            x = await m.program.decode(m.run, z, _noise(seed), **options)
+            x = await m.program.decode(m.runner(), z, _noise(seed), **options)
             return np.asarray(x, dtype=np.float32), m.version
 
     # ---- validation --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from genserve.server.batcher import Batcher, Feeds
 from genserve.server.config import ServingSettings
 from genserve.server.metrics import BatchStats
 from genserve.server.programs import program_class
-from genserve.server.programs.base import Program
+from genserve.server.programs.base import Program, Run
 from genserve.server.sessions import SessionOptions, make_session, run_session, uses_cuda
 from genserve.v1 import manifest_pb2 as pb
 
@@ -106,14 +106,22 @@ class LoadedModel:
     def likelihood_kind(self) -> int:
         return self.manifest.capabilities.likelihood
 
-    async def run(self, graph: str, feeds: Feeds) -> Feeds:
-        """The ``run`` handed to the program: through the graph's dynamic batcher."""
-        batcher = self.batchers.get(graph)
-        if batcher is None:
-            raise RuntimeError(f"the {self.model} program asked for graph {graph!r}, which {self.name} "
-                               f"version {self.version} does not have (it has {sorted(self.batchers)}); "
-                               "re-export the model")
-        return await batcher.submit(feeds)
+    def runner(self) -> Run:
+        """A ``run`` for one operation's program: through the graphs' dynamic batchers, its first submission
+        fresh (it may wait for company) and the later ones its continuation steps."""
+        first = True
+
+        async def run(graph: str, feeds: Feeds) -> Feeds:
+            nonlocal first
+            batcher = self.batchers.get(graph)
+            if batcher is None:
+                raise RuntimeError(f"the {self.model} program asked for graph {graph!r}, which {self.name} "
+                                   f"version {self.version} does not have (it has {sorted(self.batchers)}); "
+                                   "re-export the model")
+            fresh, first = first, False
+            return await batcher.submit(feeds, fresh=fresh)
+
+        return run
 
     def enter(self) -> None:
         self.active += 1

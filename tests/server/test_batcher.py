@@ -335,3 +335,29 @@ def test_instances_run_calls_concurrently(ppca) -> None:
 
         asyncio.run(main())
     assert both.is_set()
+
+
+def test_new_requests_wait_for_company_and_continuation_steps_go_once_everyone_in_flight_is_queued(ppca) -> None:
+    """Triton's window for fresh submissions; a later step goes at once when every request in flight waits."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=10)
+    in_flight = [1]
+    b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=300.0,
+                expected=lambda: in_flight[0])
+
+    async def timed(**kw) -> float:
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        await b.submit(feeds, **kw)
+        return loop.time() - t
+
+    async def main():
+        fresh = await timed()
+        step = await timed(fresh=False)
+        in_flight[0] = 2  # another request is in flight but has not queued its step: wait for it
+        waiting_for_peer = await timed(fresh=False)
+        await b.stop()
+        return fresh, step, waiting_for_peer
+
+    fresh, step, waiting_for_peer = asyncio.run(main())
+    assert fresh >= 0.29 and waiting_for_peer >= 0.29 and step < 0.15
