@@ -5,9 +5,10 @@ max_send/max_receive_message_length; 64 MiB by default, e.g. ~260k digit images 
 rows per request ``cfg.max_rows_per_request``; samples per request ``cfg.max_sample_n``; a unary Sample whose
 answer would not fit one message is refused with a pointer to SampleStream.
 
-Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING for every service first, the server stops accepting
-RPCs, every accepted RPC runs to its end (up to ``cfg.grace_s``, then what is left is cancelled), then the
-engine stops. Reload (SIGHUP, the ReloadRepository RPC, or every ``cfg.poll_s`` seconds) goes through one lock
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING for every service first; RPCs still arriving are
+served until arrivals pause for QUIET_S (a lame-duck period of at most a quarter of the grace period, so
+calls already on the wire are not lost); then the server stops accepting RPCs, every accepted RPC runs to
+its end (up to ``cfg.grace_s`` in all, then what is left is cancelled), and the engine stops. Reload (SIGHUP, the ReloadRepository RPC, or every ``cfg.poll_s`` seconds) goes through one lock
 and refreshes per-model health afterwards.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -36,6 +38,25 @@ SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GenerativeService"].full
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+QUIET_S = 0.2
+"""Shutdown: stop accepting once no RPC arrived for this long (the lame-duck period's end)."""
+LAME_DUCK_SHARE = 0.25
+"""Shutdown: the lame-duck period takes at most this share of the grace period."""
+
+
+class Arrivals(grpc.aio.ServerInterceptor):
+    """Notes when the last RPC other than a health check arrived (for the lame-duck period at shutdown)."""
+
+    def __init__(self) -> None:
+        self.last = -math.inf
+
+    async def intercept_service(self, continuation: Callable[[Any], Any],
+                                details: grpc.HandlerCallDetails) -> Any:
+        if not details.method.startswith("/grpc.health."):
+            self.last = time.monotonic()
+        return await continuation(details)
 
 
 def grpc_options(max_message_mb: int) -> list[tuple[str, Any]]:
@@ -71,6 +92,7 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self._health_names: set[str] = set()
         self._stopping = False
+        self._arrivals = Arrivals()
 
     async def start(self, cfg: Any, engine: Any = None) -> None:
         """Load the repository, bind ``cfg.host:cfg.port`` and serve; ``engine`` replaces the default one."""
@@ -86,7 +108,7 @@ class Server:
         self.engine = engine
         await engine.start()
 
-        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb))
+        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=[self._arrivals])
         servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
         self.health = health_aio.HealthServicer()
@@ -178,8 +200,15 @@ class Server:
             self._poller.cancel()
         assert self.health is not None
         await self.health.enter_graceful_shutdown()
-        # Leave a little of the grace period for the engine's own stop.
-        await self._grpc.stop(max(0.0, grace - min(1.0, grace * 0.1)))
+        # Lame duck: calls a client sent before it saw NOT_SERVING may still be on the wire or not yet matched
+        # to a handler (grpc kills unmatched calls on stop); keep accepting until arrivals pause for QUIET_S,
+        # for at most LAME_DUCK_SHARE of the grace period.
+        until = time.monotonic() + grace * LAME_DUCK_SHARE
+        while time.monotonic() < until and time.monotonic() - self._arrivals.last < QUIET_S:
+            await asyncio.sleep(QUIET_S / 5)
+        # Refuse new RPCs, let accepted ones finish; leave a little of the grace period for the engine's stop.
+        margin = min(1.0, grace * 0.1)
+        await self._grpc.stop(max(0.0, deadline - time.monotonic() - margin))
         try:
             await asyncio.wait_for(self.engine.stop(), timeout=max(0.05, deadline - time.monotonic()))
         except TimeoutError:

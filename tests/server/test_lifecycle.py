@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import read_manifest, write_manifest
+from genserve.core.noise import Noise
 from genserve.server.app import BackgroundServer
 from genserve.v1 import service_pb2 as pb
 from genserve.v1 import service_pb2_grpc
@@ -90,42 +91,50 @@ def test_serving_code_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_sigterm_under_load_finishes_every_accepted_request(repo_copy: Path, tmp_path: Path) -> None:
+def test_sigterm_under_load_finishes_every_accepted_request(repo_dir: Path, tmp_path: Path) -> None:
     grace = 6.0
-    # A 400 ms batching window (the model's config.json) keeps the requests queued when SIGTERM arrives.
-    (repo_copy / "digits-ppca" / "config.json").write_text('{"max_queue_delay_ms": 400}')
-    server = ServeProcess(repo_copy, "--grace-s", str(grace), log=tmp_path / "server.log")
+    name = "digits-realnvp" if (repo_dir / "digits-realnvp").is_dir() else "digits-ppca"
+    server = ServeProcess(repo_dir, "--grace-s", str(grace), log=tmp_path / "server.log")
     try:
-        assert f"port={server.port}" in server.ready and "digits-ppca:v1" in server.ready
+        assert f"port={server.port}" in server.ready and f"{name}:v1" in server.ready
         assert f"metrics_port={server.metrics_port}" in server.ready
-        z = latent(repo_copy, 1)
+        dim = int(read_manifest(repo_dir / name / "1" / "manifest.json").parameters["latent_dim"])
+        z = Noise(0).normal(100, dim)  # 50 x 100 rows: about half a second of work for two workers
 
-        async def scenario() -> tuple[list, list, float, grpc.StatusCode]:
+        async def scenario() -> tuple[list, list, float, list, grpc.StatusCode]:
             async with grpc.aio.insecure_channel(server.address) as channel:
                 stub = service_pb2_grpc.GenerativeServiceStub(channel)
                 health = health_pb2_grpc.HealthStub(channel)
                 watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
                 assert (await watch.read()).status == SERVING
-                calls = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z + i), seed=i),
-                                     timeout=30) for i in range(50)]
-                await asyncio.sleep(0.2)  # accepted and queued: the 400 ms batching window has not closed
+                done_at: list[float] = []
+
+                async def one(i: int) -> pb.DecodeResponse:
+                    r = await stub.Decode(pb.DecodeRequest(model=name, z=to_proto(z + i), seed=i), timeout=30)
+                    done_at.append(time.monotonic())
+                    return r
+
+                calls = [asyncio.ensure_future(one(i)) for i in range(50)]
+                await asyncio.sleep(0.1)  # all 50 are on their way and most are being served
                 server.proc.send_signal(signal.SIGTERM)
                 sent = time.monotonic()
                 statuses = [(await watch.read()).status]
                 results = await asyncio.gather(*calls, return_exceptions=True)
+                await asyncio.sleep(1.0)  # past the lame-duck period: the server now refuses new calls
                 try:
-                    await stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z)), timeout=5)
+                    await stub.Decode(pb.DecodeRequest(model=name, z=to_proto(z[:1])), timeout=5)
                     late = grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as e:
                     late = e.code()
-                return results, statuses, sent, late
+                return results, statuses, sent, done_at, late
 
-        results, statuses, sent, late = asyncio.run(scenario())
+        results, statuses, sent, done_at, late = asyncio.run(scenario())
         assert statuses == [NOT_SERVING]
         failed = [r for r in results if isinstance(r, BaseException)]
-        assert not failed, f"{len(failed)} accepted requests failed: {failed[0]}"
+        assert not failed, f"{len(failed)} of 50 accepted requests failed: {failed[0]}"
+        assert sum(t > sent for t in done_at) >= 1, "nothing was running at SIGTERM: the test is void"
         for i, r in enumerate(results):
-            assert from_proto(r.x).shape == (1, 8, 8), i
+            assert from_proto(r.x).shape == (100, 8, 8), i
         assert late == grpc.StatusCode.UNAVAILABLE  # new requests are refused once draining began
         server.proc.wait(timeout=grace + 5)
         elapsed = time.monotonic() - sent
