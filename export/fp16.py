@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from genserve.export.parity import BATCH_SIZES, ParityError, onnx_session, take_rows, torch_outputs
 from genserve.server.programs.base import Feeds
 from genserve.training.base import GraphDef

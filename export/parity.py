@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.server.programs.base import Feeds, Program, run_sync

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from genserve.core.manifest import (
     FORMAT_VERSION,
     LIKELIHOOD,
@@ -151,7 +152,7 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
     numbers (per graph: exporter, opset, parity errors, seconds; the operation checks; total seconds).
     Raises ValueError (ExportError, ParityError) naming the graph or operation that failed.
     """
-    from genserve.export.onnx_export import export_graph, set_inference_mode
+    from genserve.export.onnx_export import export_graph, exporter_order, set_inference_mode
     from genserve.export.parity import (
         ParityError,
         check_graph_parity,
@@ -208,7 +209,8 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
             pool = recorded.pool(gname) if recorded is not None else None
             input_sets, source = graph_input_sets(gname, g, model.spec, test_rows, pool)
             exported, parity, failures = None, None, []
-            for exporter in ("dynamo", "legacy"):
+            order, why_order = exporter_order(g.module)
+            for exporter in order:
                 try:
                     exported = export_graph(gname, g, tmp / f"{gname}.onnx", exporters=(exporter,))
                     parity = check_graph_parity(gname, g, onnx_session(exported.path), input_sets)
@@ -223,7 +225,7 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
                                        "parity_max_abs": parity.max_abs_error, "parity_checks": parity.checks,
                                        "real_inputs": source, "seconds": time.perf_counter() - t0,
                                        "fallback": failures}
-            note = f" (dynamo failed, legacy exporter used: {failures[0]})" if failures else ""
+            note = f" ({order[0]} failed: {failures[0]})" if failures else (f" ({why_order})" if why_order else "")
             log(f"  {gname}: opset {exported.opset}, {exported.exporter} exporter, parity max|ORT-PyTorch| "
                 f"{parity.max_abs_error:.2g} at batch 1/7/64 on {source} and random inputs, "
                 f"{time.perf_counter() - t0:.1f} s{note}")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from genserve.training.registry import MODELS
 
 # Small architectures so that one epoch plus export stays within seconds per family. Keys a family's
@@ -56,9 +57,12 @@ def xfail_if_missing(name: str, parts: tuple[str, ...] = ("training", "serving p
         pytest.xfail(f"{NOT_YET}: {', '.join(missing)} missing")
 
 
-def tiny_overrides(name: str) -> dict[str, Any]:
+def tiny_overrides(name: str, dataset: str = "digits") -> dict[str, Any]:
+    """One epoch, one thread; on digits also the TINY architecture (tabular profiles are small already)."""
     from genserve.training.registry import model_class
 
+    if dataset != "digits":
+        return {"epochs": 1, "threads": 1, "seed": 0}
     params = inspect.signature(model_class(name).__init__).parameters
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
     arch = {k: v for k, v in TINY.get(name, {}).items() if takes_any or k in params}
@@ -106,7 +110,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
             threads = torch.get_num_threads()
             out = root / f"{dataset}-{name}.pt"
             try:
-                cfg = build_config(name, dataset, "quick", overrides=tiny_overrides(name))
+                cfg = build_config(name, dataset, "quick", overrides=tiny_overrides(name, dataset))
                 train(cfg, out, progress=False)
             finally:
                 torch.set_num_threads(threads)

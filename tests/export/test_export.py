@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from genserve.clients.cli import main as cli
 from genserve.core.manifest import MANIFEST, OPERATION, read_manifest
 from genserve.core.noise import Noise
@@ -31,7 +33,6 @@ from genserve.server.programs.base import run_sync
 from genserve.training.base import GraphDef, Lambda
 from genserve.training.data import load_dataset
 from genserve.training.registry import MODELS
-from torch import nn
 
 FAMILIES = list(MODELS)
 

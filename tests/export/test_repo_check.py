@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from genserve.clients.cli import main as cli
 from genserve.core.manifest import MANIFEST
 from genserve.export.check import check_repository
