@@ -8,8 +8,10 @@ answer would not fit one message is refused with a pointer to SampleStream.
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING for every service first; RPCs still arriving are
 served until arrivals pause for QUIET_S (a lame-duck period of at most a quarter of the grace period, so
 calls already on the wire are not lost); then the server stops accepting RPCs, every accepted RPC runs to
-its end (up to ``cfg.grace_s`` in all, then what is left is cancelled), and the engine stops. Reload (SIGHUP, the ReloadRepository RPC, or every ``cfg.poll_s`` seconds) goes through one lock
-and refreshes per-model health afterwards.
+its end (up to ``cfg.grace_s`` in all, then what is left is cancelled), and the engine stops.
+
+Reload (SIGHUP, the ReloadRepository RPC, or every ``cfg.poll_s`` seconds) goes through one lock and
+refreshes per-model health afterwards.
 """
 
 from __future__ import annotations
