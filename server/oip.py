@@ -310,7 +310,7 @@ def parameter_value(p: pb.InferParameter) -> Any:
 
 
 class Params:
-    """The request's parameters, read with type checks; ``check`` refuses those the operation does not know."""
+    """The request's parameters, read with type checks; parameters the operation does not take are refused."""
 
     def __init__(self, request: pb.ModelInferRequest, operation: str, model: str) -> None:
         self.values = {k: parameter_value(v) for k, v in request.parameters.items()}
@@ -319,9 +319,6 @@ class Params:
         if unknown:
             raise invalid(f"{model} does not take the request parameter(s) {', '.join(map(repr, unknown))}; "
                           f"it takes: {', '.join(allowed)}")
-
-    def has(self, key: str) -> bool:
-        return self.values.get(key) is not None
 
     def integer(self, key: str) -> int | None:
         value = self.values.get(key)
@@ -422,8 +419,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             loaded = self.engine.get_model(model, parse_version(version))
         except NotFound as e:
-            raise OipError(grpc.StatusCode.NOT_FOUND, f"{name}: {e} (each has models '<model>.<operation>'; "
-                                                      "RepositoryIndex lists them)") from None
+            raise OipError(grpc.StatusCode.NOT_FOUND, f"{name}: {e} (their operations are the OIP models "
+                                                      "'<model>.<operation>'; RepositoryIndex lists them)") from None
         if operation not in loaded.operations:
             have = ", ".join(oip_name(model, op) for op in loaded.operations) or "none"
             raise OipError(grpc.StatusCode.NOT_FOUND,

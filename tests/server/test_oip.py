@@ -487,3 +487,5 @@ def test_reflection_describes_the_inference_service(channel: grpc.Channel) -> No
     found = db.FindFileContainingSymbol("inference.ModelInferRequest")
     assert found.name == "genserve/oip/grpc_service.proto"
     assert "genserve/oip/model_config.proto" in found.dependency
+    # genserve's own API still resolves: reflection looks in genserve.oip's pool, then in the default one.
+    assert db.FindFileContainingSymbol("genserve.v1.GenerativeService").name == "genserve/v1/service.proto"
