@@ -288,7 +288,7 @@ def ready_line(server: Server) -> str:
 
 
 async def serve(cfg: Any, announce: Callable[[str], None] = print) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the repository. Returns the exit code."""
+    """Serve until SIGTERM/SIGINT (a second signal exits at once, code 1); SIGHUP reloads the repository."""
     server = Server()
     await server.start(cfg)
     loop = asyncio.get_running_loop()
@@ -299,5 +299,16 @@ async def serve(cfg: Any, announce: Callable[[str], None] = print) -> int:
     announce(ready_line(server))
     await stop.wait()
     log.info("stopping: draining accepted requests for up to %.1f s", cfg.grace_s)
-    await server.stop()
+    stop.clear()
+    draining = asyncio.ensure_future(server.stop())
+    again = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({draining, again}, return_when=asyncio.FIRST_COMPLETED)
+    again.cancel()
+    if not draining.done():
+        log.warning("second signal: exiting without waiting for the requests still running")
+        draining.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await draining
+        return 1
+    draining.result()
     return 0

@@ -238,3 +238,25 @@ def test_polling_reload_and_a_model_that_fails_to_load(repo_copy: Path) -> None:
             assert time.monotonic() < deadline, "the repaired model never became SERVING"
             time.sleep(0.1)
         assert stub.Sample(pb.SampleRequest(model="broken", n=1)).model_version == 1
+
+
+def test_serve_flags_override_the_config_file(tmp_path: Path) -> None:
+    import argparse
+
+    from genserve.server import cli
+
+    toml = tmp_path / "server.toml"
+    toml.write_text(f'repo = "{tmp_path}"\nport = 9000\nmax_batch_size = 16\ngrace_s = 3\n')
+    parser = argparse.ArgumentParser()
+    cli._arguments(parser)
+    flags = ["--config", str(toml), "--port", "0", "--max-queue-delay-ms", "7", "--threads", "2", "--provider", "cpu"]
+    cfg = cli.build_config(parser.parse_args(flags))
+    assert (cfg.repo, cfg.port, cfg.max_batch_size, cfg.grace_s) == (tmp_path, 0, 16, 3.0)
+    assert (cfg.max_queue_delay_ms, cfg.intra_op_threads, cfg.provider) == (7.0, 2, "cpu")
+    with pytest.raises(ValueError, match="repo"):
+        cli.build_config(parser.parse_args(["--port", "1"]))
+    with pytest.raises(ValueError, match="provider"):
+        cli.build_config(parser.parse_args(["--repo", str(tmp_path), "--provider", "tpu"]))
+    toml.write_text('repo = "x"\nportt = 1\n')
+    with pytest.raises(ValueError, match="portt"):
+        cli.build_config(parser.parse_args(["--config", str(toml)]))
