@@ -249,7 +249,8 @@ def test_serve_flags_override_the_config_file(tmp_path: Path) -> None:
     toml.write_text(f'repo = "{tmp_path}"\nport = 9000\nmax_batch_size = 16\ngrace_s = 3\n')
     parser = argparse.ArgumentParser()
     cli._arguments(parser)
-    flags = ["--config", str(toml), "--port", "0", "--max-queue-delay-ms", "7", "--threads", "2", "--provider", "cpu"]
+    flags = ["--config", str(toml), "--port", "0", "--max-queue-delay-ms", "7", "--threads", "2",
+             "--provider", "cpu"]
     cfg = cli.build_config(parser.parse_args(flags))
     assert (cfg.repo, cfg.port, cfg.max_batch_size, cfg.grace_s) == (tmp_path, 0, 16, 3.0)
     assert (cfg.max_queue_delay_ms, cfg.intra_op_threads, cfg.provider) == (7.0, 2, "cpu")
