@@ -152,15 +152,9 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
     numbers (per graph: exporter, opset, parity errors, seconds; the operation checks; total seconds).
     Raises ValueError (ExportError, ParityError) naming the graph or operation that failed.
     """
-    from genserve.export.onnx_export import export_graph, exporter_order, set_inference_mode
-    from genserve.export.parity import (
-        ParityError,
-        check_graph_parity,
-        check_operations,
-        graph_input_sets,
-        onnx_session,
-        record_program_feeds,
-    )
+    from genserve.core.manifest import write_manifest
+    from genserve.export.onnx_export import set_inference_mode
+    from genserve.export.parity import ParityError, check_operations, record_program_feeds
     from genserve.export.torch_runner import TorchRunner
     from genserve.server.sessions import DirectRunner
     from genserve.training.checkpoint import load_checkpoint
@@ -170,76 +164,29 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
     report["graphs"] = {}
     model, ckpt = load_checkpoint(checkpoint)
     set_inference_mode(model)
-    name = name or default_name(model)
-    if not NAME_RE.match(name):
-        raise ValueError(f"model name {name!r}: use letters, digits, '.', '_' and '-', starting "
-                         "with a letter or digit")
-    model_dir = Path(repo) / name
-    existing = versions(model_dir)
-    version = int(version) if version is not None else (max(existing) + 1 if existing else 1)
-    if version < 1:
-        raise ValueError(f"version must be a whole number >= 1, got {version}")
+    model_dir, version = _target(Path(repo), name or default_name(model), version, force)
     final = model_dir / str(version)
-    if final.exists() and not force:
-        raise ValueError(f"{final} already exists; pass --force to overwrite it or --version "
-                         f"{max(existing + [version]) + 1} for a new version")
+    log(f"exporting {model.name} ({model.family}) from {checkpoint} to {final}")
 
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{version}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        graphs = model.export_graphs()
-        for g in graphs.values():
-            set_inference_mode(g.module)
         test_rows = _test_rows(ckpt, model.spec)
         program, why = _program(model)
         recorded = None
-        if program is not None and test_rows is not None:
+        if program is not None and test_rows is not None:  # the inputs the server will feed each graph
             latent = model.program_parameters().get("latent_dim")
             recorded, errors = record_program_feeds(program, TorchRunner(model), test_rows[:CHECK_ROWS],
                                                     tuple(model.operations), int(latent) if latent else None)
             if errors:
                 raise ParityError(f"the {model.name} serving program fails over PyTorch graphs: {errors[0]}")
-        log(f"exporting {model.name} ({model.family}) from {checkpoint} to {final}")
 
-        graph_specs, exporters = [], {}
-        for gname, g in graphs.items():
-            t0 = time.perf_counter()
+        graph_specs = []
+        for gname, g in model.export_graphs().items():
             pool = recorded.pool(gname) if recorded is not None else None
-            input_sets, source = graph_input_sets(gname, g, model.spec, test_rows, pool)
-            exported, parity, failures = None, None, []
-            order, why_order = exporter_order(g.module)
-            for exporter in order:
-                try:
-                    exported = export_graph(gname, g, tmp / f"{gname}.onnx", exporters=(exporter,))
-                    parity = check_graph_parity(gname, g, onnx_session(exported.path), input_sets)
-                    break
-                except ValueError as e:  # ExportError or ParityError: the next exporter may do better
-                    failures.append(f"{exporter}: {e}")
-                    exported = None
-            if exported is None or parity is None:
-                raise ParityError(f"graph {gname!r} failed with every exporter: " + " | ".join(failures))
-            exporters[gname] = exported.exporter
-            report["graphs"][gname] = {"exporter": exported.exporter, "opset": exported.opset,
-                                       "parity_max_abs": parity.max_abs_error, "parity_checks": parity.checks,
-                                       "real_inputs": source, "seconds": time.perf_counter() - t0,
-                                       "fallback": failures}
-            note = f" ({order[0]} failed: {failures[0]})" if failures else (f" ({why_order})" if why_order else "")
-            log(f"  {gname}: opset {exported.opset}, {exported.exporter} exporter, parity max|ORT-PyTorch| "
-                f"{parity.max_abs_error:.2g} at batch 1/7/64 on {source} and random inputs, "
-                f"{time.perf_counter() - t0:.1f} s{note}")
-            spec = pb.GraphSpec(name=gname, file=exported.path.name, inputs=_tensor_specs(exported.inputs),
-                                outputs=_tensor_specs(exported.outputs), opset=exported.opset,
-                                sha256=sha256_file(exported.path))
-            if fp16:
-                from genserve.export.fp16 import export_fp16
-
-                half = export_fp16(exported.path, tmp / f"{gname}.fp16.onnx", g, input_sets)
-                spec.fp16_file, spec.fp16_sha256 = half.path.name, sha256_file(half.path)
-                report["graphs"][gname]["fp16_rel_error"] = half.max_rel_error
-                log(f"  {gname} fp16: max|fp16-PyTorch|/(1+max|PyTorch|) {half.max_rel_error:.2g} "
-                    f"(tolerance {half.tolerance:g})")
+            spec, report["graphs"][gname] = _export_checked(gname, g, tmp, model.spec, test_rows, pool, fp16, log)
             graph_specs.append(spec)
 
         if program is None:
@@ -252,19 +199,12 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
             report["operations"] = ops
             log(f"  operations over ONNX Runtime vs PyTorch: {ops.summary()}")
 
-        manifest = _manifest(model, ckpt, name, version, graph_specs, exporters, metrics)
+        exporters = {g: r["exporter"] for g, r in report["graphs"].items()}
+        manifest = _manifest(model, ckpt, model_dir.name, version, graph_specs, exporters, metrics)
         for p in sorted(tmp.iterdir()):
             manifest.provenance.file_sha256[p.name] = sha256_file(p)
-        from genserve.core.manifest import write_manifest
-
         write_manifest(manifest, tmp / MANIFEST)
-        if final.exists():
-            old = model_dir / f".{version}.old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        _install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not any(model_dir.iterdir()):  # a failed first export leaves no empty model folder behind
@@ -275,8 +215,76 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
         config.write_text(json.dumps(DEFAULT_SERVING, indent=2) + "\n")
     report["seconds"] = time.perf_counter() - start
     log(f"wrote {final} ({len(graph_specs)} graphs; operations {', '.join(model.operations)}) "
-        f"in {time.perf_counter() - start:.1f} s")
+        f"in {report['seconds']:.1f} s")
     return final
+
+
+def _target(repo: Path, name: str, version: int | None, force: bool) -> tuple[Path, int]:
+    """The model folder and version to write; ValueError for a bad name or an existing version without force."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '.', '_' and '-', starting "
+                         "with a letter or digit")
+    model_dir = repo / name
+    existing = versions(model_dir)
+    version = int(version) if version is not None else (max(existing) + 1 if existing else 1)
+    if version < 1:
+        raise ValueError(f"version must be a whole number >= 1, got {version}")
+    if (model_dir / str(version)).exists() and not force:
+        raise ValueError(f"{model_dir / str(version)} already exists; pass --force to overwrite it or --version "
+                         f"{max(existing + [version]) + 1} for a new version")
+    return model_dir, version
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Move the finished version folder into place; an old one (``force``) is swapped out, then removed."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def _export_checked(gname: str, g: Any, folder: Path, spec: Any, test_rows: np.ndarray | None,
+                    recorded: dict[str, np.ndarray] | None, fp16: bool, log: Any) -> tuple[pb.GraphSpec, dict]:
+    """Export one graph with the first exporter whose file passes the checks and parity; its GraphSpec."""
+    from genserve.export.onnx_export import export_graph, exporter_order, set_inference_mode
+    from genserve.export.parity import ParityError, check_graph_parity, graph_input_sets, onnx_session
+
+    t0 = time.perf_counter()
+    set_inference_mode(g.module)
+    input_sets, source = graph_input_sets(gname, g, spec, test_rows, recorded)
+    order, why_order = exporter_order(g.module)
+    failures = []
+    for exporter in order:
+        try:
+            exported = export_graph(gname, g, folder / f"{gname}.onnx", exporters=(exporter,))
+            parity = check_graph_parity(gname, g, onnx_session(exported.path), input_sets)
+            break
+        except ValueError as e:  # ExportError or ParityError: the next exporter may do better
+            failures.append(f"{exporter}: {e}")
+    else:
+        raise ParityError(f"graph {gname!r} failed with every exporter: " + " | ".join(failures))
+    note = f" ({order[0]} failed: {failures[0]})" if failures else (f" ({why_order})" if why_order else "")
+    log(f"  {gname}: opset {exported.opset}, {exported.exporter} exporter, parity max|ORT-PyTorch| "
+        f"{parity.max_abs_error:.2g} at batch 1/7/64 on {source} and random inputs, "
+        f"{time.perf_counter() - t0:.1f} s{note}")
+    graph = pb.GraphSpec(name=gname, file=exported.path.name, inputs=_tensor_specs(exported.inputs),
+                         outputs=_tensor_specs(exported.outputs), opset=exported.opset,
+                         sha256=sha256_file(exported.path))
+    rec = {"exporter": exported.exporter, "opset": exported.opset, "parity_max_abs": parity.max_abs_error,
+           "parity_checks": parity.checks, "real_inputs": source, "fallback": failures}
+    if fp16:
+        from genserve.export.fp16 import export_fp16
+
+        half = export_fp16(exported.path, folder / f"{gname}.fp16.onnx", g, input_sets)
+        graph.fp16_file, graph.fp16_sha256 = half.path.name, sha256_file(half.path)
+        rec["fp16_rel_error"] = half.max_rel_error
+        log(f"  {gname} fp16: max|fp16-PyTorch|/(1+max|PyTorch|) {half.max_rel_error:.2g} "
+            f"(tolerance {half.tolerance:g})")
+    rec["seconds"] = time.perf_counter() - t0
+    return graph, rec
 
 
 def _manifest(model: Any, ckpt: dict[str, Any], name: str, version: int, graphs: list[pb.GraphSpec],
