@@ -82,6 +82,8 @@ class Batcher:
         model: metrics label.
         observe: receives a ``BatchStats`` per call.
         on_depth: receives the number of queued rows whenever it changes.
+        pad_to: when > 0, every call is padded to this many rows (copies of its first row, outputs cut back), so
+            each call has the same shape; for providers whose kernels depend on the batch shape (CUDA).
         expected: how many submissions could be waiting at most right now (the engine: operations in flight on
             the model version); once that many wait and none is fresh, the batch goes without the delay.
 
@@ -101,7 +103,8 @@ class Batcher:
                  max_queue_size: int = 4096, instances: int = 1, executor: Executor | None = None,
                  input_shapes: dict[str, Sequence[int | None]] | None = None, model: str = "",
                  observe: Callable[[BatchStats], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None) -> None:
+                 on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None,
+                 pad_to: int = 0) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0:
             raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0,"
                              f" got {max_batch_size}, {max_queue_size}, {instances}, {max_queue_delay_ms}")
@@ -112,6 +115,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.instances = instances
         self.executor = executor
+        self.pad_to = pad_to
         self.input_shapes = None if input_shapes is None else {k: tuple(v) for k, v in input_shapes.items()}
         self.observe = observe
         self.on_depth = on_depth
@@ -346,7 +350,12 @@ class Batcher:
 
     def _call(self, instance: int, feeds: Feeds) -> tuple[Feeds, float]:
         t = time.perf_counter()
-        out = self.run(instance, feeds)
+        rows = next(iter(feeds.values())).shape[0]
+        if rows < self.pad_to:
+            feeds = {k: np.concatenate([v, np.repeat(v[:1], self.pad_to - rows, axis=0)]) for k, v in feeds.items()}
+            out = {k: v[:rows] for k, v in self.run(instance, feeds).items()}
+        else:
+            out = self.run(instance, feeds)
         return out, time.perf_counter() - t
 
     @staticmethod

@@ -55,6 +55,10 @@ class ServerConfig:
     """Re-scan the repository every this many seconds (0: reload only on request or signal)."""
     workers: int = 4
     """Threads of the pool that runs ONNX Runtime calls off the event loop (shared by all graphs)."""
+    pad_batches: str = "auto"
+    """Pad every ONNX Runtime call to max_batch_size rows: ``on``, ``off``, or ``auto`` (on for CUDA sessions,
+    whose kernels may pick a different algorithm per batch shape; CPU kernels give each row the same bits at
+    any batch size, so padding there only costs time)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repo", Path(self.repo))
@@ -63,6 +67,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        if self.pad_batches not in ("auto", "on", "off"):
+            raise ValueError(f"pad_batches must be auto, on or off, got {self.pad_batches!r}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError(f"thread counts must be >= 0 (0: ORT default), got intra_op_threads="
                              f"{self.intra_op_threads}, inter_op_threads={self.inter_op_threads}")

@@ -179,7 +179,7 @@ class Engine:
         m = self.metrics
         return load_version(self.cfg.repo, name, version, self.cfg.serving, self.cfg.inter_op_threads,
                             executor=self._executor, observe=None if m is None else m.observe_batch,
-                            on_depth=None if m is None else m.set_queue_depth)
+                            on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches)
 
     def _retire(self, m: LoadedModel) -> None:
         task = asyncio.ensure_future(m.retire())

@@ -141,7 +141,7 @@ class LoadedModel:
 
 def load_version(repo: Path, name: str, version: int, defaults: ServingSettings, inter_op_threads: int,
                  executor: Executor | None = None, observe: Callable[[BatchStats], None] | None = None,
-                 on_depth: Callable[[str, str, int], None] | None = None) -> LoadedModel:
+                 on_depth: Callable[[str, str, int], None] | None = None, pad_batches: str = "auto") -> LoadedModel:
     """Load ``repo/name/version`` (blocking: reads files, hashes graphs, opens sessions); else LoadFailed."""
     folder = repo / name / str(version)
     where = f"{name} version {version}"
@@ -186,7 +186,9 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
             g.name, _runner(sessions), max_batch_size=settings.max_batch_size,
             max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
             instances=settings.instances, executor=executor, input_shapes=shapes, model=name, observe=observe,
-            on_depth=None if on_depth is None else (lambda rows, g=g.name: on_depth(name, g, rows)))
+            on_depth=None if on_depth is None else (lambda rows, g=g.name: on_depth(name, g, rows)),
+            pad_to=settings.max_batch_size if pad_batches == "on" or (pad_batches == "auto"
+                                                                      and uses_cuda(sessions[0])) else 0)
     loaded = LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
                          providers=providers, program=program, batchers=batchers, operations=operations,
                          fingerprint=fingerprint(repo, name, version))

@@ -361,3 +361,26 @@ def test_new_requests_wait_for_company_and_continuation_steps_go_once_everyone_i
 
     fresh, step, waiting_for_peer = asyncio.run(main())
     assert fresh >= 0.29 and waiting_for_peer >= 0.29 and step < 0.15
+
+
+def test_padding_gives_every_call_one_shape_and_changes_no_answer(ppca) -> None:
+    """pad_to (used on CUDA, where kernels may depend on the batch shape): calls always see 16 rows."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 21, seed=11)
+    shapes: list[int] = []
+
+    def run(instance, f):
+        shapes.append(f["x"].shape[0])
+        return run_session(session, f)
+
+    b = Batcher("log_prob", run, max_batch_size=16, max_queue_delay_ms=0.0, pad_to=16)
+
+    async def main():
+        out = await asyncio.gather(b.submit(rows_of(feeds, 0, 1)), b.submit(rows_of(feeds, 1, 21)))
+        await b.stop()
+        return out
+
+    one, twenty = asyncio.run(main())
+    assert set(shapes) == {16} and len(shapes) == 2
+    assert same_bits(one, run_session(session, rows_of(feeds, 0, 1)))
+    assert same_bits(twenty, run_session(session, rows_of(feeds, 1, 21)))

@@ -373,3 +373,27 @@ def test_metrics_count_batches_samples_rows_and_loaded_versions(engine_config) -
     for name in ("genserve_inference_duration_seconds_bucket", "genserve_queue_wait_seconds_count",
                  "genserve_queue_depth", "genserve_batch_size_bucket"):
         assert name in text
+
+
+def test_padded_batches_and_the_metrics_endpoint(engine_config) -> None:
+    """pad_batches=on (the CUDA setting) gives the same numbers; /metrics serves the registry over HTTP."""
+    import urllib.request
+
+    x = np.random.default_rng(3).integers(0, 17, (5, 8, 8)).astype(np.float32)
+
+    async def body(engine):
+        lp = await asyncio.gather(*(engine.log_likelihood("digits-ppca", 0, x[i:i + 1], i, None) for i in range(5)))
+        s = await engine.sample("digits-ppca", 0, 3, 9, None, None, None, False)
+        return np.concatenate([r[0] for r in lp]), s[0]
+
+    plain = running(engine_config, body)
+    metrics = Metrics()
+    padded = running(replace(engine_config, pad_batches="on"), body, metrics)
+    assert equal(plain[0], padded[0]) and equal(plain[1], padded[1])
+    server, port = metrics.serve_http("127.0.0.1", 0)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'genserve_rows_scored_total{model="digits-ppca"} 5.0' in text
