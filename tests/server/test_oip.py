@@ -66,11 +66,15 @@ def triton_stub(channel: grpc.Channel) -> triton_grpc.GRPCInferenceServiceStub:
 
 
 @pytest.fixture(scope="module")
-def catalog(genserve: service_pb2_grpc.GenerativeServiceStub) -> dict[str, service_pb2.ModelInfo]:
+def catalog(genserve: service_pb2_grpc.GenerativeServiceStub, repo_dir: Path) -> dict[str, service_pb2.ModelInfo]:
     """Every ready model of the repository: name -> its GetModel answer (manifest included)."""
     models = genserve.ListModels(service_pb2.ListModelsRequest()).models
-    return {m.name: genserve.GetModel(service_pb2.GetModelRequest(model=m.name)) for m in models
-            if m.state == service_pb2.MODEL_STATE_READY}
+    ready = {m.name: genserve.GetModel(service_pb2.GetModelRequest(model=m.name)) for m in models
+             if m.state == service_pb2.MODEL_STATE_READY}
+    if VAE not in ready:  # the VAE has every operation; without it most of these tests mean nothing
+        failed = (repo_dir / "FAILED.txt").read_text() if (repo_dir / "FAILED.txt").exists() else ""
+        pytest.fail(f"{VAE} is not served from the test repository; export failures: {failed or 'none'}")
+    return ready
 
 
 def operations(info: service_pb2.ModelInfo) -> list[str]:
