@@ -46,7 +46,6 @@ class GraphParity:
     max_abs_error: float = 0.0
     max_scaled_error: float = 0.0  # error / (ATOL + RTOL * max|PyTorch|); <= 1 passes
     checks: list[tuple[str, int, str, float]] = field(default_factory=list)  # (inputs, batch, output, error)
-    real_source: str = ""  # "program" (recorded server feeds) or "data" (test rows and draws)
 
 
 def _is_data_input(name: str, example: torch.Tensor, spec: DataSpec) -> bool:
