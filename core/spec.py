@@ -95,13 +95,13 @@ class DataSpec:
             if out.any():
                 row, col = np.argwhere(out)[0]
                 raise ValueError(
-                    f"{what} row {row} value {flat[row, col]!r} is not an integer level in 0..{self.levels - 1}"
+                    f"{what} row {row} value {float(flat[row, col]):g} is not an integer level in 0..{self.levels - 1}"
                 )
         else:
             out = (flat < self.low) | (flat > self.high)
             if out.any():
                 row, col = np.argwhere(out)[0]
-                raise ValueError(f"{what} row {row} value {flat[row, col]!r} is outside [{self.low}, {self.high}]")
+                raise ValueError(f"{what} row {row} value {float(flat[row, col]):g} is outside [{self.low}, {self.high}]")
 
     def postprocess(self, x: np.ndarray) -> np.ndarray:
         """Map model output to the data domain: round and clip discrete values to the levels."""
