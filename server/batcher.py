@@ -248,8 +248,14 @@ class Batcher:
     async def _worker(self, instance: int) -> None:
         while True:
             parts = await self._next_batch()
-            if parts:
+            if not parts:
+                continue
+            try:
                 await self._execute(instance, parts)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - _execute answers its submissions; a bug here must not stop the worker
+                log.exception("batcher %s/%s: worker error", self.model, self.graph)
 
     async def _next_batch(self) -> list[tuple[_Submission, int, int]]:
         """Wait until a batch is due (full, or its oldest row waited ``delay``), then take it."""

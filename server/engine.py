@@ -163,13 +163,14 @@ class Engine:
             if name in found and not found[name]:
                 errors[0] = f"{repo / name} has no version folders (1, 2, ...); export a model into it"
                 result.errors.append(LoadError(name, 0, errors[0]))
+            old_errors = entry.errors
             entry.versions, entry.errors, entry.loading = new, errors, False  # the atomic swap
             for version, m in old.items():
                 if new.get(version) is not m:
                     self._retire(m)
                     if version not in new:
                         result.unloaded.append((name, version))
-            self._report_loaded(name, new, errors, old)
+            self._report_loaded(name, new, errors, set(old) | set(old_errors))
             if name not in found:
                 del self._models[name]
         result.models = self.list_models()
@@ -187,10 +188,11 @@ class Engine:
         task.add_done_callback(self._retiring.discard)
 
     def _report_loaded(self, name: str, new: dict[int, LoadedModel], errors: dict[int, str],
-                       old: dict[int, LoadedModel]) -> None:
+                       before: set[int]) -> None:
+        """genserve_model_loaded: 1 serving, 0 failed; series of versions that left the repository go."""
         if self.metrics is None:
             return
-        for version in set(old) - set(new) - set(errors):
+        for version in before - set(new) - set(errors) - {0}:
             self.metrics.set_model_loaded(name, version, None)
         for version in new:
             self.metrics.set_model_loaded(name, version, True)
