@@ -11,7 +11,12 @@ calls already on the wire are not lost); then the server stops accepting RPCs, e
 its end (up to ``cfg.grace_s`` in all, then what is left is cancelled), and the engine stops.
 
 Reload (SIGHUP, the ReloadRepository RPC, or every ``cfg.poll_s`` seconds) goes through one lock and
-refreshes per-model health afterwards.
+refreshes per-model health afterwards; it also re-reads the token file (token rotation).
+
+Security (server/auth.py): ``cfg.tls_cert``/``tls_key`` make the gRPC port TLS-only, ``tls_client_ca`` adds
+mutual TLS; ``cfg.token_file``/``token_env`` require a bearer token on every RPC except health checks
+(``open_health``) and, when asked, reflection (``open_reflection``). The metrics port stays plain HTTP: bind
+it to a private interface.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from genserve.server import auth
 from genserve.server.servicer import GenerativeServicer
 from genserve.v1 import service_pb2, service_pb2_grpc
 
@@ -95,10 +101,15 @@ class Server:
         self._health_names: set[str] = set()
         self._stopping = False
         self._arrivals = Arrivals()
+        self.auth: auth.TokenAuth | None = None
 
     async def start(self, cfg: Any, engine: Any = None) -> None:
         """Load the repository, bind ``cfg.host:cfg.port`` and serve; ``engine`` replaces the default one."""
         self.cfg = cfg
+        # Credentials first: a typo in a TLS or token path fails at once, before models load.
+        credentials = auth.server_credentials(cfg)
+        if cfg.auth:
+            self.auth = auth.TokenAuth(auth.read_tokens(cfg), auth.open_prefixes(cfg), self._refused)
         if engine is None:
             from genserve.server.engine import Engine
             from genserve.server.metrics import Metrics
@@ -110,7 +121,8 @@ class Server:
         self.engine = engine
         await engine.start()
 
-        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=[self._arrivals])
+        interceptors = [self._arrivals] if self.auth is None else [self.auth, self._arrivals]
+        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=interceptors)
         servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
         self.health = health_aio.HealthServicer()
@@ -126,7 +138,10 @@ class Server:
         # ---- end Open Inference Protocol
         target = address(cfg.host, cfg.port)
         try:
-            self.port = self._grpc.add_insecure_port(target)
+            if credentials is None:
+                self.port = self._grpc.add_insecure_port(target)
+            else:
+                self.port = self._grpc.add_secure_port(target, credentials)
         except RuntimeError as e:
             await engine.stop()
             raise ValueError(f"cannot listen on {target} ({str(e).split(';')[0]}); is the port in use? "
@@ -142,7 +157,22 @@ class Server:
         await self.refresh_health()
         if cfg.poll_s > 0:
             self._poller = asyncio.ensure_future(self._poll())
-        log.info("serving on %s", address(cfg.host, self.port))
+        log.info("serving on %s (%s)", address(cfg.host, self.port), security(cfg))
+        if self.auth is not None:
+            log.info("auth: %d bearer token(s) accepted", self.auth.count)
+
+    def _refused(self) -> None:
+        if self.metrics is not None:
+            self.metrics.unauthenticated.inc()
+
+    def reload_tokens(self) -> None:
+        """Re-read the token file and variable (rotation); on a problem the tokens in use stay."""
+        if self.auth is None:
+            return
+        try:
+            self.auth.update(auth.read_tokens(self.cfg))
+        except ValueError as e:
+            log.warning("auth: keeping the tokens in use; re-reading them failed: %s", e)
 
     def _start_metrics_http(self) -> None:
         """The Prometheus endpoint on its own port (``cfg.metrics_port``; 0 leaves it off)."""
@@ -170,6 +200,7 @@ class Server:
 
     async def reload(self) -> Any:
         """Rescan the repository (one reload at a time) and refresh health; returns the engine's result."""
+        self.reload_tokens()
         async with self._reload_lock:
             result = await self.engine.reload()
             await self.refresh_health()
@@ -284,7 +315,14 @@ def ready_line(server: Server) -> str:
             models.append(f"{s.name}:{s.state}")
     metrics = f"http://{address(cfg.host, server.metrics_port)}/metrics" if server.metrics_port else "off"
     return (f"genserve: serving grpc={address(cfg.host, server.port)} port={server.port} "
-            f"metrics={metrics} metrics_port={server.metrics_port} models={' '.join(models) or '(none)'}")
+            f"metrics={metrics} metrics_port={server.metrics_port} {security(cfg)} "
+            f"models={' '.join(models) or '(none)'}")
+
+
+def security(cfg: Any) -> str:
+    """``tls=off|on|mutual auth=off|token``: what a client needs (never the tokens themselves)."""
+    tls = "off" if getattr(cfg, "tls_cert", None) is None else ("mutual" if cfg.tls_client_ca else "on")
+    return f"tls={tls} auth={'token' if getattr(cfg, 'auth', False) else 'off'}"
 
 
 async def serve(cfg: Any, announce: Callable[[str], None] = print) -> int:

@@ -10,8 +10,11 @@ EPILOG = """examples:
   genserve serve --repo /models --host 0.0.0.0 --port 8500 --metrics-port 8502 --provider cuda
   genserve serve --config server.toml --max-batch-size 128 --max-queue-delay-ms 5 --poll-s 30
   python -m genserve.server.cli --repo model_repository --port 0     # any free port, printed when ready
+  genserve serve --repo /models --tls-cert srv.pem --tls-key srv.key --token-file /etc/genserve/tokens
+  genserve serve --repo /models --tls-cert srv.pem --tls-key srv.key --tls-client-ca clients-ca.pem
 
-signals: SIGTERM/SIGINT drain accepted requests (up to --grace-s) and exit; SIGHUP reloads the repository.
+signals: SIGTERM/SIGINT drain accepted requests (up to --grace-s) and exit; SIGHUP reloads the repository
+(and re-reads --token-file).
 """
 
 FLAGS: list[tuple[str, str, type, str, str]] = [
@@ -31,6 +34,17 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--max-message-mb", "max_message_mb", int, "MIB", "gRPC message size limit each way (default 64)"),
     ("--grace-s", "grace_s", float, "S", "seconds to finish accepted requests after SIGTERM (default 10)"),
     ("--poll-s", "poll_s", float, "S", "rescan the repository every S seconds (default 0 = never)"),
+    ("--max-queued-rows", "max_queued_rows", int, "N",
+     "most rows held by requests in progress, server-wide (default 1048576)"),
+    ("--max-deadline-s", "max_deadline_s", float, "S",
+     "deadline ceiling: no request (or stream chunk) runs longer (default 300)"),
+    ("--tls-cert", "tls_cert", str, "PEM", "server certificate chain: serve TLS only (with --tls-key)"),
+    ("--tls-key", "tls_key", str, "PEM", "private key of --tls-cert"),
+    ("--tls-client-ca", "tls_client_ca", str, "PEM", "require client certificates signed by this CA (mTLS)"),
+    ("--token-file", "token_file", str, "PATH", "bearer tokens, one per line: every RPC must send one"),
+    ("--token-env", "token_env", str, "VAR", "environment variable holding bearer tokens (comma-separated)"),
+    ("--open-health", "open_health", bool, "", "health checks need no token (default on; --no-open-health)"),
+    ("--open-reflection", "open_reflection", bool, "", "server reflection needs no token (default off)"),
 ]
 """flag, ServerConfig field, type, metavar, help. Model-level batching settings (batch size, delay, queue,
 instances) are defaults: a model's manifest and its config.json override them."""
@@ -49,7 +63,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="TOML",
                    help="server settings file (.toml) with ServerConfig keys; flags override it")
     for flag, dest, kind, metavar, help_text in FLAGS:
-        p.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=help_text)
+        if kind is bool:
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=help_text)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="server log level on stderr (default INFO)")
 

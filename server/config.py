@@ -55,6 +55,28 @@ class ServerConfig:
     """Re-scan the repository every this many seconds (0: reload only on request or signal)."""
     workers: int = 4
     """Threads of the pool that runs ONNX Runtime calls off the event loop (shared by all graphs)."""
+    max_queued_rows: int = 1048576
+    """Most rows of requests accepted and not yet answered, summed over every model and RPC (a Sample request
+    counts n, a stream the rows it holds at once); beyond it new requests get RESOURCE_EXHAUSTED."""
+    max_deadline_s: float = 300.0
+    """Deadline ceiling, seconds: a request with no deadline, or a longer one, is cut off after this long
+    (DEADLINE_EXCEEDED); for streams it bounds each chunk's work, not the whole stream."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with ``tls_key`` the gRPC port speaks TLS only."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificates; when set, clients must present a certificate signed by one (mutual TLS)."""
+    token_file: Path | None = None
+    """File of bearer tokens, one per line (blank lines and ``#`` comments skipped); when set (or
+    ``token_env``), every RPC needs ``authorization: Bearer <token>`` metadata. Re-read on reload (SIGHUP)."""
+    token_env: str = ""
+    """Name of an environment variable holding bearer tokens (separated by whitespace or commas), read at
+    start; the name goes in the config, never the tokens."""
+    open_health: bool = True
+    """With token auth: grpc.health.v1.Health (and the OIP ServerLive/ServerReady probes) need no token."""
+    open_reflection: bool = False
+    """With token auth: server reflection needs no token."""
     pad_batches: str = "auto"
     """Pad every ONNX Runtime call to max_batch_size rows: ``on``, ``off``, or ``auto`` (on for CUDA sessions,
     whose kernels may pick a different algorithm per batch shape; CPU kernels give each row the same bits at
@@ -62,6 +84,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repo", Path(self.repo))
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, Path(value) if value not in (None, "") else None)
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
@@ -73,13 +98,30 @@ class ServerConfig:
             raise ValueError(f"thread counts must be >= 0 (0: ORT default), got intra_op_threads="
                              f"{self.intra_op_threads}, inter_op_threads={self.inter_op_threads}")
         for name in ("max_batch_size", "max_queue_size", "instances", "max_rows_per_request", "max_sample_n",
-                     "max_message_mb", "max_langevin_steps", "max_importance_samples", "workers"):
+                     "max_message_mb", "max_langevin_steps", "max_importance_samples", "workers",
+                     "max_queued_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue_delay_ms", "grace_s", "poll_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.max_deadline_s) and self.max_deadline_s > 0):
+            raise ValueError(f"max_deadline_s must be a finite number > 0, got {self.max_deadline_s}")
+        most = max(self.max_rows_per_request, self.max_sample_n)
+        if self.max_queued_rows < most:
+            raise ValueError(f"max_queued_rows ({self.max_queued_rows}) must be at least max_rows_per_request "
+                             f"({self.max_rows_per_request}) and max_sample_n ({self.max_sample_n}), or the "
+                             "largest allowed request could never run")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"TLS needs both tls_cert and tls_key, got tls_cert={self.tls_cert}, "
+                             f"tls_key={self.tls_key}")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(f"tls_client_ca ({self.tls_client_ca}) asks for mutual TLS, which needs the "
+                             "server's own tls_cert and tls_key")
+        if self.token_env and not self.token_env.replace("_", "").isalnum():
+            raise ValueError(f"token_env must name an environment variable (letters, digits, _), got "
+                             f"{self.token_env!r}")
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError(f"metrics_port and port must differ, both are {self.port}")
 
@@ -115,9 +157,16 @@ class ServerConfig:
             raise ValueError("repo is not set; give --repo DIR or `repo = \"DIR\"` in the config file")
         return cls(**values)
 
+    @property
+    def auth(self) -> bool:
+        """Bearer tokens are required (from ``token_file`` and/or ``token_env``)."""
+        return self.token_file is not None or bool(self.token_env)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["repo"] = str(self.repo)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
         return d
 
 
@@ -129,10 +178,13 @@ def _checked(values: dict[str, Any], where: str) -> dict[str, Any]:
         if key not in kinds:
             raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(kinds))}")
         kind = kinds[key]
-        if kind == "Path":
-            if not isinstance(value, str | Path):
+        if kind in ("Path", "Path | None"):
+            if not isinstance(value, str | Path) or (kind == "Path" and value == ""):
                 raise ValueError(f"{where}: {key} must be a path, got {value!r}")
-            value = Path(value)
+            value = Path(value) if value != "" else None
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
         elif kind == "float":
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{where}: {key} must be a number, got {value!r}")

@@ -30,6 +30,7 @@ import numpy as np
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD, OPERATION
 from genserve.server.errors import EngineError
+from genserve.server.limits import RowBudget, deadline
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger("genserve.server")
@@ -86,12 +87,13 @@ def request_seed(request: Any) -> int:
     return int(request.seed)
 
 
-def check_target(request: Any) -> None:
+def check_target(request: Any, prefix: str = "") -> None:
     """Model name and version fields; the engine answers NOT_FOUND for names and versions it lacks."""
     if not request.model:
-        raise invalid("model", "no model name given; ListModels lists the models this server has")
+        raise invalid(prefix + "model", "no model name given; ListModels lists the models this server has")
     if request.version < 0:
-        raise invalid("version", f"{request.version} is negative; name a version >= 1, or 0 for the default")
+        raise invalid(prefix + "version", f"{request.version} is negative; name a version >= 1, or 0 for the "
+                                          "default")
 
 
 def tensor_field(request: Any, field: str, max_rows: int) -> np.ndarray:
@@ -160,6 +162,8 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         self.max_sample_n = int(limits.max_sample_n)
         self.max_rows = int(limits.max_rows_per_request)
         self.max_message_bytes = int(limits.max_message_mb) * 2**20
+        self.max_deadline_s = float(getattr(limits, "max_deadline_s", math.inf))
+        self.rows = RowBudget(int(getattr(limits, "max_queued_rows", 2**62)))
         self.observe = observe
         self.reload = reload or engine.reload
         self._known: set[str] = set()
@@ -185,18 +189,21 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             except Exception:  # noqa: BLE001
                 log.exception("metrics: recording %s failed", method)
 
-    @staticmethod
-    async def _deadline(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-        """Await ``work`` within the RPC's deadline; a passed deadline cancels it (its queued rows drop)."""
-        remaining = context.time_remaining()
-        if remaining is None:
+    async def _deadline(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+        """Await ``work`` within the RPC's deadline, capped at max_deadline_s; a passed deadline cancels it
+        (its queued rows drop)."""
+        timeout, capped = deadline(context.time_remaining(), self.max_deadline_s)
+        if math.isinf(timeout):
             return await work
         try:
-            return await asyncio.wait_for(work, timeout=max(remaining, 0.0))
+            return await asyncio.wait_for(work, timeout=timeout)
         except TimeoutError:
-            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED,
-                             "the deadline passed before the answer was ready; allow more time or send less"
-                             ) from None
+            if capped:
+                message = (f"the request ran past this server's deadline ceiling of {self.max_deadline_s:g} s"
+                           " (max_deadline_s); send less per request, or use the streaming RPCs")
+            else:
+                message = "the deadline passed before the answer was ready; allow more time or send less"
+            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
 
     def _failure(self, method: str, model: str, error: BaseException) -> RpcFailure:
         """The status a failed request answers with."""
@@ -306,8 +313,9 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             if size > self.max_message_bytes * 0.95:  # headroom for the envelope
                 raise invalid("n", f"{request.n} samples take {size / 2**20:.1f} MiB, above the"
                                    f" {self.max_message_bytes // 2**20} MiB message limit; use SampleStream")
-            x, z, version = await self._deadline(context, self._sample(request, int(request.n), seed,
-                                                                        int(request.version)))
+            with self.rows.hold(request.n):
+                x, z, version = await self._deadline(context, self._sample(request, int(request.n), seed,
+                                                                            int(request.version)))
             response = service_pb2.SampleResponse(samples=to_proto(x), model_version=int(version), seed=seed)
             if z is not None and request.return_latents:
                 response.latents.CopyFrom(to_proto(z))
@@ -323,6 +331,7 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         blocks: list[asyncio.Task] = []
         try:
             try:
+                check_target(sample, "sample.")
                 self._check_sample(sample, field="sample.n")
                 seed = request_seed(sample)
                 if request.chunk_size < 0:
@@ -333,8 +342,11 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
                 if chunk > most:
                     raise invalid("chunk_size", f"{chunk} rows exceed the message limit of "
                                                 f"{self.max_message_bytes // 2**20} MiB; use at most {most}")
-                async for response in self._stream_blocks(sample, seed, chunk, blocks, context):
-                    yield response
+                # The rows a stream holds at once: the blocks computed ahead plus one chunk being cut.
+                held = min(int(sample.n), STREAM_BLOCK_ROWS * (STREAM_BLOCKS_AHEAD + 1) + chunk)
+                with self.rows.hold(held):
+                    async for response in self._stream_blocks(sample, seed, chunk, blocks, context):
+                        yield response
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -400,8 +412,9 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         x = tensor_field(request, "x", self.max_rows)
         seed = request_seed(request)
         k = optional(request, "importance_samples")
-        log_prob, bpd, kind, version = await self._deadline(
-            context, self.engine.log_likelihood(request.model, int(request.version), x, seed, k))
+        with self.rows.hold(len(x)):
+            log_prob, bpd, kind, version = await self._deadline(
+                context, self.engine.log_likelihood(request.model, int(request.version), x, seed, k))
         response = service_pb2.LogLikelihoodResponse(
             log_prob=to_proto(np.asarray(log_prob, dtype=np.float64)),
             kind=LIKELIHOOD.get(kind, manifest_pb2.LIKELIHOOD_KIND_UNSPECIFIED),
@@ -466,9 +479,10 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             check_target(request)
             x = tensor_field(request, "x", self.max_rows)
             seed = request_seed(request)
-            z, version = await self._deadline(
-                context,
-                self.engine.encode(request.model, int(request.version), x, seed, bool(request.sample)))
+            with self.rows.hold(len(x)):
+                z, version = await self._deadline(
+                    context,
+                    self.engine.encode(request.model, int(request.version), x, seed, bool(request.sample)))
             return service_pb2.EncodeResponse(z=to_proto(np.asarray(z, dtype=np.float32)),
                                               model_version=int(version), seed=seed)
 
@@ -480,9 +494,10 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             check_target(request)
             z = tensor_field(request, "z", self.max_rows)
             seed = request_seed(request)
-            x, version = await self._deadline(
-                context,
-                self.engine.decode(request.model, int(request.version), z, seed, bool(request.sample)))
+            with self.rows.hold(len(z)):
+                x, version = await self._deadline(
+                    context,
+                    self.engine.decode(request.model, int(request.version), z, seed, bool(request.sample)))
             return service_pb2.DecodeResponse(x=to_proto(np.asarray(x, dtype=np.float32)),
                                               model_version=int(version), seed=seed)
 

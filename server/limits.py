@@ -1,0 +1,47 @@
+"""Server-wide admission limits of the transport: rows held by requests in progress, and the deadline ceiling.
+
+Per-request limits (rows per request, samples per request, message size) are checked where each field is
+read; the two here are about the server as a whole. ``RowBudget`` bounds the rows of all requests accepted and
+not yet answered, so a flood of large requests is refused at once (RESOURCE_EXHAUSTED) instead of growing
+memory; ``deadline`` caps how long any one unit of work may run, so a client that sets no deadline cannot
+hold rows forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+from genserve.server.errors import QueueFull
+
+
+class RowBudget:
+    """At most ``limit`` rows held at once by requests in progress (one event loop: no locking needed)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"max_queued_rows must be >= 1, got {limit}")
+        self.limit = int(limit)
+        self.held = 0
+
+    @contextlib.contextmanager
+    def hold(self, rows: int) -> Iterator[None]:
+        """Hold ``rows`` while the block runs; QueueFull (RESOURCE_EXHAUSTED) when they do not fit now."""
+        rows = int(rows)
+        if self.held + rows > self.limit:
+            raise QueueFull(f"max_queued_rows: requests in progress hold {self.held} rows and this one needs "
+                            f"{rows}, above this server's limit of {self.limit}; retry later or send fewer "
+                            "rows per request")
+        self.held += rows
+        try:
+            yield
+        finally:
+            self.held -= rows
+
+
+def deadline(remaining: float | None, ceiling: float) -> tuple[float, bool]:
+    """(seconds the work may take, whether the server's ceiling rather than the client's deadline set it)."""
+    if remaining is None or not math.isfinite(remaining) or remaining > ceiling:
+        return ceiling, True
+    return max(remaining, 0.0), False
