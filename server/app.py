@@ -37,6 +37,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from genserve.server import auth
+from genserve.server.decoding import SafeDecoding
 from genserve.server.servicer import GenerativeServicer
 from genserve.v1 import service_pb2, service_pb2_grpc
 
@@ -121,7 +122,9 @@ class Server:
         self.engine = engine
         await engine.start()
 
-        interceptors = [self._arrivals] if self.auth is None else [self.auth, self._arrivals]
+        # Order: the token check first (refusals parse nothing), then safe parsing, then arrival times.
+        interceptors = [SafeDecoding(), self._arrivals] if self.auth is None else [self.auth, SafeDecoding(),
+                                                                                    self._arrivals]
         self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=interceptors)
         servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)

@@ -29,6 +29,7 @@ import numpy as np
 
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD, OPERATION
+from genserve.server.decoding import BadMessage
 from genserve.server.errors import EngineError
 from genserve.server.limits import RowBudget, deadline
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
@@ -209,6 +210,8 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         """The status a failed request answers with."""
         if isinstance(error, RpcFailure):
             return error
+        if isinstance(error, BadMessage):  # a request stream's message that did not parse
+            return RpcFailure(error.code, error.message)
         if isinstance(error, EngineError):
             code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
             return RpcFailure(code, str(error) or type(error).__name__)

@@ -1,0 +1,114 @@
+"""Request messages that are not valid protobuf answer INVALID_ARGUMENT, not gRPC's UNKNOWN with a traceback.
+
+gRPC parses a request with the method's deserializer before any handler runs; a parse error there becomes
+status UNKNOWN and an ERROR with a traceback in the log, for every malformed message a client sends. This
+interceptor swaps in a deserializer that returns an ``Undecodable`` marker instead, and a handler wrapper that
+answers the marker with INVALID_ARGUMENT naming the message type.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+
+class Undecodable:
+    """Stands for a request message that did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class BadMessage(Exception):
+    """Raised inside a request stream at a message that did not parse; ``message`` says which."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = grpc.StatusCode.INVALID_ARGUMENT
+        self.message = message
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's malformed message
+            return Undecodable(e)
+
+    return parse
+
+
+def _what(method: str) -> str:
+    return f"the request message of {method} is not valid protobuf; send a message built from the service's .proto"
+
+
+def _unary_request(behaviour: Callable[..., Any], method: str, streaming_response: bool) -> Callable[..., Any]:
+    if streaming_response and inspect.isasyncgenfunction(behaviour):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _what(method))
+            async for response in behaviour(request, context):
+                yield response
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _what(method))
+        return await behaviour(request, context)
+
+    return unary
+
+
+def _checked_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    async def check() -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                raise BadMessage(_what(method))
+            yield request
+
+    return check()
+
+
+def _stream_request(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behaviour):
+        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in behaviour(_checked_stream(requests, method), context):
+                yield response
+
+        return stream
+
+    async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await behaviour(_checked_stream(requests, method), context)
+
+    return unary
+
+
+class SafeDecoding(grpc.aio.ServerInterceptor):
+    """Wraps every handler so that an unparsable request is INVALID_ARGUMENT (see the module docstring)."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Any],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = details.method
+        parse = _safe(handler.request_deserializer)
+        out = handler.response_serializer
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(_stream_request(handler.stream_stream, method),
+                                                         request_deserializer=parse, response_serializer=out)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(_stream_request(handler.stream_unary, method),
+                                                        request_deserializer=parse, response_serializer=out)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(_unary_request(handler.unary_stream, method, True),
+                                                        request_deserializer=parse, response_serializer=out)
+        return grpc.unary_unary_rpc_method_handler(_unary_request(handler.unary_unary, method, False),
+                                                   request_deserializer=parse, response_serializer=out)
