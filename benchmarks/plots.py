@@ -1,0 +1,85 @@
+"""PNG plots of benchmark results (matplotlib, Agg backend): the concurrency sweep and the ratio figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+
+
+def sweep(result: dict, path: str | Path, title: str | None = None) -> Path:
+    """Four panels against concurrency: throughput, latency percentiles, server time split, CPU cores."""
+    levels = result["levels"]
+    c = [r["concurrency"] for r in levels]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+    spec = result["spec"]
+    fig.suptitle(title or f"{spec['model']} {spec['operation']}, {spec['rows']} row(s) per request")
+
+    a = ax[0, 0]
+    a.plot(c, [r["throughput_rps"] for r in levels], "o-", label="requests/s")
+    if spec["rows"] != 1:
+        a.plot(c, [r["throughput_rows_s"] for r in levels], "s--", label="rows/s")
+    a.set(xscale="log", xlabel="concurrency (clients)", ylabel="throughput", title="throughput")
+    a.legend()
+
+    a = ax[0, 1]
+    for p in ("p50", "p90", "p95", "p99"):
+        a.plot(c, [r["latency_ms"][p] for r in levels], "o-", label=p)
+    a.set(xscale="log", yscale="log", xlabel="concurrency (clients)", ylabel="ms", title="client latency")
+    a.legend()
+
+    a = ax[1, 0]
+    parts = [("queue_s", "queue"), ("compute_s", "compute (ORT)"), ("other_s", "server other"),
+             ("client_overhead_s", "network + client")]
+    bottom = [0.0] * len(levels)
+    x = range(len(levels))
+    for key, label in parts:
+        vals = [r["server"].get(key, 0.0) * 1e3 for r in levels]
+        a.bar(x, vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    a.set_xticks(list(x), [str(v) for v in c])
+    a.set(xlabel="concurrency (clients)", ylabel="ms per request (mean)", title="where a request's time goes")
+    a.legend(fontsize=8)
+
+    a = ax[1, 1]
+    cpu = [r["cpu"] for r in levels]
+    a.plot(c, [k["machine_busy_cores"] for k in cpu], "k-", label="machine (all processes)")
+    if any(k["processes_cores"].get("server") is not None for k in cpu):
+        a.plot(c, [k["processes_cores"].get("server") or 0.0 for k in cpu], "o-", label="server process")
+    a.plot(c, [sum(v or 0.0 for n, v in k["processes_cores"].items() if n.startswith("loadgen")) for k in cpu],
+           "s-", label="load generator (all processes)")
+    a.axhline(cpu[0]["cores"], color="grey", ls=":", label=f"{cpu[0]['cores']} cores")
+    a.set(xscale="log", xlabel="concurrency (clients)", ylabel="cores", title="CPU used")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def bars(groups: dict[str, dict[str, float]], path: str | Path, title: str, ylabel: str,
+         log: bool = False) -> Path:
+    """Grouped bars: ``groups[group][series] = value`` (e.g. model -> {batching on, batching off})."""
+    names = list(groups)
+    series = list(dict.fromkeys(s for g in groups.values() for s in g))
+    width = 0.8 / max(len(series), 1)
+    fig, a = plt.subplots(figsize=(max(6, 1.2 * len(names) * max(len(series), 1) / 2 + 3), 4.5))
+    for i, s in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+        a.bar(xs, [groups[g].get(s, 0.0) for g in names], width, label=s)
+    a.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    a.set(ylabel=ylabel, title=title)
+    if log:
+        a.set_yscale("log")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,345 @@
+"""`python -m benchmarks.ratios`: the four ratios of BENCHMARKS.md, each measured by one command on one machine.
+
+    python -m benchmarks.ratios batching --repo /tmp/bench/repo        # a. dynamic batching on vs off
+    python -m benchmarks.ratios ceiling  --repo /tmp/bench/repo        # b. server at saturation vs in-process
+    python -m benchmarks.ratios ort-torch --repo /tmp/bench/repo --checkpoints /tmp/bench   # c. ORT vs eager
+    python -m benchmarks.ratios sampling --repo /tmp/bench/repo        # d. arrnn step vs prefix; samples/s
+
+Each writes ``--out-dir``/ratio-<name>.json and a PNG, and prints a Markdown table. The in-process figures run
+ONNX Runtime with the server's thread settings (1 intra-op, 1 inter-op thread, no spinning) and PyTorch with
+``torch.set_num_threads(1)``. Timings are medians of repeated calls after warm-up calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import plots, procstat
+from benchmarks.loadgen import SweepSettings
+from benchmarks.run import run_sweep
+
+FLOW, VAE, ARRNN = "digits-realnvp", "digits-vae", "digits-arrnn"
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+def timeit(fn: Callable[[], Any], budget_s: float = 1.0, min_reps: int = 5, max_reps: int = 5000,
+           warmup: int = 3) -> dict:
+    """Median and best seconds per call of ``fn`` over as many calls as fit in ``budget_s`` (within bounds)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "best_s": min(times), "reps": len(times)}
+
+
+def load_program(repo: Path, name: str) -> tuple[Any, Any, dict[str, Path]]:
+    """(program, manifest, graph files) of the default (highest) version of model ``name`` in ``repo``."""
+    from genserve.core.manifest import read_manifest, spec_from_proto
+    from genserve.server.programs import program_class
+
+    version = max(int(p.name) for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit())
+    folder = repo / name / str(version)
+    manifest = read_manifest(folder / "manifest.json")
+    program = program_class(manifest.model)(spec_from_proto(manifest.data), dict(manifest.parameters))
+    return program, manifest, {g.name: folder / g.file for g in manifest.graphs}
+
+
+def direct_runner(files: dict[str, Path]) -> Any:
+    """ONNX Runtime called directly with the server's defaults: CPU, 1 intra-op and 1 inter-op thread."""
+    from genserve.server.sessions import DirectRunner, SessionOptions
+
+    return DirectRunner.from_files(files, SessionOptions(provider="cpu", intra_op_threads=1, inter_op_threads=1))
+
+
+def server_sample_rows(repo: Path, name: str, n: int) -> np.ndarray:
+    """n data rows for model ``name``: its own samples, drawn in-process (valid data of its domain)."""
+    from genserve.core.noise import Noise
+
+    program, _, files = load_program(repo, name)
+    return asyncio.run(program.sample(direct_runner(files), n, Noise(1))).x
+
+
+def header(kind: str) -> dict:
+    return {"ratio": kind, "machine": procstat.machine_info(), "started_unix": time.time(),
+            "command": "python -m benchmarks.ratios " + " ".join(sys.argv[1:])}
+
+
+def level_summary(level: dict) -> dict:
+    """The figures of one load-generator level that the ratio tables quote."""
+    s = level["server"]
+    return {"throughput_rps": level["throughput_rps"], "throughput_rows_s": level["throughput_rows_s"],
+            "p50_ms": level["latency_ms"]["p50"], "p99_ms": level["latency_ms"]["p99"],
+            "stable": level["stable"], "errors": level["errors"], "rows_per_call": s.get("rows_per_call"),
+            "queue_ms": s.get("queue_s", 0) * 1e3, "compute_ms": s.get("compute_s", 0) * 1e3,
+            "server_cores": level["cpu"]["processes_cores"].get("server"),
+            "loadgen_cores": sum(v or 0 for k, v in level["cpu"]["processes_cores"].items()
+                                 if k.startswith("loadgen")),
+            "machine_busy_cores": level["cpu"]["machine_busy_cores"], "loadavg_1m": level["loadavg"][0],
+            "limited_by": level["limited_by"]}
+
+
+def sweep_settings(args: argparse.Namespace, concurrency: tuple[int, ...]) -> SweepSettings:
+    return SweepSettings(concurrency=concurrency, warmup_s=args.warmup_s, window_s=args.window_s,
+                         stable_windows=args.stable_windows, max_windows=args.max_windows)
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ---- a. dynamic batching on vs off ---------------------------------------------------------------------------
+def batching(args: argparse.Namespace) -> dict:
+    """64 clients, 1-row LogLikelihood, max_batch_size 64 vs 1, for the flow and the VAE (K default and 1)."""
+    out = header("batching")
+    cases = [(FLOW, None), (VAE, None), (VAE, 1)]
+    out["cases"] = []
+    for model, k in cases:
+        case = {"model": model, "importance_samples": k, "concurrency": args.clients}
+        for label, mbs in (("on", 64), ("off", 1)):
+            log(f"batching {label}: {model} K={k or 'default'}")
+            r = run_sweep({"model": model, "operation": "log_likelihood", "rows": 1, "importance_samples": k},
+                          sweep_settings(args, (args.clients,)), args.processes, repo=str(args.repo),
+                          serving={"max_batch_size": mbs, "max_queue_delay_ms": args.delay_ms},
+                          flags={"--threads": 1}, log=log)
+            case[label] = level_summary(r["levels"][0])
+        case["throughput_ratio"] = case["on"]["throughput_rps"] / max(case["off"]["throughput_rps"], 1e-9)
+        case["p99_ratio_on_over_off"] = case["on"]["p99_ms"] / max(case["off"]["p99_ms"], 1e-9)
+        out["cases"].append(case)
+    groups = {f"{c['model']} K={c['importance_samples'] or 'default'}":
+              {"batching on (64)": c["on"]["throughput_rps"], "batching off (1)": c["off"]["throughput_rps"]}
+              for c in out["cases"]}
+    plots.bars(groups, Path(args.out_dir) / "batching.png", f"{args.clients} clients, 1-row LogLikelihood",
+               "requests/s", log=True)
+    lines = ["| model | batching | req/s | p50 ms | p99 ms | rows/call | limited by |", "|---|---|---|---|---|---|---|"]
+    for c in out["cases"]:
+        name = f"{c['model']} (K={c['importance_samples'] or 'default'})" if "vae" in c["model"] else c["model"]
+        for label in ("on", "off"):
+            s = c[label]
+            lines.append(f"| {name} | {label} | {s['throughput_rps']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
+                         f"{s['rows_per_call'] or 0:.1f} | {s['limited_by']} |")
+        lines.append(f"| {name} | **ratio** | **{c['throughput_ratio']:.1f}x** | | p99 on/off "
+                     f"{c['p99_ratio_on_over_off']:.2f} | | |")
+    out["table"] = "\n".join(lines)
+    return out
+
+
+# ---- b. server at saturation vs in-process ceiling -----------------------------------------------------------
+def ceiling(args: argparse.Namespace) -> dict:
+    """Server rows/s at saturation (1-row LogLikelihood, max over the levels) over the in-process best."""
+    from genserve.core.noise import Noise
+
+    out = header("ceiling")
+    out["cases"] = []
+    for model in (FLOW, VAE):
+        log(f"ceiling: server {model}")
+        r = run_sweep({"model": model, "operation": "log_likelihood", "rows": 1}, sweep_settings(args, (32, 64)),
+                      args.processes, repo=str(args.repo), serving={"max_batch_size": 64},
+                      flags={"--threads": 1}, log=log)
+        best_level = max(r["levels"], key=lambda lv: lv["throughput_rows_s"])
+        log(f"ceiling: in-process {model}")
+        program, _, files = load_program(args.repo, model)
+        runner = direct_runner(files)
+        pool = server_sample_rows(args.repo, model, max(args.batches))
+        loop = asyncio.new_event_loop()
+        inproc = {}
+        for b in args.batches:
+            x = pool[:b]
+            def score(x: np.ndarray = x, p: Any = program, r: Any = runner, lp: Any = loop) -> None:
+                lp.run_until_complete(p.log_likelihood(r, x, Noise(3)))
+
+            t = timeit(score, budget_s=args.budget_s)
+            inproc[b] = {**t, "rows_s": b / t["median_s"]}
+        loop.close()
+        best_b = max(inproc, key=lambda b: inproc[b]["rows_s"])
+        server_rows = best_level["throughput_rows_s"]
+        out["cases"].append({
+            "model": model, "server": {"concurrency": best_level["concurrency"], **level_summary(best_level)},
+            "in_process": {str(b): v for b, v in inproc.items()}, "best_batch": best_b,
+            "ceiling_rows_s": inproc[best_b]["rows_s"], "server_rows_s": server_rows,
+            "fraction": server_rows / inproc[best_b]["rows_s"],
+            "fraction_vs_batch64": server_rows / inproc[64]["rows_s"] if 64 in inproc else None,
+        })
+    groups = {c["model"]: {"server at saturation": c["server_rows_s"],
+                           **{f"in-process batch {b}": v["rows_s"] for b, v in c["in_process"].items()}}
+              for c in out["cases"]}
+    plots.bars(groups, Path(args.out_dir) / "ceiling.png", "LogLikelihood rows/s: server vs ORT in-process",
+               "rows/s", log=True)
+    lines = ["| model | server rows/s (clients) | in-process rows/s by batch | best | fraction | limited by |",
+             "|---|---|---|---|---|---|"]
+    for c in out["cases"]:
+        per = ", ".join(f"{b}: {v['rows_s']:.0f}" for b, v in c["in_process"].items())
+        lines.append(f"| {c['model']} | {c['server_rows_s']:.0f} ({c['server']['concurrency']}) | {per} | "
+                     f"{c['ceiling_rows_s']:.0f} (batch {c['best_batch']}) | **{c['fraction']:.2f}** | "
+                     f"{c['server']['limited_by']} |")
+    out["table"] = "\n".join(lines)
+    return out
+
+
+# ---- c. ONNX Runtime vs PyTorch eager ------------------------------------------------------------------------
+def ort_torch(args: argparse.Namespace) -> dict:
+    """Every exported graph of every checkpoint in --checkpoints, at batch 1 and 64, ORT vs PyTorch eager."""
+    import torch
+
+    from genserve.export.repository import default_name
+    from genserve.server.sessions import SessionOptions, make_session
+    from genserve.training.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel work; eager calls here use one thread anyway
+        pass
+    out = header("ort-torch")
+    out["torch_threads"] = torch.get_num_threads()
+    rows = []
+    for ckpt in sorted(Path(args.checkpoints).glob("*.pt")):
+        model, _ = load_checkpoint(ckpt)
+        name = default_name(model)
+        if not (args.repo / name).is_dir():
+            log(f"skip {ckpt}: {name} is not in {args.repo}")
+            continue
+        _, manifest, files = load_program(args.repo, name)
+        for gname, g in model.export_graphs().items():
+            session = make_session(files[gname], SessionOptions(provider="cpu"))
+            ort_names = [i.name for i in session.get_inputs()]
+            for b in (1, 64):
+                feeds = {k: np.take(v.detach().numpy(), np.arange(b) % v.shape[0], axis=0).astype(np.float32)
+                         for k, v in g.inputs.items()}
+                tensors = [torch.from_numpy(feeds[k]) for k in g.inputs]
+                ort_feeds = {k: feeds[k] for k in ort_names}  # an exporter may drop an unused input
+
+                def eager(tensors: list = tensors, module: Any = g.module) -> None:
+                    with torch.inference_mode():
+                        module(*tensors)
+
+                t_torch = timeit(eager, budget_s=args.budget_s)
+                t_ort = timeit(lambda f=ort_feeds, s=session: s.run(None, f), budget_s=args.budget_s)
+                rows.append({"model": name, "graph": gname, "batch": b, "torch_us": t_torch["median_s"] * 1e6,
+                             "ort_us": t_ort["median_s"] * 1e6,
+                             "speedup": t_torch["median_s"] / t_ort["median_s"]})
+                log(f"{name}.{gname} batch {b}: torch {rows[-1]['torch_us']:.0f} us, ORT {rows[-1]['ort_us']:.0f}"
+                    f" us, {rows[-1]['speedup']:.2f}x")
+    out["rows"] = rows
+    out["loadavg_after"] = procstat.loadavg()
+    groups = {f"{r['model'].removeprefix('digits-')}.{r['graph']}": {} for r in rows}
+    for r in rows:
+        groups[f"{r['model'].removeprefix('digits-')}.{r['graph']}"][f"batch {r['batch']}"] = r["speedup"]
+    plots.bars(groups, Path(args.out_dir) / "ort_vs_torch.png", "PyTorch eager time / ONNX Runtime time (1 thread)",
+               "speedup of ORT (x)", log=True)
+    lines = ["| graph | batch | PyTorch eager µs | ONNX Runtime µs | ORT speedup |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']}.{r['graph']} | {r['batch']} | {r['torch_us']:.0f} | {r['ort_us']:.0f} | "
+              f"{r['speedup']:.2f}x |" for r in rows]
+    out["table"] = "\n".join(lines)
+    return out
+
+
+# ---- d. autoregressive sampling and samples/s ----------------------------------------------------------------
+def sampling(args: argparse.Namespace) -> dict:
+    """arrnn: 64 samples by carried-state steps vs full-prefix recomputation; samples/s of every model."""
+    from genserve.core.noise import Noise
+
+    out = header("sampling")
+    program, _, files = load_program(args.repo, ARRNN)
+    runner = direct_runner(files)
+    loop = asyncio.new_event_loop()
+
+    def draw(recompute: bool) -> np.ndarray:
+        return loop.run_until_complete(program.sample(runner, 64, Noise(7), recompute=recompute)).x
+
+    same = bool(np.array_equal(draw(False), draw(True)))
+    step = timeit(lambda: draw(False), budget_s=args.budget_s, min_reps=3, warmup=1)
+    prefix = timeit(lambda: draw(True), budget_s=args.budget_s, min_reps=3, warmup=1)
+    out["arrnn"] = {"n": 64, "steps": int(program.spec.dim), "step_s": step["median_s"], "prefix_s": prefix["median_s"],
+                    "speedup": prefix["median_s"] / step["median_s"], "identical_samples": same}
+    log(f"arrnn 64 samples: step {step['median_s'] * 1e3:.1f} ms, prefix {prefix['median_s'] * 1e3:.1f} ms, "
+        f"{out['arrnn']['speedup']:.1f}x, identical {same}")
+
+    models = sorted(p.name for p in args.repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_model = {}
+    for name in models:
+        prog, manifest, fs = load_program(args.repo, name)
+        if "sample" not in prog.operations:
+            continue
+        run = direct_runner(fs)
+        t = timeit(lambda p=prog, r=run: loop.run_until_complete(p.sample(r, 64, Noise(7))),
+                   budget_s=args.budget_s, min_reps=3, warmup=1)
+        per_model[name] = {"in_process_samples_s": 64 / t["median_s"], "in_process_ms_per_64": t["median_s"] * 1e3}
+        log(f"{name}: in-process {per_model[name]['in_process_samples_s']:.0f} samples/s")
+    loop.close()
+    if not args.no_server:
+        for name in per_model:
+            log(f"sampling through the server: {name}")
+            r = run_sweep({"model": name, "operation": "sample", "rows": 64}, sweep_settings(args, (args.clients,)),
+                          args.processes, repo=str(args.repo), serving={"max_batch_size": 64},
+                          flags={"--threads": 1}, log=log)
+            lv = r["levels"][0]
+            per_model[name].update({"server_samples_s": lv["throughput_rows_s"], "server_clients": args.clients,
+                                    "server_p50_ms": lv["latency_ms"]["p50"], "server_limited_by": lv["limited_by"],
+                                    "loadavg_1m": lv["loadavg"][0]})
+    out["models"] = per_model
+    groups = {n.removeprefix("digits-"): {"in-process": v["in_process_samples_s"],
+                                          **({"server": v["server_samples_s"]} if "server_samples_s" in v else {})}
+              for n, v in per_model.items()}
+    plots.bars(groups, Path(args.out_dir) / "samples_per_s.png", "samples/s (64 per request)", "samples/s", log=True)
+    a = out["arrnn"]
+    lines = [f"arrnn, 64 samples of {a['steps']} steps: carried state {a['step_s'] * 1e3:.1f} ms, full prefix "
+             f"{a['prefix_s'] * 1e3:.1f} ms: **{a['speedup']:.1f}x** (identical samples: {a['identical_samples']})",
+             "", "| model | in-process samples/s (n=64) | server samples/s (n=64, clients) | server p50 ms |",
+             "|---|---|---|---|"]
+    for n, v in per_model.items():
+        srv = f"{v['server_samples_s']:.0f} ({v['server_clients']})" if "server_samples_s" in v else "-"
+        p50 = f"{v['server_p50_ms']:.1f}" if "server_p50_ms" in v else "-"
+        lines.append(f"| {n} | {v['in_process_samples_s']:.0f} | {srv} | {p50} |")
+    out["table"] = "\n".join(lines)
+    return out
+
+
+COMMANDS = {"batching": batching, "ceiling": ceiling, "ort-torch": ort_torch, "sampling": sampling}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ratios", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ratio", choices=list(COMMANDS))
+    p.add_argument("--repo", type=Path, required=True, help="model repository (digits-realnvp, digits-vae, ...)")
+    p.add_argument("--checkpoints", type=Path, help="folder of `genserve train` checkpoints (ort-torch)")
+    p.add_argument("--out-dir", default="docs/benchmarks", help="JSON and PNG go here")
+    p.add_argument("--processes", type=int, default=2, help="load-generator processes")
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients (batching: 64; sampling: 64)")
+    p.add_argument("--delay-ms", type=float, default=2.0, help="max_queue_delay_ms with batching on")
+    p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--window-s", type=float, default=3.0)
+    p.add_argument("--stable-windows", type=int, default=3)
+    p.add_argument("--max-windows", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=1.5, help="seconds of repeated calls per in-process timing")
+    p.add_argument("--batches", default="1,4,16,64,256", help="in-process batch sizes (ceiling)")
+    p.add_argument("--no-server", action="store_true", help="sampling: in-process figures only")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.ratio == "ort-torch" and args.checkpoints is None:
+        p.error("ort-torch needs --checkpoints")
+    result = COMMANDS[args.ratio](args)
+    result["loadavg_end"] = procstat.loadavg()
+    path = Path(args.out_dir) / f"ratio-{args.ratio}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(result["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
