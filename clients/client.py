@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+
 from genserve.clients import messages as msg
 from genserve.clients.channel import DEFAULT_TARGET, MAX_ATTEMPTS, ChannelSettings, Credential, GenserveError
 from genserve.clients.datafiles import Rows, open_rows

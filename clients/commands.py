@@ -235,9 +235,10 @@ def run_sample(args: argparse.Namespace) -> int:
     seed = _seed(args.seed)
     with _client(args) as client:
         info = client.info(args.model, args.version)
-        x, z = client.sample(args.model, args.n, seed=seed, temperature=args.temperature,
-                             langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,
-                             return_latents=bool(args.latents), version=info.version, progress=not args.quiet)
+        drawn = client.sample(args.model, args.n, seed=seed, temperature=args.temperature,
+                              langevin_steps=args.langevin_steps, langevin_step_size=args.langevin_step_size,
+                              return_latents=bool(args.latents), version=info.version, progress=not args.quiet)
+    x, z = drawn if args.latents else (drawn, None)
     np.save(out, x)
     wrote = f"{out} {tuple(x.shape)} {x.dtype}"
     if args.latents:
@@ -247,6 +248,8 @@ def run_sample(args: argparse.Namespace) -> int:
         wrote += f", {args.latents} {tuple(z.shape)}"
     if x.ndim == 3 and not args.no_png:
         wrote += _write_grid(_out(args.png, ".png") if args.png else out.with_suffix(".png"), x, info.spec)
+    elif args.png:
+        wrote += f" (no PNG: examples of shape {x.shape[1:]} are not images)"
     print(f"sampled {len(x)} from {info.name} v{info.version} with seed {seed}; wrote {wrote}")
     return 0
 
@@ -255,6 +258,7 @@ def run_score(args: argparse.Namespace) -> int:
     import time
 
     import numpy as np
+
     from genserve.clients.messages import join
 
     if args.quantile is not None and not 0 < args.quantile < 1:
@@ -304,6 +308,7 @@ def write_scores(path, log_prob, bits_per_dim, outlier) -> None:
 
 def _latent_map(args: argparse.Namespace, method: str) -> int:
     import numpy as np
+
     from genserve.clients.client import chunk_seed
     from genserve.clients.datafiles import open_rows
 

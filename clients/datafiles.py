@@ -90,7 +90,7 @@ def open_rows(source: Any, shape: tuple[int, ...] | None = None, key: str | None
 
 def _slices(array: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(array), size):
-        yield np.asarray(array[start : start + size])  # copies a memory-mapped slice in, one chunk at a time
+        yield np.array(array[start : start + size])  # a copy: memory-mapped files are read a chunk at a time
 
 
 def _npy(path: Path, shape: tuple[int, ...] | None) -> Rows:
@@ -129,6 +129,10 @@ def _is_header(line: str) -> bool:
     return False
 
 
+def _parse(lines: Iterator[str] | list[str]) -> np.ndarray:
+    return np.loadtxt(io.StringIO("".join(lines)), delimiter=",", dtype=np.float32, ndmin=2)
+
+
 def _csv(path: Path, shape: tuple[int, ...] | None) -> Rows:
     with path.open() as f:
         first = next((line for line in f if line.strip()), "")
@@ -149,14 +153,14 @@ def _csv(path: Path, shape: tuple[int, ...] | None) -> Rows:
                 next(numbered, None)
             while batch := list(itertools.islice(numbered, size)):
                 try:
-                    yield np.loadtxt(
-                        io.StringIO("".join(line for _, line in batch)),
-                        delimiter=",",
-                        dtype=np.float32,
-                        ndmin=2,
-                    )
-                except ValueError as e:
-                    raise ValueError(f"{path}: lines {batch[0][0]}..{batch[-1][0]}: {e}") from None
+                    yield _parse(line for _, line in batch)
+                except ValueError as error:
+                    for number, line in batch:  # name the offending line
+                        try:
+                            _parse([line])
+                        except ValueError as e:
+                            raise ValueError(f"{path} line {number}: {e}") from None
+                    raise ValueError(f"{path} lines {batch[0][0]}..{batch[-1][0]}: {error}") from None
 
     return Rows(str(path), total, chunks, shape)
 
