@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from genserve.server.programs.base import Feeds
 from genserve.training.base import GraphDef
 
 FP16_RTOL = 1e-2
+MAX_BLOCKED = 5  # op types kept in float32 before giving up
 
 
 @dataclass
@@ -34,27 +36,47 @@ class Fp16Graph:
     max_rel_error: float
     """Worst max|fp16 - PyTorch| / (1 + max|PyTorch|) over outputs and batch sizes."""
     tolerance: float = FP16_RTOL
+    float32_ops: list[str] = field(default_factory=list)
+    """Op types the conversion kept in float32 (besides onnxconverter-common's default block list)."""
 
 
-def convert_fp16(src: str | Path, dst: str | Path) -> None:
-    """Write a float16 copy of the ONNX file ``src`` to ``dst`` (float32 inputs and outputs kept)."""
+def convert_fp16(src: str | Path, dst: str | Path) -> list[str]:
+    """Write a float16 copy of the ONNX file ``src`` to ``dst`` (float32 inputs and outputs kept).
+
+    Returns the op types kept in float32: where the converter leaves a node's types inconsistent (e.g. a
+    ``Pow`` whose exponent stays float32), that op type is added to its block list and the conversion is
+    retried. ValueError when it still fails.
+    """
     try:
         from onnxconverter_common import float16
     except ModuleNotFoundError:
         raise ValueError("--fp16 needs onnxconverter-common: pip install onnxconverter-common") from None
-    model = onnx.load(str(src))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")  # "values clipped to float16 range" notices; parity decides
-        half = float16.convert_float_to_float16(model, keep_io_types=True)
-    onnx.checker.check_model(half, full_check=True)
-    onnx.save(half, str(dst))
+    blocked: list[str] = []
+    for _ in range(MAX_BLOCKED + 1):
+        model = onnx.load(str(src))
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")  # "values clipped to float16 range" notices; parity decides
+                half = float16.convert_float_to_float16(
+                    model, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + blocked)
+            onnx.checker.check_model(half, full_check=True)
+        except Exception as e:  # converter and checker raise several types; the message names the op
+            op = re.search(r"op_type:\s*(\w+)", str(e))
+            if op is None or op.group(1) in blocked:
+                raise ValueError(f"float16 conversion of {Path(src).name} failed: {str(e).splitlines()[0][:300]}") \
+                    from None
+            blocked.append(op.group(1))
+            continue
+        onnx.save(half, str(dst))
+        return blocked
+    raise ValueError(f"float16 conversion of {Path(src).name} failed with {blocked} kept in float32")
 
 
 def export_fp16(src: str | Path, dst: str | Path, graph: GraphDef, input_sets: dict[str, Feeds],
                 rtol: float = FP16_RTOL, seed: int = 0) -> Fp16Graph:
     """Convert ``src`` to float16 at ``dst`` and check it against ``graph.module`` (ParityError if off)."""
     dst = Path(dst)
-    convert_fp16(src, dst)
+    blocked = convert_fp16(src, dst)
     session = onnx_session(dst)
     names = [o.name for o in session.get_outputs()]
     pool = input_sets.get("real") or next(iter(input_sets.values()))
@@ -72,4 +94,4 @@ def export_fp16(src: str | Path, dst: str | Path, graph: GraphDef, input_sets: d
                 raise ParityError(f"fp16 graph {gname!r} output {out_name!r} at batch {b}: "
                                   f"max|fp16 - PyTorch| / (1 + max|PyTorch|) = {rel:.3g} > {rtol:g}")
             worst = max(worst, rel)
-    return Fp16Graph(dst, worst, rtol)
+    return Fp16Graph(dst, worst, rtol, blocked)

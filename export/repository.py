@@ -281,8 +281,9 @@ def _export_checked(gname: str, g: Any, folder: Path, spec: Any, test_rows: np.n
         half = export_fp16(exported.path, folder / f"{gname}.fp16.onnx", g, input_sets)
         graph.fp16_file, graph.fp16_sha256 = half.path.name, sha256_file(half.path)
         rec["fp16_rel_error"] = half.max_rel_error
+        kept = f"; kept in float32: {', '.join(half.float32_ops)}" if half.float32_ops else ""
         log(f"  {gname} fp16: max|fp16-PyTorch|/(1+max|PyTorch|) {half.max_rel_error:.2g} "
-            f"(tolerance {half.tolerance:g})")
+            f"(tolerance {half.tolerance:g}){kept}")
     rec["seconds"] = time.perf_counter() - t0
     return graph, rec
 

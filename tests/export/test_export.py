@@ -284,3 +284,17 @@ def test_failed_export_leaves_no_version(tiny_checkpoint, tmp_path, monkeypatch)
     with pytest.raises(ParityError, match="graph 'log_prob' failed with every exporter"):
         repository.export_checkpoint(tiny_checkpoint("ppca"), tmp_path, log=lambda s: None)
     assert not (tmp_path / "digits-ppca").exists()
+
+
+def test_fp16_variant_of_a_flow_within_stated_tolerance(exported, digits_test, tmp_path):
+    """float16 copies of RealNVP's graphs agree with PyTorch to 1e-2 * (1 + max|PyTorch|) on test digits."""
+    from genserve.export.fp16 import FP16_RTOL, export_fp16
+    from genserve.export.parity import drawn_inputs
+
+    e = exported("realnvp")
+    rng = np.random.default_rng(0)
+    for name, graph in e.model.export_graphs().items():
+        pool = drawn_inputs(graph, e.model.spec, 256, rng, digits_test.reshape(len(digits_test), -1))
+        half = export_fp16(e.version_dir / f"{name}.onnx", tmp_path / f"{name}.fp16.onnx", graph, {"real": pool})
+        assert half.max_rel_error <= FP16_RTOL and half.path.stat().st_size > 0
+        assert half.path.stat().st_size < (e.version_dir / f"{name}.onnx").stat().st_size  # weights halved
