@@ -103,6 +103,7 @@ class Server:
         self._stopping = False
         self._arrivals = Arrivals()
         self.auth: auth.TokenAuth | None = None
+        self.servicer: GenerativeServicer | None = None
 
     async def start(self, cfg: Any, engine: Any = None) -> None:
         """Load the repository, bind ``cfg.host:cfg.port`` and serve; ``engine`` replaces the default one."""
@@ -126,7 +127,7 @@ class Server:
         interceptors = [SafeDecoding(), self._arrivals] if self.auth is None else [self.auth, SafeDecoding(),
                                                                                     self._arrivals]
         self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=interceptors)
-        servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
+        self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

@@ -214,6 +214,8 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             return RpcFailure(error.code, error.message)
         if isinstance(error, EngineError):
             code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+            if code == grpc.StatusCode.INTERNAL:  # a graph call failed (e.g. ONNX Runtime raised): operators' news
+                log.error("%s for model %r failed: %s", method, model, error)
             return RpcFailure(code, str(error) or type(error).__name__)
         rid = uuid.uuid4().hex[:12]
         log.error("request %s: %s for model %r failed", rid, method, model, exc_info=error)
