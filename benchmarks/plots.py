@@ -8,6 +8,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
+
+
+def _log_axes(a: plt.Axes, ticks: list[int], y: bool = False) -> None:
+    """Log x axis labelled at the concurrency levels themselves (and a plain-number log y axis if ``y``)."""
+    a.set_xscale("log")
+    a.set_xticks(ticks, [str(t) for t in ticks])
+    a.xaxis.set_minor_formatter(NullFormatter())
+    if y:
+        a.set_yscale("log")
+        a.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a.yaxis.set_major_formatter(ScalarFormatter())
+        a.yaxis.set_minor_formatter(NullFormatter())
 
 
 def sweep(result: dict, path: str | Path, title: str | None = None) -> Path:
@@ -22,13 +35,15 @@ def sweep(result: dict, path: str | Path, title: str | None = None) -> Path:
     a.plot(c, [r["throughput_rps"] for r in levels], "o-", label="requests/s")
     if spec["rows"] != 1:
         a.plot(c, [r["throughput_rows_s"] for r in levels], "s--", label="rows/s")
-    a.set(xscale="log", xlabel="concurrency (clients)", ylabel="throughput", title="throughput")
+    _log_axes(a, c)
+    a.set(xlabel="concurrency (clients)", ylabel="throughput", title="throughput", ylim=(0, None))
     a.legend()
 
     a = ax[0, 1]
     for p in ("p50", "p90", "p95", "p99"):
         a.plot(c, [r["latency_ms"][p] for r in levels], "o-", label=p)
-    a.set(xscale="log", yscale="log", xlabel="concurrency (clients)", ylabel="ms", title="client latency")
+    _log_axes(a, c, y=True)
+    a.set(xlabel="concurrency (clients)", ylabel="ms", title="client latency")
     a.legend()
 
     a = ax[1, 0]
@@ -52,7 +67,8 @@ def sweep(result: dict, path: str | Path, title: str | None = None) -> Path:
     a.plot(c, [sum(v or 0.0 for n, v in k["processes_cores"].items() if n.startswith("loadgen")) for k in cpu],
            "s-", label="load generator (all processes)")
     a.axhline(cpu[0]["cores"], color="grey", ls=":", label=f"{cpu[0]['cores']} cores")
-    a.set(xscale="log", xlabel="concurrency (clients)", ylabel="cores", title="CPU used")
+    _log_axes(a, c)
+    a.set(xlabel="concurrency (clients)", ylabel="cores", title="CPU used", ylim=(0, cpu[0]["cores"] * 1.1))
     a.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
