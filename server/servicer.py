@@ -67,6 +67,12 @@ def invalid(field: str, message: str) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}")
 
 
+def discard(task: asyncio.Future) -> None:
+    """Abandon a task (after ``cancel``): its outcome is retrieved when it ends, so a chunk that failed
+    while the stream was already ending is not logged as "Task exception was never retrieved"."""
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
 def block_seed(seed: int, block: int) -> int:
     """The seed of SampleStream block ``block`` of a stream seeded ``seed``; block 0 keeps the seed."""
     if block == 0:
@@ -362,6 +368,7 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         finally:
             for task in blocks:
                 task.cancel()
+                discard(task)
             self._record("SampleStream", sample.model, code, started)
 
     async def _stream_blocks(self, sample: service_pb2.SampleRequest, seed: int, chunk: int,
@@ -472,10 +479,12 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
                 await context.abort(failure.code, failure.message)
         finally:
             reader.cancel()
+            discard(reader)
             while not pending.empty():
                 task = pending.get_nowait()
                 if task is not None:
                     task.cancel()
+                    discard(task)
             self._record("LogLikelihoodStream", model, code, started)
 
     async def Encode(self, request: service_pb2.EncodeRequest,
