@@ -298,3 +298,16 @@ def test_fp16_variant_of_a_flow_within_stated_tolerance(exported, digits_test, t
         half = export_fp16(e.version_dir / f"{name}.onnx", tmp_path / f"{name}.fp16.onnx", graph, {"real": pool})
         assert half.max_rel_error <= FP16_RTOL and half.path.stat().st_size > 0
         assert half.path.stat().st_size < (e.version_dir / f"{name}.onnx").stat().st_size  # weights halved
+
+
+def test_batchnorm_and_dropout_export_in_inference_mode(tmp_path):
+    """A graph handed over in training mode is exported with running statistics and without dropout."""
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
+    with torch.no_grad():
+        net(torch.randn(256, 3) * 3 + 1)  # move the running statistics away from their initial values
+    graph = GraphDef(net.train(), {"x": torch.randn(4, 3)}, ["y"])
+    exported = export_graph("bn", graph, tmp_path / "bn.onnx")
+    assert not any(m.training for m in net.modules())
+    pool = {"x": np.random.default_rng(1).standard_normal((64, 3)).astype(np.float32)}
+    report = check_graph_parity("bn", graph, onnx_session(exported.path), {"real": pool})
+    assert report.max_abs_error < 1e-5  # at batch 1 too: no batch statistics, no random masks
