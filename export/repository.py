@@ -162,7 +162,12 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
     start = time.perf_counter()
     report = report if report is not None else {}
     report["graphs"] = {}
-    model, ckpt = load_checkpoint(checkpoint)
+    try:
+        model, ckpt = load_checkpoint(checkpoint)
+    except RuntimeError as e:  # load_state_dict: weights written by an older or newer version of the model code
+        detail = " ".join(str(e).split())[:300]
+        raise ValueError(f"{checkpoint} does not fit the current model code ({detail}); retrain it or check out "
+                         "the code it was trained with") from None
     set_inference_mode(model)
     model_dir, version = _target(Path(repo), name or default_name(model), version, force)
     final = model_dir / str(version)
