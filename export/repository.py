@@ -306,7 +306,6 @@ def _manifest(model: Any, ckpt: dict[str, Any], name: str, version: int, graphs:
                                      sampling_speed=caps.sampling, compression=caps.compression,
                                      representation=bool(caps.representation)),
         operations=[OPERATION[op] for op in model.operations],
-        serving=pb.ServingConfig(**DEFAULT_SERVING),
     )
     for k, v in model.program_parameters().items():
         m.parameters[k] = float(v)

@@ -52,5 +52,10 @@ def load_checkpoint(path: str | Path) -> tuple[GenerativeModel, dict[str, Any]]:
     """Rebuild the model in eval mode from a checkpoint; returns (model, checkpoint dict)."""
     ckpt = read_checkpoint(path)
     model = model_class(ckpt["model"])(DataSpec.from_dict(ckpt["spec"]), **ckpt["arch"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # weights saved by an older version of the model code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: the saved weights no longer fit the {ckpt['model']} code ({first[:200]}); "
+                         "retrain it with `genserve train`") from None
     return model.eval(), ckpt
