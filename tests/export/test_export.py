@@ -180,7 +180,9 @@ def test_manifest_checksums_and_provenance(exported):
     assert m.provenance.code_revision and m.provenance.created_at.seconds > 0
     assert {"torch", "onnx", "onnxruntime"} <= set(m.provenance.tool_versions)
     assert list(m.data.shape) == [8, 8] and m.data.levels == 17 and m.data.high == 16
-    assert m.serving.max_batch_size == 64
+    assert not m.HasField("serving")  # serving settings live in config.json beside the model, one source
+    serving = json.loads((e.version_dir.parent / "config.json").read_text())
+    assert serving["max_batch_size"] == 64 and serving["instances"] == 1
 
 
 def test_continuous_data_export(tiny_checkpoint, tmp_path):
