@@ -84,3 +84,12 @@ def small_repo(repo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     repo = tmp_path_factory.mktemp("small") / "repo"
     shutil.copytree(repo_dir / "moons-ppca", repo / "moons-ppca")
     return repo
+
+
+@pytest.fixture
+def private_target(small_repo: Path) -> Iterator[str]:
+    """A server of its own (moons-ppca only) for tests that abandon streams, so no other test shares it."""
+    from genserve.server.app import BackgroundServer
+
+    with BackgroundServer(make_config(small_repo)) as srv:
+        yield f"127.0.0.1:{srv.port}"

@@ -124,12 +124,13 @@ def test_large_sample_streams_and_does_not_depend_on_chunk_size(client: Client) 
     assert not np.array_equal(x[:UNARY_SAMPLE_MAX], x[UNARY_SAMPLE_MAX:2 * UNARY_SAMPLE_MAX])
 
 
-def test_sample_stream_can_be_abandoned(client: Client) -> None:
-    chunks = client.sample_chunks(MOONS, 50_000, seed=1, chunk_size=1000)
-    offset, x, _ = next(chunks)
-    assert offset == 0 and x.shape == (1000, 2)
-    chunks.close()  # cancels the call; the server stops sampling
-    assert client.sample(MOONS, 3, seed=1).shape == (3, 2)
+def test_sample_stream_can_be_abandoned(private_target: str) -> None:
+    with Client(private_target, timeout=10) as client:
+        chunks = client.sample_chunks(MOONS, 50_000, seed=1, chunk_size=1000)
+        offset, x, _ = next(chunks)
+        assert offset == 0 and x.shape == (1000, 2)
+        chunks.close()  # cancels the call; the server stops sampling
+        assert client.sample(MOONS, 3, seed=1).shape == (3, 2)
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
@@ -199,10 +200,10 @@ def test_score_stream_of_an_exact_model_matches_one_unary_call_for_every_format(
         assert scores.kind == "exact"
 
 
-def test_iter_scores_yields_row_order_and_stops_early(target: str) -> None:
+def test_iter_scores_yields_row_order_and_stops_early(private_target: str) -> None:
     x = moons(5000, seed=4)
     offsets = []
-    with Client(target) as c:  # its own channel: see the next test
+    with Client(private_target) as c:  # its own server: see the next test
         for offset, part in c.iter_scores(MOONS, x, chunk_size=700, progress=False):
             offsets.append(offset)
             assert len(part) == min(700, 5000 - offset)
@@ -211,11 +212,11 @@ def test_iter_scores_yields_row_order_and_stops_early(target: str) -> None:
     assert offsets == [0, 700, 1400]
 
 
-@pytest.mark.xfail(strict=False, reason="server: after a client cancels a LogLikelihoodStream mid-way, the next "
-                   "call on the same connection sometimes never reaches a handler (reported to the transport)")
-def test_the_channel_is_usable_after_an_abandoned_stream(target: str) -> None:
+@pytest.mark.xfail(strict=False, reason="engine: after a client cancels a LogLikelihoodStream with chunks in "
+                   "flight, the model's batcher sometimes runs no more submissions (reported)")
+def test_the_server_serves_on_after_an_abandoned_stream(private_target: str) -> None:
     x = moons(5000, seed=4)
-    with Client(target, timeout=5) as c:
+    with Client(private_target, timeout=5) as c:
         for _ in range(3):
             chunks = c.iter_scores(MOONS, x, chunk_size=700, progress=False)
             next(chunks), next(chunks), next(chunks)
@@ -476,6 +477,34 @@ def test_mutual_tls(certificates: Path) -> None:
         Client("localhost:1", tls_ca=d / "ca.pem", tls_cert=d / "client.pem")
     with pytest.raises(ValueError, match="not both"):
         Client("localhost:1", token="a", token_file=d / "ca.pem")
+
+
+def test_the_real_server_with_mutual_tls_and_a_token(certificates: Path, small_repo: Path, server_config,
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import dataclasses
+
+    from genserve.clients.cli import main
+    from genserve.server.app import BackgroundServer
+
+    d, token = certificates, "tok-" + "7" * 28
+    (tmp_path / "tokens").write_text(f"# one per line\n{token}\n")
+    cfg = dataclasses.replace(server_config(small_repo), tls_cert=d / "server.pem", tls_key=d / "server.key",
+                              tls_client_ca=d / "ca.pem", token_file=tmp_path / "tokens")
+    tls = {"tls_ca": d / "ca.pem", "tls_cert": d / "client.pem", "tls_key": d / "client.key"}
+    with BackgroundServer(cfg) as srv:
+        target = f"localhost:{srv.port}"
+        with Client(target, token=token, **tls) as c:
+            assert c.sample(MOONS, 3, seed=1).shape == (3, 2) and c.health() == "SERVING"
+        with Client(target, **tls) as c:
+            with pytest.raises(GenserveError) as e:
+                c.models()
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in e.value.message
+            assert c.health() == "SERVING"  # probes need no token
+        (tmp_path / "token").write_text(token)
+        code = main(["models", "--server", target, "--token-file", str(tmp_path / "token"), "--tls-ca",
+                     str(d / "ca.pem"), "--tls-cert", str(d / "client.pem"), "--tls-key", str(d / "client.key")])
+        assert code == 0 and MOONS in capsys.readouterr().out
+        srv.stop(0.5)
 
 
 # -- load balancing ---------------------------------------------------------------------------------------
