@@ -44,6 +44,7 @@ class AutoregressiveModel(GenerativeModel):
         if not spec.discrete and not spec.mean:
             raise ValueError("continuous data need the spec's mean/std (taken from the training split)")
         self.components = int(arch.get("components", 0)) if not spec.discrete else 0
+        self.lr_half_life = int(arch.get("lr_half_life", 0))
         if not spec.discrete and self.components < 1:
             raise ValueError(f"continuous data need components >= 1, got {self.components}")
 
@@ -71,6 +72,22 @@ class AutoregressiveModel(GenerativeModel):
     # ---- training -------------------------------------------------------------------------------
     def loss(self, x: Tensor) -> Tensor:
         return -self.log_prob(x, Noise(0)).mean()
+
+    def make_optimizers(self, lr: float, weight_decay: float) -> list[torch.optim.Optimizer]:
+        """AdamW; with ``lr_half_life`` > 0 the learning rate halves every that many steps, down to lr / 20.
+
+        The decay lives in the optimizer's own ``lr`` (a post-step hook), so a resumed run continues it.
+        """
+        opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+        if self.lr_half_life > 0:
+            gamma, floor = 0.5 ** (1.0 / self.lr_half_life), lr / 20
+
+            def decay(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+                for group in optimizer.param_groups:
+                    group["lr"] = max(group["lr"] * gamma, floor)
+
+            opt.register_step_post_hook(decay)
+        return [opt]
 
     def forward(self, x: Tensor) -> Tensor:  # the trainer (and DDP) may call the model itself
         return self.loss(x)
@@ -187,6 +204,8 @@ class CausalConvAR(AutoregressiveModel):
         first_kernel: kernel of the mask-A layer; 0 means "spans the whole example" (no blind spot).
         dropout: dropout in the residual blocks and before the output layer.
         components: Gaussian mixture components per feature (continuous data only).
+        lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
+            here because the trainer has no schedules.
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -210,9 +229,9 @@ class CausalConvAR(AutoregressiveModel):
     }
 
     def __init__(self, spec: DataSpec, channels: int = 64, layers: int = 4, kernel: int = 3, first_kernel: int = 0,
-                 dropout: float = 0.2, components: int = 8) -> None:
+                 dropout: float = 0.2, components: int = 8, lr_half_life: int = 0) -> None:
         super().__init__(spec, channels=channels, layers=layers, kernel=kernel, first_kernel=first_kernel,
-                         dropout=dropout, components=components)
+                         dropout=dropout, components=components, lr_half_life=lr_half_life)
         dims = 2 if spec.is_image else 1
         if len(spec.shape) > 2:
             raise ValueError(f"arcnn models images (H, W) or rows (D,), not shape {spec.shape}")

@@ -32,6 +32,8 @@ class RecurrentAR(AutoregressiveModel):
         dropout: dropout on the embedding, between GRU layers and before the output layer.
         weight_drop: DropConnect rate on the GRU's hidden-to-hidden weights during training.
         components: Gaussian mixture components per feature (continuous data only).
+        lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
+            here because the trainer has no schedules.
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -55,9 +57,9 @@ class RecurrentAR(AutoregressiveModel):
     }
 
     def __init__(self, spec: DataSpec, hidden: int = 256, layers: int = 1, embed: int = 64, dropout: float = 0.2,
-                 weight_drop: float = 0.0, components: int = 8) -> None:
+                 weight_drop: float = 0.0, components: int = 8, lr_half_life: int = 0) -> None:
         super().__init__(spec, hidden=hidden, layers=layers, embed=embed, dropout=dropout, weight_drop=weight_drop,
-                         components=components)
+                         components=components, lr_half_life=lr_half_life)
         self.hidden, self.layers, self.weight_drop = hidden, layers, weight_drop
         if spec.discrete:  # index `levels` is the start token
             self.value_embed = nn.Embedding(spec.levels + 1, embed)

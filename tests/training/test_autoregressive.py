@@ -183,3 +183,18 @@ def test_arguments_are_checked() -> None:
         CausalConvAR(TINY["row3"], kernel=4)
     with pytest.raises(ValueError, match="mean/std"):
         RecurrentAR(DataSpec("toy", (2,), "continuous"))
+
+
+def test_learning_rate_half_life_survives_resume() -> None:
+    spec = TINY["row3"]
+    m = RecurrentAR(spec, hidden=4, embed=2, lr_half_life=2)
+    (opt,) = m.make_optimizers(lr=0.1, weight_decay=0.0)
+    x = torch.zeros(4, 3)
+    for _ in range(4):
+        m.training_step(x, [opt], grad_clip=0.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 4)  # two half-lives
+    (again,) = m.make_optimizers(lr=0.1, weight_decay=0.0)
+    again.load_state_dict(opt.state_dict())
+    for _ in range(20):
+        m.training_step(x, [again], grad_clip=0.0)
+    assert again.param_groups[0]["lr"] == pytest.approx(0.1 / 20)  # decays on from the resumed value to its floor
