@@ -40,7 +40,6 @@ def bare_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("bare")
     venv.EnvBuilder(with_pip=True, clear=True).create(home / "venv")
     python = home / "venv" / "bin" / "python"
-    # pip builds the package from a copy of the tree's packaging inputs; the build folder stays out of the repo.
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(ROOT)], capture_output=True,
                             text=True, env=env, timeout=540)
@@ -49,6 +48,7 @@ def bare_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home / "venv" / "bin"
 
 
+@pytest.mark.slow  # 60-150 s, mostly pip building and installing; runs in the default `pytest` (and CI) anyway
 def test_client_installs_and_runs_without_torch_or_onnxruntime(bare_venv: Path, target: str, client,
                                                                 tmp_path: Path) -> None:
     x = np.random.default_rng(0).normal(0.5, 0.7, size=(250, 2)).astype(np.float32)
