@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.training.base import Capabilities, GenerativeModel, GraphDef, Lambda
-from genserve.training.gan import frechet_distance
+from genserve.training.gan import sample_distance
 
 
 def langevin_constants(spec: DataSpec, step_size: float, noise_scale: float, temperature: float,
@@ -213,13 +213,10 @@ class EnergyModel(GenerativeModel):
 
     @torch.no_grad()
     def validation_loss(self, x: Tensor) -> float:
-        """Frechet distance between ``val_samples`` Langevin samples (seed 0) and the validation rows, lower is
-        better (raw pixels for images, normalised units for rows). CD's loss hovers near zero whatever the
-        model's quality, so it cannot drive early stopping."""
-        s = self.sample(self.val_samples, Noise(0))
-        if self.spec.discrete:
-            return frechet_distance(self.flat(x).numpy(), self.flat(s).numpy())
-        return frechet_distance(self._y(x).numpy(), self._y(s).numpy())
+        """Distance between ``val_samples`` Langevin samples (seed 0) and the validation rows, lower is better:
+        Frechet distance of raw pixels, energy distance of normalised rows (``training.gan.sample_distance``).
+        The CD loss hovers near zero whatever the model's quality, so it cannot drive early stopping."""
+        return sample_distance(self, x, self.sample(self.val_samples, Noise(0)))
 
     # ---- operations ---------------------------------------------------------------------------------
     @torch.no_grad()

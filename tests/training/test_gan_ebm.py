@@ -14,7 +14,7 @@ from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.training.data import load_dataset
 from genserve.training.ebm import EnergyModel, langevin, langevin_constants
-from genserve.training.gan import GAN, frechet_distance
+from genserve.training.gan import GAN, energy_distance, frechet_distance
 
 torch.set_num_threads(1)
 
@@ -32,6 +32,19 @@ def test_frechet_distance_matches_the_sqrtm_formula():
     ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * scipy.linalg.sqrtm(sa @ sb).real)
     assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-8)
     assert abs(frechet_distance(a, a)) < 1e-8
+
+
+def test_energy_distance_is_a_distance_between_distributions():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 2))
+    assert energy_distance(a, a) == pytest.approx(0.0, abs=1e-12)
+    # two point masses d apart: 2 |a - b| - 0 - 0
+    assert energy_distance(np.zeros((5, 3)), np.full((7, 3), 2.0)) == pytest.approx(2 * 2.0 * math.sqrt(3))
+    # same mean and covariance, different shape: the Frechet distance is blind to it, the energy distance is not
+    b = rng.choice([-1.0, 1.0], size=(3000, 2))
+    c = rng.standard_normal((3000, 2))
+    baseline = energy_distance(c, rng.standard_normal((3000, 2)))  # two samples of one distribution
+    assert frechet_distance(b, c) < 0.05 and energy_distance(b, c) > 5 * baseline
 
 
 # ---- GAN ----------------------------------------------------------------------------------------------
@@ -84,8 +97,12 @@ def test_gan_training_step_moves_both_players_and_the_average():
     assert set(logs) == {"loss", "loss_d", "loss_g"} and all(np.isfinite(v) for v in logs.values())
     g1, d1, e1 = (torch.cat([p.detach().flatten() for p in mod.parameters()]) for mod in (m.G, m.D, m.G_ema))
     assert not torch.equal(g0, g1) and not torch.equal(d0, d1)
-    # the average moves (1 - ema) of the way towards the new generator weights
-    assert torch.allclose(e1, e0 + (1 - m.ema) * (g1 - e0), atol=1e-7)
+    # the average moves 1 - decay of the way towards the new weights; the decay warms up as (1 + t) / (10 + t)
+    assert torch.allclose(e1, e0 + 0.9 * (g1 - e0), atol=1e-6)
+    m.ema_updates.fill_(10**5)  # warmed up: (1 + t) / (10 + t) > ema
+    m.training_step(torch.as_tensor(DIGITS.train[:32]), opts, grad_clip=1.0)
+    g2, e2 = (torch.cat([p.detach().flatten() for p in mod.parameters()]) for mod in (m.G, m.G_ema))
+    assert torch.allclose(e2, e1 + (1 - m.ema) * (g2 - e1), atol=1e-7)
     with pytest.raises(ValueError, match="mode"):
         m(torch.as_tensor(DIGITS.train[:2]), mode="both")
 
