@@ -407,3 +407,19 @@ def test_no_serving_or_client_code_can_unpickle() -> None:
                                for k in pickle_kw) or name.endswith("torch.load"):
                             offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert not offenders, offenders
+
+
+def test_open_reflection_and_closed_health_by_config(small_repo: Path, tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    cfg = config(small_repo, token_file=token_file(tmp_path, TOKENS[0]), open_health=False, open_reflection=True)
+    with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        got = list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request]),
+                                                                                          timeout=10))
+        assert got[0].list_services_response.service
+        with pytest.raises(grpc.RpcError) as e:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert e.value.code() == UNAUTHENTICATED
+        assert refused_count(srv) == 1
