@@ -247,15 +247,15 @@ class Batcher:
 
     async def _worker(self, instance: int) -> None:
         while True:
-            parts = await self._next_batch()
-            if not parts:
-                continue
             try:
-                await self._execute(instance, parts)
+                parts = await self._next_batch()
+                if parts:
+                    await self._execute(instance, parts)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - _execute answers its submissions; a bug here must not stop the worker
+            except Exception:  # noqa: BLE001 - a bug in the bookkeeping must not stop the graph's only worker
                 log.exception("batcher %s/%s: worker error", self.model, self.graph)
+                await asyncio.sleep(0.01)  # and must not spin
 
     async def _next_batch(self) -> list[tuple[_Submission, int, int]]:
         """Wait until a batch is due (full, or its oldest row waited ``delay``), then take it."""
@@ -263,7 +263,9 @@ class Batcher:
         while True:
             while self._queue and self._queue[0].future.done():
                 self._queue.popleft()
-            if not self._queued_rows:
+            # A cancelled future is done at once but its _settled callback runs a loop iteration later, so rows
+            # may still be counted with the queue already empty: wait for the next submission then.
+            if not self._queued_rows or not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue

@@ -358,7 +358,7 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
                 with self.rows.hold(held):
                     async for response in self._stream_blocks(sample, seed, chunk, blocks, context):
                         yield response
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed at a yield
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as e:  # noqa: BLE001
@@ -470,7 +470,7 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
                     if task is None:
                         break
                     yield await task
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed at a yield
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as e:  # noqa: BLE001 - the first failing chunk ends the stream with its status

@@ -137,6 +137,24 @@ def test_cancelling_a_score_stream_stops_reading_and_scoring(repo: Path) -> None
             assert len(out) == 1 and out[0].log_prob.shape == [5]
 
 
+def test_the_server_serves_on_after_streams_abandoned_with_chunks_in_flight(repo: Path) -> None:
+    """Regression: a cancelled submission's future is done a loop iteration before its rows leave the batcher's
+    count; a worker that looked in between found rows counted but an empty queue and died (IndexError), and the
+    graph answered nothing more. Ten abandoned streams, each followed by a unary call that must be answered."""
+    x = digits(5000)
+    with BackgroundServer(config(repo)) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = service_pb2_grpc.GenerativeServiceStub(channel)
+        for k in range(10):
+            chunks = (pb.LogLikelihoodRequest(model=MODEL, x=to_proto(x[i:i + 700]), chunk_id=i)
+                      for i in range(0, len(x), 700))
+            call = stub.LogLikelihoodStream(chunks, timeout=30)
+            next(call), next(call), next(call)
+            call.cancel()
+            answer = stub.LogLikelihood(pb.LogLikelihoodRequest(model=MODEL, x=to_proto(x[:5])), timeout=10)
+            assert answer.log_prob.shape == [5], k
+        settled(srv)
+
+
 # -- an ONNX Runtime call raises ----------------------------------------------------------------------------
 
 
@@ -289,7 +307,10 @@ def test_reloads_under_load_fail_no_request(repo_dir: Path, tmp_path: Path) -> N
         for t in threads:
             t.start()
         try:
-            reload = lambda: srv.call(srv.server.reload(), timeout=120)  # noqa: E731
+            def reload():
+                time.sleep(0.2)  # requests of every client are in flight at each reload
+                return srv.call(srv.server.reload(), timeout=120)
+
             time.sleep(0.5)
             add_version(repo, MODEL, 2)
             assert not reload().errors
@@ -312,6 +333,6 @@ def test_reloads_under_load_fail_no_request(repo_dir: Path, tmp_path: Path) -> N
             for t in threads:
                 t.join(60)
         assert not failures, f"{len(failures)} of {answered[0] + len(failures)} requests failed: {failures[:3]}"
-        assert answered[0] > 100, answered
+        assert answered[0] > 20, answered  # requests were in flight across the reloads
         info = srv.server.engine.get_model(MODEL)
         assert info.version == 2 and srv.server.engine.ready("late-model")
