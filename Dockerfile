@@ -33,7 +33,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/genserve
-ENV PATH=/opt/genserve/bin:$PATH
+ENV PATH=/opt/genserve/bin:$PATH \
+    MALLOC_ARENA_MAX=2
 COPY --from=wheel /wheels /wheels
 RUN pip install --no-cache-dir "$(ls /wheels/genserve-*.whl)[serve-gpu]" \
  && python -c "import sys, genserve.server.app; assert 'torch' not in sys.modules" \

@@ -14,6 +14,10 @@ CONNECTION = """server connection:
   find the server down are retried by gRPC with backoff for a few seconds."""
 
 EPILOGS = {
+    "health": """examples:
+  genserve health                              # SERVING (exit 0) or NOT_SERVING (exit 1)
+  genserve health digits-vae --server 10.0.0.5:8500
+""",
     "models": """examples:
   genserve models
   genserve models --server gpu-box:8500 --json
@@ -84,6 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            epilog=EPILOGS[name] + "\n" + CONNECTION, formatter_class=_formatter)
         p.set_defaults(handler=globals()[f"run_{name}"])
         return p
+
+    p = command("health", "check a server's (or one model's) gRPC health; exit 0 when SERVING")
+    p.add_argument("model", nargs="?", help="model name (default: the whole server)")
 
     p = command("models", "list the models a running server has")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -179,6 +186,13 @@ def _write_grid(path, x, spec) -> str:
     low, high = (0, spec.levels - 1) if spec.discrete else (None, None)
     write_grid(path, x[:256], low, high)
     return f" and {path} (grid of {min(len(x), 256)})"
+
+
+def run_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.health(args.model)
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def run_models(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from genserve.clients.client import Client
 from genserve.clients.images import grid
 
 DIGITS, MOONS = "digits-ppca", "moons-ppca"
-COMMANDS = ("models", "info", "sample", "score", "encode", "decode")
+COMMANDS = ("health", "models", "info", "sample", "score", "encode", "decode")
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -144,3 +144,11 @@ def test_errors_end_in_one_line(target: str, tmp_path: Path, capsys: pytest.Capt
     with pytest.raises(SystemExit) as e:
         main(["score", MOONS, "x.npy", "--out", "s.csv", "--threshold", "1", "--quantile", "0.1"])
     assert e.value.code == 2
+
+
+def test_health_command_for_docker_and_probes(target: str, capsys: pytest.CaptureFixture) -> None:
+    assert run(capsys, "health", "--server", target)[:2] == (0, "SERVING\n")
+    code, out, _ = run(capsys, "health", "moons-ppca", "--server", target)
+    assert (code, out) == (0, "SERVING\n")
+    code, out, _ = run(capsys, "health", "no-such-model", "--server", target)
+    assert code != 0 and "SERVING\n" != out
