@@ -262,9 +262,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             while self._queue and self._queue[0].future.done():
-                self._queue.popleft()
-            # A cancelled future is done at once but its _settled callback runs a loop iteration later, so rows
-            # may still be counted with the queue already empty: wait for the next submission then.
+                self._settled(self._queue.popleft())
+            # A cancelled future is done at once but its _settled callback runs a loop iteration later: the
+            # submissions dropped here are settled now, so the counts agree with the queue (once, rows still
+            # counted with the queue empty killed the worker); an empty queue is waited on whatever they say.
             if not self._queued_rows or not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -288,6 +289,7 @@ class Batcher:
         while capacity and self._queue:
             sub = self._queue.popleft()
             if sub.future.done():
+                self._settled(sub)
                 continue
             if key is not None and sub.key != key:  # other input shapes: a later call takes it
                 skipped.append(sub)
@@ -306,7 +308,8 @@ class Batcher:
         self._queue.extendleft(reversed(skipped))
         if rotate is not None:
             self._queue.append(rotate)
-        self._running += 1
+        if parts:
+            self._running += 1  # _execute's finally takes it back; an empty batch is never executed
         self._depth_changed()
         return parts
 

@@ -212,12 +212,12 @@ def test_iter_scores_yields_row_order_and_stops_early(private_target: str) -> No
     assert offsets == [0, 700, 1400]
 
 
-@pytest.mark.xfail(strict=False, reason="engine: after a client cancels a LogLikelihoodStream with chunks in "
-                   "flight, the model's batcher sometimes runs no more submissions (reported)")
 def test_the_server_serves_on_after_an_abandoned_stream(private_target: str) -> None:
+    """Regression: cancelling a stream with chunks in flight once killed the model's batcher worker (rows still
+    counted, queue empty) about every other time; ten rounds make a relapse all but certain to show."""
     x = moons(5000, seed=4)
     with Client(private_target, timeout=5) as c:
-        for _ in range(3):
+        for _ in range(10):
             chunks = c.iter_scores(MOONS, x, chunk_size=700, progress=False)
             next(chunks), next(chunks), next(chunks)
             chunks.close()  # cancels the call

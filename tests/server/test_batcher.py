@@ -240,6 +240,34 @@ def test_cancelled_requests_rows_are_dropped_from_the_queue(ppca) -> None:
     assert same_bits(out, run_session(session, rows_of(feeds, 8, 10)))
 
 
+def test_the_worker_survives_cancellations_it_sees_before_their_callbacks_run(ppca) -> None:
+    """A cancelled future is done at once, but its done-callbacks run a loop step later. A worker woken in
+    between (here by the second submission; in the server by a stream's chunks all cancelled together) must
+    not find the queue empty while its row count still holds the cancelled rows: once, that killed the worker
+    with an IndexError and the graph served nothing more."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 6, seed=7)
+    b = Batcher("log_prob", lambda i, f: run_session(session, f), max_batch_size=64, max_queue_delay_ms=60_000)
+
+    async def main():
+        for _ in range(3):
+            a = asyncio.ensure_future(b.submit(rows_of(feeds, 0, 2)))
+            await asyncio.sleep(0)  # queued; the worker waits for company
+            c = asyncio.ensure_future(b.submit(rows_of(feeds, 2, 4)))
+            await asyncio.sleep(0)  # queued, the worker's wake-up scheduled
+            a.cancel(), c.cancel()  # both futures done now, their bookkeeping callbacks after the worker
+            await asyncio.sleep(0.01)
+            assert (b.queued_rows, b.waiting) == (0, 0)
+            b.delay = 0.0
+            out = await asyncio.wait_for(b.submit(rows_of(feeds, 4, 6)), 5)
+            b.delay = 60.0
+        assert all(not w.done() for w in b._workers)
+        await asyncio.wait_for(b.stop(), 5)  # nothing left counted as queued or running
+        return out
+
+    assert same_bits(asyncio.run(main()), run_session(session, rows_of(feeds, 4, 6)))
+
+
 def test_a_failing_call_fails_every_request_in_it_and_only_those(ppca) -> None:
     """The run raises for a batch holding a poisoned row: its requests fail, the next batch is answered."""
     manifest, session = ppca
