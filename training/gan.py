@@ -78,6 +78,13 @@ def mlp(sizes: list[int], act: nn.Module, norm: bool = False, dropout: float = 0
 class GAN(GenerativeModel):
     """A GAN with MLP generator (BatchNorm) and discriminator (dropout), non-saturating loss.
 
+    Arguments:
+        latent_dim: size of z; hidden, depth: width and number of hidden layers of G (and of D).
+        d_hidden: D's width when it differs from G's (0: same); dropout: D's dropout rate.
+        label_smoothing: D's target for real data is 1 - label_smoothing (0: none).
+        ema: decay of the moving average of G's weights that samples (0: sample from G itself).
+        val_samples: samples drawn for the validation criterion.
+
     Example:
         >>> from genserve.training.data import load_dataset
         >>> m = GAN(load_dataset("moons").spec, latent_dim=2, hidden=16)
@@ -91,10 +98,10 @@ class GAN(GenerativeModel):
     operations = ("sample", "decode")
     capabilities = Capabilities("implicit", "unstable", "no", "fast", "no", False)
     profiles = {
-        "quick": {"epochs": 150, "batch_size": 64, "lr": 2e-4, "patience": 40,
-                  "arch": {"latent_dim": 32, "hidden": 256, "depth": 2, "dropout": 0.3}},
-        "full": {"epochs": 1500, "batch_size": 64, "lr": 2e-4, "patience": 300,
-                 "arch": {"latent_dim": 32, "hidden": 512, "depth": 2, "dropout": 0.3}},
+        "quick": {"epochs": 120, "batch_size": 64, "lr": 1e-3, "patience": 50,
+                  "arch": {"latent_dim": 32, "hidden": 256, "depth": 2, "dropout": 0.3, "val_samples": 500}},
+        "full": {"epochs": 800, "batch_size": 64, "lr": 1e-3, "patience": 200, "max_minutes": 9.0,
+                 "arch": {"latent_dim": 32, "hidden": 256, "depth": 2, "dropout": 0.3}},
     }
     tabular_profiles = {
         "quick": {"epochs": 200, "batch_size": 128, "lr": 1e-3, "patience": 60,
