@@ -45,6 +45,10 @@ class AutoregressiveModel(GenerativeModel):
             raise ValueError("continuous data need the spec's mean/std (taken from the training split)")
         self.components = int(arch.get("components", 0)) if not spec.discrete else 0
         self.lr_half_life = int(arch.get("lr_half_life", 0))
+        self.ema = float(arch.get("ema", 0.0))
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema is a decay per step in [0, 1), got {self.ema}")
+        self._ema_names: dict[str, str] = {}
         if not spec.discrete and self.components < 1:
             raise ValueError(f"continuous data need components >= 1, got {self.components}")
 
@@ -73,10 +77,15 @@ class AutoregressiveModel(GenerativeModel):
     def loss(self, x: Tensor) -> Tensor:
         return -self.log_prob(x, Noise(0)).mean()
 
-    def make_optimizers(self, lr: float, weight_decay: float) -> list[torch.optim.Optimizer]:
-        """AdamW; with ``lr_half_life`` > 0 the learning rate halves every that many steps, down to lr / 20.
+    def forward(self, x: Tensor) -> Tensor:  # the trainer (and DDP) may call the model itself
+        return self.loss(x)
 
-        The decay lives in the optimizer's own ``lr`` (a post-step hook), so a resumed run continues it.
+    def make_optimizers(self, lr: float, weight_decay: float) -> list[torch.optim.Optimizer]:
+        """AdamW; with ``lr_half_life`` > 0 the learning rate halves every that many steps, down to lr / 20;
+        with ``ema`` > 0 each step also updates the moving average of the weights.
+
+        Both live in hooks on the optimizer's step (so they work under DDP and the trainer's default step), and
+        the decayed ``lr`` is part of the optimizer's state, so a resumed run continues it.
         """
         opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
         if self.lr_half_life > 0:
@@ -87,10 +96,47 @@ class AutoregressiveModel(GenerativeModel):
                     group["lr"] = max(group["lr"] * gamma, floor)
 
             opt.register_step_post_hook(decay)
+        if self._ema_names:
+            opt.register_step_post_hook(lambda *_: self._update_average())
         return [opt]
 
-    def forward(self, x: Tensor) -> Tensor:  # the trainer (and DDP) may call the model itself
-        return self.loss(x)
+    # ---- weight averaging: training steps move the raw weights, eval mode answers with their average ----
+    def _setup_averaging(self) -> None:
+        """Buffers for the moving average of every weight (when ``ema`` > 0); called once the layers exist."""
+        if self.ema <= 0:
+            return
+        for name, p in list(self.named_parameters()):
+            self._ema_names[name] = "ema_" + name.replace(".", "_")
+            self.register_buffer(self._ema_names[name], p.detach().clone())
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        # True while the parameters hold the average (eval mode) and the buffers the raw weights; it travels in
+        # the state dict, so a checkpoint taken in eval mode loads as the averaged model.
+        self.register_buffer("ema_active", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        n = int(self.ema_steps)
+        decay = min(self.ema, (1 + n) / (10 + n))  # short memory at first, so early weights fade quickly
+        params = dict(self.named_parameters())
+        for name, buffer_name in self._ema_names.items():
+            getattr(self, buffer_name).lerp_(params[name], 1.0 - decay)
+        self.ema_steps += 1
+
+    def train(self, mode: bool = True) -> AutoregressiveModel:
+        super().train(mode)
+        if self._ema_names and int(self.ema_steps) > 0 and bool(self.ema_active) == mode:
+            self._swap_average()
+        return self
+
+    @torch.no_grad()
+    def _swap_average(self) -> None:
+        params = dict(self.named_parameters())
+        for name, buffer_name in self._ema_names.items():
+            p, avg = params[name], getattr(self, buffer_name)
+            raw = p.detach().clone()
+            p.copy_(avg)
+            avg.copy_(raw)
+        self.ema_active.fill_(not bool(self.ema_active))
 
     # ---- operations -------------------------------------------------------------------------------
     def log_prob(self, x: Tensor, noise: Noise | None = None, **options: Any) -> Tensor:
@@ -206,6 +252,7 @@ class CausalConvAR(AutoregressiveModel):
         components: Gaussian mixture components per feature (continuous data only).
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
+        ema: decay per step of a moving average of the weights, used in eval mode (0: off).
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -216,7 +263,7 @@ class CausalConvAR(AutoregressiveModel):
 
     name = "arcnn"
     profiles = {
-        "quick": {"epochs": 12, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
+        "quick": {"epochs": 25, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
                   "patience": 5, "arch": {"channels": 32, "layers": 2, "dropout": 0.1}},
         "full": {"epochs": 200, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
                  "patience": 20, "arch": {"channels": 64, "layers": 4, "dropout": 0.3}},
@@ -229,9 +276,9 @@ class CausalConvAR(AutoregressiveModel):
     }
 
     def __init__(self, spec: DataSpec, channels: int = 64, layers: int = 4, kernel: int = 3, first_kernel: int = 0,
-                 dropout: float = 0.2, components: int = 8, lr_half_life: int = 0) -> None:
+                 dropout: float = 0.2, components: int = 8, lr_half_life: int = 0, ema: float = 0.0) -> None:
         super().__init__(spec, channels=channels, layers=layers, kernel=kernel, first_kernel=first_kernel,
-                         dropout=dropout, components=components, lr_half_life=lr_half_life)
+                         dropout=dropout, components=components, lr_half_life=lr_half_life, ema=ema)
         dims = 2 if spec.is_image else 1
         if len(spec.shape) > 2:
             raise ValueError(f"arcnn models images (H, W) or rows (D,), not shape {spec.shape}")
@@ -246,6 +293,7 @@ class CausalConvAR(AutoregressiveModel):
         self.out = MaskedConv(dims, channels, self.out_per_position, 1, "B")
         # Per-position bias: digits' border pixels are almost always 0, which a convolution alone models poorly
         self.position_bias = nn.Parameter(torch.zeros(self.out_per_position, spec.dim))
+        self._setup_averaging()
 
     def conditionals(self, x: Tensor) -> tuple[Tensor, ...]:
         """x (B, *shape) raw units -> conditional parameters of every position, (B, D, P) each."""

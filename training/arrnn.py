@@ -34,6 +34,7 @@ class RecurrentAR(AutoregressiveModel):
         components: Gaussian mixture components per feature (continuous data only).
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
+        ema: decay per step of a moving average of the weights, used in eval mode (0: off).
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -44,8 +45,8 @@ class RecurrentAR(AutoregressiveModel):
 
     name = "arrnn"
     profiles = {
-        "quick": {"epochs": 10, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
-                  "patience": 5, "arch": {"hidden": 64, "layers": 1, "embed": 32, "dropout": 0.1}},
+        "quick": {"epochs": 12, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
+                  "patience": 5, "arch": {"hidden": 128, "layers": 1, "embed": 32, "dropout": 0.1}},
         "full": {"epochs": 200, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
                  "patience": 20, "arch": {"hidden": 256, "layers": 1, "embed": 64, "dropout": 0.3}},
     }
@@ -57,9 +58,9 @@ class RecurrentAR(AutoregressiveModel):
     }
 
     def __init__(self, spec: DataSpec, hidden: int = 256, layers: int = 1, embed: int = 64, dropout: float = 0.2,
-                 weight_drop: float = 0.0, components: int = 8, lr_half_life: int = 0) -> None:
+                 weight_drop: float = 0.0, components: int = 8, lr_half_life: int = 0, ema: float = 0.0) -> None:
         super().__init__(spec, hidden=hidden, layers=layers, embed=embed, dropout=dropout, weight_drop=weight_drop,
-                         components=components, lr_half_life=lr_half_life)
+                         components=components, lr_half_life=lr_half_life, ema=ema)
         self.hidden, self.layers, self.weight_drop = hidden, layers, weight_drop
         if spec.discrete:  # index `levels` is the start token
             self.value_embed = nn.Embedding(spec.levels + 1, embed)
@@ -71,6 +72,7 @@ class RecurrentAR(AutoregressiveModel):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden, self.out_per_position)
         self.position_bias = nn.Parameter(torch.zeros(self.dim, self.out_per_position))
+        self._setup_averaging()
 
     @property
     def state_size(self) -> int:

@@ -198,3 +198,30 @@ def test_learning_rate_half_life_survives_resume() -> None:
     for _ in range(20):
         m.training_step(x, [again], grad_clip=0.0)
     assert again.param_groups[0]["lr"] == pytest.approx(0.1 / 20)  # decays on from the resumed value to its floor
+
+
+@pytest.mark.parametrize("model", sorted(SMALL))
+def test_weight_average_is_used_in_eval_mode_and_survives_checkpoints(model: str, tmp_path) -> None:
+    data = load_dataset("digits")
+    cls, arch = SMALL[model]
+    torch.manual_seed(0)
+    m = cls(data.spec, **{**arch, "ema": 0.5})
+    x = torch.as_tensor(data.train[:16])
+    (opt,) = m.make_optimizers(lr=1e-2, weight_decay=0.0)
+    m.train()
+    name = "position_bias"
+    average = m.position_bias.detach().clone()
+    for n in range(3):
+        m.training_step(x, [opt], grad_clip=0.0)
+        decay = min(0.5, (1 + n) / (10 + n))
+        average = decay * average + (1 - decay) * m.position_bias.detach()
+    raw = m.position_bias.detach().clone()
+    m.eval()  # eval mode answers with the average; the raw weights wait in the buffers
+    torch.testing.assert_close(m.position_bias.detach(), average)
+    torch.testing.assert_close(m.state_dict()[f"ema_{name}"], raw)
+    lp = m.log_prob(x).detach()
+    save_checkpoint(tmp_path / "m.pt", m)
+    back, _ = load_checkpoint(tmp_path / "m.pt")  # loads in eval mode: the averaged weights
+    torch.testing.assert_close(back.log_prob(x).detach(), lp)
+    m.train()  # training goes on from the raw weights
+    torch.testing.assert_close(m.position_bias.detach(), raw)
