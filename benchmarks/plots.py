@@ -37,7 +37,16 @@ def sweep(result: dict, path: str | Path, title: str | None = None) -> Path:
         a.plot(c, [r["throughput_rows_s"] for r in levels], "s--", label="rows/s")
     _log_axes(a, c)
     a.set(xlabel="concurrency (clients)", ylabel="throughput", title="throughput", ylim=(0, None))
-    a.legend()
+    cores = [r["cpu"]["processes_cores"].get("server") for r in levels]
+    if all(cores):
+        # Requests per CPU-second of the server process: what the server does with the CPU it got, a rate
+        # that other tenants of the machine do not distort.
+        b = a.twinx()
+        b.plot(c, [r["throughput_rps"] / k for r, k in zip(levels, cores, strict=True)], "^:", color="tab:green",
+               label="requests per server CPU-s")
+        b.set(ylabel="requests per server CPU-second", ylim=(0, None))
+        b.legend(loc="lower right", fontsize=8)
+    a.legend(loc="upper left")
 
     a = ax[0, 1]
     for p in ("p50", "p90", "p95", "p99"):
@@ -84,7 +93,7 @@ def bars(groups: dict[str, dict[str, float]], path: str | Path, title: str, ylab
     names = list(groups)
     series = list(dict.fromkeys(s for g in groups.values() for s in g))
     width = 0.8 / max(len(series), 1)
-    fig, a = plt.subplots(figsize=(max(6, 1.2 * len(names) * max(len(series), 1) / 2 + 3), 4.5))
+    fig, a = plt.subplots(figsize=(min(12, max(6, 0.5 * len(names) * max(len(series), 1) + 2)), 4.5))
     for i, s in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
         a.bar(xs, [groups[g].get(s, 0.0) for g in names], width, label=s)
@@ -92,6 +101,10 @@ def bars(groups: dict[str, dict[str, float]], path: str | Path, title: str, ylab
     a.set(ylabel=ylabel, title=title)
     if log:
         a.set_yscale("log")
+        a.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        a.yaxis.set_major_formatter(ScalarFormatter())
+        a.yaxis.set_minor_formatter(NullFormatter())
+    a.grid(axis="y", alpha=0.3)
     a.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

@@ -5,7 +5,8 @@
     python -m benchmarks.ratios ort-torch --repo /tmp/bench/repo --checkpoints /tmp/bench   # c. ORT vs eager
     python -m benchmarks.ratios sampling --repo /tmp/bench/repo        # d. arrnn step vs prefix; samples/s
 
-Each writes ``--out-dir``/ratio-<name>.json and a PNG, and prints a Markdown table. The in-process figures run
+Each writes ``--out-dir``/ratio-<name>.json, draws its PNG and prints its Markdown table (both redrawn from the
+JSON by ``python -m benchmarks.ratio_tables DIR``). The in-process figures run
 ONNX Runtime with the server's thread settings (1 intra-op, 1 inter-op thread, no spinning) and PyTorch with
 ``torch.set_num_threads(1)``. Timings are medians of repeated calls after warm-up calls.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import plots, procstat
+from benchmarks import procstat, ratio_tables
 from benchmarks.loadgen import SweepSettings
 from benchmarks.run import run_sweep
 
@@ -42,12 +43,15 @@ def timeit(fn: Callable[[], Any], budget_s: float = 1.0, min_reps: int = 5, max_
         fn()
         done += 1
     times: list[float] = []
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "best_s": min(times), "reps": len(times)}
+    # CPU seconds per call (this process, all threads): a figure that other tenants' load does not inflate.
+    cpu = (time.process_time() - cpu0) / len(times)
+    return {"median_s": statistics.median(times), "best_s": min(times), "reps": len(times), "cpu_s": cpu,
+            "cpu_share": cpu * len(times) / (time.perf_counter() - start)}
 
 
 def load_program(repo: Path, name: str) -> tuple[Any, Any, dict[str, Path]]:
@@ -62,11 +66,16 @@ def load_program(repo: Path, name: str) -> tuple[Any, Any, dict[str, Path]]:
     return program, manifest, {g.name: folder / g.file for g in manifest.graphs}
 
 
+PROVIDER = ["cpu"]
+"""The ONNX Runtime provider of every run (``--provider``; cpu unless a GPU table is being measured)."""
+
+
 def direct_runner(files: dict[str, Path]) -> Any:
-    """ONNX Runtime called directly with the server's defaults: CPU, 1 intra-op and 1 inter-op thread."""
+    """ONNX Runtime called directly with the server's defaults: 1 intra-op and 1 inter-op thread."""
     from genserve.server.sessions import DirectRunner, SessionOptions
 
-    return DirectRunner.from_files(files, SessionOptions(provider="cpu", intra_op_threads=1, inter_op_threads=1))
+    opts = SessionOptions(provider=PROVIDER[0], intra_op_threads=1, inter_op_threads=1)
+    return DirectRunner.from_files(files, opts)
 
 
 def server_sample_rows(repo: Path, name: str, n: int) -> np.ndarray:
@@ -78,7 +87,7 @@ def server_sample_rows(repo: Path, name: str, n: int) -> np.ndarray:
 
 
 def header(kind: str) -> dict:
-    return {"ratio": kind, "machine": procstat.machine_info(), "started_unix": time.time(),
+    return {"ratio": kind, "machine": procstat.machine_info(), "started_unix": time.time(), "provider": PROVIDER[0],
             "command": "python -m benchmarks.ratios " + " ".join(sys.argv[1:])}
 
 
@@ -93,6 +102,8 @@ def level_summary(level: dict) -> dict:
             "loadgen_cores": sum(v or 0 for k, v in level["cpu"]["processes_cores"].items()
                                  if k.startswith("loadgen")),
             "machine_busy_cores": level["cpu"]["machine_busy_cores"], "loadavg_1m": level["loadavg"][0],
+            "rps_per_server_cpu_s": (level["throughput_rps"] / level["cpu"]["processes_cores"]["server"]
+                                     if level["cpu"]["processes_cores"].get("server") else None),
             "limited_by": level["limited_by"]}
 
 
@@ -124,28 +135,14 @@ def batching(args: argparse.Namespace) -> dict:
             r = run_sweep({"model": model, "operation": "log_likelihood", "rows": 1, "importance_samples": k},
                           sweep_settings(timing, (args.clients,)), args.processes, repo=str(args.repo),
                           serving={"max_batch_size": mbs, "max_queue_delay_ms": args.delay_ms},
-                          flags={"--threads": 1}, log=log)
+                          flags={"--threads": 1, "--provider": PROVIDER[0]}, log=log)
             case[label] = level_summary(r["levels"][0])
         off_rps, off_p99 = case["off"]["throughput_rps"], case["off"]["p99_ms"]
         case["throughput_ratio"] = case["on"]["throughput_rps"] / off_rps if off_rps > 0 else None
         case["p99_ratio_on_over_off"] = case["on"]["p99_ms"] / off_p99 if off_p99 > 0 else None
+        on_eff, off_eff = case["on"]["rps_per_server_cpu_s"], case["off"]["rps_per_server_cpu_s"]
+        case["efficiency_ratio"] = on_eff / off_eff if on_eff and off_eff else None  # requests per server CPU-s
         out["cases"].append(case)
-    groups = {f"{c['model']} K={c['importance_samples'] or 'default'}":
-              {"batching on (64)": c["on"]["throughput_rps"], "batching off (1)": c["off"]["throughput_rps"]}
-              for c in out["cases"]}
-    plots.bars(groups, Path(args.out_dir) / "batching.png", f"{args.clients} clients, 1-row LogLikelihood",
-               "requests/s", log=True)
-    lines = ["| model | batching | req/s | p50 ms | p99 ms | rows/call | limited by |", "|---|---|---|---|---|---|---|"]
-    for c in out["cases"]:
-        name = f"{c['model']} (K={c['importance_samples'] or 'default'})" if "vae" in c["model"] else c["model"]
-        for label in ("on", "off"):
-            s = c[label]
-            lines.append(f"| {name} | {label} | {s['throughput_rps']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
-                         f"{s['rows_per_call'] or 0:.1f} | {s['limited_by']} |")
-        ratio = "n/a" if c["throughput_ratio"] is None else f"{c['throughput_ratio']:.1f}x"
-        p99 = "n/a" if c["p99_ratio_on_over_off"] is None else f"{c['p99_ratio_on_over_off']:.2f}"
-        lines.append(f"| {name} | **ratio on/off** | **{ratio}** | | p99 on/off {p99} | | |")
-    out["table"] = "\n".join(lines)
     return out
 
 
@@ -160,7 +157,7 @@ def ceiling(args: argparse.Namespace) -> dict:
         log(f"ceiling: server {model}")
         r = run_sweep({"model": model, "operation": "log_likelihood", "rows": 1}, sweep_settings(args, (32, 64)),
                       args.processes, repo=str(args.repo), serving={"max_batch_size": 64},
-                      flags={"--threads": 1}, log=log)
+                      flags={"--threads": 1, "--provider": PROVIDER[0]}, log=log)
         best_level = max(r["levels"], key=lambda lv: lv["throughput_rows_s"])
         log(f"ceiling: in-process {model}")
         program, _, files = load_program(args.repo, model)
@@ -174,30 +171,25 @@ def ceiling(args: argparse.Namespace) -> dict:
                 lp.run_until_complete(p.log_likelihood(r, x, Noise(3)))
 
             t = timeit(score, budget_s=args.budget_s)
-            inproc[b] = {**t, "rows_s": b / t["median_s"]}
+            inproc[b] = {**t, "rows_s": b / t["median_s"], "rows_per_cpu_s": b / t["cpu_s"]}
         loop.close()
         best_b = max(inproc, key=lambda b: inproc[b]["rows_s"])
+        best_cpu_b = max(inproc, key=lambda b: inproc[b]["rows_per_cpu_s"])
         server_rows = best_level["throughput_rows_s"]
+        server_cores = best_level["cpu"]["processes_cores"].get("server") or 0.0
+        server_per_cpu = server_rows / server_cores if server_cores else None
         out["cases"].append({
             "model": model, "server": {"concurrency": best_level["concurrency"], **level_summary(best_level)},
             "in_process": {str(b): v for b, v in inproc.items()}, "best_batch": best_b,
             "ceiling_rows_s": inproc[best_b]["rows_s"], "server_rows_s": server_rows,
             "fraction": server_rows / inproc[best_b]["rows_s"],
             "fraction_vs_batch64": server_rows / inproc[64]["rows_s"] if 64 in inproc else None,
+            # The same comparison per CPU-second (server process vs this process), which contention from
+            # other tenants of the machine does not distort: rows each spends one second of CPU on.
+            "server_rows_per_cpu_s": server_per_cpu, "best_cpu_batch": best_cpu_b,
+            "ceiling_rows_per_cpu_s": inproc[best_cpu_b]["rows_per_cpu_s"],
+            "fraction_per_cpu_s": server_per_cpu / inproc[best_cpu_b]["rows_per_cpu_s"] if server_per_cpu else None,
         })
-    groups = {c["model"]: {"server at saturation": c["server_rows_s"],
-                           **{f"in-process batch {b}": v["rows_s"] for b, v in c["in_process"].items()}}
-              for c in out["cases"]}
-    plots.bars(groups, Path(args.out_dir) / "ceiling.png", "LogLikelihood rows/s: server vs ORT in-process",
-               "rows/s", log=True)
-    lines = ["| model | server rows/s (clients) | in-process rows/s by batch | best | fraction | limited by |",
-             "|---|---|---|---|---|---|"]
-    for c in out["cases"]:
-        per = ", ".join(f"{b}: {v['rows_s']:.0f}" for b, v in c["in_process"].items())
-        lines.append(f"| {c['model']} | {c['server_rows_s']:.0f} ({c['server']['concurrency']}) | {per} | "
-                     f"{c['ceiling_rows_s']:.0f} (batch {c['best_batch']}) | **{c['fraction']:.2f}** | "
-                     f"{c['server']['limited_by']} |")
-    out["table"] = "\n".join(lines)
     return out
 
 
@@ -218,15 +210,21 @@ def ort_torch(args: argparse.Namespace) -> dict:
     out = header("ort-torch")
     out["torch_threads"] = torch.get_num_threads()
     rows = []
+    out["skipped"] = {}
     for ckpt in sorted(Path(args.checkpoints).glob("*.pt")):
-        model, _ = load_checkpoint(ckpt)
+        try:
+            model, _ = load_checkpoint(ckpt)
+        except ValueError as e:  # e.g. a checkpoint older than its family's current code
+            out["skipped"][str(ckpt)] = str(e)
+            log(f"skip {ckpt}: {e}")
+            continue
         name = default_name(model)
         if not (args.repo / name).is_dir():
             log(f"skip {ckpt}: {name} is not in {args.repo}")
             continue
         _, manifest, files = load_program(args.repo, name)
         for gname, g in model.export_graphs().items():
-            session = make_session(files[gname], SessionOptions(provider="cpu"))
+            session = make_session(files[gname], SessionOptions(provider=PROVIDER[0]))
             ort_names = [i.name for i in session.get_inputs()]
             for b in (1, 64):
                 feeds = {k: np.take(v.detach().numpy(), np.arange(b) % v.shape[0], axis=0).astype(np.float32)
@@ -242,20 +240,13 @@ def ort_torch(args: argparse.Namespace) -> dict:
                 t_ort = timeit(lambda f=ort_feeds, s=session: s.run(None, f), budget_s=args.budget_s)
                 rows.append({"model": name, "graph": gname, "batch": b, "torch_us": t_torch["median_s"] * 1e6,
                              "ort_us": t_ort["median_s"] * 1e6,
-                             "speedup": t_torch["median_s"] / t_ort["median_s"]})
+                             "speedup": t_torch["median_s"] / t_ort["median_s"],
+                             "torch_cpu_us": t_torch["cpu_s"] * 1e6, "ort_cpu_us": t_ort["cpu_s"] * 1e6,
+                             "speedup_cpu": t_torch["cpu_s"] / t_ort["cpu_s"]})
                 log(f"{name}.{gname} batch {b}: torch {rows[-1]['torch_us']:.0f} us, ORT {rows[-1]['ort_us']:.0f}"
                     f" us, {rows[-1]['speedup']:.2f}x")
     out["rows"] = rows
     out["loadavg_after"] = procstat.loadavg()
-    groups = {f"{r['model'].removeprefix('digits-')}.{r['graph']}": {} for r in rows}
-    for r in rows:
-        groups[f"{r['model'].removeprefix('digits-')}.{r['graph']}"][f"batch {r['batch']}"] = r["speedup"]
-    plots.bars(groups, Path(args.out_dir) / "ort_vs_torch.png", "PyTorch eager time / ONNX Runtime time (1 thread)",
-               "speedup of ORT (x)", log=True)
-    lines = ["| graph | batch | PyTorch eager µs | ONNX Runtime µs | ORT speedup |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']}.{r['graph']} | {r['batch']} | {r['torch_us']:.0f} | {r['ort_us']:.0f} | "
-              f"{r['speedup']:.2f}x |" for r in rows]
-    out["table"] = "\n".join(lines)
     return out
 
 
@@ -276,7 +267,9 @@ def sampling(args: argparse.Namespace) -> dict:
     step = timeit(lambda: draw(False), budget_s=args.budget_s, min_reps=3, warmup=1)
     prefix = timeit(lambda: draw(True), budget_s=args.budget_s, min_reps=3, warmup=1)
     out["arrnn"] = {"n": 64, "steps": int(program.spec.dim), "step_s": step["median_s"], "prefix_s": prefix["median_s"],
-                    "speedup": prefix["median_s"] / step["median_s"], "identical_samples": same}
+                    "speedup": prefix["median_s"] / step["median_s"], "identical_samples": same,
+                    "step_cpu_s": step["cpu_s"], "prefix_cpu_s": prefix["cpu_s"],
+                    "speedup_cpu": prefix["cpu_s"] / step["cpu_s"]}
     log(f"arrnn 64 samples: step {step['median_s'] * 1e3:.1f} ms, prefix {prefix['median_s'] * 1e3:.1f} ms, "
         f"{out['arrnn']['speedup']:.1f}x, identical {same}")
 
@@ -289,7 +282,8 @@ def sampling(args: argparse.Namespace) -> dict:
         run = direct_runner(fs)
         t = timeit(lambda p=prog, r=run: loop.run_until_complete(p.sample(r, 64, Noise(7))),
                    budget_s=args.budget_s, min_reps=3, warmup=1)
-        per_model[name] = {"in_process_samples_s": 64 / t["median_s"], "in_process_ms_per_64": t["median_s"] * 1e3}
+        per_model[name] = {"in_process_samples_s": 64 / t["median_s"], "in_process_ms_per_64": t["median_s"] * 1e3,
+                           "in_process_samples_per_cpu_s": 64 / t["cpu_s"]}
         log(f"{name}: in-process {per_model[name]['in_process_samples_s']:.0f} samples/s")
     loop.close()
     if not args.no_server:
@@ -297,26 +291,14 @@ def sampling(args: argparse.Namespace) -> dict:
             log(f"sampling through the server: {name}")
             r = run_sweep({"model": name, "operation": "sample", "rows": 64}, sweep_settings(args, (args.clients,)),
                           args.processes, repo=str(args.repo), serving={"max_batch_size": 64},
-                          flags={"--threads": 1}, log=log)
+                          flags={"--threads": 1, "--provider": PROVIDER[0]}, log=log)
             lv = r["levels"][0]
+            cores = lv["cpu"]["processes_cores"].get("server")
+            per_model[name].update({"server_samples_per_cpu_s": lv["throughput_rows_s"] / cores if cores else None})
             per_model[name].update({"server_samples_s": lv["throughput_rows_s"], "server_clients": args.clients,
                                     "server_p50_ms": lv["latency_ms"]["p50"], "server_limited_by": lv["limited_by"],
                                     "loadavg_1m": lv["loadavg"][0]})
     out["models"] = per_model
-    groups = {n.removeprefix("digits-"): {"in-process": v["in_process_samples_s"],
-                                          **({"server": v["server_samples_s"]} if "server_samples_s" in v else {})}
-              for n, v in per_model.items()}
-    plots.bars(groups, Path(args.out_dir) / "samples_per_s.png", "samples/s (64 per request)", "samples/s", log=True)
-    a = out["arrnn"]
-    lines = [f"arrnn, 64 samples of {a['steps']} steps: carried state {a['step_s'] * 1e3:.1f} ms, full prefix "
-             f"{a['prefix_s'] * 1e3:.1f} ms: **{a['speedup']:.1f}x** (identical samples: {a['identical_samples']})",
-             "", "| model | in-process samples/s (n=64) | server samples/s (n=64, clients) | server p50 ms |",
-             "|---|---|---|---|"]
-    for n, v in per_model.items():
-        srv = f"{v['server_samples_s']:.0f} ({v['server_clients']})" if "server_samples_s" in v else "-"
-        p50 = f"{v['server_p50_ms']:.1f}" if "server_p50_ms" in v else "-"
-        lines.append(f"| {n} | {v['in_process_samples_s']:.0f} | {srv} | {p50} |")
-    out["table"] = "\n".join(lines)
     return out
 
 
@@ -342,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=1.5, help="seconds of repeated calls per in-process timing")
     p.add_argument("--batches", default="1,4,16,64,256", help="in-process batch sizes (ceiling)")
     p.add_argument("--no-server", action="store_true", help="sampling: in-process figures only")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="ONNX Runtime provider of the server and the in-process runs (cuda: the GPU table)")
     args = p.parse_args(argv)
+    PROVIDER[0] = args.provider
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.ratio == "ort-torch" and args.checkpoints is None:
         p.error("ort-torch needs --checkpoints")
@@ -351,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out_dir) / f"ratio-{args.ratio}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    print(result["table"])
+    print(ratio_tables.render(result, args.out_dir))
     return 0
 
 

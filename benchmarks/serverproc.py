@@ -84,8 +84,9 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "genserve.server.cli", "--repo", str(self.repo), "--host", "127.0.0.1",
-               "--port", "0", "--metrics-port", str(free_port()), "--provider", "cpu",
-               "--log-level", self.log_level]
+               "--port", "0", "--metrics-port", str(free_port()), "--log-level", self.log_level]
+        if "--provider" not in self.flags:  # CPU unless asked: "auto" would pick a GPU where one loads
+            cmd += ["--provider", "cpu"]
         for flag, value in self.flags.items():
             cmd += [flag, str(value)]
         return cmd
