@@ -31,6 +31,8 @@ class RecurrentAR(AutoregressiveModel):
         embed: size of the input embedding (previous value plus position).
         dropout: dropout on the embedding, between GRU layers and before the output layer.
         weight_drop: DropConnect rate on the GRU's hidden-to-hidden weights during training.
+        input_drop: rate at which training reads a previous value as "unknown" (word dropout).
+        above: images only: each step also reads the pixel above, kept in a row buffer in the state.
         components: Gaussian mixture components per feature (continuous data only).
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
@@ -58,12 +60,18 @@ class RecurrentAR(AutoregressiveModel):
     }
 
     def __init__(self, spec: DataSpec, hidden: int = 256, layers: int = 1, embed: int = 64, dropout: float = 0.2,
-                 weight_drop: float = 0.0, components: int = 8, lr_half_life: int = 0, ema: float = 0.0) -> None:
+                 weight_drop: float = 0.0, input_drop: float = 0.0, above: bool = False, components: int = 8,
+                 lr_half_life: int = 0, ema: float = 0.0) -> None:
         super().__init__(spec, hidden=hidden, layers=layers, embed=embed, dropout=dropout, weight_drop=weight_drop,
-                         components=components, lr_half_life=lr_half_life, ema=ema)
-        self.hidden, self.layers, self.weight_drop = hidden, layers, weight_drop
-        if spec.discrete:  # index `levels` is the start token
+                         input_drop=input_drop, above=above, components=components, lr_half_life=lr_half_life,
+                         ema=ema)
+        self.hidden, self.layers, self.weight_drop, self.input_drop = hidden, layers, weight_drop, input_drop
+        if above and not (spec.is_image and spec.discrete):
+            raise ValueError(f"above=True reads the pixel above, so it needs discrete images, not shape {spec.shape}")
+        self.width = spec.shape[1] if above else 0  # values of the row buffer carried in the state
+        if spec.discrete:  # index `levels` is the start token (also "unknown": dropped inputs, no row above)
             self.value_embed = nn.Embedding(spec.levels + 1, embed)
+            self.above_embed = nn.Embedding(spec.levels + 1, embed) if above else None
         else:
             self.value_embed = nn.Linear(1, embed)
             self.start = nn.Parameter(torch.zeros(embed))
@@ -76,14 +84,18 @@ class RecurrentAR(AutoregressiveModel):
 
     @property
     def state_size(self) -> int:
-        """Size of the flat hidden state carried between steps: layers * hidden."""
-        return self.layers * self.hidden
+        """Size of the flat state carried between steps: layers * hidden GRU units, then (``above``) the last
+        ``width`` values, a row buffer from which each step reads the pixel above."""
+        return self.layers * self.hidden + self.width
 
-    def _embed(self, x_prev: Tensor, t: Tensor) -> Tensor:
-        """x_prev (...,) raw units and integer positions t (...,) -> GRU inputs (..., embed); t = 0 reads the start."""
-        first = t == 0
+    def _embed(self, x_prev: Tensor, t: Tensor, x_above: Tensor | None = None, blank: Tensor | None = None) -> Tensor:
+        """x_prev (...,) raw units, integer positions t (...,), the pixel above (``above`` only) -> GRU inputs
+        (..., embed). t = 0 reads the start token, as do inputs marked ``blank`` (input dropout)."""
+        first = t == 0 if blank is None else (t == 0) | blank
         if self.spec.discrete:
             e = self.value_embed(torch.where(first, self.spec.levels, x_prev.long()))
+            if self.above_embed is not None:
+                e = e + self.above_embed(torch.where(t < self.width, self.spec.levels, x_above.long()))
         else:
             y = (x_prev - torch.tensor(self.spec.mean)[t]) / torch.tensor(self.spec.std)[t]
             e = torch.where(first.unsqueeze(-1), self.start, self.value_embed(y.unsqueeze(-1)))
@@ -95,7 +107,10 @@ class RecurrentAR(AutoregressiveModel):
         flat = self.flat(x)
         prev = torch.cat([torch.zeros(B, 1, dtype=flat.dtype), flat[:, :-1]], dim=1)  # x_{t-1}; t=0 is masked
         t = torch.arange(D).expand(B, D)
-        inp = self._embed(prev, t)
+        above = torch.cat([torch.zeros(B, self.width, dtype=flat.dtype), flat[:, :D - self.width]], dim=1)
+        # word dropout (Bowman et al., 2016): training reads some previous values as "unknown"
+        blank = torch.rand(B, D) < self.input_drop if self.training and self.input_drop > 0 else None
+        inp = self._embed(prev, t, above, blank)
         if self.training and self.weight_drop > 0:
             # DropConnect on the recurrent weights (Merity et al., AWD-LSTM): one mask per batch, shared by all steps
             weights = {k: F.dropout(w, self.weight_drop) if k.startswith("weight_hh") else w
@@ -106,10 +121,12 @@ class RecurrentAR(AutoregressiveModel):
         return self.split_params(self.out(self.drop(o)) + self.position_bias)
 
     def step(self, x_prev: Tensor, h: Tensor, t: Tensor) -> tuple[Tensor, ...]:
-        """One GRU step: x_prev (B, 1) raw value of position t-1 (ignored at t = 0), h (B, layers*hidden)
-        state after x_<t-1>, t (B, 1) position as a float -> (conditional parameters of x_t, each (B, P'), h')."""
+        """One GRU step: x_prev (B, 1) raw value of position t-1 (ignored at t = 0), h (B, state_size) state after
+        x_<t-1>, t (B, 1) position as a float -> (conditional parameters of x_t, each (B, P'), h')."""
         t = t[:, 0].long()
-        inp = self._embed(x_prev[:, 0], t)
+        units = self.layers * self.hidden
+        row = torch.cat([h[:, units:], x_prev], dim=1)  # x_{t-1-width} .. x_{t-1}; row[:, 1] is above x_t
+        inp = self._embed(x_prev[:, 0], t, row[:, 1] if self.width else None)
         states = []
         for layer in range(self.layers):
             hl = h[:, layer * self.hidden:(layer + 1) * self.hidden]
@@ -117,7 +134,7 @@ class RecurrentAR(AutoregressiveModel):
             states.append(hl)
             inp = self.drop(hl) if layer < self.layers - 1 else hl
         p = self.out(self.drop(inp)) + self.position_bias[t]
-        return (*self.split_params(p), torch.cat(states, dim=1))
+        return (*self.split_params(p), torch.cat([*states, row[:, 1:]], dim=1))
 
     def _gru_cell(self, x: Tensor, h: Tensor, layer: int) -> Tensor:
         """nn.GRU's cell written out (gates r, z, n in its weight order), so that it exports as plain matmuls."""

@@ -20,6 +20,9 @@ SMALL = {
     "arrnn": (RecurrentAR, {"hidden": 8, "layers": 2, "embed": 4, "dropout": 0.1, "weight_drop": 0.2,
                             "components": 3}),
 }
+# discrete variants: the RNN that also reads the pixel above from a row buffer in its state
+VARIANTS = {**SMALL, "arrnn-above": (RecurrentAR, {"hidden": 8, "layers": 2, "embed": 4, "dropout": 0.1,
+                                                    "input_drop": 0.2, "above": True})}
 TINY = {
     "row3": DataSpec("tiny", (3,), "discrete", levels=3),
     "image2x2": DataSpec("tiny", (2, 2), "discrete", levels=3),
@@ -35,7 +38,7 @@ def _one_thread() -> None:
 def make(model: str, spec: DataSpec, scramble: float = 0.5, seed: int = 0) -> CausalConvAR | RecurrentAR:
     """A small model in eval mode whose weights are pushed away from initialisation, so that every
     conditional is far from uniform and the checks below are not passed by accident."""
-    cls, arch = SMALL[model]
+    cls, arch = VARIANTS[model]
     torch.manual_seed(seed)
     m = cls(spec, **arch)
     with torch.no_grad():
@@ -50,9 +53,11 @@ def all_configurations(spec: DataSpec) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("spec_name", sorted(TINY))
-@pytest.mark.parametrize("model", sorted(SMALL))
+@pytest.mark.parametrize("model", sorted(VARIANTS))
 def test_probabilities_of_every_configuration_sum_to_one(model: str, spec_name: str) -> None:
     spec = TINY[spec_name]
+    if model == "arrnn-above" and not spec.is_image:
+        pytest.skip("the pixel above exists for images only")
     m = make(model, spec)
     x = all_configurations(spec)  # 27 or 81 configurations
     with torch.no_grad():
@@ -75,7 +80,7 @@ def test_continuous_density_integrates_to_one_in_raw_units(model: str) -> None:
     assert (p.sum() * cell).item() == pytest.approx(1.0, abs=1e-2)
 
 
-@pytest.mark.parametrize("model", sorted(SMALL))
+@pytest.mark.parametrize("model", sorted(VARIANTS))
 def test_conditionals_are_causal_and_see_the_whole_prefix(model: str) -> None:
     spec = load_dataset("digits").spec
     m = make(model, spec, scramble=0.2)
@@ -108,7 +113,7 @@ def test_sampling_follows_the_model_distribution(model: str) -> None:
     assert np.all(np.abs(counts / n - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-4)
 
 
-@pytest.mark.parametrize("model", sorted(SMALL))
+@pytest.mark.parametrize("model", sorted(VARIANTS))
 def test_sampling_is_reproducible_and_in_the_domain(model: str) -> None:
     spec = load_dataset("digits").spec
     m = make(model, spec, scramble=0.0)
@@ -136,10 +141,10 @@ def test_continuous_sampling_moments(model: str) -> None:
     np.testing.assert_allclose(x.std(0), MOONS_LIKE.std, rtol=0.03)
 
 
-@pytest.mark.parametrize("model", sorted(SMALL))
+@pytest.mark.parametrize("model", sorted(VARIANTS))
 def test_a_few_training_steps_lower_the_loss(model: str) -> None:
     data = load_dataset("digits")
-    cls, arch = SMALL[model]
+    cls, arch = VARIANTS[model]
     torch.manual_seed(0)
     m = cls(data.spec, **{**arch, "dropout": 0.0})
     x = torch.as_tensor(data.train[:32])
@@ -154,9 +159,10 @@ def test_a_few_training_steps_lower_the_loss(model: str) -> None:
     assert float(m(x).detach()) == pytest.approx(float(m.loss(x).detach()))  # forward is the loss (DDP)
 
 
-def test_rnn_steps_reproduce_the_one_pass_conditionals() -> None:
+@pytest.mark.parametrize("model", ["arrnn", "arrnn-above"])
+def test_rnn_steps_reproduce_the_one_pass_conditionals(model: str) -> None:
     data = load_dataset("digits")
-    m = make("arrnn", data.spec, scramble=0.2)
+    m = make(model, data.spec, scramble=0.2)
     x = torch.as_tensor(data.test[:6]).reshape(6, -1)
     with torch.no_grad():
         full = m.conditionals(x)[0]
@@ -183,6 +189,8 @@ def test_arguments_are_checked() -> None:
         CausalConvAR(TINY["row3"], kernel=4)
     with pytest.raises(ValueError, match="mean/std"):
         RecurrentAR(DataSpec("toy", (2,), "continuous"))
+    with pytest.raises(ValueError, match="discrete images"):
+        RecurrentAR(TINY["row3"], above=True)
 
 
 def test_learning_rate_half_life_survives_resume() -> None:
