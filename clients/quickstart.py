@@ -113,6 +113,7 @@ def exercise(client: Any, records: dict[str, dict[str, Any]], work: Path) -> lis
     from genserve.training.data import load_dataset
 
     test = load_dataset("digits").test
+    (work / "samples").mkdir(parents=True, exist_ok=True)
     rows, grids = [], []
     for name, rec in records.items():
         model = f"digits-{name}"
@@ -158,6 +159,15 @@ def exercise(client: Any, records: dict[str, dict[str, Any]], work: Path) -> lis
     return rows
 
 
+def _free_port(host: str) -> int:
+    """A free TCP port (the server's metrics_port 0 means no metrics, so pick one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     def f(v: Any, d: int = 1) -> str:
         return "—" if v is None else f"{v:.{d}f}"
@@ -190,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     repo = work / "model_repository"
     export_all(records, repo)
     port = args.port or (8500 if args.serve else 0)
-    metrics_port = args.metrics_port or (8502 if args.serve else 0)
+    metrics_port = args.metrics_port or (8502 if args.serve else _free_port(args.host))
     cfg = ServerConfig(repo=repo, host=args.host, port=port, metrics_port=metrics_port)
     say("starting the server ...")
     server = BackgroundServer(cfg)
