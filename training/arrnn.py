@@ -93,9 +93,11 @@ class RecurrentAR(AutoregressiveModel):
         (..., embed). t = 0 reads the start token, as do inputs marked ``blank`` (input dropout)."""
         first = t == 0 if blank is None else (t == 0) | blank
         if self.spec.discrete:
-            e = self.value_embed(torch.where(first, self.spec.levels, x_prev.long()))
+            top = self.spec.levels - 1  # clamped: a graph fed values off the levels still gathers valid rows
+            e = self.value_embed(torch.where(first, self.spec.levels, x_prev.long().clamp(0, top)))
             if self.above_embed is not None:
-                e = e + self.above_embed(torch.where(t < self.width, self.spec.levels, x_above.long()))
+                above = torch.where(t < self.width, self.spec.levels, x_above.long().clamp(0, top))
+                e = e + self.above_embed(above)
         else:
             y = (x_prev - torch.tensor(self.spec.mean)[t]) / torch.tensor(self.spec.std)[t]
             e = torch.where(first.unsqueeze(-1), self.start, self.value_embed(y.unsqueeze(-1)))
