@@ -35,8 +35,9 @@ class VAE(GenerativeModel):
     """A VAE with MLP encoder and decoder (``depth`` hidden layers of ``hidden`` units, ``dropout``) and a
     ``latent_dim``-dimensional latent.
 
-    Training maximises beta * ELBO terms with beta rising linearly from 0 to 1 over ``kl_warmup_steps``
-    optimisation steps (KL warm-up); ``importance_samples`` is the default K of ``log_prob``.
+    Training maximises the ELBO (one reparameterised sample, analytic KL), or with ``train_samples`` = K > 1
+    the importance-weighted bound; the KL (prior) terms are scaled by beta, rising linearly from 0 to 1 over
+    ``kl_warmup_steps`` optimisation steps (KL warm-up). ``importance_samples`` is the default K of ``log_prob``.
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -67,14 +68,17 @@ class VAE(GenerativeModel):
     validation_samples = 64  # K of the importance-weighted bound used for early stopping
 
     def __init__(self, spec: DataSpec, latent_dim: int = 16, hidden: int = 256, depth: int = 2, dropout: float = 0.0,
-                 kl_warmup_steps: int = 0, importance_samples: int = 500) -> None:
+                 kl_warmup_steps: int = 0, train_samples: int = 1, importance_samples: int = 500) -> None:
         super().__init__(spec, latent_dim=latent_dim, hidden=hidden, depth=depth, dropout=dropout,
-                         kl_warmup_steps=kl_warmup_steps, importance_samples=importance_samples)
+                         kl_warmup_steps=kl_warmup_steps, train_samples=train_samples,
+                         importance_samples=importance_samples)
         if latent_dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"latent_dim, hidden and depth must be >= 1, got {latent_dim}, {hidden}, {depth}")
-        if importance_samples < 1:
-            raise ValueError(f"importance_samples must be >= 1, got {importance_samples}")
+        if importance_samples < 1 or train_samples < 1:
+            raise ValueError(f"importance_samples and train_samples must be >= 1, got {importance_samples}, "
+                             f"{train_samples}")
         self.latent_dim, self.kl_warmup_steps, self.importance_samples = latent_dim, kl_warmup_steps, importance_samples
+        self.train_samples = train_samples
         D = spec.dim
         self.out_per_dim = spec.levels if spec.discrete else 2
         self.enc = mlp(D, hidden, depth, 2 * latent_dim, dropout)
@@ -109,11 +113,15 @@ class VAE(GenerativeModel):
 
     def log_weights(self, x: Tensor, eps: Tensor) -> Tensor:
         """log p(x, z) - log q(z|x) for z = mu + sigma * eps, shape (B,): one importance weight per row."""
-        mu, logvar = self.encoder(x)
+        rec, prior_ratio = self._weight_terms(x, *self.encoder(x), eps)
+        return rec + prior_ratio
+
+    def _weight_terms(self, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """(log p(x|z), log p(z) - log q(z|x)) for z = mu + sigma * eps, each (B,)."""
         z = mu + torch.exp(0.5 * logvar) * eps
         log_prior = -0.5 * (z.pow(2) + LOG2PI).sum(-1)
         log_q = -0.5 * (eps.pow(2) + LOG2PI + logvar).sum(-1)
-        return self.log_likelihood_given_z(x, z) + log_prior - log_q
+        return self.log_likelihood_given_z(x, z), log_prior - log_q
 
     # ---- training -------------------------------------------------------------------------------
     def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -124,14 +132,23 @@ class VAE(GenerativeModel):
         return self.log_likelihood_given_z(x, z), kl
 
     def loss(self, x: Tensor) -> Tensor:
-        """-(reconstruction - beta * KL), nats per example; beta = 1 after the warm-up (the negative ELBO)."""
-        rec, kl = self.elbo_terms(x)
+        """Negative ELBO (``train_samples`` = 1) or negative importance-weighted bound with K = ``train_samples``
+        (Burda et al.), nats per example; the KL / prior terms are scaled by beta during the warm-up."""
         if self.training:
             beta = min(1.0, float(self.steps + 1) / self.kl_warmup_steps) if self.kl_warmup_steps else 1.0
             self.steps += 1
         else:
             beta = 1.0
-        return -(rec - beta * kl).mean()
+        if self.train_samples == 1:
+            rec, kl = self.elbo_terms(x)
+            return -(rec - beta * kl).mean()
+        K, B = self.train_samples, x.shape[0]
+        mu, logvar = self.encoder(x)  # once per example: the K samples share one posterior
+        rep = (K, *(1,) * (x.dim() - 1))
+        rec, prior_ratio = self._weight_terms(x.repeat(rep), mu.repeat(K, 1), logvar.repeat(K, 1),
+                                              torch.randn(K * B, self.latent_dim, dtype=x.dtype, device=x.device))
+        logw = (rec + beta * prior_ratio).reshape(K, B)
+        return -(torch.logsumexp(logw, dim=0) - math.log(K)).mean()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.loss(x)

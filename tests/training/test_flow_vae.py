@@ -197,9 +197,10 @@ def test_vae_importance_weighted_bound_approaches_quadrature(digits: torch.Tenso
     assert abs(float(gap[2000].mean())) < 0.05 and float(gap[2000].min()) > -0.2  # converged, up to MC noise
 
 
-def test_vae_training_lowers_loss(digits: torch.Tensor) -> None:
+@pytest.mark.parametrize("train_samples", [1, 5])
+def test_vae_training_lowers_loss(digits: torch.Tensor, train_samples: int) -> None:
     torch.manual_seed(0)
-    m = VAE(DIGITS, latent_dim=8, hidden=64)
+    m = VAE(DIGITS, latent_dim=8, hidden=64, train_samples=train_samples)
     before, after = few_steps_lower_loss(m, digits[:128])
     assert after < before - 20.0
 
