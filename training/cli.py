@@ -11,7 +11,7 @@ EPILOG = """examples:
   genserve train realnvp --dataset moons --profile full --out runs/moons-flow.pt
   genserve train arcnn --config my.toml --set lr=3e-4 --set arch.hidden=96 --out runs/arcnn.pt
   genserve train gan --dataset images.npy --levels 256 --out runs/gan.pt
-  torchrun --nproc_per_node=2 -m genserve.training.cli vae --out runs/vae.pt
+  torchrun --standalone --nproc_per_node=2 -m genserve.training.cli vae --out runs/vae.pt
 """
 
 

@@ -1,7 +1,7 @@
 """The training loop: seeded, resumable, early-stopped, with a progress bar; runs alone or under torchrun.
 
     genserve train vae --dataset digits --out runs/vae.pt              # one process
-    torchrun --nproc_per_node=2 -m genserve.training.trainer vae --dataset digits --out runs/vae.pt
+    torchrun --standalone --nproc_per_node=2 -m genserve.training.cli vae --dataset digits --out runs/vae.pt
 
 Under torchrun every process trains on its shard of each epoch (DistributedSampler) and gradients are
 averaged: by DistributedDataParallel for single-loss families, and by an all-reduce before each optimizer

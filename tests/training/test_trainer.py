@@ -83,7 +83,7 @@ def test_cli_bad_input_is_one_line(args, msg, tmp_path):
 def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "genserve.training.cli", MODEL, "--out", str(out), "--quiet",
            "--set", "epochs=2", "--set", "batch_size=100", "--set", "threads=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
