@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from genserve.v1.service_pb2 import Tensor
 
 # The dtype names the wire format allows; each maps to its little-endian numpy dtype.

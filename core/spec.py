@@ -81,7 +81,8 @@ class DataSpec:
         if x.ndim == len(self.shape) and tuple(x.shape) == self.shape:
             raise ValueError(f"{what} has shape {tuple(x.shape)}: add a batch axis, e.g. shape (1, *{self.shape})")
         if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"{what} has shape {tuple(x.shape)} but this data needs (N, {', '.join(map(str, self.shape))})")
+            need = ", ".join(map(str, self.shape))
+            raise ValueError(f"{what} has shape {tuple(x.shape)} but this data needs (N, {need})")
         if x.shape[0] == 0:
             raise ValueError(f"{what} is empty: send at least one row")
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
@@ -101,7 +102,9 @@ class DataSpec:
             out = (flat < self.low) | (flat > self.high)
             if out.any():
                 row, col = np.argwhere(out)[0]
-                raise ValueError(f"{what} row {row} value {float(flat[row, col]):g} is outside [{self.low}, {self.high}]")
+                raise ValueError(
+                    f"{what} row {row} value {float(flat[row, col]):g} is outside [{self.low}, {self.high}]"
+                )
 
     def postprocess(self, x: np.ndarray) -> np.ndarray:
         """Map model output to the data domain: round and clip discrete values to the levels."""

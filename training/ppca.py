@@ -41,7 +41,9 @@ class PPCA(GenerativeModel):
     def __init__(self, spec, latent_dim: int = 16, dequant_draws: int = 16) -> None:
         super().__init__(spec, latent_dim=latent_dim, dequant_draws=dequant_draws)
         if not 1 <= latent_dim < spec.dim:
-            raise ValueError(f"latent_dim must be in 1..{spec.dim - 1} for {spec.dim}-dimensional data, got {latent_dim}")
+            raise ValueError(
+                f"latent_dim must be in 1..{spec.dim - 1} for {spec.dim}-dimensional data, got {latent_dim}"
+            )
         D, q = spec.dim, latent_dim
         self.latent_dim, self.dequant_draws = latent_dim, dequant_draws
         # For discrete data the estimate of E_u log p(x+u) is a lower bound; see likelihood_kind below.
@@ -141,7 +143,8 @@ class PPCA(GenerativeModel):
         return {
             "log_prob": log_prob,
             "encoder": GraphDef(Lambda(self, self.posterior_mean), {"x": x}, ["z"]),
-            "generator": GraphDef(Lambda(self, self.generate), {"z": torch.randn(B, q), "eps": torch.randn(B, D)}, ["x"]),
+            "generator": GraphDef(Lambda(self, self.generate), {"z": torch.randn(B, q), "eps": torch.randn(B, D)},
+                                  ["x"]),
         }
 
     def program_parameters(self) -> dict[str, float]:

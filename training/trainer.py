@@ -149,7 +149,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         torch.manual_seed(cfg.seed * 100_003 + epoch)
         np.random.seed((cfg.seed * 100_003 + epoch) % 2**32)
         g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        sampler = DistributedSampler(dataset, ddp.world, ddp.rank, shuffle=True, seed=cfg.seed) if ddp.world > 1 else None
+        sampler = None
+        if ddp.world > 1:
+            sampler = DistributedSampler(dataset, ddp.world, ddp.rank, shuffle=True, seed=cfg.seed)
         if sampler is not None:
             sampler.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import json_format
+
 from genserve.clients import codegen
 from genserve.clients.tensors import DTYPES, from_proto, to_proto
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
-from google.protobuf import json_format
 
 # ----------------------------------------------------------------------------------------------------------
 # Generated stubs
