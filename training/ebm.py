@@ -110,7 +110,7 @@ class EnergyModel(GenerativeModel):
     capabilities = Capabilities("energy-based", "stable", "unnormalized", "slow", "rather not", True)
     profiles = {
         "quick": {"epochs": 60, "batch_size": 64, "lr": 3e-4, "patience": 20,
-                  "arch": {"hidden": 256, "depth": 2, "train_steps": 40, "sample_steps": 60, "reinit": 0.8}},
+                  "arch": {"hidden": 256, "depth": 2, "train_steps": 20, "sample_steps": 40, "reinit": 0.8}},
         "full": {"epochs": 400, "batch_size": 64, "lr": 1e-4, "patience": 100, "max_minutes": 9.0,
                  "arch": {"hidden": 256, "depth": 2, "train_steps": 40, "sample_steps": 60, "reinit": 0.8}},
     }
