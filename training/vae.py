@@ -32,8 +32,10 @@ def mlp(n_in: int, hidden: int, depth: int, n_out: int, dropout: float) -> nn.Se
 
 
 class VAE(GenerativeModel):
-    """A VAE with MLP encoder and decoder (``depth`` hidden layers of ``hidden`` units, ``dropout``) and a
-    ``latent_dim``-dimensional latent.
+    """A VAE with MLP encoder and decoder (``depth`` hidden layers of ``hidden`` units) and a ``latent_dim``-
+    dimensional latent. ``dropout`` regularises the decoder, ``encoder_dropout`` the encoder. ``logit_rank`` r > 0
+    makes the categorical decoder's logits a per-pixel bias plus r features per pixel times a basis over the
+    levels shared by all pixels (fewer weights than a free D x levels output layer: less overfitting).
 
     Training maximises the ELBO (one reparameterised sample, analytic KL), or with ``train_samples`` = K > 1
     the importance-weighted bound; the KL (prior) terms are scaled by beta, rising linearly from 0 to 1 over
@@ -53,11 +55,13 @@ class VAE(GenerativeModel):
     operations = ("sample", "log_likelihood", "encode", "decode")
     capabilities = Capabilities("prescribed", "stable", "approximate", "fast", "lossy", True)
     profiles = {
-        "quick": {"epochs": 60, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, "grad_clip": 10.0, "patience": 15,
-                  "arch": {"latent_dim": 16, "hidden": 256, "depth": 2, "dropout": 0.1, "kl_warmup_steps": 300}},
+        "quick": {"epochs": 40, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-3, "grad_clip": 10.0, "patience": 15,
+                  "arch": {"latent_dim": 16, "hidden": 256, "depth": 2, "dropout": 0.2, "logit_rank": 3,
+                           "kl_warmup_steps": 300}},
         "full": {"epochs": 1000, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-3, "grad_clip": 10.0,
-                 "patience": 60,
-                 "arch": {"latent_dim": 32, "hidden": 512, "depth": 2, "dropout": 0.3, "kl_warmup_steps": 3000}},
+                 "patience": 40,
+                 "arch": {"latent_dim": 32, "hidden": 512, "depth": 2, "dropout": 0.5, "logit_rank": 3,
+                          "kl_warmup_steps": 800}},
     }
     tabular_profiles = {
         "quick": {"epochs": 60, "batch_size": 128, "lr": 2e-3, "grad_clip": 10.0, "patience": 15,
@@ -68,10 +72,11 @@ class VAE(GenerativeModel):
     validation_samples = 64  # K of the importance-weighted bound used for early stopping
 
     def __init__(self, spec: DataSpec, latent_dim: int = 16, hidden: int = 256, depth: int = 2, dropout: float = 0.0,
-                 kl_warmup_steps: int = 0, train_samples: int = 1, importance_samples: int = 500) -> None:
+                 encoder_dropout: float = 0.0, logit_rank: int = 0, kl_warmup_steps: int = 0, train_samples: int = 1,
+                 importance_samples: int = 500) -> None:
         super().__init__(spec, latent_dim=latent_dim, hidden=hidden, depth=depth, dropout=dropout,
-                         kl_warmup_steps=kl_warmup_steps, train_samples=train_samples,
-                         importance_samples=importance_samples)
+                         encoder_dropout=encoder_dropout, logit_rank=logit_rank, kl_warmup_steps=kl_warmup_steps,
+                         train_samples=train_samples, importance_samples=importance_samples)
         if latent_dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"latent_dim, hidden and depth must be >= 1, got {latent_dim}, {hidden}, {depth}")
         if importance_samples < 1 or train_samples < 1:
@@ -80,9 +85,13 @@ class VAE(GenerativeModel):
         self.latent_dim, self.kl_warmup_steps, self.importance_samples = latent_dim, kl_warmup_steps, importance_samples
         self.train_samples = train_samples
         D = spec.dim
-        self.out_per_dim = spec.levels if spec.discrete else 2
-        self.enc = mlp(D, hidden, depth, 2 * latent_dim, dropout)
+        self.logit_rank = logit_rank if spec.discrete else 0
+        self.out_per_dim = (self.logit_rank or spec.levels) if spec.discrete else 2
+        self.enc = mlp(D, hidden, depth, 2 * latent_dim, encoder_dropout)
         self.dec = mlp(latent_dim, hidden, depth, D * self.out_per_dim, dropout)
+        if self.logit_rank:  # logits = per-pixel bias + (B, D, r) features times a basis shared by all pixels
+            self.logit_basis = nn.Parameter(torch.randn(self.logit_rank, spec.levels) / math.sqrt(self.logit_rank))
+            self.logit_bias = nn.Parameter(torch.zeros(D, spec.levels))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimisation steps, for the warm-up
 
     # ---- deterministic graphs -------------------------------------------------------------------
@@ -96,6 +105,8 @@ class VAE(GenerativeModel):
         """Discrete: logits (B, D, levels). Continuous: (mean, std) of p(x|z), each (B, D), raw units (std rather
         than a log-variance so that sampling, mean + std * eps, is the same float32 arithmetic everywhere)."""
         out = self.dec(z)
+        if self.logit_rank:
+            return out.reshape(z.shape[0], self.dim, self.logit_rank) @ self.logit_basis + self.logit_bias
         if self.spec.discrete:
             return out.reshape(z.shape[0], self.dim, self.spec.levels)
         mean, raw = out.reshape(z.shape[0], self.dim, 2).unbind(-1)

@@ -46,6 +46,7 @@ MODELS = [
     pytest.param(lambda: RealNVP(DIGITS, coupling_layers=2, hidden=4, net="cnn", norm="actnorm"), id="realnvp-cnn"),
     pytest.param(lambda: RealNVP(MOONS, coupling_layers=4, hidden=16), id="realnvp-moons"),
     pytest.param(lambda: VAE(DIGITS, latent_dim=4, hidden=32), id="vae-digits"),
+    pytest.param(lambda: VAE(DIGITS, latent_dim=4, hidden=32, logit_rank=3), id="vae-digits-low-rank-logits"),
     pytest.param(lambda: VAE(MOONS, latent_dim=2, hidden=16), id="vae-moons"),
 ]
 
