@@ -23,6 +23,7 @@ IW_ROWS = 16384  # rows per chunk of importance samples, bounding memory at abou
 
 
 def mlp(n_in: int, hidden: int, depth: int, n_out: int, dropout: float) -> nn.Sequential:
+    """(B, n_in) -> (B, n_out) through ``depth`` GELU layers of ``hidden`` units, each followed by dropout."""
     layers: list[nn.Module] = []
     width = n_in
     for _ in range(depth):

@@ -108,7 +108,7 @@ def test_flow_log_density_matches_autograd_jacobian(spec: DataSpec, arch: dict, 
         x, u = (torch.floor(row), row - torch.floor(row)) if spec.discrete else (row, None)
         got = m.forward_graph(x.unsqueeze(0).reshape(1, *spec.shape),
                               None if u is None else u.unsqueeze(0))[1]
-        assert abs(float(got.detach()) - float(expected)) < 1e-6
+        assert abs(float(got.detach()) - float(expected.detach())) < 1e-6
 
 
 def grid_integral(m: RealNVP, lo: float, hi: float, n: int, discrete: bool) -> float:
