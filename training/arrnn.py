@@ -2,10 +2,14 @@
 
 At step t the GRU reads x_{t-1} (a start token at t = 0) together with an embedding of the position t, and its
 output gives p(x_t | x_<t): categorical over ``spec.levels`` for discrete data, a Gaussian mixture in
-normalised units for continuous rows (as in ``training.arcnn``). Two graphs are exported: ``logits`` (all
-conditionals in one pass, for the likelihood) and ``step`` (one GRU step carrying the hidden state, so that
-sampling costs D steps rather than D passes over the growing prefix). The step graph spells out the GRU cell
-with the weights of ``nn.GRU``, which keeps the exported graph a plain, batch-dynamic sequence of matmuls.
+normalised units for continuous rows (as in ``training.arcnn``). With ``above`` (images) a step also reads the
+pixel above, x_{t-W}, which the step state carries in a row buffer of the last W values after the GRU units:
+the GRU no longer has to hold a whole row in memory, which the 1000 training digits cannot teach it well.
+
+Two graphs are exported: ``logits`` (all conditionals in one pass, for the likelihood) and ``step`` (x_prev,
+h, t -> conditionals of x_t and h_next), so that sampling costs D steps rather than D passes over the growing
+prefix. The step graph spells out the GRU cell with the weights of ``nn.GRU``, a plain, batch-dynamic sequence
+of matmuls; the position input t tells the step where it is (start token, position embedding, row buffer).
 """
 
 from __future__ import annotations
