@@ -51,19 +51,25 @@ def batching(out: dict, out_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+def _ceiling_name(c: dict) -> str:
+    rows = c.get("request_rows", 1)
+    return f"{c['model']}, {rows}-row requests"
+
+
 def ceiling(out: dict, out_dir: str | Path) -> str:
     """Ratio b: the server's rows/s at saturation over the in-process best, by wall time and per CPU-second."""
-    groups = {c["model"]: {"server at saturation": c["server_rows_s"],
-                           **{f"in-process batch {b}": v["rows_s"] for b, v in c["in_process"].items()}}
-              for c in out["cases"]}
+    groups: dict[str, dict[str, float]] = {}
+    for c in out["cases"]:
+        g = groups.setdefault(c["model"], {f"in-process batch {b}": v["rows_s"] for b, v in c["in_process"].items()})
+        g[f"server, {c.get('request_rows', 1)}-row requests"] = c["server_rows_s"]
     plots.bars(groups, Path(out_dir) / "ceiling.png", "LogLikelihood rows/s: server vs ORT in-process",
                "rows/s", log=True)
-    lines = ["| model | server rows/s (clients) | in-process rows/s by batch | best | fraction | server rows per "
-             "CPU-s | in-process rows per CPU-s (batch) | fraction per CPU-s | limited by |",
+    lines = ["| model, request size | server rows/s (clients) | in-process rows/s by batch | best | fraction | server "
+             "rows per CPU-s | in-process rows per CPU-s (batch) | fraction per CPU-s | limited by |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in out["cases"]:
         per = ", ".join(f"{b}: {v['rows_s']:.0f}" for b, v in c["in_process"].items())
-        lines.append(f"| {c['model']} | {c['server_rows_s']:.0f} ({c['server']['concurrency']}) | {per} | "
+        lines.append(f"| {_ceiling_name(c)} | {c['server_rows_s']:.0f} ({c['server']['concurrency']}) | {per} | "
                      f"{c['ceiling_rows_s']:.0f} (batch {c['best_batch']}) | **{c['fraction']:.2f}** | "
                      f"{_fmt(c['server_rows_per_cpu_s'], '.0f')} | {c['ceiling_rows_per_cpu_s']:.0f} "
                      f"({c['best_cpu_batch']}) | **{_fmt(c['fraction_per_cpu_s'], '.2f')}** | "

@@ -148,17 +148,15 @@ def batching(args: argparse.Namespace) -> dict:
 
 # ---- b. server at saturation vs in-process ceiling -----------------------------------------------------------
 def ceiling(args: argparse.Namespace) -> dict:
-    """Server rows/s at saturation (1-row LogLikelihood, max over the levels) over the in-process best."""
+    """Server rows/s at saturation (LogLikelihood, max over the levels) over the in-process best, once per
+    request size in --request-rows: 1-row requests (online scoring, bound by the per-request cost) and
+    larger ones (a pipeline scoring records in batches, bound by the graphs)."""
     from genserve.core.noise import Noise
 
     out = header("ceiling")
+    out["server_max_batch_size"] = args.server_max_batch_size
     out["cases"] = []
     for model in (FLOW, VAE):
-        log(f"ceiling: server {model}")
-        r = run_sweep({"model": model, "operation": "log_likelihood", "rows": 1}, sweep_settings(args, (32, 64)),
-                      args.processes, repo=str(args.repo), serving={"max_batch_size": 64},
-                      flags={"--threads": 1, "--provider": PROVIDER[0]}, log=log)
-        best_level = max(r["levels"], key=lambda lv: lv["throughput_rows_s"])
         log(f"ceiling: in-process {model}")
         program, _, files = load_program(args.repo, model)
         runner = direct_runner(files)
@@ -175,21 +173,30 @@ def ceiling(args: argparse.Namespace) -> dict:
         loop.close()
         best_b = max(inproc, key=lambda b: inproc[b]["rows_s"])
         best_cpu_b = max(inproc, key=lambda b: inproc[b]["rows_per_cpu_s"])
-        server_rows = best_level["throughput_rows_s"]
-        server_cores = best_level["cpu"]["processes_cores"].get("server") or 0.0
-        server_per_cpu = server_rows / server_cores if server_cores else None
-        out["cases"].append({
-            "model": model, "server": {"concurrency": best_level["concurrency"], **level_summary(best_level)},
-            "in_process": {str(b): v for b, v in inproc.items()}, "best_batch": best_b,
-            "ceiling_rows_s": inproc[best_b]["rows_s"], "server_rows_s": server_rows,
-            "fraction": server_rows / inproc[best_b]["rows_s"],
-            "fraction_vs_batch64": server_rows / inproc[64]["rows_s"] if 64 in inproc else None,
-            # The same comparison per CPU-second (server process vs this process), which contention from
-            # other tenants of the machine does not distort: rows each spends one second of CPU on.
-            "server_rows_per_cpu_s": server_per_cpu, "best_cpu_batch": best_cpu_b,
-            "ceiling_rows_per_cpu_s": inproc[best_cpu_b]["rows_per_cpu_s"],
-            "fraction_per_cpu_s": server_per_cpu / inproc[best_cpu_b]["rows_per_cpu_s"] if server_per_cpu else None,
-        })
+        for rows in args.request_rows:
+            log(f"ceiling: server {model}, {rows}-row requests")
+            r = run_sweep({"model": model, "operation": "log_likelihood", "rows": rows},
+                          sweep_settings(args, (32, 64)), args.processes, repo=str(args.repo),
+                          serving={"max_batch_size": args.server_max_batch_size},
+                          flags={"--threads": 1, "--provider": PROVIDER[0]}, log=log)
+            best_level = max(r["levels"], key=lambda lv: lv["throughput_rows_s"])
+            server_rows = best_level["throughput_rows_s"]
+            server_cores = best_level["cpu"]["processes_cores"].get("server") or 0.0
+            server_per_cpu = server_rows / server_cores if server_cores else None
+            out["cases"].append({
+                "model": model, "request_rows": rows,
+                "server": {"concurrency": best_level["concurrency"], **level_summary(best_level)},
+                "in_process": {str(b): v for b, v in inproc.items()}, "best_batch": best_b,
+                "ceiling_rows_s": inproc[best_b]["rows_s"], "server_rows_s": server_rows,
+                "fraction": server_rows / inproc[best_b]["rows_s"],
+                "fraction_vs_batch64": server_rows / inproc[64]["rows_s"] if 64 in inproc else None,
+                # The same comparison per CPU-second (server process vs this process), which contention from
+                # other tenants of the machine does not distort: rows each spends one second of CPU on.
+                "server_rows_per_cpu_s": server_per_cpu, "best_cpu_batch": best_cpu_b,
+                "ceiling_rows_per_cpu_s": inproc[best_cpu_b]["rows_per_cpu_s"],
+                "fraction_per_cpu_s": (server_per_cpu / inproc[best_cpu_b]["rows_per_cpu_s"]
+                                       if server_per_cpu else None),
+            })
     return out
 
 
@@ -323,12 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=1.5, help="seconds of repeated calls per in-process timing")
     p.add_argument("--batches", default="1,4,16,64,256", help="in-process batch sizes (ceiling)")
+    p.add_argument("--request-rows", default="1,64", help="ceiling: rows per server request, one run each")
+    p.add_argument("--server-max-batch-size", type=int, default=512,
+                   help="ceiling: the server's max_batch_size (its best setting, as in-process takes its best batch)")
     p.add_argument("--no-server", action="store_true", help="sampling: in-process figures only")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                    help="ONNX Runtime provider of the server and the in-process runs (cuda: the GPU table)")
     args = p.parse_args(argv)
     PROVIDER[0] = args.provider
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.request_rows = [int(b) for b in args.request_rows.split(",")]
     if args.ratio == "ort-torch" and args.checkpoints is None:
         p.error("ort-torch needs --checkpoints")
     result = COMMANDS[args.ratio](args)

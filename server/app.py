@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -331,6 +332,7 @@ def security(cfg: Any) -> str:
 
 async def serve(cfg: Any, announce: Callable[[str], None] = print) -> int:
     """Serve until SIGTERM/SIGINT (a second signal exits at once, code 1); SIGHUP reloads the repository."""
+    sys.setswitchinterval(cfg.switch_interval_ms / 1000.0)  # the process is the server's: see the field
     server = Server()
     await server.start(cfg)
     loop = asyncio.get_running_loop()

@@ -38,6 +38,8 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
      "most rows held by requests in progress, server-wide (default 1048576)"),
     ("--max-deadline-s", "max_deadline_s", float, "S",
      "deadline ceiling: no request (or stream chunk) runs longer (default 300)"),
+    ("--switch-interval-ms", "switch_interval_ms", float, "MS",
+     "GIL switch interval of the server process (default 0.2; Python's own is 5)"),
     ("--tls-cert", "tls_cert", str, "PEM", "server certificate chain: serve TLS only (with --tls-key)"),
     ("--tls-key", "tls_key", str, "PEM", "private key of --tls-cert"),
     ("--tls-client-ca", "tls_client_ca", str, "PEM", "require client certificates signed by this CA (mTLS)"),

@@ -77,6 +77,10 @@ class ServerConfig:
     """With token auth: grpc.health.v1.Health (and the OIP ServerLive/ServerReady probes) need no token."""
     open_reflection: bool = False
     """With token auth: server reflection needs no token."""
+    switch_interval_ms: float = 0.2
+    """Python's GIL switch interval in the server process, ms (Python's default is 5). Every small numpy
+    call that releases the GIL on the event loop (noise draws, for one) must win it back from the ONNX
+    Runtime worker threads; a short interval keeps that wait short, so 1-row requests cost less loop time."""
     pad_batches: str = "auto"
     """Pad every ONNX Runtime call to max_batch_size rows: ``on``, ``off``, or ``auto`` (on for CUDA sessions,
     whose kernels may pick a different algorithm per batch shape; CPU kernels give each row the same bits at
@@ -106,6 +110,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.switch_interval_ms) and 0 < self.switch_interval_ms <= 1000):
+            raise ValueError(f"switch_interval_ms must be in (0, 1000], got {self.switch_interval_ms}")
         if not (math.isfinite(self.max_deadline_s) and self.max_deadline_s > 0):
             raise ValueError(f"max_deadline_s must be a finite number > 0, got {self.max_deadline_s}")
         most = max(self.max_rows_per_request, self.max_sample_n)

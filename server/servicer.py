@@ -203,7 +203,9 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         if math.isinf(timeout):
             return await work
         try:
-            return await asyncio.wait_for(work, timeout=timeout)
+            # asyncio.timeout cancels the work in this task on expiry; unlike wait_for it starts no extra task
+            async with asyncio.timeout(timeout):
+                return await work
         except TimeoutError:
             if capped:
                 message = (f"the request ran past this server's deadline ceiling of {self.max_deadline_s:g} s"

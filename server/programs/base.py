@@ -69,3 +69,30 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 def flat(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1).astype(np.float32, copy=False)
+
+
+DEQUANT_ROWS = 4096
+"""Most graph rows one dequantised scoring submission holds (draws x rows); bounds its memory."""
+
+
+async def dequantised_log_prob(run: Run, graph: str, x: np.ndarray, noise: Noise, dim: int, draws: int
+                               ) -> np.ndarray:
+    """Mean over ``draws`` of log p(x + u), u = noise.uniform(N, dim) per draw, in nats per row (N,).
+
+    The draws of one request go to the graph together, as rows d*N + n of as few submissions as fit in
+    DEQUANT_ROWS rows: one batcher submission per request instead of one per draw, so a request costs the
+    batcher (and the event loop) one round trip. Consecutive draws are one ``uniform(k*N, dim)`` call, which
+    yields the same numbers as k calls of (N, dim), and the sum runs draw by draw in float64, so the result is
+    the same as scoring the draws one at a time (training.realnvp / training.ppca ``log_prob``).
+    """
+    n = x.shape[0]
+    per_call = max(1, DEQUANT_ROWS // n)
+    total = np.zeros(n, dtype=np.float64)
+    for first in range(0, draws, per_call):
+        k = min(per_call, draws - first)
+        u = noise.uniform(k * n, dim)
+        xs = np.broadcast_to(x, (k, *x.shape)).reshape(k * n, *x.shape[1:])
+        log_prob = (await run(graph, {"x": xs, "u": u}))["log_prob"].reshape(k, n)
+        for row in log_prob:  # draw by draw, as the one-draw-at-a-time loop adds them
+            total += row
+    return (total / draws).astype(np.float32)

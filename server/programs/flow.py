@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from genserve.core.noise import Noise
-from genserve.server.programs.base import Program, Run, SampleResult, flat
+from genserve.server.programs.base import Program, Run, SampleResult, dequantised_log_prob, flat
 
 
 class RealNVPProgram(Program):
@@ -23,11 +23,8 @@ class RealNVPProgram(Program):
         if not self.spec.discrete:
             return (await run("forward", {"x": x}))["log_prob"]
         draws = int(draws or self.param("dequant_draws"))
-        total = np.zeros(x.shape[0], dtype=np.float64)
-        for _ in range(draws):  # same draw order as training.realnvp.RealNVP.log_prob
-            u = noise.uniform(x.shape[0], self.spec.dim)
-            total += (await run("forward", {"x": x, "u": u}))["log_prob"]
-        return (total / draws).astype(np.float32)
+        # same draw order as training.realnvp.RealNVP.log_prob, all draws in one submission
+        return await dequantised_log_prob(run, "forward", x, noise, self.spec.dim, draws)
 
     async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
         z = noise.normal(n, self.spec.dim) * np.float32(temperature)

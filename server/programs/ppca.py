@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from genserve.core.noise import Noise
-from genserve.server.programs.base import Program, Run, SampleResult
+from genserve.server.programs.base import Program, Run, SampleResult, dequantised_log_prob
 
 
 class PPCAProgram(Program):
@@ -19,11 +19,8 @@ class PPCAProgram(Program):
         if not self.spec.discrete:
             return (await run("log_prob", {"x": x}))["log_prob"]
         draws = int(draws or self.param("dequant_draws"))
-        total = np.zeros(x.shape[0], dtype=np.float64)
-        for _ in range(draws):  # same draw order as training.ppca.PPCA.log_prob
-            u = noise.uniform(x.shape[0], self.spec.dim)
-            total += (await run("log_prob", {"x": x, "u": u}))["log_prob"]
-        return (total / draws).astype(np.float32)
+        # same draw order as training.ppca.PPCA.log_prob, all draws in one submission
+        return await dequantised_log_prob(run, "log_prob", x, noise, self.spec.dim, draws)
 
     async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
         q = int(self.param("latent_dim"))

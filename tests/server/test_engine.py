@@ -272,11 +272,13 @@ def add_version(repo: Path, name: str, version: int, corrupt: bool = False) -> N
 def test_reload_serves_new_versions_keeps_old_ones_when_the_new_one_is_corrupt_and_fails_no_request(
         engine_config, repo_copy) -> None:
     name = "digits-ppca"
-    set_serving(repo_copy, name, max_queue_delay_ms=30.0)
+    # One submission per request (its 16 dequantisation draws together), never a full batch: each waits the
+    # whole 500 ms window, so the requests are surely still in flight while the reloads run.
+    set_serving(repo_copy, name, max_queue_delay_ms=500.0, max_batch_size=4096)
     x = np.zeros((1, 8, 8), np.float32)
     metrics = Metrics()
 
-    def slow(engine, version):  # every step waits the full 30 ms: requests are surely in flight during reloads
+    def slow(engine, version):  # no early start when every request in flight has its rows queued
         for b in engine.get_model(name, version).batchers.values():
             b.expected = None
 
