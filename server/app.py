@@ -15,8 +15,8 @@ refreshes per-model health afterwards; it also re-reads the token file (token ro
 
 Security (server/auth.py): ``cfg.tls_cert``/``tls_key`` make the gRPC port TLS-only, ``tls_client_ca`` adds
 mutual TLS; ``cfg.token_file``/``token_env`` require a bearer token on every RPC except health checks
-(``open_health``) and, when asked, reflection (``open_reflection``). The metrics port stays plain HTTP: bind
-it to a private interface.
+(``open_health``) and, when asked, reflection (``open_reflection``). The metrics port is plain HTTP unless
+``metrics_tls`` serves it over HTTPS with the same certificate (and the same client CA, for mutual TLS).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import contextlib
 import logging
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from genserve.server import auth
 from genserve.server.decoding import SafeDecoding
+from genserve.server.process import apply_process_settings
 from genserve.server.servicer import GenerativeServicer
 from genserve.v1 import service_pb2, service_pb2_grpc
 
@@ -127,7 +127,8 @@ class Server:
         # Order: the token check first (refusals parse nothing), then safe parsing, then arrival times.
         interceptors = [SafeDecoding(), self._arrivals] if self.auth is None else [self.auth, SafeDecoding(),
                                                                                     self._arrivals]
-        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=interceptors)
+        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=interceptors,
+                                     maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
         self.health = health_aio.HealthServicer()
@@ -136,7 +137,8 @@ class Server:
         # by server/oip.py, whose reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
         from genserve.server import oip
 
-        oip.register_oip(self._grpc, engine, cfg, observe=self._observe)
+        # one row budget for both APIs: max_queued_rows bounds the server, whichever protocol the rows came by
+        oip.register_oip(self._grpc, engine, cfg, observe=self._observe, rows=servicer.rows)
         reflection.enable_server_reflection(
             [SERVICE_NAME, HEALTH_NAME, oip.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc,
             pool=oip.reflection_pool())
@@ -183,7 +185,12 @@ class Server:
         """The Prometheus endpoint on its own port (``cfg.metrics_port``; 0 leaves it off)."""
         if not self.cfg.metrics_port or self.metrics is None:
             return
-        self._http, self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
+        tls = {}
+        if self.cfg.metrics_tls:
+            ca = self.cfg.tls_client_ca
+            tls = {"certfile": str(self.cfg.tls_cert), "keyfile": str(self.cfg.tls_key),
+                   "client_cafile": None if ca is None else str(ca)}
+        self._http, self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port, **tls)
 
     def _observe(self, method: str, model: str, code: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -318,7 +325,8 @@ def ready_line(server: Server) -> str:
             models.append(f"{s.name}:v{','.join(str(v) for v in s.versions)}")
         else:
             models.append(f"{s.name}:{s.state}")
-    metrics = f"http://{address(cfg.host, server.metrics_port)}/metrics" if server.metrics_port else "off"
+    scheme = "https" if getattr(cfg, "metrics_tls", False) else "http"
+    metrics = f"{scheme}://{address(cfg.host, server.metrics_port)}/metrics" if server.metrics_port else "off"
     return (f"genserve: serving grpc={address(cfg.host, server.port)} port={server.port} "
             f"metrics={metrics} metrics_port={server.metrics_port} {security(cfg)} "
             f"models={' '.join(models) or '(none)'}")
@@ -332,7 +340,7 @@ def security(cfg: Any) -> str:
 
 async def serve(cfg: Any, announce: Callable[[str], None] = print) -> int:
     """Serve until SIGTERM/SIGINT (a second signal exits at once, code 1); SIGHUP reloads the repository."""
-    sys.setswitchinterval(cfg.switch_interval_ms / 1000.0)  # the process is the server's: see the field
+    apply_process_settings(cfg.switch_interval_ms, cfg.malloc_arena_max)  # this process is the server's
     server = Server()
     await server.start(cfg)
     loop = asyncio.get_running_loop()

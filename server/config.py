@@ -55,6 +55,9 @@ class ServerConfig:
     """Re-scan the repository every this many seconds (0: reload only on request or signal)."""
     workers: int = 4
     """Threads of the pool that runs ONNX Runtime calls off the event loop (shared by all graphs)."""
+    max_concurrent_rpcs: int = 1024
+    """Most RPCs in progress at once (a stream counts as one, health checks too); gRPC refuses the next with
+    RESOURCE_EXHAUSTED, so a flood of connections cannot pile up handler tasks without bound."""
     max_queued_rows: int = 1048576
     """Most rows of requests accepted and not yet answered, summed over every model and RPC (a Sample request
     counts n, a stream the rows it holds at once); beyond it new requests get RESOURCE_EXHAUSTED."""
@@ -67,6 +70,10 @@ class ServerConfig:
     """PEM private key of ``tls_cert``."""
     tls_client_ca: Path | None = None
     """PEM CA certificates; when set, clients must present a certificate signed by one (mutual TLS)."""
+    metrics_tls: bool = False
+    """Serve /metrics over HTTPS with ``tls_cert`` / ``tls_key``; with ``tls_client_ca`` the scraper must
+    present a certificate signed by it (mutual TLS), as gRPC clients must. Off: plain HTTP (bind the metrics
+    port to a private network, or leave it off with metrics_port 0)."""
     token_file: Path | None = None
     """File of bearer tokens, one per line (blank lines and ``#`` comments skipped); when set (or
     ``token_env``), every RPC needs ``authorization: Bearer <token>`` metadata. Re-read on reload (SIGHUP)."""
@@ -81,6 +88,9 @@ class ServerConfig:
     """Python's GIL switch interval in the server process, ms (Python's default is 5). Every small numpy
     call that releases the GIL on the event loop (noise draws, for one) must win it back from the ONNX
     Runtime worker threads; a short interval keeps that wait short, so 1-row requests cost less loop time."""
+    malloc_arena_max: int = 2
+    """glibc malloc arenas of the server process (0: glibc's default, 8 per core). Threads that allocate under
+    load each grow an arena that glibc keeps after the peak; 2 keeps resident memory flat (MALLOC_ARENA_MAX)."""
     pad_batches: str = "auto"
     """Pad every ONNX Runtime call to max_batch_size rows: ``on``, ``off``, or ``auto`` (on for CUDA sessions,
     whose kernels may pick a different algorithm per batch shape; CPU kernels give each row the same bits at
@@ -103,13 +113,15 @@ class ServerConfig:
                              f"{self.intra_op_threads}, inter_op_threads={self.inter_op_threads}")
         for name in ("max_batch_size", "max_queue_size", "instances", "max_rows_per_request", "max_sample_n",
                      "max_message_mb", "max_langevin_steps", "max_importance_samples", "workers",
-                     "max_queued_rows"):
+                     "max_queued_rows", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue_delay_ms", "grace_s", "poll_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.malloc_arena_max < 0:
+            raise ValueError(f"malloc_arena_max must be >= 0 (0: glibc's default), got {self.malloc_arena_max}")
         if not (math.isfinite(self.switch_interval_ms) and 0 < self.switch_interval_ms <= 1000):
             raise ValueError(f"switch_interval_ms must be in (0, 1000], got {self.switch_interval_ms}")
         if not (math.isfinite(self.max_deadline_s) and self.max_deadline_s > 0):
@@ -125,6 +137,9 @@ class ServerConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError(f"tls_client_ca ({self.tls_client_ca}) asks for mutual TLS, which needs the "
                              "server's own tls_cert and tls_key")
+        if self.metrics_tls and self.tls_cert is None:
+            raise ValueError("metrics_tls serves /metrics over HTTPS with the server's certificate, which needs "
+                             "tls_cert and tls_key")
         if self.token_env and not self.token_env.replace("_", "").isalnum():
             raise ValueError(f"token_env must name an environment variable (letters, digits, _), got "
                              f"{self.token_env!r}")

@@ -137,9 +137,17 @@ class Metrics:
         """One sample's value by its full name (e.g. ``genserve_batch_size_count``); for tests and tools."""
         return self.registry.get_sample_value(name, labels or {})
 
-    def serve_http(self, host: str, port: int) -> tuple[Any, int]:
-        """Serve /metrics on ``host:port`` (0: any free port) in a daemon thread; returns (server, port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None,
+                   client_cafile: str | None = None) -> tuple[Any, int]:
+        """Serve /metrics on ``host:port`` (0: any free port) in a daemon thread; returns (server, port).
+
+        With ``certfile``/``keyfile`` it is HTTPS; with ``client_cafile`` too, scrapers need a client certificate
+        signed by that CA."""
+        tls: dict[str, Any] = {}
+        if certfile:
+            tls = {"certfile": certfile, "keyfile": keyfile, "client_cafile": client_cafile,
+                   "client_auth_required": client_cafile is not None}
+        server, _thread = start_http_server(port, addr=host, registry=self.registry, **tls)
         return server, int(server.server_port)
 
     def start_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, int]:

@@ -75,6 +75,7 @@ from genserve.oip import grpc_service_pb2 as pb
 from genserve.oip import grpc_service_pb2_grpc as pb_grpc
 from genserve.oip import model_config_pb2 as mc
 from genserve.server.errors import EngineError, NotFound
+from genserve.server.limits import RowBudget, deadline
 
 log = logging.getLogger("genserve.server")
 
@@ -384,15 +385,21 @@ def duration(count: int, ns: int) -> pb.StatisticDuration:
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService over an Engine (server/engine.py's interface).
 
-    ``limits`` is the ServerConfig (``max_message_mb`` bounds a sample's answer; None: 64 MiB);
+    ``limits`` is the ServerConfig (``max_message_mb`` bounds a sample's answer; None: 64 MiB;
+    ``max_deadline_s`` caps how long one inference may run, as on genserve's own API); ``rows`` is the
+    server-wide RowBudget shared with GenerativeService, so that both APIs together hold at most
+    ``max_queued_rows`` rows (None: a budget of this servicer's own);
     ``observe(method, model, code, seconds)`` records each finished inference for the Prometheus metrics
     (method ``oip.Sample`` etc.; the app's ``Server._observe``).
     """
 
     def __init__(self, engine: Any, limits: Any = None,
-                 observe: Callable[[str, str, str, float], None] | None = None) -> None:
+                 observe: Callable[[str, str, str, float], None] | None = None,
+                 rows: RowBudget | None = None) -> None:
         self.engine = engine
         self.max_message_bytes = int(getattr(limits, "max_message_mb", 64)) * 2**20
+        self.max_deadline_s = float(getattr(limits, "max_deadline_s", math.inf))
+        self.rows = rows if rows is not None else RowBudget(int(getattr(limits, "max_queued_rows", 2**62)))
         self.observe = observe
         self.stats: dict[tuple[str, int, str], OpStats] = {}
         try:
@@ -635,7 +642,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             seed = params.seed()
             decoded = time.perf_counter_ns()
             call, rows = self._call(loaded, model, operation, inputs, params, seed, wanted)
-            results, version, extra = await self._within(remaining, call)
+            with self.rows.hold(rows):
+                results, version, extra = await self._within(remaining, call, self.max_deadline_s)
             inferred = time.perf_counter_ns()
             response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(version),
                                              id=request.id)
@@ -733,13 +741,20 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return n_param
 
     @staticmethod
-    async def _within(remaining: float | None, work: Awaitable[T]) -> T:
-        """Await ``work`` within the deadline; a passed deadline cancels it (its queued rows drop)."""
-        if remaining is None:
+    async def _within(remaining: float | None, work: Awaitable[T], ceiling: float = math.inf) -> T:
+        """Await ``work`` within the deadline, capped at the server's ``ceiling`` (max_deadline_s); a passed
+        deadline cancels it (its queued rows drop)."""
+        timeout, capped = deadline(remaining, ceiling)
+        if math.isinf(timeout):
             return await work
         try:
-            return await asyncio.wait_for(work, timeout=max(remaining, 0.0))
+            async with asyncio.timeout(timeout):
+                return await work
         except TimeoutError:
+            if capped:
+                raise OipError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the inference ran past this server's deadline ceiling of {ceiling:g} s "
+                               "(max_deadline_s); send less per request") from None
             raise OipError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            "the deadline (or the 'timeout' parameter) passed before the answer was ready; "
                            "allow more time or send less") from None
@@ -846,8 +861,9 @@ def reflection_pool() -> ChainedPool:
 
 
 def register_oip(grpc_server: grpc.aio.Server, engine: Any, limits: Any = None,
-                 observe: Callable[[str, str, str, float], None] | None = None) -> OipServicer:
+                 observe: Callable[[str, str, str, float], None] | None = None,
+                 rows: RowBudget | None = None) -> OipServicer:
     """Add GRPCInferenceService over ``engine`` to ``grpc_server`` (before it starts); returns the servicer."""
-    servicer = OipServicer(engine, limits, observe)
+    servicer = OipServicer(engine, limits, observe, rows)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     return servicer

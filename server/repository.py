@@ -176,11 +176,7 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
     for g in manifest.graphs:
         sessions = [_open_graph(folder, g, opts, settings, where) for _ in range(settings.instances)]
         providers = providers or list(sessions[0].get_providers())
-        got = [i.name for i in sessions[0].get_inputs()]
-        want = [i.name for i in g.inputs]
-        if sorted(got) != sorted(want):
-            raise LoadFailed(f"{where}: graph {g.name!r} has inputs {got} but the manifest says {want}; "
-                             "re-export the model")
+        check_signature(sessions[0], g, where)
         shapes = {i.name: tuple(None if d < 0 else d for d in i.shape[1:]) for i in g.inputs}
         batchers[g.name] = Batcher(
             g.name, _runner(sessions), max_batch_size=settings.max_batch_size,
@@ -195,6 +191,28 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
     for b in batchers.values():  # no request in flight can join a batch beyond the version's active ones
         b.expected = lambda: loaded.active
     return loaded
+
+
+def check_signature(session: ort.InferenceSession, g: pb.GraphSpec, where: str) -> None:
+    """The graph file takes the inputs and gives the outputs its manifest entry names, with the same ranks and
+    fixed sizes; else LoadFailed now, rather than an INTERNAL error on the first request that uses it."""
+    for kind, actual, declared in (("inputs", session.get_inputs(), g.inputs),
+                                   ("outputs", session.get_outputs(), g.outputs)):
+        got = {a.name: a.shape for a in actual}
+        if kind == "inputs" and sorted(got) != sorted(t.name for t in declared):
+            raise LoadFailed(f"{where}: graph {g.name!r} has inputs {sorted(got)} but the manifest says "
+                             f"{sorted(t.name for t in declared)}; re-export the model")
+        for t in declared:
+            if t.name not in got:
+                raise LoadFailed(f"{where}: graph {g.name!r} has no {kind[:-1]} {t.name!r} (it has "
+                                 f"{sorted(got)}), which the manifest lists; re-export the model")
+            shape = got[t.name]
+            fixed = [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
+            clash = len(fixed) != len(t.shape) or any(a != b and -1 not in (a, b)
+                                                      for a, b in zip(fixed, t.shape, strict=False))
+            if clash:
+                raise LoadFailed(f"{where}: graph {g.name!r} {kind[:-1]} {t.name!r} has shape {list(shape)} in "
+                                 f"{g.file} but {list(t.shape)} in the manifest; re-export the model")
 
 
 def _open_graph(folder: Path, g: pb.GraphSpec, opts: SessionOptions, settings: ServingSettings,
@@ -227,8 +245,13 @@ def _session(folder: Path, graph: str, file: str, sha256: str, opts: SessionOpti
 
 
 def _runner(sessions: list[ort.InferenceSession]) -> Callable[[int, Feeds], Feeds]:
+    # Output names and provider read once: each call runs in a worker thread holding the GIL for these
+    # lookups, time the event loop then waits for.
+    outputs = [[o.name for o in s.get_outputs()] for s in sessions]
+    cuda = [uses_cuda(s) for s in sessions]
+
     def run(instance: int, feeds: Feeds) -> Feeds:
-        return run_session(sessions[instance], feeds)
+        return run_session(sessions[instance], feeds, outputs[instance], cuda[instance])
 
     return run
 

@@ -57,11 +57,13 @@ def uses_cuda(session: ort.InferenceSession) -> bool:
     return session.get_providers()[0] == "CUDAExecutionProvider"
 
 
-def run_session(session: ort.InferenceSession, feeds: Feeds) -> Feeds:
-    """One call; with CUDA the inputs and outputs go through I/O binding (one copy each way)."""
-    names = [o.name for o in session.get_outputs()]
+def run_session(session: ort.InferenceSession, feeds: Feeds, names: list[str] | None = None,
+                cuda: bool | None = None) -> Feeds:
+    """One call; with CUDA the inputs and outputs go through I/O binding (one copy each way). ``names`` (the
+    session's outputs) and ``cuda`` (``uses_cuda(session)``) may be given by a caller that cached them."""
+    names = [o.name for o in session.get_outputs()] if names is None else names
     feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
-    if uses_cuda(session):
+    if uses_cuda(session) if cuda is None else cuda:
         binding = session.io_binding()
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)

@@ -339,6 +339,31 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(engine_conf
     assert ready and not ready_moons and ready_digits
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda g: g.inputs[0].shape.__setitem__(1, 9), "shape"),  # a fixed size the graph file does not have
+    (lambda g: g.inputs[0].shape.append(4), "shape"),  # another rank
+    (lambda g: setattr(g.outputs[0], "name", "nothing"), "no output 'nothing'"),
+    (lambda g: setattr(g.inputs[0], "name", "y"), "inputs"),
+])
+def test_a_manifest_that_disagrees_with_its_graph_file_fails_to_load(engine_config, repo_copy, damage,
+                                                                      message) -> None:
+    """Checked at load time, so the model is FAILED with a message instead of INTERNAL on its first request."""
+    folder = repo_copy / "digits-ppca" / "1"
+    manifest = read_manifest(folder / "manifest.json")
+    damage(next(g for g in manifest.graphs if g.name == "log_prob"))
+    write_manifest(manifest, folder / "manifest.json")
+
+    async def body(engine):
+        with pytest.raises(NotReady, match="re-export"):
+            await engine.log_likelihood("digits-ppca", 0, np.zeros((1, 8, 8), np.float32), 0, None)
+        return {s.name: s for s in engine.list_models()}, await engine.sample("moons-ppca", 0, 2, 0)
+
+    statuses, (x, _, _) = running(replace(engine_config, repo=repo_copy), body)
+    status = statuses["digits-ppca"]
+    assert status.state == "FAILED" and "log_prob" in status.message and message in status.message, status.message
+    assert x.shape == (2, 2)  # the other models serve
+
+
 def test_cancelling_a_request_drops_its_queued_rows(engine_config, repo_copy) -> None:
     set_serving(repo_copy, "digits-ppca", max_queue_delay_ms=10_000.0, max_batch_size=4096)
 

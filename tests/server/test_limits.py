@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from genserve.clients.tensors import to_proto
+from genserve.oip import grpc_service_pb2 as oip_pb
+from genserve.oip import grpc_service_pb2_grpc as oip_grpc
 from genserve.server.app import BackgroundServer
 from genserve.server.config import ServerConfig
 from genserve.v1 import service_pb2 as pb
@@ -72,6 +74,14 @@ def no_growth(send: Callable[[], object], code: grpc.StatusCode, times: int = 15
     assert grown < max(16.0, times * payload_mib / 5), f"resident memory grew {grown:.1f} MiB over {times} refusals"
 
 
+def oip_decode(rows: int) -> oip_pb.ModelInferRequest:
+    """Open Inference Protocol: decode ``rows`` latent rows of zeros through ``<model>.decode``."""
+    request = oip_pb.ModelInferRequest(model_name=f"{MODEL}.decode")
+    request.inputs.add(name="z", datatype="FP32", shape=[rows, LATENT])
+    request.raw_input_contents.append(np.zeros((rows, LATENT), np.float32).tobytes())
+    return request
+
+
 def total(srv: BackgroundServer, name: str) -> float:
     return sum(s.value for fam in srv.server.metrics.registry.collect() for s in fam.samples if s.name == name)
 
@@ -126,6 +136,11 @@ def test_rows_held_server_wide(repo: Path) -> None:
                     extra.append(grpc.StatusCode.OK)
                 except grpc.aio.AioRpcError as e:
                     extra.append((e.code(), e.details()))
+                try:  # the Open Inference Protocol draws on the same server-wide budget
+                    await oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(oip_decode(1), timeout=10)
+                    extra.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as e:
+                    extra.append((e.code(), e.details()))
                 answers = await asyncio.gather(a, b)
                 after = budget.held
                 # a client that gives up: its rows are released when its deadline cancels the work
@@ -137,7 +152,7 @@ def test_rows_held_server_wide(repo: Path) -> None:
                 return held, extra, answers, after, budget.held
 
         held, extra, answers, after, released = asyncio.run(scenario())
-        assert held == 1000
+        assert held == 1000 and len(extra) == 4
         for got in extra:
             assert got != grpc.StatusCode.OK and got[0] == exhausted, got
             assert "max_queued_rows" in got[1] and "1000" in got[1] and "retry" in got[1], got
@@ -190,8 +205,50 @@ def test_deadline_ceiling(repo: Path) -> None:
         refused(lambda: list(stub.SampleStream(stream)), grpc.StatusCode.DEADLINE_EXCEEDED, "max_deadline_s")
         refused(lambda: stub.Decode(pb.DecodeRequest(model=MODEL, z=z), timeout=0.1),
                 grpc.StatusCode.DEADLINE_EXCEEDED)
+        oip = oip_grpc.GRPCInferenceServiceStub(channel)
+        started = time.monotonic()
+        refused(lambda: oip.ModelInfer(oip_decode(3)), grpc.StatusCode.DEADLINE_EXCEEDED, "max_deadline_s", "0.3 s")
+        assert 0.25 < time.monotonic() - started < 1.5
         time.sleep(0.1)
         assert total(srv, "genserve_batch_size_sum") == ran, "rows of expired requests ran"
         assert srv.server.servicer.rows.held == 0
     with pytest.raises(ValueError, match="max_deadline_s"):
         config(repo, max_deadline_s=0)
+
+
+def test_concurrent_rpcs(repo: Path) -> None:
+    """max_concurrent_rpcs = 2: while two requests wait in a long batching window, a third is refused at once
+    with RESOURCE_EXHAUSTED; once they are answered, requests are served again."""
+    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 600, "max_batch_size": 4096}')
+    with BackgroundServer(config(repo, max_concurrent_rpcs=2)) as srv:
+        async def scenario() -> tuple:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+                stub = service_pb2_grpc.GenerativeServiceStub(channel)
+                z = to_proto(np.zeros((1, LATENT), np.float32))
+                held = [stub.Decode(pb.DecodeRequest(model=MODEL, z=z), timeout=10) for _ in range(2)]
+                await asyncio.sleep(0.2)
+                started = time.monotonic()
+                try:
+                    await stub.Decode(pb.DecodeRequest(model=MODEL, z=z), timeout=10)
+                    third = (grpc.StatusCode.OK, "")
+                except grpc.aio.AioRpcError as e:
+                    third = (e.code(), e.details())
+                refused_after = time.monotonic() - started
+                answers = await asyncio.gather(*held)
+                # gRPC frees a slot when it has finished with a call, a moment after the client has its answer
+                for attempt in range(40):
+                    try:
+                        after = await stub.Decode(pb.DecodeRequest(model=MODEL, z=z), timeout=10)
+                        break
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == 39:
+                            raise
+                        await asyncio.sleep(0.05)
+                return third, refused_after, answers, after
+
+        third, refused_after, answers, after = asyncio.run(scenario())
+    assert third[0] == grpc.StatusCode.RESOURCE_EXHAUSTED, third
+    assert refused_after < 0.3  # refused on arrival, not after waiting in the batching window
+    assert all(a.x.shape == [1, 8, 8] for a in answers) and after.x.shape == [1, 8, 8]
+    with pytest.raises(ValueError, match="max_concurrent_rpcs"):
+        config(repo, max_concurrent_rpcs=0)

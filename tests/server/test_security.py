@@ -423,3 +423,52 @@ def test_open_reflection_and_closed_health_by_config(small_repo: Path, tmp_path:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert e.value.code() == UNAUTHENTICATED
         assert refused_count(srv) == 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str, ca: Path | None = None, cert: tuple[Path, Path] | None = None) -> str:
+    import ssl
+    import urllib.request
+
+    context = None
+    if ca is not None:
+        context = ssl.create_default_context(cafile=str(ca))
+        if cert is not None:
+            context.load_cert_chain(str(cert[0]), str(cert[1]))
+    with urllib.request.urlopen(url, timeout=10, context=context) as answer:
+        return answer.read().decode()
+
+
+def test_metrics_over_https_and_mutual_tls(small_repo: Path, certs: Path) -> None:
+    """metrics_tls: /metrics speaks HTTPS with the server's certificate; with a client CA, a scraper without a
+    trusted client certificate is turned away. Plain HTTP gets no metrics either way."""
+    import urllib.error
+
+    def config(repo: Path, **kw: object) -> ServerConfig:  # with a metrics port, unlike the module's
+        return ServerConfig(repo=repo, port=0, provider="cpu", workers=1, grace_s=1.0, **kw)
+
+    tls = {"tls_cert": certs / "server.pem", "tls_key": certs / "server.key", "metrics_tls": True,
+           "metrics_port": free_port()}
+    with BackgroundServer(config(small_repo, **tls)) as srv:
+        port = srv.server.metrics_port
+        assert f"metrics=https://127.0.0.1:{port}/metrics" in ready(srv)
+        assert "genserve_requests_total" in scrape(f"https://localhost:{port}/metrics", ca=certs / "ca.pem")
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            scrape(f"http://localhost:{port}/metrics")
+    with BackgroundServer(config(small_repo, tls_client_ca=certs / "ca.pem", **{**tls, "metrics_port": free_port()})
+                          ) as srv:
+        url = f"https://localhost:{srv.server.metrics_port}/metrics"
+        client_cert = (certs / "client.pem", certs / "client.key")
+        assert "genserve_requests_total" in scrape(url, ca=certs / "ca.pem", cert=client_cert)
+        for cert in (None, (certs / "stranger.pem", certs / "stranger.key")):
+            with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+                scrape(url, ca=certs / "ca.pem", cert=cert)
+    with pytest.raises(ValueError, match="metrics_tls"):
+        config(small_repo, metrics_tls=True, metrics_port=free_port())
