@@ -114,7 +114,7 @@ def exercise(client: Any, records: dict[str, dict[str, Any]], work: Path) -> lis
 
     test = load_dataset("digits").test
     (work / "samples").mkdir(parents=True, exist_ok=True)
-    rows, grids = [], []
+    rows, grids = [], {}
     for name, rec in records.items():
         model = f"digits-{name}"
         info = client.info(model)
@@ -124,7 +124,7 @@ def exercise(client: Any, records: dict[str, dict[str, Any]], work: Path) -> lis
         x = client.sample(model, 64, seed=0)
         row["sample_ms"] = 1000 * (time.perf_counter() - t0)
         png = write_grid(work / "samples" / f"{name}.png", x, 0, 16)
-        grids.append(x[:16])
+        grids[name] = x[:16]
         row["samples_png"] = str(png)
         if "log_likelihood" in ops:
             t0 = time.perf_counter()
@@ -154,8 +154,10 @@ def exercise(client: Any, records: dict[str, dict[str, Any]], work: Path) -> lis
         row.update(nll_nats=m.get("nll_nats"), bits_per_dim=m.get("bits_per_dim"), kind=m.get("likelihood_kind"),
                    frechet_distance=m.get("frechet_distance"), train_seconds=rec["train_seconds"])
         rows.append(row)
-    if grids:  # one picture of every family: a row of 16 samples each
-        write_grid(work / "samples" / "all.png", np.concatenate(grids), 0, 16)
+    if grids:  # one picture of every family: a labelled row of 16 samples each, all drawn with seed 0
+        from genserve.training.plots import family_rows
+
+        family_rows(grids, 17, work / "samples" / "all.png", "samples from every family (seed 0)")
     return rows
 
 

@@ -75,3 +75,35 @@ def plot_samples(samples: np.ndarray, spec: DataSpec, reference: np.ndarray, pat
     if spec.shape == (2,):
         return sample_scatter(samples, reference, path, title)
     return None
+
+
+def family_rows(samples: dict[str, np.ndarray], levels: int, path: str | Path, title: str = "",
+                columns: int = 16) -> Path:
+    """One labelled row of ``columns`` samples (N, H, W) per model, grey levels 0..levels-1; returns the path.
+
+    The quickstart's picture of every family at once: the same seed for each, names on the left."""
+    plt = _pyplot()
+    names = list(samples)
+    fig, axes = plt.subplots(len(names), 1, figsize=(0.5 * columns + 1.4, 0.62 * len(names) + 0.5), dpi=100,
+                             squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        x = np.asarray(samples[name], dtype=np.float32)[:columns]
+        h, w = x.shape[1:]
+        strip = np.full((h + 2, columns * (w + 1) + 1), np.nan, dtype=np.float32)
+        for i, img in enumerate(x):
+            strip[1:1 + h, 1 + i * (w + 1):1 + i * (w + 1) + w] = img
+        cmap = plt.get_cmap("gray").with_extremes(bad="#4060a0")
+        ax.imshow(np.ma.masked_invalid(strip), cmap=cmap, vmin=0, vmax=levels - 1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
