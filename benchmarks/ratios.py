@@ -147,10 +147,16 @@ def batching(args: argparse.Namespace) -> dict:
 
 
 # ---- b. server at saturation vs in-process ceiling -----------------------------------------------------------
+CEILING_REQUESTS = {FLOW: ((1, (32, 64)), (64, (4, 16))), VAE: ((1, (32, 64)), (4, (4, 16)))}
+"""Per model: (rows per request, concurrency levels). 1-row requests are online scoring, bound by the cost of
+a request; the larger ones a pipeline scoring records in batches, about 1000 graph rows per request (64 rows
+x 16 dequantisation draws for the flow, 4 rows x K = 500 for the VAE), bound by the graphs: a few clients
+keep the graphs busy."""
+
+
 def ceiling(args: argparse.Namespace) -> dict:
-    """Server rows/s at saturation (LogLikelihood, max over the levels) over the in-process best, once per
-    request size in --request-rows: 1-row requests (online scoring, bound by the per-request cost) and
-    larger ones (a pipeline scoring records in batches, bound by the graphs)."""
+    """Server rows/s at saturation (LogLikelihood, max over the levels) over the in-process best, for each
+    request size of CEILING_REQUESTS."""
     from genserve.core.noise import Noise
 
     out = header("ceiling")
@@ -173,10 +179,10 @@ def ceiling(args: argparse.Namespace) -> dict:
         loop.close()
         best_b = max(inproc, key=lambda b: inproc[b]["rows_s"])
         best_cpu_b = max(inproc, key=lambda b: inproc[b]["rows_per_cpu_s"])
-        for rows in args.request_rows:
+        for rows, levels in CEILING_REQUESTS[model]:
             log(f"ceiling: server {model}, {rows}-row requests")
             r = run_sweep({"model": model, "operation": "log_likelihood", "rows": rows},
-                          sweep_settings(args, (32, 64)), args.processes, repo=str(args.repo),
+                          sweep_settings(args, levels), args.processes, repo=str(args.repo),
                           serving={"max_batch_size": args.server_max_batch_size},
                           flags={"--threads": 1, "--provider": PROVIDER[0]}, log=log)
             best_level = max(r["levels"], key=lambda lv: lv["throughput_rows_s"])
@@ -330,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=1.5, help="seconds of repeated calls per in-process timing")
     p.add_argument("--batches", default="1,4,16,64,256", help="in-process batch sizes (ceiling)")
-    p.add_argument("--request-rows", default="1,64", help="ceiling: rows per server request, one run each")
     p.add_argument("--server-max-batch-size", type=int, default=512,
                    help="ceiling: the server's max_batch_size (its best setting, as in-process takes its best batch)")
     p.add_argument("--no-server", action="store_true", help="sampling: in-process figures only")
@@ -339,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     PROVIDER[0] = args.provider
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.request_rows = [int(b) for b in args.request_rows.split(",")]
     if args.ratio == "ort-torch" and args.checkpoints is None:
         p.error("ort-torch needs --checkpoints")
     result = COMMANDS[args.ratio](args)
