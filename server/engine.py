@@ -330,7 +330,7 @@ class Engine:
         """(z (N, latent) float32: posterior mean, or a draw from q(z|x) with ``sample``; served version)."""
         async with self._use(model, version, "encode") as m:
             x = self._check_x(m, x)
-            options = {"sample": True} if sample else {}
+            options = self._sample_option(m, "encode", sample)
             z = await m.program.encode(m.runner(), x, _noise(seed), **options)
             return np.asarray(z, dtype=np.float32), m.version
 
@@ -339,11 +339,24 @@ class Engine:
         """(x (N, *shape) float32 in the data domain: mean of p(x|z), or a draw with ``sample``; version)."""
         async with self._use(model, version, "decode") as m:
             z = self._check_z(m, z)
-            options = {"sample": True} if sample else {}
+            options = self._sample_option(m, "decode", sample)
             x = await m.program.decode(m.runner(), z, _noise(seed), **options)
             return np.asarray(x, dtype=np.float32), m.version
 
     # ---- validation --------------------------------------------------------------------------------
+    @staticmethod
+    def _sample_option(m: LoadedModel, op: str, sample: bool) -> dict[str, Any]:
+        """``{"sample": True}`` where the operation draws from a distribution; a deterministic one refuses it
+        rather than answer as if it had drawn."""
+        if not sample:
+            return {}
+        if op not in m.program.sampled:
+            which = ", ".join(m.program.sampled) or "none of its operations"
+            raise InvalidInput(f"sample: {m.name} is a {m.model} model ({m.family}) whose {op} is a deterministic "
+                               f"map with nothing to draw from; leave sample unset (it draws in: {which})")
+        return {"sample": True}
+
+
     def _check_rows(self, what: str, a: np.ndarray) -> None:
         if a.ndim >= 1 and a.shape[0] > self.cfg.max_rows_per_request:
             raise InvalidInput(f"{what} has {a.shape[0]} rows, more than the limit of "

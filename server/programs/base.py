@@ -38,6 +38,9 @@ class Program:
     """Base class: the operations a family serves. Subclasses set ``operations`` and override them."""
 
     operations: tuple[str, ...] = ()
+    sampled: tuple[str, ...] = ()
+    """Of encode and decode, those that map to a distribution and draw from it with ``sample=True`` (the VAE's
+    q(z|x) and p(x|z), pPCA's p(x|z)); the others are deterministic maps and refuse ``sample``."""
 
     def __init__(self, spec: DataSpec, params: dict[str, float]) -> None:
         self.spec = spec

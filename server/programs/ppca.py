@@ -12,6 +12,7 @@ from genserve.server.programs.base import Program, Run, SampleResult, dequantise
 
 class PPCAProgram(Program):
     operations = ("sample", "log_likelihood", "encode", "decode")
+    sampled = ("decode",)
 
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, draws: int | None = None,
                              **options: Any) -> np.ndarray:
@@ -32,7 +33,11 @@ class PPCAProgram(Program):
     async def encode(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
         return (await run("encoder", {"x": x.astype(np.float32)}))["z"]
 
-    async def decode(self, run: Run, z: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
-        eps = np.zeros((z.shape[0], self.spec.dim), dtype=np.float32)
+    async def decode(self, run: Run, z: np.ndarray, noise: Noise, sample: bool = False,
+                     **options: Any) -> np.ndarray:
+        """The mean W z + mu; with ``sample`` a draw from p(x|z) = N(W z + mu, sigma^2 I), eps =
+        noise.normal(N, D). In the data domain either way (discrete data rounded and clipped to the levels)."""
+        n = z.shape[0]
+        eps = noise.normal(n, self.spec.dim) if sample else np.zeros((n, self.spec.dim), dtype=np.float32)
         x = (await run("generator", {"z": z.astype(np.float32), "eps": eps}))["x"]
         return self.spec.postprocess(x)

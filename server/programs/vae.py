@@ -21,6 +21,7 @@ class VAEProgram(Program):
     """The operations of ``genserve.training.vae.VAE``, drawing noise in the same order."""
 
     operations = ("sample", "log_likelihood", "encode", "decode")
+    sampled = ("encode", "decode")
 
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, importance_samples: int | None = None,
                              **options: Any) -> np.ndarray:
@@ -53,12 +54,27 @@ class VAEProgram(Program):
             x = out["mean"] + out["std"] * eps
         return SampleResult(x.reshape(n, *self.spec.shape).astype(np.float32), z)
 
-    async def encode(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
-        """The posterior mean mu(x), (N, q)."""
-        return (await run("encoder", {"x": x.astype(np.float32)}))["mu"]
+    async def encode(self, run: Run, x: np.ndarray, noise: Noise, sample: bool = False,
+                     **options: Any) -> np.ndarray:
+        """The posterior mean mu(x), (N, q); with ``sample`` a draw z = mu + exp(logvar / 2) * eps from
+        q(z|x), eps = noise.normal(N, q)."""
+        out = await run("encoder", {"x": x.astype(np.float32)})
+        if not sample:
+            return out["mu"]
+        eps = noise.normal(*out["mu"].shape)
+        return (out["mu"] + np.exp(0.5 * out["logvar"]) * eps).astype(np.float32)
 
-    async def decode(self, run: Run, z: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
-        """Most likely level per pixel (discrete) or the decoder mean (continuous)."""
+    async def decode(self, run: Run, z: np.ndarray, noise: Noise, sample: bool = False,
+                     **options: Any) -> np.ndarray:
+        """Most likely level per pixel (discrete) or the decoder mean (continuous); with ``sample`` a draw
+        from p(x|z), in the noise order of ``sample`` after its latents (u or eps of shape (N, D))."""
+        n = z.shape[0]
         out = await run("decoder", {"z": z.astype(np.float32)})
-        x = out["logits"].argmax(axis=-1).astype(np.float32) if self.spec.discrete else out["mean"]
-        return x.reshape(z.shape[0], *self.spec.shape)
+        if self.spec.discrete:
+            if sample:
+                x = categorical_from_uniform(softmax(out["logits"]), noise.uniform(n, self.spec.dim))
+            else:
+                x = out["logits"].argmax(axis=-1).astype(np.float32)
+        else:
+            x = out["mean"] + out["std"] * noise.normal(n, self.spec.dim) if sample else out["mean"]
+        return x.reshape(n, *self.spec.shape).astype(np.float32)

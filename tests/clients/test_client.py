@@ -248,9 +248,15 @@ def test_encode_and_decode_are_the_affine_maps_of_ppca(client: Client) -> None:
     # code by the same factor w^2 / (w^2 + s^2), between 0 and 1
     ratio = client.encode(MOONS, d1)[:, 0] / z1[:, 0]
     assert 0 < ratio.mean() < 1 and np.allclose(ratio, ratio.mean(), rtol=1e-3)
-    # sampled codes are reproducible per seed
-    s1 = client.encode(MOONS, x1, seed=1, sample=True)
-    assert np.array_equal(s1, client.encode(MOONS, x1, seed=1, sample=True))
+    # decoding with sample=True draws from p(x|z) = N(Wz + mu, s^2 I): reproducible per seed, around the mean
+    s1 = client.decode(MOONS, z1, seed=1, sample=True)
+    assert np.array_equal(s1, client.decode(MOONS, z1, seed=1, sample=True))
+    assert not np.array_equal(s1, client.decode(MOONS, z1, seed=2, sample=True))
+    assert 0 < np.abs(s1 - d1).mean() < 3 * np.abs(d1).mean()
+    # pPCA's encoder gives the posterior mean only: sample=True is refused, not ignored
+    with pytest.raises(GenserveError) as e:
+        client.encode(MOONS, x1, seed=1, sample=True)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "sample" in str(e.value)
 
 
 def test_messages_above_grpcs_4_mib_default(client: Client) -> None:

@@ -114,3 +114,36 @@ def test_importance_samples_are_chunked_like_one_draw() -> None:
     got = run_sync(chunked.log_likelihood(runner, x, Noise(2), importance_samples=30))
     assert runner.calls["log_weights"] == 5  # 7 + 7 + 7 + 7 + 2
     np.testing.assert_allclose(got, whole, atol=1e-5, rtol=0)
+
+
+def test_vae_encode_and_decode_draw_from_their_distributions(pair: tuple) -> None:
+    """sample=True: z = mu + exp(logvar / 2) * eps from q(z|x), and x from p(x|z) (categorical by inverse CDF
+    on digits, mean + std * eps on rows), in the documented noise order; the flows draw nothing."""
+    model, program, runner = pair
+    if model.name != "vae":
+        assert program.sampled == ()
+        return
+    assert program.sampled == ("encode", "decode")
+    x = data(model.spec, 200)
+    with torch.no_grad():
+        mu, logvar = (t.numpy() for t in model.encoder(torch.from_numpy(x)))
+    eps = Noise(4).normal(*mu.shape)
+    z = run_sync(program.encode(runner, x, Noise(4), sample=True))
+    np.testing.assert_allclose(z, mu + np.exp(0.5 * logvar) * eps, atol=1e-5, rtol=0)
+    assert not np.allclose(z, mu)
+    x_drawn = run_sync(program.decode(runner, mu, Noise(8), sample=True))
+    assert x_drawn.shape == x.shape and np.array_equal(x_drawn, run_sync(program.decode(runner, mu, Noise(8),
+                                                                                         sample=True)))
+    with torch.no_grad():
+        out = model.decoder(torch.from_numpy(mu))
+    if model.spec.discrete:
+        probs = torch.softmax(out, -1).numpy().reshape(len(mu), -1, model.spec.levels)
+        drawn = x_drawn.reshape(len(mu), -1).astype(int)
+        assert ((drawn >= 0) & (drawn < model.spec.levels)).all()
+        # every drawn level had probability > 0, and the draws follow the probabilities on average
+        assert (np.take_along_axis(probs, drawn[..., None], -1) > 0).all()
+        expected_mean = (probs * np.arange(model.spec.levels)).sum(-1).mean()
+        assert abs(drawn.mean() - expected_mean) < 0.1 * model.spec.levels
+    else:
+        mean, std = (t.numpy() for t in out)
+        np.testing.assert_allclose(x_drawn, mean + std * Noise(8).normal(*mean.shape), atol=1e-5, rtol=0)
