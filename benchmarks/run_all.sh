@@ -19,7 +19,7 @@ python -m benchmarks.ratios ceiling --repo "$REPO" --out-dir "$OUT"
 log "c. ONNX Runtime vs PyTorch eager"
 python -m benchmarks.ratios ort-torch --repo "$REPO" --checkpoints "$WORK/checkpoints" --out-dir "$OUT"
 log "d. arrnn step graph vs prefix; samples/s"
-python -m benchmarks.ratios sampling --repo "$REPO" --out-dir "$OUT"
+python -m benchmarks.ratios sampling --repo "$REPO" --clients 8 --out-dir "$OUT"
 for model in realnvp vae; do
   log "sweep: digits-$model 1-row LogLikelihood"
   python -m benchmarks.run --repo "$REPO" --model "digits-$model" --operation log_likelihood --rows 1 \
