@@ -642,8 +642,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             seed = params.seed()
             decoded = time.perf_counter_ns()
             call, rows = self._call(loaded, model, operation, inputs, params, seed, wanted)
-            with self.rows.hold(rows):
-                results, version, extra = await self._within(remaining, call, self.max_deadline_s)
+            try:
+                with self.rows.hold(rows):
+                    results, version, extra = await self._within(remaining, call, self.max_deadline_s)
+            finally:
+                call.close()  # never started when the row budget refused it; a no-op once it ran
             inferred = time.perf_counter_ns()
             response = pb.ModelInferResponse(model_name=request.model_name, model_version=str(version),
                                              id=request.id)

@@ -72,7 +72,9 @@ def test_sweep_cli_writes_json_and_plot(ppca_repo: Path, tmp_path: Path) -> None
         assert server["requests"] == pytest.approx(lv["requests"], abs=lv["concurrency"] + 2)
         assert server["server_request_s"] > 0 and server["compute_s"] > 0 and server["queue_s"] >= 0
         assert server["queue_s"] + server["compute_s"] <= server["server_request_s"] * 1.5
-        assert 1 <= server["rows_per_call"] <= 8  # the per-model max_batch_size written into config.json
+        # the per-model max_batch_size written into config.json (a request is 2 rows x 16 dequantisation draws,
+        # so calls are full; the ratio of scraped sum and count deltas can straddle a call at a window edge)
+        assert 1 <= server["rows_per_call"] <= 8.5
         assert set(server["calls_per_graph"]) <= {"log_prob", "encoder", "generator"}
         cpu = lv["cpu"]["processes_cores"]
         assert cpu["server"] > 0 and {"loadgen0", "loadgen1"} <= set(cpu)

@@ -169,10 +169,10 @@ def test_an_onnx_runtime_failure_fails_its_batch_with_internal_and_the_server_go
 
     real = repository.run_session
 
-    def flaky(session, feeds):
+    def flaky(session, feeds, *cached):
         if any(np.any(v == POISON) for v in feeds.values()):
             raise RuntimeError("injected ONNX Runtime failure")
-        return real(session, feeds)
+        return real(session, feeds, *cached)
 
     monkeypatch.setattr(repository, "run_session", flaky)
     (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 200}')
