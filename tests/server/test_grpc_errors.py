@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import OPERATION_NAME, read_manifest
-from genserve.server.app import BackgroundServer
+from genserve.server.app import BackgroundServer, grpc_options
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 
 pb = service_pb2
@@ -258,16 +258,18 @@ def test_full_queue_is_resource_exhausted_and_deadlines_drop_rows(repo_copy: Pat
         pytest.skip(f"{name} is not in the test repository")
     (repo_copy / name / "config.json").write_text('{"max_queue_size": 4, "max_batch_size": 8192}')
     dim = int(read_manifest(repo_copy / name / "1" / "manifest.json").parameters["latent_dim"])
-    big, small = np.zeros((4000, dim), np.float32), np.zeros((1, dim), np.float32)
+    # 20000 rows: a call that runs for a second or more even on a fast, quiet machine (4000 rows once finished
+    # before the late request arrived)
+    big, small = np.zeros((20000, dim), np.float32), np.zeros((1, dim), np.float32)
     cfg = ServerConfig(repo=repo_copy, port=0, metrics_port=free_port(), provider="cpu", workers=1)
     with BackgroundServer(cfg) as srv:
         rows_run = lambda: metric(srv.metrics_port, "genserve_batch_size_sum")  # noqa: E731
 
         async def scenario() -> tuple:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}", options=grpc_options(64)) as channel:
                 aio = service_pb2_grpc.GenerativeServiceStub(channel)
                 slow = aio.Decode(pb.DecodeRequest(model=name, z=to_proto(big)))
-                await asyncio.sleep(0.1)  # the 4000-row call is running now (about 0.4 s)
+                await asyncio.sleep(0.1)  # the 20000-row call is running now
                 late = aio.Decode(pb.DecodeRequest(model=name, z=to_proto(small)), timeout=0.05)
                 flood = [aio.Decode(pb.DecodeRequest(model=name, z=to_proto(small))) for _ in range(12)]
                 return await asyncio.gather(slow, late, *flood, return_exceptions=True)
