@@ -29,7 +29,7 @@ from benchmarks.loadgen import METHODS, LoadGenerator, LoadSpec, SweepSettings
 SERVING_FLAGS = {"max_batch_size": int, "max_queue_delay_ms": float, "instances": int}
 """Per-model settings: written into config.json of the private repository copy (they outrank server flags)."""
 SERVER_FLAGS = {"threads": "--threads", "workers": "--workers", "inter_op_threads": "--inter-op-threads",
-                "provider": "--provider"}
+                "provider": "--provider", "switch_interval_ms": "--switch-interval-ms"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="server threads running ONNX Runtime calls (with --repo)")
     p.add_argument("--inter-op-threads", type=int, help="server ONNX Runtime inter-op threads (with --repo)")
     p.add_argument("--provider", choices=["cpu", "cuda", "auto"], help="server ONNX Runtime provider (default cpu)")
+    p.add_argument("--switch-interval-ms", type=float, help="server GIL switch interval, ms (default 0.2)")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--plot", help="write the sweep PNG here")
     p.add_argument("--quiet", action="store_true")

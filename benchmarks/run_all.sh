@@ -26,6 +26,11 @@ for model in realnvp vae; do
     --concurrency 1,2,4,8,16,32,64 --processes 2 --max-batch-size 64 \
     --out "$OUT/sweep-$model-loglik.json" --plot "$OUT/sweep-$model-loglik.png"
 done
+for ms in 5 0.2; do
+  log "switch interval $ms ms: digits-realnvp 1-row LogLikelihood, 64 clients"
+  python -m benchmarks.run --repo "$REPO" --model digits-realnvp --operation log_likelihood --rows 1 \
+    --concurrency 64 --processes 2 --max-batch-size 64 --switch-interval-ms "$ms" --out "$OUT/switch-$ms.json"
+done
 log "soak: 64 clients, 20000 requests over every operation of every model"
 python scripts/soak.py --repo "$REPO" --requests 20000 --json "$OUT/soak.json"
 log "done"
