@@ -234,6 +234,12 @@ def verdict(cpu: dict, server: dict, processes: int) -> str:
         return f"server thread {top_name.split('/')[0]!r} at {top:.2f} cores (one thread: the GIL / event loop)"
     if server.get("ort_busy", 0.0) >= 0.9:
         return f"ONNX Runtime compute: graph calls run {server['ort_busy']:.0%} of the time"
+    if server_cores >= 0.95:
+        # More than a core in the process yet no thread and no core saturated: its threads' Python work (the
+        # event loop's, and each ORT worker's around its call) takes turns on one interpreter lock.
+        return (f"the server's GIL: {server_cores:.2f} cores in the process, the busiest thread "
+                f"{top_name.split('/')[0]!r} at {top:.2f}, ONNX Runtime calls running "
+                f"{server.get('ort_busy', 0.0):.0%} of the time, while the machine has idle CPU")
     return ("no CPU resource saturated: latency-bound (each client waits for its answer; batching delay and "
             "round trips set the rate)")
 

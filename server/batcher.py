@@ -13,7 +13,8 @@ split back in row order. Guarantees:
 * exactly one result per submission: its own rows, in its order, never a neighbour's;
 * a call that raises fails every submission with rows in that call, and only those; the next call runs;
 * a submission larger than ``max_batch_size`` is split over several calls and reassembled; a partly taken
-  submission goes to the back of the queue, so big requests take turns with small ones (round robin);
+  submission goes to the back of the queue, so big requests take turns with small ones (round robin); one
+  that fits a call is never split: when it does not fit what is left of a call, it goes first in the next;
 * a cancelled submission's rows that have not run yet are dropped from the queue;
 * at most ``max_queue_size`` submissions wait; beyond that ``submit`` raises QueueFull at once.
 
@@ -292,6 +293,12 @@ class Batcher:
                 self._settled(sub)
                 continue
             if key is not None and sub.key != key:  # other input shapes: a later call takes it
+                skipped.append(sub)
+                continue
+            if parts and capacity < sub.rows - sub.taken <= self.max_batch_size:
+                # It fits a call of its own: it goes first in the next call rather than lend a sliver to this
+                # one and wait a whole round of the queue for the rest (calls that each end in a sliver of the
+                # next request starved some requests for seconds). Smaller ones behind it may fill this call.
                 skipped.append(sub)
                 continue
             key = sub.key

@@ -163,6 +163,33 @@ def test_a_large_request_takes_turns_with_small_ones(ppca) -> None:
     assert order == ["small", "big"] and b.calls == 11
 
 
+def test_a_request_that_fits_a_call_is_never_split(ppca) -> None:
+    """Five 8-row requests and max_batch_size 10: five calls of 8 rows, one request each, in arrival order.
+    Splitting them (8 + 2, 6 + 4, ...) sent each remainder to the back of the queue: under load some requests
+    waited many rounds for their last rows."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 40, seed=5)
+    direct = run_session(session, feeds)
+    stats: list[BatchStats] = []
+    done: list[int] = []
+    b = ppca_batcher(ppca, max_batch_size=10, max_queue_delay_ms=5.0, observe=stats.append)
+
+    async def main():
+        async def one(k):
+            out = await b.submit(rows_of(feeds, 8 * k, 8 * k + 8))
+            done.append(k)
+            return out
+
+        outs = await asyncio.gather(*(one(k) for k in range(5)))
+        await b.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    for k, out in enumerate(outs):
+        assert same_bits(out, rows_of(direct, 8 * k, 8 * k + 8))
+    assert [(s.rows, s.requests) for s in stats] == [(8, 1)] * 5 and done == [0, 1, 2, 3, 4]
+
+
 # ---- queue limit, cancellation, failures -------------------------------------------------------------------
 
 class Gate:
