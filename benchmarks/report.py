@@ -8,7 +8,10 @@ from pathlib import Path
 
 
 def sweep_table(result: dict) -> str:
-    """One row per concurrency level: rates, latency percentiles, the server's split, CPU, the verdict."""
+    """One row per concurrency level: rates, latency percentiles, the server's split, CPU, the verdict (drawn
+    again from the level's CPU and server figures, so that a file from an older tool gets today's rules)."""
+    from benchmarks.loadgen import verdict
+
     lines = ["| clients | req/s | rows/s | p50 ms | p90 ms | p95 ms | p99 ms | queue ms | compute ms | other ms "
              "| rows/call | server cores | req per server CPU-s | loadgen cores | machine cores | load 1m | stable "
              "| limited by |",
@@ -25,7 +28,8 @@ def sweep_table(result: dict) -> str:
             f"| {lat['p90']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f} | {s.get('queue_s', 0) * 1e3:.2f} "
             f"| {s.get('compute_s', 0) * 1e3:.2f} | {s.get('other_s', 0) * 1e3:.2f} | {s.get('rows_per_call', 0):.1f} "
             f"| {cores} | {per_cpu} | {loadgen:.2f} | {cpu['machine_busy_cores']:.2f} "
-            f"| {lv['loadavg'][0]:.1f} | {'yes' if lv['stable'] else 'no'} | {lv['limited_by']} |")
+            f"| {lv['loadavg'][0]:.1f} | {'yes' if lv['stable'] else 'no'} "
+            f"| {verdict(lv['cpu'], lv['server'], result.get('processes', 2))} |")
     return "\n".join(lines)
 
 
