@@ -22,7 +22,7 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--port", "port", int, "N", "gRPC port (default 8500; 0 = any free port)"),
     ("--metrics-port", "metrics_port", int, "N", "Prometheus /metrics HTTP port (default 8502; 0 = off)"),
     ("--provider", "provider", str, "{auto,cpu,cuda}", "ONNX Runtime provider (auto: CUDA if it loads)"),
-    ("--max-batch-size", "max_batch_size", int, "N", "most rows merged into one graph call (default 64)"),
+    ("--max-batch-size", "max_batch_size", int, "N", "most rows merged into one graph call (default 512)"),
     ("--max-queue-delay-ms", "max_queue_delay_ms", float, "MS", "longest wait for a batch to fill (2)"),
     ("--max-queue-size", "max_queue_size", int, "N", "most queued requests per graph (default 4096)"),
     ("--instances", "instances", int, "N", "ONNX Runtime sessions per graph (default 1)"),
