@@ -17,6 +17,7 @@ import pytest
 
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD_NAME, OPERATION_NAME
+from genserve.export.repository import DEFAULT_SERVING
 from genserve.server.app import BackgroundServer, grpc_options
 from genserve.server.config import ServerConfig
 from genserve.v1 import service_pb2, service_pb2_grpc
@@ -171,7 +172,8 @@ def test_model_config_is_tritons_message(client, catalog) -> None:
     config = client.get_model_config(f"{VAE}.encode").config
     assert isinstance(config, triton_mc.ModelConfig)  # decoded by tritonclient's own descriptors
     assert (config.name, config.platform, config.backend) == (f"{VAE}.encode", "genserve", "onnxruntime")
-    assert config.max_batch_size == info.serving.max_batch_size == 64
+    # the model's config.json as export wrote it
+    assert config.max_batch_size == info.serving.max_batch_size == DEFAULT_SERVING["max_batch_size"]
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("x", triton_mc.TYPE_FP32, [8, 8])]
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("z", triton_mc.TYPE_FP32, [q])]
     assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
