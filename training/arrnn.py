@@ -53,7 +53,7 @@ class RecurrentAR(AutoregressiveModel):
     profiles = {
         "quick": {"epochs": 12, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
                   "patience": 5, "arch": {"hidden": 128, "layers": 1, "embed": 32, "dropout": 0.1}},
-        "full": {"epochs": 120, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
+        "full": {"epochs": 120, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.05, "grad_clip": 5.0,
                  "patience": 20, "arch": {"hidden": 192, "layers": 2, "embed": 64, "dropout": 0.5, "weight_drop": 0.25,
                                           "above": True, "ema": 0.999, "lr_half_life": 1000}},
     }
