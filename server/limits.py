@@ -9,11 +9,15 @@ hold rows forever.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from typing import TypeVar
 
 from genserve.server.errors import QueueFull
+
+T = TypeVar("T")
 
 
 class RowBudget:
@@ -45,3 +49,25 @@ def deadline(remaining: float | None, ceiling: float) -> tuple[float, bool]:
     if remaining is None or not math.isfinite(remaining) or remaining > ceiling:
         return ceiling, True
     return max(remaining, 0.0), False
+
+
+class Expired(Exception):
+    """The work ran past its deadline and was cancelled; ``capped``: the server's ceiling, not the client's
+    deadline, set the limit (each transport words its own status message)."""
+
+    def __init__(self, capped: bool) -> None:
+        super().__init__("deadline ceiling" if capped else "deadline")
+        self.capped = capped
+
+
+async def within(work: Awaitable[T], remaining: float | None, ceiling: float) -> T:
+    """Await ``work`` within ``remaining`` seconds capped at ``ceiling``; on expiry the work is cancelled (its
+    queued rows drop) and Expired raised. ``asyncio.timeout`` cancels it in this task: no extra task per call."""
+    timeout, capped = deadline(remaining, ceiling)
+    if math.isinf(timeout):
+        return await work
+    try:
+        async with asyncio.timeout(timeout):
+            return await work
+    except TimeoutError:
+        raise Expired(capped) from None

@@ -75,7 +75,7 @@ from genserve.oip import grpc_service_pb2 as pb
 from genserve.oip import grpc_service_pb2_grpc as pb_grpc
 from genserve.oip import model_config_pb2 as mc
 from genserve.server.errors import EngineError, NotFound
-from genserve.server.limits import RowBudget, deadline
+from genserve.server.limits import Expired, RowBudget, within
 
 log = logging.getLogger("genserve.server")
 
@@ -747,14 +747,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _within(remaining: float | None, work: Awaitable[T], ceiling: float = math.inf) -> T:
         """Await ``work`` within the deadline, capped at the server's ``ceiling`` (max_deadline_s); a passed
         deadline cancels it (its queued rows drop)."""
-        timeout, capped = deadline(remaining, ceiling)
-        if math.isinf(timeout):
-            return await work
         try:
-            async with asyncio.timeout(timeout):
-                return await work
-        except TimeoutError:
-            if capped:
+            return await within(work, remaining, ceiling)
+        except Expired as e:
+            if e.capped:
                 raise OipError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"the inference ran past this server's deadline ceiling of {ceiling:g} s "
                                "(max_deadline_s); send less per request") from None

@@ -31,7 +31,7 @@ from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD, OPERATION
 from genserve.server.decoding import BadMessage
 from genserve.server.errors import EngineError
-from genserve.server.limits import RowBudget, deadline
+from genserve.server.limits import Expired, RowBudget, within
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger("genserve.server")
@@ -199,15 +199,10 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
     async def _deadline(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
         """Await ``work`` within the RPC's deadline, capped at max_deadline_s; a passed deadline cancels it
         (its queued rows drop)."""
-        timeout, capped = deadline(context.time_remaining(), self.max_deadline_s)
-        if math.isinf(timeout):
-            return await work
         try:
-            # asyncio.timeout cancels the work in this task on expiry; unlike wait_for it starts no extra task
-            async with asyncio.timeout(timeout):
-                return await work
-        except TimeoutError:
-            if capped:
+            return await within(work, context.time_remaining(), self.max_deadline_s)
+        except Expired as e:
+            if e.capped:
                 message = (f"the request ran past this server's deadline ceiling of {self.max_deadline_s:g} s"
                            " (max_deadline_s); send less per request, or use the streaming RPCs")
             else:

@@ -18,6 +18,31 @@ def _pyplot():
     return plt
 
 
+GUTTER = "#4060a0"
+"""Colour of the gaps between tiles (NaN pixels): coloured gutters keep neighbouring images apart."""
+
+
+def _tiles(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
+    """(N, H, W) images tiled ``columns`` to a row on a NaN canvas (NaN: the gutters, drawn in GUTTER)."""
+    rows = max(1, -(-len(images) // columns))
+    h, w = images.shape[1:]
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad), np.nan, dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[top:top + h, left:left + w] = img
+    return canvas
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def sample_grid(samples: np.ndarray, spec: DataSpec, path: str | Path, title: str = "",
                 columns: int = 10) -> Path:
     """Write up to columns^2 images (N, H, W) as a gray grid (level 0 black, the top level white); returns
@@ -25,27 +50,16 @@ def sample_grid(samples: np.ndarray, spec: DataSpec, path: str | Path, title: st
     plt = _pyplot()
     x = np.asarray(samples, dtype=np.float32)[: columns * columns]
     rows = max(1, -(-len(x) // columns))
-    h, w = spec.shape
-    pad = 1
-    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad), np.nan, dtype=np.float32)
-    for i, img in enumerate(x):
-        r, c = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[top:top + h, left:left + w] = img
+    canvas = _tiles(x, columns)
     vmax = spec.levels - 1 if spec.discrete else float(np.nanmax(canvas)) if len(x) else 1.0
     vmin = 0.0 if spec.discrete else float(np.nanmin(canvas)) if len(x) else 0.0
-    cmap = plt.get_cmap("gray").with_extremes(bad="#4060a0")  # coloured gutters keep neighbours apart
+    cmap = plt.get_cmap("gray").with_extremes(bad=GUTTER)
     fig, ax = plt.subplots(figsize=(0.55 * columns + 0.4, 0.55 * rows + 0.8), dpi=100)
     ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def sample_scatter(samples: np.ndarray, reference: np.ndarray, path: str | Path, title: str = "") -> Path:
@@ -59,12 +73,7 @@ def sample_scatter(samples: np.ndarray, reference: np.ndarray, path: str | Path,
     ax.legend(loc="upper right", fontsize=8, markerscale=3)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_samples(samples: np.ndarray, spec: DataSpec, reference: np.ndarray, path: str | Path,
@@ -86,13 +95,9 @@ def family_rows(samples: dict[str, np.ndarray], levels: int, path: str | Path, t
     names = list(samples)
     fig, axes = plt.subplots(len(names), 1, figsize=(0.5 * columns + 1.4, 0.62 * len(names) + 0.5), dpi=100,
                              squeeze=False)
+    cmap = plt.get_cmap("gray").with_extremes(bad=GUTTER)
     for ax, name in zip(axes[:, 0], names, strict=True):
-        x = np.asarray(samples[name], dtype=np.float32)[:columns]
-        h, w = x.shape[1:]
-        strip = np.full((h + 2, columns * (w + 1) + 1), np.nan, dtype=np.float32)
-        for i, img in enumerate(x):
-            strip[1:1 + h, 1 + i * (w + 1):1 + i * (w + 1) + w] = img
-        cmap = plt.get_cmap("gray").with_extremes(bad="#4060a0")
+        strip = _tiles(np.asarray(samples[name], dtype=np.float32)[:columns], columns)
         ax.imshow(np.ma.masked_invalid(strip), cmap=cmap, vmin=0, vmax=levels - 1, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -101,9 +106,4 @@ def family_rows(samples: dict[str, np.ndarray], levels: int, path: str | Path, t
             side.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -7,7 +7,6 @@ answered, so no error leaves the server (or the batcher) in a bad state.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.clients.tensors import from_proto, to_proto
@@ -24,12 +24,6 @@ from genserve.server.app import BackgroundServer, grpc_options
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 
 pb = service_pb2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from ports import free_port
 from tls_certs import make_certificates
 
 from genserve.clients.client import Client, GenserveError
@@ -423,14 +424,6 @@ def test_open_reflection_and_closed_health_by_config(small_repo: Path, tmp_path:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert e.value.code() == UNAUTHENTICATED
         assert refused_count(srv) == 1
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(url: str, ca: Path | None = None, cert: tuple[Path, Path] | None = None) -> str:
