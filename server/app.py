@@ -37,7 +37,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from genserve.server import auth
-from genserve.server.decoding import SafeDecoding
+from genserve.server.message_parsing import SafeParsing
 from genserve.server.process import apply_process_settings
 from genserve.server.servicer import GenerativeServicer
 from genserve.v1 import service_pb2, service_pb2_grpc
@@ -125,7 +125,7 @@ class Server:
         await engine.start()
 
         # Order: the token check first (refusals parse nothing), then safe parsing, then arrival times.
-        interceptors = [SafeDecoding(), self._arrivals] if self.auth is None else [self.auth, SafeDecoding(),
+        interceptors = [SafeParsing(), self._arrivals] if self.auth is None else [self.auth, SafeParsing(),
                                                                                     self._arrivals]
         self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=interceptors,
                                      maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)

@@ -155,10 +155,6 @@ class ServerConfig:
                                max_queue_size=self.max_queue_size, instances=self.instances,
                                provider=self.provider, intra_op_threads=self.intra_op_threads)
 
-    def with_overrides(self, overrides: dict[str, Any], where: str = "override") -> ServerConfig:
-        """A copy with ``overrides`` applied; unknown keys and wrong types are refused by name."""
-        return replace(self, **_checked(overrides, where))
-
     @classmethod
     def from_toml(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                   **kwargs: Any) -> ServerConfig:

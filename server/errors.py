@@ -37,9 +37,3 @@ class QueueFull(EngineError):
     """Too many rows queued; retry later or lower the request size."""
 
     code = "RESOURCE_EXHAUSTED"
-
-
-class Cancelled(EngineError):
-    """The request was cancelled or its deadline passed while queued."""
-
-    code = "CANCELLED"

@@ -149,7 +149,3 @@ class Metrics:
                    "client_auth_required": client_cafile is not None}
         server, _thread = start_http_server(port, addr=host, registry=self.registry, **tls)
         return server, int(server.server_port)
-
-    def start_http(self, port: int, host: str = "0.0.0.0") -> tuple[Any, int]:
-        """``serve_http`` with the host last: the metrics port on every interface by default."""
-        return self.serve_http(host, port)

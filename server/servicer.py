@@ -29,9 +29,9 @@ import numpy as np
 
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD, OPERATION
-from genserve.server.decoding import BadMessage
 from genserve.server.errors import EngineError
 from genserve.server.limits import Expired, RowBudget, within
+from genserve.server.message_parsing import BadMessage
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger("genserve.server")

@@ -1,8 +1,8 @@
-"""Request messages that are not valid protobuf answer INVALID_ARGUMENT, not gRPC's UNKNOWN with a traceback.
+"""Parsing of request messages: one that is not valid protobuf answers INVALID_ARGUMENT, not gRPC's UNKNOWN.
 
 gRPC parses a request with the method's deserializer before any handler runs; a parse error there becomes
 status UNKNOWN and an ERROR with a traceback in the log, for every malformed message a client sends. This
-interceptor swaps in a deserializer that returns an ``Undecodable`` marker instead, and a handler wrapper that
+interceptor swaps in a deserializer that returns an ``Unparsed`` marker instead, and a handler wrapper that
 answers the marker with INVALID_ARGUMENT naming the message type.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 
-class Undecodable:
+class Unparsed:
     """Stands for a request message that did not parse."""
 
     def __init__(self, error: Exception) -> None:
@@ -39,7 +39,7 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
         try:
             return deserializer(data)
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's malformed message
-            return Undecodable(e)
+            return Unparsed(e)
 
     return parse
 
@@ -51,7 +51,7 @@ def _what(method: str) -> str:
 def _unary_request(behaviour: Callable[..., Any], method: str, streaming_response: bool) -> Callable[..., Any]:
     if streaming_response and inspect.isasyncgenfunction(behaviour):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, Undecodable):
+            if isinstance(request, Unparsed):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _what(method))
             async for response in behaviour(request, context):
                 yield response
@@ -59,7 +59,7 @@ def _unary_request(behaviour: Callable[..., Any], method: str, streaming_respons
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Undecodable):
+        if isinstance(request, Unparsed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _what(method))
         return await behaviour(request, context)
 
@@ -69,7 +69,7 @@ def _unary_request(behaviour: Callable[..., Any], method: str, streaming_respons
 def _checked_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
     async def check() -> AsyncIterator[Any]:
         async for request in requests:
-            if isinstance(request, Undecodable):
+            if isinstance(request, Unparsed):
                 raise BadMessage(_what(method))
             yield request
 
@@ -90,7 +90,7 @@ def _stream_request(behaviour: Callable[..., Any], method: str) -> Callable[...,
     return unary
 
 
-class SafeDecoding(grpc.aio.ServerInterceptor):
+class SafeParsing(grpc.aio.ServerInterceptor):
     """Wraps every handler so that an unparsable request is INVALID_ARGUMENT (see the module docstring).
 
     The wrapped handler of a method is built once and reused while the service hands out the same handler
