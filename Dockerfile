@@ -15,6 +15,7 @@ COPY training training
 COPY export export
 COPY server server
 COPY clients clients
+COPY app app
 COPY protos protos
 RUN pip wheel --no-deps --wheel-dir /wheels .
 

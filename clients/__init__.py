@@ -1,1 +1,1 @@
-"""Clients: generated stubs, the friendly Python client and the `genserve` command line."""
+"""Clients: the friendly Python client (sync and asyncio), its channel settings and the client subcommands."""

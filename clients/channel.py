@@ -19,6 +19,8 @@ from typing import Any
 
 import grpc
 
+from genserve.core.cli_errors import RemoteError
+
 SERVICE = "genserve.v1.GenerativeService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
 DEFAULT_TARGET = "localhost:8500"
@@ -28,7 +30,7 @@ MAX_ATTEMPTS = 5
 Credential = str | Path | bytes
 
 
-class GenserveError(Exception):
+class GenserveError(RemoteError):
     """A failed call: ``code`` is the grpc.StatusCode, ``message`` the server's (or gRPC's) explanation."""
 
     def __init__(self, code: grpc.StatusCode, message: str, method: str = "") -> None:

@@ -1,80 +1,25 @@
-"""The `genserve` command: one entry point whose subcommands live with their stations.
+"""Deprecated location of the `genserve` command (now genserve.app.cli) and its error guard (genserve.core).
 
-Station modules that register subcommands import only argparse at the top, so `genserve --help` works in a
-client-only install; a subcommand whose station is not installed says which extra to install.
+Kept so that older callers keep working: ``from genserve.clients.cli import guarded`` and
+``python -m genserve.clients.cli``. New code imports genserve.core.cli_errors.guarded, and the command is
+genserve.app.cli:main. The import of genserve.app below is the one exception to the clients' layering rule,
+listed in tests/test_layering.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from collections.abc import Callable
 
-# (module, extra needed to run it); each module has add_parser(subparsers).
-STATIONS = [
-    ("genserve.training.cli", "train"),
-    ("genserve.training.evaluate", "train"),
-    ("genserve.export.cli", "export"),
-    ("genserve.server.cli", "serve"),
-    ("genserve.clients.commands", ""),
-    ("genserve.clients.quickstart", "dev"),
-]
+from genserve.core.cli_errors import guarded
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="genserve",
-        description="Train, export and serve deep generative models: sample, score, encode and decode over gRPC.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module, _ in STATIONS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("genserve"):
-                continue  # a station not built yet
-            raise
-        mod.add_parser(sub)
-    return parser
-
-
-def guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a subcommand; expected failures end in one line on stderr, not a traceback.
-
-    Exit codes: 2 for bad input or settings, 1 when a server answered with an error (GenserveError).
-    """
-    try:
-        return handler(args)
-    except KeyboardInterrupt:
-        print("genserve: interrupted", file=sys.stderr)
-        return 130
-    except ModuleNotFoundError as e:
-        extra = next((x for m, x in STATIONS if args.command and m.split(".")[1] in handler.__module__), "dev")
-        print(f"genserve: error: {e.name} is not installed; pip install 'genserve[{extra or 'dev'}]'",
-              file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"genserve: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        # A failed call to a server: its status and message in one line. Imported here, on the error path,
-        # so that `genserve --help` does not load grpc.
-        from genserve.clients.channel import GenserveError
-
-        if not isinstance(e, GenserveError):
-            raise
-        print(f"genserve: error: {e}", file=sys.stderr)
-        return 1
+__all__ = ["guarded", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
-    return guarded(args.handler, args)
+    """Run the `genserve` command (genserve.app.cli.main)."""
+    from genserve.app.cli import main as app_main
+
+    return app_main(argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genserve.clients.cli import main
+from genserve.app.cli import main
 from genserve.clients.client import Client
 from genserve.clients.images import grid
 

@@ -489,7 +489,7 @@ def test_the_real_server_with_mutual_tls_and_a_token(certificates: Path, small_r
                                                      tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import dataclasses
 
-    from genserve.clients.cli import main
+    from genserve.app.cli import main
     from genserve.server.app import BackgroundServer
 
     d, token = certificates, "tok-" + "7" * 28

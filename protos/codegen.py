@@ -17,16 +17,17 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-# clients/ and protos/ are siblings at the repository root; an editable install keeps this file there.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_ROOT = REPO_ROOT / "protos"
+# This file lives in protos/ (genserve.protos); an editable install keeps it there. The stubs are written beside
+# their .proto files, so protos/genserve/v1 is both the contract and the package genserve.v1 that every station
+# imports.
+PROTO_ROOT = Path(__file__).resolve().parent
 PROTO_PACKAGES = (Path("genserve") / "v1", Path("genserve") / "oip")
-"""Proto folders under protos/, each compiled into the same folder under clients/generated/."""
+"""Proto folders under protos/, each compiled into the same folder (stubs beside their .proto files)."""
 PROTO_PACKAGE = PROTO_PACKAGES[0]
 PRIVATE_POOL = {Path("genserve") / "oip": "genserve.oip"}
 """Packages whose descriptors go to ``<module>.POOL`` instead of protobuf's default pool (see above)."""
 _DEFAULT_POOL_LINE = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
-GENERATED_ROOT = REPO_ROOT / "clients" / "generated"
+GENERATED_ROOT = PROTO_ROOT
 # Patterns of the files protoc writes; anything else in the output folder (e.g. __init__.py) is ours.
 GENERATED_PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
 
@@ -76,7 +77,7 @@ def _use_private_pool(path: Path, module: str) -> None:
     text = path.read_text()
     if text.count(_DEFAULT_POOL_LINE) != 1:
         raise RuntimeError(f"{path}: expected one line starting {_DEFAULT_POOL_LINE!r} in protoc's output; "
-                           "the generated code changed, update genserve.clients.codegen")
+                           "the generated code changed, update genserve.protos.codegen")
     line = f"from {module} import POOL as _POOL  # genserve codegen: a pool of its own, not the default\n"
     path.write_text(text.replace(_DEFAULT_POOL_LINE, line + "DESCRIPTOR = _POOL.AddSerializedFile("))
 
@@ -124,8 +125,8 @@ def regenerate(generated_root: Path = GENERATED_ROOT, proto_root: Path = PROTO_R
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: regenerate clients/generated in place, or with --check report stale stubs (exit 1)."""
-    parser = argparse.ArgumentParser(prog="python -m genserve.clients.codegen", description=__doc__)
+    """Command line: regenerate the stubs under protos/ in place, or with --check report stale stubs (exit 1)."""
+    parser = argparse.ArgumentParser(prog="python -m genserve.protos.codegen", description=__doc__)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the stubs are stale")
     parser.add_argument(
         "--out", type=Path, default=GENERATED_ROOT, help="generated root (default: %(default)s)"
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         stale = stale_files(args.out)
         if stale:
             print(f"stale generated stubs in {args.out}: {', '.join(stale)}", file=sys.stderr)
-            print("run: python -m genserve.clients.codegen", file=sys.stderr)
+            print("run: python -m genserve.protos.codegen", file=sys.stderr)
             return 1
         print(f"generated stubs in {args.out} are current")
         return 0

@@ -1,4 +1,4 @@
-"""Generated stubs of the Open Inference Protocol (protobuf package ``inference``; python -m genserve.clients.codegen).
+"""Generated stubs of the Open Inference Protocol (protobuf package ``inference``; python -m genserve.protos.codegen).
 
 ``POOL`` holds their descriptors instead of protobuf's default pool, so these modules and tritonclient's (or
 KServe's) stubs, which define the same ``inference.*`` symbols, can be imported into one process.

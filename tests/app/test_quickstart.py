@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def quickstart(work: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "genserve.clients.cli", "quickstart", "--models", "ppca",
+    return subprocess.run([sys.executable, "-m", "genserve.app.cli", "quickstart", "--models", "ppca",
                            "--workdir", str(work)], capture_output=True, text=True, timeout=600)
 
 

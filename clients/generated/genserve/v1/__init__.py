@@ -1,1 +1,0 @@
-"""Generated protobuf and gRPC stubs of genserve.v1 (do not edit: python -m genserve.clients.codegen)."""
