@@ -15,17 +15,12 @@ from __future__ import annotations
 import ast
 import os
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from source_map import PACKAGE_DIRS, PYPROJECT, ROOT, module_of, source_files
 
-ROOT = Path(__file__).resolve().parents[1]
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-PACKAGE_DIRS: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
-"""genserve.<package> -> folder, as pyproject.toml maps them."""
-CONTRACT = ("genserve.v1", "genserve.oip", "genserve.protos")
 STATIONS = ("core", "training", "export", "server", "clients", "app", "protos")
 
 FORBIDDEN: dict[str, tuple[str, ...]] = {
@@ -74,28 +69,11 @@ class Import:
     local: bool  # inside a function (or class) body rather than at module level
 
 
-def module_of(path: Path) -> str:
-    """The dotted module name of a source file under pyproject's package-dir map (longest folder wins)."""
-    rel = path.relative_to(ROOT).with_suffix("")
-    best = max((folder for folder in PACKAGE_DIRS.values() if rel.is_relative_to(folder)), key=len)
-    package = next(name for name, folder in PACKAGE_DIRS.items() if folder == best)
-    parts = rel.relative_to(best).parts
-    return ".".join((package, *parts)).removesuffix(".__init__")
-
-
 def station_of(module: str) -> str:
     """genserve.server.engine -> "server"; the stubs genserve.v1 / genserve.oip -> "protos"."""
     if module.startswith(("genserve.v1", "genserve.oip")):
         return "protos"
     return module.split(".")[1]
-
-
-def source_files() -> list[Path]:
-    """Every .py file under the mapped folders (generated stubs included), sorted."""
-    files = set()
-    for folder in PACKAGE_DIRS.values():
-        files |= {p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts}
-    return sorted(files)
 
 
 def imports_of(path: Path) -> list[Import]:
