@@ -1,16 +1,16 @@
-"""Shared server fixtures: a tiny model repository with every family that exists, and a server config for it.
+"""Shared server fixtures: a tiny model repository with every registered family, and a server config for it.
 
-``repo_dir`` holds ``digits-<model>`` for every family whose training class and serving program import and
-export, plus ``moons-ppca`` (continuous data); at least ``digits-ppca``. Models are briefly trained (pPCA in
-closed form, the others a few optimisation steps): the numbers need not be good, only real. The repository is
-built once and cached under .pytest_cache keyed by the training/export source, so later runs start in a
-second. Tests that change a repository take ``repo_copy`` (a private copy), never ``repo_dir`` itself.
+``repo_dir`` holds ``digits-<model>`` for every registered family, plus ``moons-ppca`` (continuous data); a
+family that fails to train or export is an error for every test that uses the repository, never a smaller
+repository. Models are briefly trained (pPCA in closed form, the others a few optimisation steps): the numbers
+need not be good, only real. The repository is built once and cached under .pytest_cache keyed by the
+training/export source, so later runs start in a second. Tests that change a repository take ``repo_copy`` (a
+private copy), never ``repo_dir`` itself.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import shutil
 import tempfile
@@ -27,20 +27,15 @@ TRAIN_STEPS = 5  # a few steps move the weights off their initialisation; qualit
 
 
 def available_models() -> list[str]:
-    """Families whose training class and serving program both exist (the others are still being written)."""
-    from genserve.server.programs import PROGRAMS
+    """Every registered family: each must train and export (a failure fails the suite, see build_repository)."""
     from genserve.training.registry import MODELS
 
-    out = []
-    for name in MODELS:
-        mod_train, mod_prog = MODELS[name].split(":")[0], PROGRAMS.get(name, ":").split(":")[0]
-        if mod_prog and importlib.util.find_spec(mod_train) and importlib.util.find_spec(mod_prog):
-            out.append(name)
-    return out
+    return list(MODELS)
 
 
-COMMON_SOURCES = ("core/*.py", "training/base.py", "export/onnx_export.py", "export/repository.py")
-"""Sources that shape every exported folder; with the family's own training and program modules they key the
+COMMON_SOURCES = ("core/*.py", "training/base.py", "export/onnx_export.py", "export/repository.py",
+                  "server/programs/*.py")
+"""Sources that shape every exported folder; with the model's own training module they key the
 cache. Other edits (trainer, parity checks) keep cached folders; delete .pytest_cache/d/genserve_models to
 force a rebuild (CI starts without a cache)."""
 
@@ -57,13 +52,11 @@ def _cache_key(model_name: str, dataset: str) -> str:
     import onnxruntime
     import torch
 
-    from genserve.server.programs import PROGRAMS
     from genserve.training.registry import MODELS
 
     h = hashlib.sha256(f"{torch.__version__} {onnx.__version__} {onnxruntime.__version__} {dataset}".encode())
     files = {f for pattern in COMMON_SOURCES for f in ROOT.glob(pattern)}
-    files |= {_module_file(MODELS[model_name].split(":")[0]),
-              _module_file(PROGRAMS[model_name].split(":")[0])}
+    files.add(_module_file(MODELS[model_name].split(":")[0]))
     for f in sorted(files):
         h.update(str(f.relative_to(ROOT)).encode() + f.read_bytes())
     h.update(Path(__file__).read_bytes())
@@ -111,11 +104,11 @@ def export_model(model_name: str, dataset: str, repo: Path, name: str, version: 
 
 
 JOBS = [("ppca", "moons", "moons-ppca")]
-"""Extra models besides ``digits-<model>`` for every available family: (model, dataset, name)."""
+"""Extra models besides ``digits-<model>`` for every registered family: (model, dataset, name)."""
 
 
-def build_repository(repo: Path, cache: Path | None = None) -> dict[str, str]:
-    """Export every available family into ``repo``; returns {model name: error} for those that failed.
+def build_repository(repo: Path, cache: Path | None = None) -> None:
+    """Export every registered family into ``repo``; raises RuntimeError naming each model that failed.
 
     With ``cache``, each model folder is kept there under a key of its sources and reused while they stay
     the same, so editing one family re-exports only that family.
@@ -133,12 +126,10 @@ def build_repository(repo: Path, cache: Path | None = None) -> dict[str, str]:
         try:
             build = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=cache)) if cache else repo
             export_model(model_name, dataset, build, name)
-        except Exception as e:  # a family still being written must not take the other fixtures down
+        except Exception as e:  # collected, so that one run names every broken family
             if cache is not None:
                 shutil.rmtree(build, ignore_errors=True)
-            if model_name == "ppca":
-                raise
-            failed[model_name] = f"{type(e).__name__}: {str(e)[:300]}"
+            failed[name] = f"{type(e).__name__}: {e}"
             continue
         if cached is not None:
             for old in cache.glob(f"{name}-*"):
@@ -149,19 +140,17 @@ def build_repository(repo: Path, cache: Path | None = None) -> dict[str, str]:
             except OSError:
                 shutil.rmtree(build, ignore_errors=True)
             shutil.copytree(cached / name, repo / name)
-    return failed
+    if failed:
+        raise RuntimeError("models failed to train or export (every family must; see tests/server/conftest.py):\n"
+                           + "\n".join(f"{name}: {error}" for name, error in failed.items()))
 
 
 @pytest.fixture(scope="session")
 def repo_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A read-only model repository: ``digits-<model>`` per available family and ``moons-ppca``.
-
-    Families that failed to export are listed in ``FAILED.txt`` at its top (a file, not a model folder).
-    """
+    """A read-only model repository: ``digits-<model>`` per registered family and ``moons-ppca``."""
     cache = Path(request.config.cache.mkdir("genserve_models"))
     repo = tmp_path_factory.mktemp("repository")
-    failed = build_repository(repo, cache)
-    (repo / "FAILED.txt").write_text("".join(f"{k}: {v}\n" for k, v in failed.items()))
+    build_repository(repo, cache)
     return repo
 
 
@@ -175,7 +164,7 @@ def repo_models(repo_dir: Path) -> list[str]:
 def repo_copy(repo_dir: Path, tmp_path: Path) -> Path:
     """A private copy of ``repo_dir`` that a test may change (new versions, corrupt files, config.json)."""
     dst = tmp_path / "repo"
-    shutil.copytree(repo_dir, dst, ignore=shutil.ignore_patterns("FAILED.txt"))
+    shutil.copytree(repo_dir, dst)
     return dst
 
 
@@ -191,4 +180,5 @@ if __name__ == "__main__":  # build a repository by hand: python tests/server/co
     import sys
 
     t = time.perf_counter()
-    print(build_repository(Path(sys.argv[1])), f"{time.perf_counter() - t:.1f}s")
+    build_repository(Path(sys.argv[1]))
+    print(f"{time.perf_counter() - t:.1f}s")
