@@ -36,8 +36,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from genserve.server import auth
+from genserve.server import auth, oip
+from genserve.server.config import ServerConfig
+from genserve.server.interface import EngineInterface, ReloadResult
 from genserve.server.message_parsing import SafeParsing
+from genserve.server.metrics import Metrics
+from genserve.server.oip_models import reflection_pool
 from genserve.server.process import apply_process_settings
 from genserve.server.servicer import GenerativeServicer
 from genserve.v1 import service_pb2, service_pb2_grpc
@@ -69,12 +73,18 @@ class Arrivals(grpc.aio.ServerInterceptor):
         return await continuation(details)
 
 
-def grpc_options(max_message_mb: int) -> list[tuple[str, Any]]:
-    """Channel arguments of the server; also what a client needs for messages above gRPC's 4 MiB default."""
+RECEIVE_SLACK = 2
+"""The server's gRPC receive limit is this many times max_message_mb: a message between the two reaches
+SafeParsing, which refuses it with a message that says how to fit the request (gRPC's own refusal does not)."""
+
+
+def grpc_options(max_message_mb: int, receive_slack: int = 1) -> list[tuple[str, Any]]:
+    """Channel arguments of the server (``receive_slack`` RECEIVE_SLACK); also what a client needs for messages
+    above gRPC's 4 MiB default."""
     size = int(max_message_mb) * 2**20
     return [
         ("grpc.max_send_message_length", size),
-        ("grpc.max_receive_message_length", size),
+        ("grpc.max_receive_message_length", size * receive_slack),
         ("grpc.so_reuseport", 0),  # a busy port must fail loudly, not be shared with another server
     ]
 
@@ -90,9 +100,9 @@ class Server:
     """
 
     def __init__(self) -> None:
-        self.cfg: Any = None
-        self.engine: Any = None
-        self.metrics: Any = None
+        self.cfg: ServerConfig | None = None
+        self.engine: EngineInterface | None = None
+        self.metrics: Metrics | None = None
         self.health: health_aio.HealthServicer | None = None
         self.port = 0
         self.metrics_port = 0
@@ -106,7 +116,7 @@ class Server:
         self.auth: auth.TokenAuth | None = None
         self.servicer: GenerativeServicer | None = None
 
-    async def start(self, cfg: Any, engine: Any = None) -> None:
+    async def start(self, cfg: ServerConfig, engine: EngineInterface | None = None) -> None:
         """Load the repository, bind ``cfg.host:cfg.port`` and serve; ``engine`` replaces the default one."""
         self.cfg = cfg
         # Credentials first: a typo in a TLS or token path fails at once, before models load.
@@ -115,34 +125,30 @@ class Server:
             self.auth = auth.TokenAuth(auth.read_tokens(cfg), auth.open_prefixes(cfg), self._refused)
         if engine is None:
             from genserve.server.engine import Engine
-            from genserve.server.metrics import Metrics
 
             self.metrics = Metrics()
             engine = Engine(cfg, self.metrics)
         else:
-            self.metrics = getattr(engine, "metrics", None)
+            self.metrics = engine.metrics
         self.engine = engine
         await engine.start()
 
         # Order: the token check first (refusals parse nothing), then safe parsing, then arrival times.
-        interceptors = [SafeParsing(), self._arrivals] if self.auth is None else [self.auth, SafeParsing(),
-                                                                                    self._arrivals]
-        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb), interceptors=interceptors,
-                                     maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        parsing = SafeParsing(max_bytes=cfg.max_message_mb * 2**20)
+        interceptors = [parsing, self._arrivals] if self.auth is None else [self.auth, parsing, self._arrivals]
+        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb, RECEIVE_SLACK),
+                                     interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
         self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        # ---- Open Inference Protocol (KServe v2 / Triton GRPCInferenceService) beside GenerativeService: owned
-        # by server/oip.py, whose reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
-        from genserve.server import oip
-
-        # one row budget for both APIs: max_queued_rows bounds the server, whichever protocol the rows came by
+        # The Open Inference Protocol (KServe v2 / Triton GRPCInferenceService) beside GenerativeService, with one
+        # row budget for both APIs: max_queued_rows bounds the server, whichever protocol the rows came by.
+        # reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
         oip.register_oip(self._grpc, engine, cfg, observe=self._observe, rows=servicer.rows)
         reflection.enable_server_reflection(
             [SERVICE_NAME, HEALTH_NAME, oip.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc,
-            pool=oip.reflection_pool())
-        # ---- end Open Inference Protocol
+            pool=reflection_pool())
         target = address(cfg.host, cfg.port)
         try:
             if credentials is None:
@@ -210,13 +216,13 @@ class Server:
             await self.health.set(name, SERVING if name in names and self.engine.ready(name) else NOT_SERVING)
         self._health_names |= names
 
-    async def reload(self) -> Any:
+    async def reload(self) -> ReloadResult:
         """Rescan the repository (one reload at a time) and refresh health; returns the engine's result."""
         self.reload_tokens()
         async with self._reload_lock:
             result = await self.engine.reload()
             await self.refresh_health()
-        for error in getattr(result, "errors", ()) or ():
+        for error in result.errors:
             log.warning("reload: %s version %s failed to load: %s", error.model, error.version, error.message)
         return result
 
@@ -274,7 +280,7 @@ class BackgroundServer:
     Example: ``with BackgroundServer(cfg) as srv: grpc.insecure_channel(f"127.0.0.1:{srv.port}")``.
     """
 
-    def __init__(self, cfg: Any, engine: Any = None) -> None:
+    def __init__(self, cfg: ServerConfig, engine: EngineInterface | None = None) -> None:
         self.server = Server()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="genserve-server", daemon=True)
@@ -325,20 +331,20 @@ def ready_line(server: Server) -> str:
             models.append(f"{s.name}:v{','.join(str(v) for v in s.versions)}")
         else:
             models.append(f"{s.name}:{s.state}")
-    scheme = "https" if getattr(cfg, "metrics_tls", False) else "http"
+    scheme = "https" if cfg.metrics_tls else "http"
     metrics = f"{scheme}://{address(cfg.host, server.metrics_port)}/metrics" if server.metrics_port else "off"
     return (f"genserve: serving grpc={address(cfg.host, server.port)} port={server.port} "
             f"metrics={metrics} metrics_port={server.metrics_port} {security(cfg)} "
             f"models={' '.join(models) or '(none)'}")
 
 
-def security(cfg: Any) -> str:
+def security(cfg: ServerConfig) -> str:
     """``tls=off|on|mutual auth=off|token``: what a client needs (never the tokens themselves)."""
-    tls = "off" if getattr(cfg, "tls_cert", None) is None else ("mutual" if cfg.tls_client_ca else "on")
-    return f"tls={tls} auth={'token' if getattr(cfg, 'auth', False) else 'off'}"
+    tls = "off" if cfg.tls_cert is None else ("mutual" if cfg.tls_client_ca else "on")
+    return f"tls={tls} auth={'token' if cfg.auth else 'off'}"
 
 
-async def serve(cfg: Any, announce: Callable[[str], None] = print) -> int:
+async def serve(cfg: ServerConfig, announce: Callable[[str], None] = print) -> int:
     """Serve until SIGTERM/SIGINT (a second signal exits at once, code 1); SIGHUP reloads the repository."""
     apply_process_settings(cfg.switch_interval_ms, cfg.malloc_arena_max)  # this process is the server's
     server = Server()

@@ -1,9 +1,11 @@
 """The engine: model versions from the repository, each family's operations over batched ONNX Runtime calls.
 
-The transport (server/servicer.py) calls this interface and maps genserve.server.errors to gRPC status codes;
-nothing here knows about gRPC. Each operation resolves the model version, validates its inputs against the
-manifest's data spec, and runs the family program (server/programs/) with ``run`` bound to the version's
-per-graph batchers, so every step of every concurrent request merges into shared ONNX Runtime calls.
+It implements genserve.server.interface.EngineInterface, which every face (server/servicer.py, server/oip.py)
+calls through the shared transport layer (server/transport.py); nothing here knows about gRPC. A request
+carries the model version its face resolved (``resolve``); ``admit`` checks it against the server's limits,
+the data checks validate its tensors against the manifest's data spec, and the family program
+(server/programs/) runs with ``run`` bound to the version's per-graph batchers, so every step of every
+concurrent request merges into shared ONNX Runtime calls.
 
 Reload swaps a model's table of versions in one assignment: a request holds the version it resolved until it
 ends, and a replaced version stops only after its last request finished, so no request in flight fails.
@@ -26,7 +28,23 @@ from genserve.core.manifest import LIKELIHOOD_NAME
 from genserve.core.noise import Noise
 from genserve.server.config import ServerConfig
 from genserve.server.errors import InvalidInput, NotFound, NotReady, Unsupported
-from genserve.server.metrics import Metrics
+from genserve.server.interface import (
+    METHOD,
+    DecodeRequest,
+    DecodeResult,
+    EncodeRequest,
+    EncodeResult,
+    LikelihoodRequest,
+    LikelihoodResult,
+    LoadError,
+    ModelStatus,
+    QueueWaits,
+    ReloadResult,
+    Request,
+    SampleRequest,
+    SampleResult,
+)
+from genserve.server.metrics import BatchStats, Metrics
 from genserve.server.repository import (
     LoadedModel,
     LoadFailed,
@@ -38,48 +56,8 @@ from genserve.server.repository import (
 
 log = logging.getLogger("genserve.server")
 
-METHOD = {"sample": "Sample", "log_likelihood": "LogLikelihood", "encode": "Encode", "decode": "Decode"}
-"""Engine operation -> the RPC family name used as the ``method`` metrics label."""
 MAX_TEMPERATURE = 100.0
 MAX_LANGEVIN_STEP_SIZE = 1e3
-
-
-@dataclass
-class ModelStatus:
-    """One model as listed: its loaded versions, default, what it can do, and its state."""
-
-    name: str
-    versions: list[int]
-    """Loaded (serving) versions, ascending."""
-    default_version: int
-    """What version 0 resolves to: the highest loaded version; 0 when none is loaded."""
-    family: str
-    model: str
-    operations: list[str]
-    """Operation names of the default version: sample, log_likelihood, encode, decode."""
-    state: str
-    """READY (some version serves), FAILED (none could be loaded), LOADING."""
-    message: str = ""
-    """Why the model failed, or which versions failed to load."""
-
-
-@dataclass
-class LoadError:
-    """A version that failed to load (version 0: the model as a whole)."""
-
-    model: str
-    version: int
-    message: str
-
-
-@dataclass
-class ReloadResult:
-    """What a reload did: every model afterwards and the versions that failed to load."""
-
-    models: list[ModelStatus]
-    errors: list[LoadError] = field(default_factory=list)
-    loaded: list[tuple[str, int]] = field(default_factory=list)
-    unloaded: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -92,7 +70,7 @@ class _Entry:
 
 
 class Engine:
-    """Serves the model repository ``cfg.repo``; see server_common for the agreed interface."""
+    """Serves the model repository ``cfg.repo`` (genserve.server.interface.EngineInterface)."""
 
     def __init__(self, cfg: ServerConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
@@ -102,6 +80,7 @@ class Engine:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._started = False
+        self._waits: dict[str, tuple[int, int]] = {}  # model -> (queued submissions, ns waited)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -179,7 +158,7 @@ class Engine:
     def _load(self, name: str, version: int) -> LoadedModel:
         m = self.metrics
         return load_version(self.cfg.repo, name, version, self.cfg.serving, self.cfg.inter_op_threads,
-                            executor=self._executor, observe=None if m is None else m.observe_batch,
+                            executor=self._executor, observe=self._observe_batch,
                             on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches)
 
     def _retire(self, m: LoadedModel) -> None:
@@ -243,78 +222,128 @@ class Engine:
             return entry is not None and bool(entry.versions)
         return not any(e.loading for e in self._models.values())
 
+    def resolve(self, name: str, version: int, operation: str) -> LoadedModel:
+        """The version a request runs on: ``get_model`` and a check that it has ``operation``."""
+        m = self.get_model(name, version)
+        _check_operation(m, operation)
+        return m
+
+    def queue_waits(self, model: str) -> QueueWaits:
+        """Submissions of ``model`` (all versions, every graph) that waited in batch queues, and their waits."""
+        count, ns = self._waits.get(model, (0, 0))
+        return QueueWaits(count, ns)
+
+    def _observe_batch(self, stats: BatchStats) -> None:
+        """Every batcher's call: the engine's own queue counters (OIP statistics), then Prometheus."""
+        count, ns = self._waits.get(stats.model, (0, 0))
+        self._waits[stats.model] = (count + len(stats.queue_waits),
+                                    ns + round(sum(stats.queue_waits) * 1e9))
+        if self.metrics is not None:
+            self.metrics.observe_batch(stats)
+
+    # ---- limits --------------------------------------------------------------------------------------
+    def admit(self, request: Request) -> None:
+        """Every limit a request must keep, checked here and only here (InvalidInput naming the field)."""
+        cfg = self.cfg
+        if isinstance(request, SampleRequest):
+            n = request.n
+            if n < 1:
+                raise InvalidInput(f"{n} samples asked for; ask for at least 1", "n")
+            if n > cfg.max_sample_n:
+                raise InvalidInput(f"{n} samples asked for, more than this server's limit of {cfg.max_sample_n}; "
+                                   "ask for fewer per request", "n")
+            self._check_langevin(request)
+            t = request.temperature
+            if t is not None and not (math.isfinite(t) and 0 < t <= MAX_TEMPERATURE):
+                raise InvalidInput(f"{t} is outside (0, {MAX_TEMPERATURE:g}]; use a number in that range (1 "
+                                   "samples the model as trained)", "temperature")
+            return
+        if isinstance(request, DecodeRequest):
+            self._check_rows("z", request.z)
+        else:
+            self._check_rows("x", request.x)
+        if isinstance(request, LikelihoodRequest) and request.importance_samples is not None:
+            k, m = request.importance_samples, request.model
+            if m.family != "latent_variable":
+                raise InvalidInput(f"applies to latent-variable models (VAE); {m.name} is a {m.model} model "
+                                   f"({m.family}): leave it unset", "importance_samples")
+            if not 1 <= k <= cfg.max_importance_samples:
+                raise InvalidInput(f"{k} is outside 1..{cfg.max_importance_samples}; use a number in that range",
+                                   "importance_samples")
+
+    def _check_langevin(self, request: SampleRequest) -> None:
+        m, steps, size = request.model, request.langevin_steps, request.langevin_step_size
+        if steps is None and size is None:
+            return
+        if m.family != "energy":
+            field = "langevin_steps" if steps is not None else "langevin_step_size"
+            raise InvalidInput(f"langevin_steps / langevin_step_size apply to energy-based models; {m.name} is a "
+                               f"{m.model} model ({m.family}): leave them unset", field)
+        if steps is not None and not 1 <= steps <= self.cfg.max_langevin_steps:
+            raise InvalidInput(f"{steps} is outside 1..{self.cfg.max_langevin_steps}; use a number in that range",
+                               "langevin_steps")
+        if size is not None and not (math.isfinite(size) and 0 < size <= MAX_LANGEVIN_STEP_SIZE):
+            raise InvalidInput(f"{size} is outside (0, {MAX_LANGEVIN_STEP_SIZE:g}]; use a number in that range",
+                               "langevin_step_size")
+
+    def _check_rows(self, field: str, a: np.ndarray) -> None:
+        if a.ndim >= 1 and a.shape[0] > self.cfg.max_rows_per_request:
+            raise InvalidInput(f"has {a.shape[0]} rows, more than the limit of {self.cfg.max_rows_per_request} "
+                               "per request; split it, or use LogLikelihoodStream to score a data set in chunks",
+                               field)
+
     # ---- operations --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def _use(self, name: str, version: int, op: str) -> AsyncIterator[LoadedModel]:
-        """Resolve the version, check it has ``op``, and hold it (and the in-flight gauge) while it runs."""
-        m = self.get_model(name, version)
-        if op not in m.operations:
-            raise Unsupported(
-                f"{name} version {m.version} is a {m.model} model ({m.family}) and has no "
-                f"{op.replace('_', '-')} operation; it supports: {', '.join(m.operations) or 'nothing'}")
+    async def _hold(self, request: Request) -> AsyncIterator[LoadedModel]:
+        """Check the request, then hold its version (and the in-flight gauge) while the operation runs."""
+        self.admit(request)
+        m = request.model
+        if m.active == 0:
+            entry = self._models.get(m.name)
+            if entry is None or entry.versions.get(m.version) is not m:
+                # replaced by a reload and idle, so it may be retiring: run on what serves that version now
+                m = self.get_model(m.name, m.version)
+        op = request.operation
+        _check_operation(m, op)
         m.enter()
         if self.metrics is not None:
-            self.metrics.track_inflight(name, METHOD[op], 1)
+            self.metrics.track_inflight(m.name, METHOD[op], 1)
         try:
             yield m
         finally:
             m.leave()
             if self.metrics is not None:
-                self.metrics.track_inflight(name, METHOD[op], -1)
+                self.metrics.track_inflight(m.name, METHOD[op], -1)
 
-    async def sample(self, model: str, version: int, n: int, seed: int, temperature: float | None = None,
-                     langevin_steps: int | None = None, langevin_step_size: float | None = None,
-                     return_latents: bool = False) -> tuple[np.ndarray, np.ndarray | None, int]:
-        """(samples (n, *shape) float32 in the data domain, latents (n, q) or None, served version)."""
-        async with self._use(model, version, "sample") as m:
-            if not 1 <= int(n) <= self.cfg.max_sample_n:
-                raise InvalidInput(f"n = {n}: ask for 1 to {self.cfg.max_sample_n} samples per request")
-            noise = _noise(seed)
+    async def sample(self, request: SampleRequest) -> SampleResult:
+        """Samples in the data domain, latents when asked for and the family has them, served version."""
+        async with self._hold(request) as m:
+            noise = _noise(request.seed)
             options: dict[str, Any] = {}
-            if langevin_steps is not None or langevin_step_size is not None:
-                if m.family != "energy":
-                    raise InvalidInput(f"langevin_steps / langevin_step_size apply to energy-based models; "
-                                       f"{model} is a {m.model} model ({m.family}): leave them unset")
-                if langevin_steps is not None:
-                    if not 1 <= int(langevin_steps) <= self.cfg.max_langevin_steps:
-                        raise InvalidInput(f"langevin_steps = {langevin_steps}: use 1 to "
-                                           f"{self.cfg.max_langevin_steps}")
-                    options["langevin_steps"] = int(langevin_steps)
-                if langevin_step_size is not None:
-                    step = langevin_step_size
-                    if not (math.isfinite(step) and 0 < step <= MAX_LANGEVIN_STEP_SIZE):
-                        raise InvalidInput(f"langevin_step_size = {langevin_step_size}: use a number in "
-                                           f"(0, {MAX_LANGEVIN_STEP_SIZE:g}]")
-                    options["langevin_step_size"] = float(langevin_step_size)
+            if request.langevin_steps is not None:
+                options["langevin_steps"] = int(request.langevin_steps)
+            if request.langevin_step_size is not None:
+                options["langevin_step_size"] = float(request.langevin_step_size)
+            temperature = request.temperature
             if temperature is None:
                 temperature = float(m.manifest.parameters.get("temperature", 1.0))
-            elif not (math.isfinite(temperature) and 0 < temperature <= MAX_TEMPERATURE):
-                raise InvalidInput(f"temperature = {temperature}: use a number in (0, {MAX_TEMPERATURE:g}] "
-                                   "(1 samples the model as trained)")
-            result = await m.program.sample(m.runner(), int(n), noise, float(temperature), **options)
+            n = int(request.n)
+            result = await m.program.sample(m.runner(), n, noise, float(temperature), **options)
             x = np.asarray(result.x, dtype=np.float32)
-            latents = None if not return_latents or result.latents is None else np.asarray(result.latents,
-                                                                                             dtype=np.float32)
+            latents = (None if not request.return_latents or result.latents is None
+                       else np.asarray(result.latents, dtype=np.float32))
             if self.metrics is not None:
-                self.metrics.add_samples(model, int(n))
-            return x, latents, m.version
+                self.metrics.add_samples(m.name, n)
+            return SampleResult(x, latents, m.version)
 
-    async def log_likelihood(self, model: str, version: int, x: np.ndarray, seed: int,
-                             importance_samples: int | None = None
-                             ) -> tuple[np.ndarray, np.ndarray | None, str, int]:
-        """(log p(x) nats (N,) float64, bits/dim (N,) or None when unnormalized, kind, served version)."""
-        async with self._use(model, version, "log_likelihood") as m:
-            x = self._check_x(m, x)
-            noise = _noise(seed)
+    async def log_likelihood(self, request: LikelihoodRequest) -> LikelihoodResult:
+        """log p(x) in nats, bits/dim (None when unnormalized), the likelihood kind, served version."""
+        async with self._hold(request) as m:
+            x = self._check_x(m, request.x)
+            noise = _noise(request.seed)
             options: dict[str, Any] = {}
-            if importance_samples is not None:
-                if m.family != "latent_variable":
-                    raise InvalidInput(f"importance_samples applies to latent-variable models (VAE); {model} "
-                                       f"is a {m.model} model ({m.family}): leave it unset")
-                if not 1 <= int(importance_samples) <= self.cfg.max_importance_samples:
-                    raise InvalidInput(f"importance_samples = {importance_samples}: use 1 to "
-                                       f"{self.cfg.max_importance_samples}")
-                options["importance_samples"] = int(importance_samples)
+            if request.importance_samples is not None:
+                options["importance_samples"] = int(request.importance_samples)
             lp = np.asarray(await m.program.log_likelihood(m.runner(), x, noise, **options), dtype=np.float64)
             if lp.shape != (x.shape[0],):
                 raise RuntimeError(f"the {m.model} program returned log-likelihoods of shape {lp.shape} for "
@@ -322,28 +351,26 @@ class Engine:
             kind = LIKELIHOOD_NAME.get(m.likelihood_kind, "exact")
             bpd = None if kind in ("unnormalized", "none") else -lp / (m.spec.dim * math.log(2))
             if self.metrics is not None:
-                self.metrics.add_rows_scored(model, x.shape[0])
-            return lp, bpd, kind, m.version
+                self.metrics.add_rows_scored(m.name, x.shape[0])
+            return LikelihoodResult(lp, bpd, kind, m.version)
 
-    async def encode(self, model: str, version: int, x: np.ndarray, seed: int,
-                     sample: bool = False) -> tuple[np.ndarray, int]:
-        """(z (N, latent) float32: posterior mean, or a draw from q(z|x) with ``sample``; served version)."""
-        async with self._use(model, version, "encode") as m:
-            x = self._check_x(m, x)
-            options = self._sample_option(m, "encode", sample)
-            z = await m.program.encode(m.runner(), x, _noise(seed), **options)
-            return np.asarray(z, dtype=np.float32), m.version
+    async def encode(self, request: EncodeRequest) -> EncodeResult:
+        """z (N, latent) float32: the posterior mean, or a draw from q(z|x) with ``sample``; served version."""
+        async with self._hold(request) as m:
+            x = self._check_x(m, request.x)
+            options = self._sample_option(m, "encode", request.sample)
+            z = await m.program.encode(m.runner(), x, _noise(request.seed), **options)
+            return EncodeResult(np.asarray(z, dtype=np.float32), m.version)
 
-    async def decode(self, model: str, version: int, z: np.ndarray, seed: int,
-                     sample: bool = False) -> tuple[np.ndarray, int]:
-        """(x (N, *shape) float32 in the data domain: mean of p(x|z), or a draw with ``sample``; version)."""
-        async with self._use(model, version, "decode") as m:
-            z = self._check_z(m, z)
-            options = self._sample_option(m, "decode", sample)
-            x = await m.program.decode(m.runner(), z, _noise(seed), **options)
-            return np.asarray(x, dtype=np.float32), m.version
+    async def decode(self, request: DecodeRequest) -> DecodeResult:
+        """x (N, *shape) float32 in the data domain: the mean of p(x|z), or a draw with ``sample``; version."""
+        async with self._hold(request) as m:
+            z = self._check_z(m, request.z)
+            options = self._sample_option(m, "decode", request.sample)
+            x = await m.program.decode(m.runner(), z, _noise(request.seed), **options)
+            return DecodeResult(np.asarray(x, dtype=np.float32), m.version)
 
-    # ---- validation --------------------------------------------------------------------------------
+    # ---- data checks -------------------------------------------------------------------------------
     @staticmethod
     def _sample_option(m: LoadedModel, op: str, sample: bool) -> dict[str, Any]:
         """``{"sample": True}`` where the operation draws from a distribution; a deterministic one refuses it
@@ -352,19 +379,13 @@ class Engine:
             return {}
         if op not in m.program.sampled:
             which = ", ".join(m.program.sampled) or "none of its operations"
-            raise InvalidInput(f"sample: {m.name} is a {m.model} model ({m.family}) whose {op} is a deterministic "
-                               f"map with nothing to draw from; leave sample unset (it draws in: {which})")
+            raise InvalidInput(f"{m.name} is a {m.model} model ({m.family}) whose {op} is a deterministic map "
+                               f"with nothing to draw from; leave sample unset (it draws in: {which})", "sample")
         return {"sample": True}
 
-
-    def _check_rows(self, what: str, a: np.ndarray) -> None:
-        if a.ndim >= 1 and a.shape[0] > self.cfg.max_rows_per_request:
-            raise InvalidInput(f"{what} has {a.shape[0]} rows, more than the limit of "
-                               f"{self.cfg.max_rows_per_request} per request; split it into chunks")
-
-    def _check_x(self, m: LoadedModel, x: Any) -> np.ndarray:
+    @staticmethod
+    def _check_x(m: LoadedModel, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
-        self._check_rows("x", x)
         try:
             m.spec.check(x)
         except ValueError as e:
@@ -373,9 +394,9 @@ class Engine:
                                f"{_domain(m)})") from None
         return x.astype(np.float32)
 
-    def _check_z(self, m: LoadedModel, z: Any) -> np.ndarray:
+    @staticmethod
+    def _check_z(m: LoadedModel, z: np.ndarray) -> np.ndarray:
         z = np.asarray(z)
-        self._check_rows("z", z)
         latent = m.manifest.parameters.get("latent_dim")
         shape = (int(latent),) if latent else m.spec.shape
         want = f"(N, {', '.join(map(str, shape))})"
@@ -389,8 +410,16 @@ class Engine:
             raise InvalidInput(f"z has dtype {z.dtype}; send real numbers (float32)")
         bad = ~np.isfinite(z.reshape(z.shape[0], -1)).all(axis=1)
         if bad.any():
-            raise InvalidInput(f"z row {int(np.argmax(bad))} has NaN or infinite values")
+            raise InvalidInput(f"z row {int(np.argmax(bad))} has NaN or infinite values; send finite latent "
+                               "codes (e.g. draws from the prior N(0, I))")
         return z.astype(np.float32)
+
+
+def _check_operation(m: LoadedModel, op: str) -> None:
+    if op not in m.operations:
+        raise Unsupported(
+            f"{m.name} version {m.version} is a {m.model} model ({m.family}) and has no "
+            f"{op.replace('_', '-')} operation; it supports: {', '.join(m.operations) or 'nothing'}")
 
 
 def _noise(seed: int) -> Noise:

@@ -28,9 +28,17 @@ class NotReady(EngineError):
 
 
 class InvalidInput(EngineError):
-    """Wrong shape or dtype, NaN/inf, values outside the data domain, bad n or options."""
+    """Wrong shape or dtype, NaN/inf, values outside the data domain, bad n or options.
+
+    ``field`` names the request field at fault (the message starts with it); a face that nests the field
+    (SampleStream's ``sample.n``) re-words it with ``detail``."""
 
     code = "INVALID_ARGUMENT"
+
+    def __init__(self, detail: str, field: str = "") -> None:
+        super().__init__(f"{field}: {detail}" if field else detail)
+        self.field = field
+        self.detail = detail
 
 
 class QueueFull(EngineError):

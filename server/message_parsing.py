@@ -4,6 +4,10 @@ gRPC parses a request with the method's deserializer before any handler runs; a 
 status UNKNOWN and an ERROR with a traceback in the log, for every malformed message a client sends. This
 interceptor swaps in a deserializer that returns an ``Unparsed`` marker instead, and a handler wrapper that
 answers the marker with INVALID_ARGUMENT naming the message type.
+
+Size: gRPC itself refuses a message over its receive limit with a terse RESOURCE_EXHAUSTED. The server sets
+that limit above ``max_message_mb`` (server/app.py, ``RECEIVE_SLACK``) and this deserializer refuses a message over
+``max_message_mb`` first, with a message that says how to fit the request.
 """
 
 from __future__ import annotations
@@ -14,32 +18,33 @@ from typing import Any
 
 import grpc
 
+from genserve.server.transport import Failure, too_large
+
 
 class Unparsed:
-    """Stands for a request message that did not parse."""
+    """Stands for a request message that did not parse, or was over the size limit: ``failure`` says which."""
 
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-class BadMessage(Exception):
-    """Raised inside a request stream at a message that did not parse; ``message`` says which."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.code = grpc.StatusCode.INVALID_ARGUMENT
-        self.message = message
+    def __init__(self, failure: Failure) -> None:
+        self.failure = failure
 
 
-def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+class BadMessage(Failure):
+    """Raised inside a request stream at a message that did not parse (a transport Failure: its status)."""
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None, method: str, max_bytes: int | None
+          ) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
     def parse(data: bytes) -> Any:
+        if max_bytes is not None and len(data) > max_bytes:
+            return Unparsed(Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    too_large(len(data), max_bytes, f"the request message of {method}")))
         try:
             return deserializer(data)
-        except Exception as e:  # noqa: BLE001 - any parse failure is the client's malformed message
-            return Unparsed(e)
+        except Exception:  # noqa: BLE001 - any parse failure is the client's malformed message
+            return Unparsed(Failure(grpc.StatusCode.INVALID_ARGUMENT, _what(method)))
 
     return parse
 
@@ -52,7 +57,7 @@ def _unary_request(behaviour: Callable[..., Any], method: str, streaming_respons
     if streaming_response and inspect.isasyncgenfunction(behaviour):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, Unparsed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _what(method))
+                await context.abort(request.failure.code, request.failure.message)
             async for response in behaviour(request, context):
                 yield response
 
@@ -60,7 +65,7 @@ def _unary_request(behaviour: Callable[..., Any], method: str, streaming_respons
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Unparsed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _what(method))
+            await context.abort(request.failure.code, request.failure.message)
         return await behaviour(request, context)
 
     return unary
@@ -70,7 +75,7 @@ def _checked_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[
     async def check() -> AsyncIterator[Any]:
         async for request in requests:
             if isinstance(request, Unparsed):
-                raise BadMessage(_what(method))
+                raise BadMessage(request.failure.code, request.failure.message)
             yield request
 
     return check()
@@ -96,7 +101,8 @@ class SafeParsing(grpc.aio.ServerInterceptor):
     The wrapped handler of a method is built once and reused while the service hands out the same handler
     (building one costs tens of microseconds, which every RPC on the event loop would otherwise pay)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
         self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (service's handler, wrapped handler)
 
     async def intercept_service(self, continuation: Callable[[Any], Any],
@@ -112,9 +118,8 @@ class SafeParsing(grpc.aio.ServerInterceptor):
             self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
-    @staticmethod
-    def _wrap(handler: Any, method: str) -> Any:
-        parse = _safe(handler.request_deserializer)
+    def _wrap(self, handler: Any, method: str) -> Any:
+        parse = _safe(handler.request_deserializer, method, self.max_bytes)
         out = handler.response_serializer
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(_stream_request(handler.stream_stream, method),

@@ -1,10 +1,10 @@
 """The gRPC face of the engine: proto <-> numpy, request checks, engine errors -> status codes, deadlines.
 
-Everything here is transport: the engine (server/engine.py) knows nothing about gRPC, and this module knows
-nothing about graphs or batching. Every handler follows one pattern: check the request's fields (a bad field
-is INVALID_ARGUMENT naming it), call the engine under the request's deadline, and turn the result back into
-protobuf. Engine errors carry the status code they mean (genserve.server.errors, ``.code``); anything else is
-a bug and answers INTERNAL with a short message and a request id, with the traceback in the server log.
+A thin adapter over the shared transport layer (server/transport.py: statuses, seeds, deadlines, streams,
+accounting) and the engine interface (server/interface.py). Every handler follows one pattern: check the
+request's fields (a bad field is INVALID_ARGUMENT naming it), resolve the model once, build the engine's
+request, let the engine check it against the limits, hold its rows, run it under the request's deadline, and
+turn the result back into protobuf.
 
 SampleStream and seeds. A stream of n samples is cut into fixed blocks of ``STREAM_BLOCK_ROWS`` rows, whatever
 ``chunk_size`` is: block k holds rows [k*B, min(n, (k+1)*B)) and is exactly
@@ -16,25 +16,47 @@ can be reproduced alone with a unary Sample call.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
-import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
 
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD, OPERATION
-from genserve.server.errors import EngineError
-from genserve.server.limits import Expired, RowBudget, within
-from genserve.server.message_parsing import BadMessage
+from genserve.server.config import ServerConfig
+from genserve.server.errors import InvalidInput
+from genserve.server.interface import (
+    DecodeRequest,
+    EncodeRequest,
+    EngineInterface,
+    LikelihoodRequest,
+    ModelStatus,
+    ReloadResult,
+    Request,
+    SampleRequest,
+    SampleResult,
+)
+from genserve.server.limits import RowBudget
+from genserve.server.repository import LoadedModel
+from genserve.server.transport import (
+    MAX_SEED,
+    MESSAGE_HEADROOM,
+    STREAM_WINDOW,
+    Accounting,
+    Failure,
+    Observe,
+    abort,
+    check_answer_size,
+    check_shape,
+    discard,
+    invalid,
+    pipelined,
+    seed_or_draw,
+    within_deadline,
+)
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
-
-log = logging.getLogger("genserve.server")
 
 T = TypeVar("T")
 
@@ -42,10 +64,6 @@ STREAM_BLOCK_ROWS = 256
 """Rows per SampleStream block; fixed (not a setting) because the rows of a stream depend on it."""
 STREAM_BLOCKS_AHEAD = 4
 """Blocks of one SampleStream computed concurrently, so their steps merge in the batcher; bounds memory."""
-STREAM_WINDOW = 8
-"""LogLikelihoodStream chunks read and scored ahead of the one being answered (client pipelining depth)."""
-MAX_SEED = 2**63 - 1
-"""Seeds are 0..2**63-1 (the range of genserve.core.noise.Noise)."""
 
 STATE = {
     "READY": service_pb2.MODEL_STATE_READY,
@@ -54,23 +72,17 @@ STATE = {
 }
 
 
-class RpcFailure(Exception):
-    """A request that ends with a status: raised by checks, turned into ``context.abort`` by the wrapper."""
+class Targeted(Protocol):
+    """A request message naming a model and version."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    model: str
+    version: int
 
 
-def invalid(field: str, message: str) -> RpcFailure:
-    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}")
+class WithSeed(Protocol):
+    seed: int
 
-
-def discard(task: asyncio.Future) -> None:
-    """Abandon a task (after ``cancel``): its outcome is retrieved when it ends, so a chunk that failed
-    while the stream was already ending is not logged as "Task exception was never retrieved"."""
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    def HasField(self, name: str) -> bool: ...  # noqa: N802 - protobuf's name
 
 
 def block_seed(seed: int, block: int) -> int:
@@ -81,167 +93,95 @@ def block_seed(seed: int, block: int) -> int:
     return ((int(state[0]) << 32) | int(state[1])) & MAX_SEED
 
 
-def draw_seed() -> int:
-    return secrets.randbits(63)
-
-
-def request_seed(request: Any) -> int:
+def request_seed(request: WithSeed) -> int:
     """The request's seed, or a fresh one when unset; INVALID_ARGUMENT when outside 0..2**63-1."""
-    if not request.HasField("seed"):
-        return draw_seed()
-    if request.seed > MAX_SEED:
-        raise invalid("seed", f"{request.seed} is above the largest seed 2**63-1; use a smaller one")
-    return int(request.seed)
+    return seed_or_draw(int(request.seed) if request.HasField("seed") else None)
 
 
-def check_target(request: Any, prefix: str = "") -> None:
+def check_target(request: Targeted, prefix: str = "") -> None:
     """Model name and version fields; the engine answers NOT_FOUND for names and versions it lacks."""
     if not request.model:
-        raise invalid(prefix + "model", "no model name given; ListModels lists the models this server has")
+        raise invalid("no model name given; ListModels lists the models this server has", prefix + "model")
     if request.version < 0:
-        raise invalid(prefix + "version", f"{request.version} is negative; name a version >= 1, or 0 for the "
-                                          "default")
+        raise invalid(f"{request.version} is negative; name a version >= 1, or 0 for the default",
+                      prefix + "version")
 
 
-def tensor_field(request: Any, field: str, max_rows: int) -> np.ndarray:
-    """Decode a tensor field; malformed tensors are INVALID_ARGUMENT naming the field."""
+def tensor_field(request: service_pb2.LogLikelihoodRequest | service_pb2.EncodeRequest
+                 | service_pb2.DecodeRequest, field: str) -> np.ndarray:
+    """Decode a tensor field; malformed tensors are INVALID_ARGUMENT naming the field and the fix."""
     if not request.HasField(field):
-        raise invalid(field, "missing; send a tensor with a batch axis first")
+        raise invalid("missing; send a tensor with a batch axis first", field)
+    tensor = getattr(request, field)
+    check_shape(tuple(tensor.shape), field)
     try:
-        array = from_proto(getattr(request, field))
+        array = from_proto(tensor)
     except ValueError as e:
-        raise invalid(field, str(e)) from None
+        raise invalid(str(e), field) from None
     if array.ndim == 0:
-        raise invalid(field, "is a scalar; send a batch with the rows along axis 0")
-    if array.shape[0] > max_rows:
-        raise invalid(field, f"has {array.shape[0]} rows, more than the limit of {max_rows} per request;"
-                             " split it, or use LogLikelihoodStream to score a data set in chunks")
+        raise invalid("is a scalar; send a batch with the rows along axis 0", field)
     return array
 
 
-def optional(request: Any, field: str) -> Any:
-    return getattr(request, field) if request.HasField(field) else None
-
-
-def operation_enums(operations: Any) -> list[int]:
-    """Operations as manifest_pb2.Operation values, whether the engine lists names or enum values."""
-    return [OPERATION[op] if isinstance(op, str) else int(op) for op in operations]
-
-
-def serving_proto(serving: Any) -> manifest_pb2.ServingConfig:
-    """The engine's effective serving settings as a ServingConfig message (a proto, dataclass or dict)."""
-    if isinstance(serving, manifest_pb2.ServingConfig):
-        return serving
-    if serving is None:
-        return manifest_pb2.ServingConfig()
-    if hasattr(serving, "to_proto"):
-        return serving.to_proto()
-    items = serving.items() if isinstance(serving, dict) else vars(serving).items()
-    fields = manifest_pb2.ServingConfig.DESCRIPTOR.fields_by_name
-    return manifest_pb2.ServingConfig(**{k: v for k, v in items if k in fields and v is not None})
-
-
-def summary(status: Any) -> service_pb2.ModelSummary:
+def summary(status: ModelStatus) -> service_pb2.ModelSummary:
     return service_pb2.ModelSummary(
-        name=status.name,
-        versions=list(status.versions),
-        default_version=int(status.default_version or 0),
-        family=status.family or "",
-        model=status.model or "",
-        operations=operation_enums(status.operations or ()),
-        state=STATE.get(status.state, service_pb2.MODEL_STATE_UNSPECIFIED),
-        message=status.message or "",
-    )
+        name=status.name, versions=list(status.versions), default_version=status.default_version,
+        family=status.family, model=status.model, operations=[OPERATION[op] for op in status.operations],
+        state=STATE.get(status.state, service_pb2.MODEL_STATE_UNSPECIFIED), message=status.message)
+
+
+def row_bytes(m: LoadedModel, latents: bool) -> int:
+    """Bytes one sample row (and its latent row) takes on the wire, from the model's manifest."""
+    dim = math.prod(m.manifest.data.shape)
+    latent = int(m.manifest.parameters.get("latent_dim", dim)) if latents else 0
+    return 4 * (dim + latent)
 
 
 class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
-    """GenerativeService on grpc.aio over an Engine (see server_common: the agreed interface).
+    """GenerativeService on grpc.aio over an engine (genserve.server.interface.EngineInterface).
 
-    ``limits`` is the ServerConfig (max_sample_n, max_rows_per_request, max_message_mb); ``reload`` runs a
-    repository reload for the ReloadRepository RPC (the app's, which also refreshes health; default
-    ``engine.reload``); ``observe(method, model, code, seconds)`` records each finished request for metrics.
+    ``cfg`` gives the limits (max_message_mb, max_deadline_s, max_queued_rows); ``rows`` the server-wide row
+    budget (None: one of its own); ``reload`` runs a repository reload for the ReloadRepository RPC (the app's,
+    which also refreshes health; default ``engine.reload``); ``observe(method, model, code, seconds)`` records
+    each finished request for metrics.
     """
 
-    def __init__(self, engine: Any, limits: Any,
-                 observe: Callable[[str, str, str, float], None] | None = None,
-                 reload: Callable[[], Awaitable[Any]] | None = None) -> None:
+    def __init__(self, engine: EngineInterface, cfg: ServerConfig, observe: Observe | None = None,
+                 reload: Callable[[], Awaitable[ReloadResult]] | None = None,
+                 rows: RowBudget | None = None) -> None:
         self.engine = engine
-        self.max_sample_n = int(limits.max_sample_n)
-        self.max_rows = int(limits.max_rows_per_request)
-        self.max_message_bytes = int(limits.max_message_mb) * 2**20
-        self.max_deadline_s = float(getattr(limits, "max_deadline_s", math.inf))
-        self.rows = RowBudget(int(getattr(limits, "max_queued_rows", 2**62)))
-        self.observe = observe
+        self.max_message_bytes = cfg.max_message_mb * 2**20
+        self.max_deadline_s = cfg.max_deadline_s
+        self.rows = rows if rows is not None else RowBudget(cfg.max_queued_rows)
+        self.accounting = Accounting(engine, observe)
         self.reload = reload or engine.reload
-        self._known: set[str] = set()
-        self._known_at = -math.inf
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
-    def _model_label(self, name: str) -> str:
-        """Known model names label metrics; others are "unknown", so clients cannot blow up label sets."""
-        if name not in self._known and time.monotonic() - self._known_at > 1.0:  # re-list at most 1/s
-            try:
-                self._known = {s.name for s in self.engine.list_models()}
-            except Exception:  # noqa: BLE001 - labels must never fail a request
-                pass
-            self._known_at = time.monotonic()
-        return name if name in self._known else "unknown"
-
-    def _record(self, method: str, model: str, code: grpc.StatusCode, started: float) -> None:
-        if self.observe is not None:
-            try:
-                self.observe(method, self._model_label(model) if model else "", code.name,
-                             time.perf_counter() - started)
-            except Exception:  # noqa: BLE001
-                log.exception("metrics: recording %s failed", method)
-
-    async def _deadline(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-        """Await ``work`` within the RPC's deadline, capped at max_deadline_s; a passed deadline cancels it
-        (its queued rows drop)."""
-        try:
-            return await within(work, context.time_remaining(), self.max_deadline_s)
-        except Expired as e:
-            if e.capped:
-                message = (f"the request ran past this server's deadline ceiling of {self.max_deadline_s:g} s"
-                           " (max_deadline_s); send less per request, or use the streaming RPCs")
-            else:
-                message = "the deadline passed before the answer was ready; allow more time or send less"
-            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
-
-    def _failure(self, method: str, model: str, error: BaseException) -> RpcFailure:
-        """The status a failed request answers with."""
-        if isinstance(error, RpcFailure):
-            return error
-        if isinstance(error, BadMessage):  # a request stream's message that did not parse
-            return RpcFailure(error.code, error.message)
-        if isinstance(error, EngineError):
-            code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
-            if code == grpc.StatusCode.INTERNAL:  # a graph call failed (e.g. ONNX Runtime raised): operators' news
-                log.error("%s for model %r failed: %s", method, model, error)
-            return RpcFailure(code, str(error) or type(error).__name__)
-        rid = uuid.uuid4().hex[:12]
-        log.error("request %s: %s for model %r failed", rid, method, model, exc_info=error)
-        return RpcFailure(grpc.StatusCode.INTERNAL,
-                          f"internal error in {method} ({type(error).__name__}); see request id {rid}"
-                          " in the server log")
-
-    async def _unary(self, method: str, request: Any, context: grpc.aio.ServicerContext,
+    async def _unary(self, method: str, model: str, context: grpc.aio.ServicerContext,
                      handler: Callable[[], Awaitable[T]]) -> T:
-        """Run one unary handler with accounting and error mapping."""
-        started = time.perf_counter()
-        model = getattr(request, "model", "")
+        """Run one unary handler with accounting and its failure as the call's status."""
         try:
-            response = await handler()
-        except asyncio.CancelledError:
-            self._record(method, model, grpc.StatusCode.CANCELLED, started)
-            raise
-        except Exception as e:  # noqa: BLE001 - every failure becomes a status
-            failure = self._failure(method, model, e)
-            self._record(method, model, failure.code, started)
-            await context.abort(failure.code, failure.message)
-        self._record(method, model, grpc.StatusCode.OK, started)
-        return response
+            with self.accounting.track(method, model):
+                return await handler()
+        except Failure as failure:
+            await abort(context, failure)
+            raise  # abort raises; for type checkers
+
+    async def _run(self, context: grpc.aio.ServicerContext, request: Request, rows: int,
+                   work: Callable[[], Awaitable[T]], prefix: str = "") -> T:
+        """The engine's part of a request: its limits, its rows held, under the call's deadline."""
+        self._admit(request, prefix)
+        with self.rows.hold(rows):
+            return await within_deadline(work(), context.time_remaining(), self.max_deadline_s)
+
+    def _admit(self, request: Request, prefix: str = "") -> None:
+        try:
+            self.engine.admit(request)
+        except InvalidInput as e:
+            if not prefix or not e.field:
+                raise
+            raise invalid(e.detail, prefix + e.field) from None
 
     # -- metadata ------------------------------------------------------------------------------------------
 
@@ -251,7 +191,7 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             statuses = sorted(self.engine.list_models(), key=lambda s: s.name)
             return service_pb2.ListModelsResponse(models=[summary(s) for s in statuses])
 
-        return await self._unary("ListModels", request, context, handle)
+        return await self._unary("ListModels", "", context, handle)
 
     async def GetModel(self, request: service_pb2.GetModelRequest,
                        context: grpc.aio.ServicerContext) -> service_pb2.ModelInfo:
@@ -259,20 +199,15 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             check_target(request)
             loaded = self.engine.get_model(request.model, int(request.version))
             status = next((s for s in self.engine.list_models() if s.name == request.model), None)
-            info = service_pb2.ModelInfo(
-                name=request.model,
-                version=int(loaded.version),
-                manifest=loaded.manifest,
-                serving=serving_proto(getattr(loaded, "serving", None)),
-                providers=list(getattr(loaded, "providers", ()) or ()),
-            )
+            info = service_pb2.ModelInfo(name=request.model, version=loaded.version, manifest=loaded.manifest,
+                                         serving=loaded.serving.to_proto(), providers=list(loaded.providers))
             if status is not None:
                 info.versions.extend(status.versions)
-                info.default_version = int(status.default_version or 0)
+                info.default_version = status.default_version
                 info.state = STATE.get(status.state, service_pb2.MODEL_STATE_UNSPECIFIED)
             return info
 
-        return await self._unary("GetModel", request, context, handle)
+        return await self._unary("GetModel", request.model, context, handle)
 
     async def ReloadRepository(self, request: service_pb2.ReloadRequest,
                                context: grpc.aio.ServicerContext) -> service_pb2.ReloadResponse:
@@ -281,121 +216,100 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
             statuses = sorted(self.engine.list_models(), key=lambda s: s.name)
             return service_pb2.ReloadResponse(
                 models=[summary(s) for s in statuses],
-                errors=[service_pb2.LoadError(model=e.model, version=int(e.version or 0), message=e.message)
-                        for e in getattr(result, "errors", ()) or ()],
-            )
+                errors=[service_pb2.LoadError(model=e.model, version=e.version, message=e.message)
+                        for e in result.errors])
 
-        return await self._unary("ReloadRepository", request, context, handle)
+        return await self._unary("ReloadRepository", "", context, handle)
 
     # -- sampling ------------------------------------------------------------------------------------------
 
-    def _check_sample(self, request: service_pb2.SampleRequest, field: str = "n") -> None:
-        check_target(request)
-        if request.n <= 0:
-            raise invalid(field, f"{request.n} samples asked for; ask for at least 1")
-        if request.n > self.max_sample_n:
-            raise invalid(field, f"{request.n} samples asked for, more than this server's limit of "
-                                 f"{self.max_sample_n}; ask for fewer per request")
-
-    def _row_bytes(self, request: service_pb2.SampleRequest) -> int:
-        """Bytes one sample row (and its latent row) takes on the wire, from the model's manifest."""
-        loaded = self.engine.get_model(request.model, int(request.version))
-        dim = math.prod(loaded.manifest.data.shape)
-        latent = int(loaded.manifest.parameters.get("latent_dim", dim)) if request.return_latents else 0
-        return 4 * (dim + latent)
-
-    async def _sample(self, request: service_pb2.SampleRequest, n: int, seed: int, version: int
-                      ) -> tuple[np.ndarray, np.ndarray | None, int]:
-        return await self.engine.sample(
-            request.model, version, n, seed,
-            optional(request, "temperature"), optional(request, "langevin_steps"),
-            optional(request, "langevin_step_size"), bool(request.return_latents),
-        )
+    def _sample_request(self, request: service_pb2.SampleRequest, m: LoadedModel, n: int, seed: int
+                        ) -> SampleRequest:
+        return SampleRequest(
+            m, int(n), seed,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            langevin_steps=request.langevin_steps if request.HasField("langevin_steps") else None,
+            langevin_step_size=request.langevin_step_size if request.HasField("langevin_step_size") else None,
+            return_latents=request.return_latents)
 
     async def Sample(self, request: service_pb2.SampleRequest,
                      context: grpc.aio.ServicerContext) -> service_pb2.SampleResponse:
         async def handle() -> service_pb2.SampleResponse:
-            self._check_sample(request)
+            check_target(request)
             seed = request_seed(request)
-            size = request.n * self._row_bytes(request)
-            if size > self.max_message_bytes * 0.95:  # headroom for the envelope
-                raise invalid("n", f"{request.n} samples take {size / 2**20:.1f} MiB, above the"
-                                   f" {self.max_message_bytes // 2**20} MiB message limit; use SampleStream")
-            with self.rows.hold(request.n):
-                x, z, version = await self._deadline(context, self._sample(request, int(request.n), seed,
-                                                                            int(request.version)))
-            response = service_pb2.SampleResponse(samples=to_proto(x), model_version=int(version), seed=seed)
+            m = self.engine.resolve(request.model, int(request.version), "sample")
+            req = self._sample_request(request, m, request.n, seed)
+            self._admit(req)
+            check_answer_size(req.n, row_bytes(m, request.return_latents), self.max_message_bytes, "n",
+                              "use SampleStream")
+            x, z, version = await self._run(context, req, req.n, lambda: self.engine.sample(req))
+            response = service_pb2.SampleResponse(samples=to_proto(x), model_version=version, seed=seed)
             if z is not None and request.return_latents:
                 response.latents.CopyFrom(to_proto(z))
             return response
 
-        return await self._unary("Sample", request, context, handle)
+        return await self._unary("Sample", request.model, context, handle)
 
     async def SampleStream(self, request: service_pb2.SampleStreamRequest,
                            context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.SampleResponse]:
-        started = time.perf_counter()
         sample = request.sample
-        code = grpc.StatusCode.OK
         blocks: list[asyncio.Task] = []
         try:
-            try:
+            with self.accounting.track("SampleStream", sample.model):
                 check_target(sample, "sample.")
-                self._check_sample(sample, field="sample.n")
                 seed = request_seed(sample)
+                m = self.engine.resolve(sample.model, int(sample.version), "sample")
+                whole = self._sample_request(sample, m, sample.n, seed)
+                self._admit(whole, "sample.")
                 if request.chunk_size < 0:
-                    raise invalid("chunk_size", f"{request.chunk_size} is negative; use >= 1, or 0 for"
-                                                " the default")
+                    raise invalid(f"{request.chunk_size} is negative; use >= 1, or 0 for the default", "chunk_size")
                 chunk = int(request.chunk_size) or STREAM_BLOCK_ROWS
-                most = max(1, int(self.max_message_bytes * 0.95) // self._row_bytes(sample))
+                most = max(1, int(self.max_message_bytes * MESSAGE_HEADROOM) // row_bytes(m, sample.return_latents))
                 if chunk > most:
-                    raise invalid("chunk_size", f"{chunk} rows exceed the message limit of "
-                                                f"{self.max_message_bytes // 2**20} MiB; use at most {most}")
+                    raise invalid(f"{chunk} rows exceed the message limit of {self.max_message_bytes // 2**20} MiB;"
+                                  f" use at most {most}", "chunk_size")
                 # The rows a stream holds at once: the blocks computed ahead plus one chunk being cut.
-                held = min(int(sample.n), STREAM_BLOCK_ROWS * (STREAM_BLOCKS_AHEAD + 1) + chunk)
+                held = min(whole.n, STREAM_BLOCK_ROWS * (STREAM_BLOCKS_AHEAD + 1) + chunk)
                 with self.rows.hold(held):
-                    async for response in self._stream_blocks(sample, seed, chunk, blocks, context):
+                    async for response in self._stream_blocks(sample, m, seed, chunk, blocks, context):
                         yield response
-            except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed at a yield
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as e:  # noqa: BLE001
-                failure = self._failure("SampleStream", sample.model, e)
-                code = failure.code
-                await context.abort(failure.code, failure.message)
+        except Failure as failure:
+            await abort(context, failure)
         finally:
             for task in blocks:
                 task.cancel()
                 discard(task)
-            self._record("SampleStream", sample.model, code, started)
 
-    async def _stream_blocks(self, sample: service_pb2.SampleRequest, seed: int, chunk: int,
+    async def _stream_blocks(self, sample: service_pb2.SampleRequest, m: LoadedModel, seed: int, chunk: int,
                              blocks: list[asyncio.Task], context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[service_pb2.SampleResponse]:
-        """Compute fixed blocks (a few concurrently) and re-cut them into chunks of ``chunk`` rows."""
+        """Compute fixed blocks (a few concurrently) and re-cut them into chunks of ``chunk`` rows. Every block
+        runs on the version resolved for the stream, so a reload mid-stream cannot mix versions."""
         n = int(sample.n)
         count = -(-n // STREAM_BLOCK_ROWS)
-        version = int(sample.version)
-        # Block 0 runs first and pins the version, so a reload mid-stream cannot mix versions in one stream.
-        first = await self._deadline(context, self._sample(sample, min(n, STREAM_BLOCK_ROWS), seed, version))
-        version = int(first[2])
 
-        def launch(k: int) -> asyncio.Task:
+        def block(k: int) -> Awaitable[SampleResult]:
             rows = min(n, (k + 1) * STREAM_BLOCK_ROWS) - k * STREAM_BLOCK_ROWS
-            return asyncio.ensure_future(self._sample(sample, rows, block_seed(seed, k), version))
+            return self.engine.sample(self._sample_request(sample, m, rows, block_seed(seed, k)))
 
+        def deadline(work: Awaitable[T]) -> Awaitable[T]:
+            return within_deadline(work, context.time_remaining(), self.max_deadline_s)
+
+        first = await deadline(block(0))
+        version = first.version
         next_block = 1
         while next_block < count and len(blocks) < STREAM_BLOCKS_AHEAD:
-            blocks.append(launch(next_block))
+            blocks.append(asyncio.ensure_future(block(next_block)))
             next_block += 1
-        xs, zs = [first[0]], [first[1]]
-        buffered, offset, done = len(first[0]), 0, 1
+        xs, zs = [first.x], [first.latents]
+        buffered, offset, done = len(first.x), 0, 1
         while offset < n:
             while buffered < min(chunk, n - offset) and done < count:
-                x, z, _ = await self._deadline(context, asyncio.shield(blocks[0]))
+                x, z, _ = await deadline(asyncio.shield(blocks[0]))
                 blocks.pop(0)
                 done += 1
                 if next_block < count:
-                    blocks.append(launch(next_block))
+                    blocks.append(asyncio.ensure_future(block(next_block)))
                     next_block += 1
                 xs.append(x)
                 zs.append(z)
@@ -418,98 +332,66 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
     async def _log_likelihood(self, request: service_pb2.LogLikelihoodRequest,
                               context: grpc.aio.ServicerContext) -> service_pb2.LogLikelihoodResponse:
         check_target(request)
-        x = tensor_field(request, "x", self.max_rows)
+        x = tensor_field(request, "x")
         seed = request_seed(request)
-        k = optional(request, "importance_samples")
-        with self.rows.hold(len(x)):
-            log_prob, bpd, kind, version = await self._deadline(
-                context, self.engine.log_likelihood(request.model, int(request.version), x, seed, k))
+        m = self.engine.resolve(request.model, int(request.version), "log_likelihood")
+        k = request.importance_samples if request.HasField("importance_samples") else None
+        req = LikelihoodRequest(m, x, seed, k)
+        log_prob, bpd, kind, version = await self._run(context, req, len(x),
+                                                       lambda: self.engine.log_likelihood(req))
         response = service_pb2.LogLikelihoodResponse(
             log_prob=to_proto(np.asarray(log_prob, dtype=np.float64)),
             kind=LIKELIHOOD.get(kind, manifest_pb2.LIKELIHOOD_KIND_UNSPECIFIED),
-            model_version=int(version), chunk_id=request.chunk_id, seed=seed,
-        )
+            model_version=version, chunk_id=request.chunk_id, seed=seed)
         if bpd is not None:
             response.bits_per_dim.CopyFrom(to_proto(np.asarray(bpd, dtype=np.float64)))
         return response
 
     async def LogLikelihood(self, request: service_pb2.LogLikelihoodRequest,
                             context: grpc.aio.ServicerContext) -> service_pb2.LogLikelihoodResponse:
-        return await self._unary("LogLikelihood", request, context,
+        return await self._unary("LogLikelihood", request.model, context,
                                  lambda: self._log_likelihood(request, context))
 
     async def LogLikelihoodStream(self, request_iterator: AsyncIterator[service_pb2.LogLikelihoodRequest],
                                   context: grpc.aio.ServicerContext
                                   ) -> AsyncIterator[service_pb2.LogLikelihoodResponse]:
-        """Pipelined: up to STREAM_WINDOW chunks are read and scored while earlier answers go out."""
-        started = time.perf_counter()
-        model = ""
-        code = grpc.StatusCode.OK
-        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
-
-        async def read() -> None:
-            nonlocal model
-            async for req in request_iterator:
-                model = model or req.model
-                await pending.put(asyncio.ensure_future(self._log_likelihood(req, context)))
-            await pending.put(None)
-
-        reader = asyncio.ensure_future(read())
+        """Pipelined: up to STREAM_WINDOW chunks are read and scored while earlier answers go out; the first
+        failing chunk (or a message that did not parse) ends the stream with its status."""
         try:
-            try:
-                while True:
-                    getter = asyncio.ensure_future(pending.get())
-                    done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter not in done and reader.exception() is not None:
-                        getter.cancel()  # reading the client's stream failed: that is the stream's status
-                        raise reader.exception()
-                    task = await getter
-                    if task is None:
-                        break
-                    yield await task
-            except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed at a yield
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as e:  # noqa: BLE001 - the first failing chunk ends the stream with its status
-                failure = self._failure("LogLikelihoodStream", model, e)
-                code = failure.code
-                await context.abort(failure.code, failure.message)
-        finally:
-            reader.cancel()
-            discard(reader)
-            while not pending.empty():
-                task = pending.get_nowait()
-                if task is not None:
-                    task.cancel()
-                    discard(task)
-            self._record("LogLikelihoodStream", model, code, started)
+            with self.accounting.track("LogLikelihoodStream") as tracked:
+                def score(req: service_pb2.LogLikelihoodRequest) -> Awaitable[service_pb2.LogLikelihoodResponse]:
+                    tracked.model = tracked.model or req.model
+                    return self._log_likelihood(req, context)
+
+                async for response in pipelined(request_iterator, score, STREAM_WINDOW):
+                    yield response
+        except Failure as failure:
+            await abort(context, failure)
 
     async def Encode(self, request: service_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> service_pb2.EncodeResponse:
         async def handle() -> service_pb2.EncodeResponse:
             check_target(request)
-            x = tensor_field(request, "x", self.max_rows)
+            x = tensor_field(request, "x")
             seed = request_seed(request)
-            with self.rows.hold(len(x)):
-                z, version = await self._deadline(
-                    context,
-                    self.engine.encode(request.model, int(request.version), x, seed, bool(request.sample)))
-            return service_pb2.EncodeResponse(z=to_proto(np.asarray(z, dtype=np.float32)),
-                                              model_version=int(version), seed=seed)
+            m = self.engine.resolve(request.model, int(request.version), "encode")
+            req = EncodeRequest(m, x, seed, request.sample)
+            z, version = await self._run(context, req, len(x), lambda: self.engine.encode(req))
+            return service_pb2.EncodeResponse(z=to_proto(np.asarray(z, dtype=np.float32)), model_version=version,
+                                              seed=seed)
 
-        return await self._unary("Encode", request, context, handle)
+        return await self._unary("Encode", request.model, context, handle)
 
     async def Decode(self, request: service_pb2.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> service_pb2.DecodeResponse:
         async def handle() -> service_pb2.DecodeResponse:
             check_target(request)
-            z = tensor_field(request, "z", self.max_rows)
+            z = tensor_field(request, "z")
             seed = request_seed(request)
-            with self.rows.hold(len(z)):
-                x, version = await self._deadline(
-                    context,
-                    self.engine.decode(request.model, int(request.version), z, seed, bool(request.sample)))
-            return service_pb2.DecodeResponse(x=to_proto(np.asarray(x, dtype=np.float32)),
-                                              model_version=int(version), seed=seed)
+            m = self.engine.resolve(request.model, int(request.version), "decode")
+            req = DecodeRequest(m, z, seed, request.sample)
+            x, version = await self._run(context, req, len(z), lambda: self.engine.decode(req))
+            return service_pb2.DecodeResponse(x=to_proto(np.asarray(x, dtype=np.float32)), model_version=version,
+                                              seed=seed)
 
-        return await self._unary("Decode", request, context, handle)
+        return await self._unary("Decode", request.model, context, handle)

@@ -17,8 +17,9 @@ from genserve.core.noise import Noise
 from genserve.server.config import ServerConfig
 from genserve.server.engine import Engine
 from genserve.server.errors import InvalidInput, NotFound, NotReady, Unsupported
+from genserve.server.interface import DecodeRequest, EncodeRequest, LikelihoodRequest, SampleRequest
 from genserve.server.metrics import Metrics
-from genserve.server.programs import program_class
+from genserve.server.programs import program_from_manifest
 from genserve.server.sessions import DirectRunner, SessionOptions
 
 ROWS = 6
@@ -31,7 +32,7 @@ class Reference:
     def __init__(self, folder: Path) -> None:
         self.manifest = read_manifest(folder / "manifest.json")
         self.spec = spec_from_proto(self.manifest.data)
-        self.program = program_class(self.manifest.model)(self.spec, dict(self.manifest.parameters))
+        self.program = program_from_manifest(self.manifest)
         self.runner = DirectRunner.from_files({g.name: folder / g.file for g in self.manifest.graphs},
                                               SessionOptions(provider="cpu"))
         self.operations = [op for op, v in OPERATION.items() if v in self.manifest.operations]
@@ -71,6 +72,24 @@ def running(cfg: ServerConfig, body, metrics: Metrics | None = None):
     return asyncio.run(main())
 
 
+async def sample(engine: Engine, name: str, n: int, seed: int, version: int = 0, **options):
+    """Engine.sample on ``name`` resolved once, as a face does (options: SampleRequest's fields)."""
+    return await engine.sample(SampleRequest(engine.resolve(name, version, "sample"), n, seed, **options))
+
+
+async def score(engine: Engine, name: str, x, seed: int, importance_samples: int | None = None):
+    model = engine.resolve(name, 0, "log_likelihood")
+    return await engine.log_likelihood(LikelihoodRequest(model, x, seed, importance_samples))
+
+
+async def encode(engine: Engine, name: str, x, seed: int, draw: bool = False):
+    return await engine.encode(EncodeRequest(engine.resolve(name, 0, "encode"), x, seed, draw))
+
+
+async def decode(engine: Engine, name: str, z, seed: int, draw: bool = False):
+    return await engine.decode(DecodeRequest(engine.resolve(name, 0, "decode"), z, seed, draw))
+
+
 def equal(a, b) -> bool:
     return a is None and b is None or (np.shape(a) == np.shape(b) and np.array_equal(a, b))
 
@@ -94,17 +113,17 @@ def test_every_operation_of_every_family_gives_the_reference_numbers(engine_conf
                 t = float(ref.manifest.parameters.get("temperature", 1.0))
                 r = ref.run("sample", ROWS, Noise(11), t)
                 expected[name, op] = (r.x, r.latents)
-                calls.append((name, op, lambda e, n=name: e.sample(n, 0, ROWS, 11, None, None, None, True)))
+                calls.append((name, op, lambda e, n=name: sample(e, n, ROWS, 11, return_latents=True)))
             elif op == "log_likelihood":
                 expected[name, op] = np.asarray(ref.run("log_likelihood", x, Noise(12)), np.float64)
-                calls.append((name, op, lambda e, n=name, x=x: e.log_likelihood(n, 0, x, 12, None)))
+                calls.append((name, op, lambda e, n=name, x=x: score(e, n, x, 12)))
             elif op == "encode":
                 expected[name, op] = ref.run("encode", x, Noise(13))
-                calls.append((name, op, lambda e, n=name, x=x: e.encode(n, 0, x, 13, False)))
+                calls.append((name, op, lambda e, n=name, x=x: encode(e, n, x, 13)))
             elif op == "decode":
                 z = ref.latents(ROWS, seed=2)
                 expected[name, op] = ref.run("decode", z, Noise(14))
-                calls.append((name, op, lambda e, n=name, z=z: e.decode(n, 0, z, 14)))
+                calls.append((name, op, lambda e, n=name, z=z: decode(e, n, z, 14)))
 
     async def body(engine):  # all at once: different models and operations share the event loop and pool
         return await asyncio.gather(*(call(engine) for _, _, call in calls))
@@ -139,12 +158,12 @@ def test_64_concurrent_samples_merge_their_steps_and_each_equals_its_solo_run(en
     metrics = Metrics()
 
     async def body(engine):
-        merged = await asyncio.gather(*(engine.sample(name, 0, 1, seed, None, None, None, False)
+        merged = await asyncio.gather(*(sample(engine, name, 1, seed)
                                         for seed in range(64)))
         graphs = list(engine.get_model(name).batchers)
         count = sum(metrics.value("genserve_batch_size_count", {"model": name, "graph": g}) or 0 for g in graphs)
         total = sum(metrics.value("genserve_batch_size_sum", {"model": name, "graph": g}) or 0 for g in graphs)
-        alone = [await engine.sample(name, 0, 1, seed, None, None, None, False) for seed in (0, 17, 63)]
+        alone = [await sample(engine, name, 1, seed) for seed in (0, 17, 63)]
         return merged, alone, count, total
 
     merged, alone, count, total = running(engine_config, body, metrics)
@@ -166,10 +185,9 @@ def test_concurrent_scores_of_every_family_equal_their_solo_runs(engine_config, 
             for op in ("log_likelihood", "encode"):
                 if op not in ops:
                     continue
-                call = getattr(engine, op)
-                args = (None,) if op == "log_likelihood" else (False,)
-                merged = await asyncio.gather(*(call(name, 0, data[name][i:i + 1], i, *args) for i in range(16)))
-                solo = [await call(name, 0, data[name][i:i + 1], i, *args) for i in range(16)]
+                call = score if op == "log_likelihood" else encode
+                merged = await asyncio.gather(*(call(engine, name, data[name][i:i + 1], i) for i in range(16)))
+                solo = [await call(engine, name, data[name][i:i + 1], i) for i in range(16)]
                 out[name, op] = merged, solo
         return out
 
@@ -193,10 +211,10 @@ def test_operations_the_model_lacks_are_unsupported_naming_what_it_can_do(engine
 
     async def body(engine):
         with pytest.raises(Unsupported, match="supports: sample, decode"):
-            await engine.log_likelihood("digits-sampler", 0, x, 0, None)
+            await score(engine, "digits-sampler", x, 0)
         with pytest.raises(Unsupported, match="encode"):
-            await engine.encode("digits-sampler", 0, x, 0, False)
-        return await engine.sample("digits-sampler", 0, 2, 0, None, None, None, False)
+            await encode(engine, "digits-sampler", x, 0)
+        return await sample(engine, "digits-sampler", 2, 0)
 
     assert running(replace(engine_config, repo=repo_copy), body)[0].shape == (2, 8, 8)
 
@@ -218,36 +236,35 @@ def test_bad_inputs_are_invalid_and_unknown_names_not_found(engine_config) -> No
             "negative": (with_value(-1), "0..16"), "strings": (np.array([["a"] * 8] * 8)[None], "dtype"),
         }
         for what, (x, message) in bad_x.items():
-            for call in (engine.log_likelihood(ppca, 0, x, 0, None), engine.encode(ppca, 0, x, 0, False)):
+            for call in (score(engine, ppca, x, 0), encode(engine, ppca, x, 0)):
                 with pytest.raises(InvalidInput, match=message):
                     await call
                     pytest.fail(what)
         for z, message in [(np.zeros((2, 15), np.float32), r"\(N, 16\)"), (np.full((1, 16), np.nan), "NaN")]:
             with pytest.raises(InvalidInput, match=message):
-                await engine.decode(ppca, 0, z, 0)
-        sample = engine.sample
+                await decode(engine, ppca, z, 0)
         for n in (0, -3, engine.cfg.max_sample_n + 1):
-            with pytest.raises(InvalidInput, match="samples per request"):
-                await sample(ppca, 0, n, 0, None, None, None, False)
+            with pytest.raises(InvalidInput, match="n: .*samples asked for"):
+                await sample(engine, ppca, n, 0)
         for t in (0.0, -1.0, float("inf"), float("nan"), 1000.0):
             with pytest.raises(InvalidInput, match="temperature"):
-                await sample(ppca, 0, 1, 0, t, None, None, False)
+                await sample(engine, ppca, 1, 0, temperature=t)
         with pytest.raises(InvalidInput, match="energy-based"):
-            await sample(ppca, 0, 1, 0, None, 10, None, False)
+            await sample(engine, ppca, 1, 0, langevin_steps=10)
         with pytest.raises(InvalidInput, match="seed"):
-            await sample(ppca, 0, 1, -1, None, None, None, False)
+            await sample(engine, ppca, 1, -1)
         with pytest.raises(InvalidInput, match="importance_samples"):
-            await engine.log_likelihood(ppca, 0, ok, 0, 0)
+            await score(engine, ppca, ok, 0, 0)
         with pytest.raises(InvalidInput, match="rows"):
-            await engine.log_likelihood(ppca, 0, np.zeros((engine.cfg.max_rows_per_request + 1, 8, 8)), 0, None)
+            await score(engine, ppca, np.zeros((engine.cfg.max_rows_per_request + 1, 8, 8)), 0)
         with pytest.raises(InvalidInput, match=r"outside \[-1, 1\]|shape"):
-            await engine.log_likelihood(moons, 0, np.zeros((1, 3), np.float32), 0, None)
+            await score(engine, moons, np.zeros((1, 3), np.float32), 0)
         with pytest.raises(NotFound, match="digits-ppca"):  # the message lists the models there are
-            await engine.sample("no-such-model", 0, 1, 0, None, None, None, False)
+            await sample(engine, "no-such-model", 1, 0)
         with pytest.raises(NotFound, match="loaded versions: 1"):
             engine.get_model(ppca, 7)
         # the engine keeps serving after every refusal
-        return await engine.log_likelihood(ppca, 0, ok, 0, None)
+        return await score(engine, ppca, ok, 0)
 
     lp, bpd, kind, version = running(replace(engine_config, max_rows_per_request=100), body)
     assert lp.shape == (2,) and np.isfinite(lp).all() and version == 1
@@ -284,7 +301,7 @@ def test_reload_serves_new_versions_keeps_old_ones_when_the_new_one_is_corrupt_a
 
     async def body(engine):
         async def load(n):
-            return await asyncio.gather(*(engine.log_likelihood(name, 0, x, i, None) for i in range(n)))
+            return await asyncio.gather(*(score(engine, name, x, i) for i in range(n)))
 
         slow(engine, 1)
         inflight = asyncio.ensure_future(load(32))
@@ -297,7 +314,7 @@ def test_reload_serves_new_versions_keeps_old_ones_when_the_new_one_is_corrupt_a
         after = await load(4)
         add_version(repo_copy, name, 3, corrupt=True)
         r3 = await engine.reload()
-        still = await engine.log_likelihood(name, 0, x, 0, None)
+        still = await score(engine, name, x, 0)
         status = next(s for s in engine.list_models() if s.name == name)
         slow(engine, 2)
         inflight = asyncio.ensure_future(load(16))
@@ -328,8 +345,8 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(engine_conf
     async def body(engine):
         statuses = {s.name: s for s in engine.list_models()}
         with pytest.raises(NotReady, match="does not parse"):
-            await engine.sample("moons-ppca", 0, 1, 0, None, None, None, False)
-        x, _, _ = await engine.sample("digits-ppca", 0, 1, 0, None, None, None, False)
+            await sample(engine, "moons-ppca", 1, 0)
+        x, _, _ = await sample(engine, "digits-ppca", 1, 0)
         return statuses, x, engine.ready(), engine.ready("moons-ppca"), engine.ready("digits-ppca")
 
     statuses, x, ready, ready_moons, ready_digits = running(replace(engine_config, repo=repo_copy), body)
@@ -355,8 +372,8 @@ def test_a_manifest_that_disagrees_with_its_graph_file_fails_to_load(engine_conf
 
     async def body(engine):
         with pytest.raises(NotReady, match="re-export"):
-            await engine.log_likelihood("digits-ppca", 0, np.zeros((1, 8, 8), np.float32), 0, None)
-        return {s.name: s for s in engine.list_models()}, await engine.sample("moons-ppca", 0, 2, 0)
+            await score(engine, "digits-ppca", np.zeros((1, 8, 8), np.float32), 0)
+        return {s.name: s for s in engine.list_models()}, await sample(engine, "moons-ppca", 2, 0)
 
     statuses, (x, _, _) = running(replace(engine_config, repo=repo_copy), body)
     status = statuses["digits-ppca"]
@@ -370,7 +387,7 @@ def test_cancelling_a_request_drops_its_queued_rows(engine_config, repo_copy) ->
     async def body(engine):
         batcher = engine.get_model("digits-ppca").batchers["encoder"]
         batcher.expected = None  # wait out the whole delay even when alone: the request stays queued
-        task = asyncio.ensure_future(engine.encode("digits-ppca", 0, np.zeros((100, 8, 8), np.float32), 0, False))
+        task = asyncio.ensure_future(encode(engine, "digits-ppca", np.zeros((100, 8, 8), np.float32), 0))
         await asyncio.sleep(0.01)
         queued = batcher.queued_rows
         task.cancel()
@@ -387,8 +404,8 @@ def test_metrics_count_batches_samples_rows_and_loaded_versions(engine_config) -
     x = np.zeros((3, 8, 8), np.float32)
 
     async def body(engine):
-        await asyncio.gather(engine.sample("digits-ppca", 0, 5, 0, None, None, None, False),
-                             engine.log_likelihood("digits-ppca", 0, x, 0, None))
+        await asyncio.gather(sample(engine, "digits-ppca", 5, 0),
+                             score(engine, "digits-ppca", x, 0))
         return metrics.render()
 
     text = running(engine_config, body, metrics)
@@ -409,8 +426,8 @@ def test_padded_batches_and_the_metrics_endpoint(engine_config) -> None:
     x = np.random.default_rng(3).integers(0, 17, (5, 8, 8)).astype(np.float32)
 
     async def body(engine):
-        lp = await asyncio.gather(*(engine.log_likelihood("digits-ppca", 0, x[i:i + 1], i, None) for i in range(5)))
-        s = await engine.sample("digits-ppca", 0, 3, 9, None, None, None, False)
+        lp = await asyncio.gather(*(score(engine, "digits-ppca", x[i:i + 1], i) for i in range(5)))
+        s = await sample(engine, "digits-ppca", 3, 9)
         return np.concatenate([r[0] for r in lp]), s[0]
 
     plain = running(engine_config, body)

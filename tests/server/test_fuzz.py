@@ -294,7 +294,10 @@ def reload_and_check(loader: tuple, errors: ErrorLog, damage: dict[str, bytes]) 
         # A damaged version that replaces a loaded one leaves the loaded one serving (READY) and says why.
         assert failed and failed[0].message.strip() and victim.message.strip(), "a failed load must say why"
     assert status["digits-ppca"].state == "READY"
-    x, _, _ = loop.run_until_complete(engine.sample("digits-ppca", 0, 2, 1, None, None, None, False))
+    from genserve.server.interface import SampleRequest
+
+    request = SampleRequest(engine.resolve("digits-ppca", 0, "sample"), 2, 1)
+    x, _, _ = loop.run_until_complete(engine.sample(request))
     assert x.shape == (2, 8, 8)
     logged = errors.take()
     assert not logged, logged

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import OPERATION_NAME, read_manifest
 from genserve.server.app import BackgroundServer, grpc_options
+from genserve.server.interface import SampleRequest, SampleResult
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 
 pb = service_pb2
@@ -198,7 +199,10 @@ def test_a_failing_stream_chunk_ends_the_stream_with_its_status(stub) -> None:
 
 
 class ExplodingEngine:
-    """A stand-in engine whose operations hit a bug: the transport must answer INTERNAL and keep serving."""
+    """A stand-in engine (genserve.server.interface.EngineInterface) whose operations hit a bug: the transport
+    must answer INTERNAL and keep serving."""
+
+    metrics = None
 
     async def start(self) -> None: ...
 
@@ -211,12 +215,18 @@ class ExplodingEngine:
         return True
 
     def get_model(self, name: str, version: int = 0) -> SimpleNamespace:
-        return SimpleNamespace(manifest=manifest_pb2.ModelManifest(data=manifest_pb2.DataSpec(shape=[2])))
+        return SimpleNamespace(name=name, version=1,
+                               manifest=manifest_pb2.ModelManifest(data=manifest_pb2.DataSpec(shape=[2])))
 
-    async def sample(self, model: str, version: int, n: int, *args: object) -> tuple:
-        if model == "bug":
+    def resolve(self, name: str, version: int, operation: str) -> SimpleNamespace:
+        return self.get_model(name, version)
+
+    def admit(self, request: SampleRequest) -> None: ...
+
+    async def sample(self, request: SampleRequest) -> SampleResult:
+        if request.model.name == "bug":
             raise ZeroDivisionError("a bug deep inside")
-        return np.zeros((n, 2), np.float32), None, 1
+        return SampleResult(np.zeros((request.n, 2), np.float32), None, 1)
 
 
 def test_an_unexpected_exception_is_internal_with_a_short_message(caplog: pytest.LogCaptureFixture) -> None:
