@@ -259,9 +259,11 @@ class Engine:
                                    "samples the model as trained)", "temperature")
             return
         if isinstance(request, DecodeRequest):
-            self._check_rows("z", request.z)
+            self._check_rows("z", request.z, "split it into requests of at most that many rows")
+        elif isinstance(request, EncodeRequest):
+            self._check_rows("x", request.x, "split it into requests of at most that many rows")
         else:
-            self._check_rows("x", request.x)
+            self._check_rows("x", request.x, "split it, or use LogLikelihoodStream to score a data set in chunks")
         if isinstance(request, LikelihoodRequest) and request.importance_samples is not None:
             k, m = request.importance_samples, request.model
             if m.family != "latent_variable":
@@ -286,11 +288,10 @@ class Engine:
             raise InvalidInput(f"{size} is outside (0, {MAX_LANGEVIN_STEP_SIZE:g}]; use a number in that range",
                                "langevin_step_size")
 
-    def _check_rows(self, field: str, a: np.ndarray) -> None:
+    def _check_rows(self, field: str, a: np.ndarray, fix: str) -> None:
         if a.ndim >= 1 and a.shape[0] > self.cfg.max_rows_per_request:
             raise InvalidInput(f"has {a.shape[0]} rows, more than the limit of {self.cfg.max_rows_per_request} "
-                               "per request; split it, or use LogLikelihoodStream to score a data set in chunks",
-                               field)
+                               f"per request; {fix}", field)
 
     # ---- operations --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager

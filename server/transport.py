@@ -94,7 +94,7 @@ def check_shape(shape: tuple[int, ...], field: str) -> tuple[int, ...]:
     for axis, dim in enumerate(shape):
         if dim < 0:
             raise invalid(f"shape {list(shape)} has the negative dimension {dim} at axis {axis}; every "
-                          "dimension must be >= 0 (the number of rows, then the model's data shape)", field)
+                          "dimension must be >= 0: send the number of rows, then the model's data shape", field)
     return shape
 
 

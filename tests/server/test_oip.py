@@ -437,6 +437,35 @@ def test_malformed_tensors_are_refused(triton_stub) -> None:
         assert message in info.value.details() or __import__("re").search(message, info.value.details())
 
 
+def test_a_shape_of_more_than_64_axes_is_invalid_argument_not_internal(triton_stub, caplog) -> None:
+    """Bug: the raw bytes were reshaped outside the ValueError handler, so 65+ axes answered INTERNAL with a
+    traceback in the log. Now the shape is checked before any array is made of it."""
+    r = triton_pb.ModelInferRequest(model_name=f"{VAE}.encode")
+    r.inputs.add(name="x", datatype="FP32", shape=[2] + [1] * 64)
+    r.raw_input_contents.append(b"\0" * 8)
+    with pytest.raises(grpc.RpcError) as info:
+        triton_stub.ModelInfer(r)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "65 axes, more than the 64" in info.value.details() and "send the rows" in info.value.details()
+    assert not [rec for rec in caplog.records if rec.levelno >= 40], "no traceback for a client's mistake"
+
+
+def test_garbage_in_the_middle_of_a_stream_is_invalid_argument(channel, triton_stub) -> None:
+    """Bug: a message of ModelStreamInfer that did not parse was re-raised unmapped (UNKNOWN with a traceback).
+    Now the requests before it are answered and the stream ends with INVALID_ARGUMENT naming the message."""
+    good = triton_pb.ModelInferRequest(model_name=f"{VAE}.sample")
+    good.parameters["n"].int64_param = 2
+    stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    answers = []
+    with pytest.raises(grpc.RpcError) as info:
+        answers.extend(stream(iter([good.SerializeToString(), b"\xff" * 7]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "not valid protobuf" in info.value.details()
+    assert len(answers) == 1 and not triton_pb.ModelStreamInferResponse.FromString(answers[0]).error_message
+    assert triton_stub.ServerLive(triton_pb.ServerLiveRequest()).live
+
+
 def test_an_operation_the_family_lacks_is_not_a_model(client, catalog) -> None:
     lacking = [(name, op) for name, info in catalog.items() for op in ("encode", "log_likelihood")
                if op not in operations(info)]
