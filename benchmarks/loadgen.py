@@ -15,7 +15,10 @@ last windows:
   whole machine, from /proc (benchmarks/procstat.py), with a verdict naming the resource that saturates.
 
 Times are CLOCK_MONOTONIC, which all processes of the machine share, so client completions are cut into the
-same windows as the server's counters.
+same windows as the server's counters: a window edge is the middle of the scrape that read the counters, and
+half the scrape's duration is that edge's uncertainty (``edge_uncertainty_s`` in the result; on a busy machine
+a scrape takes tens of milliseconds, and cutting the clients' completions at another instant than the server's
+read made the two counts disagree by hundreds of requests per second times that gap).
 
 Example:
     >>> with LoadGenerator(LoadSpec("127.0.0.1:8500", "digits-vae"), processes=2) as gen:  # doctest: +SKIP
@@ -200,6 +203,8 @@ class Window:
     server: dict
     metrics_before: Any = field(repr=False, default=None)
     metrics_after: Any = field(repr=False, default=None)
+    edge_uncertainty_s: tuple[float, float] = (0.0, 0.0)
+    """Half the duration of the scrapes at t0 and t1: the server's counters were read within that of each edge."""
 
     @property
     def throughput(self) -> float:
@@ -256,6 +261,8 @@ def summarise(windows: list[Window], concurrency: int, rows: int, model: str, me
     cpu = _pool_cpu([w.cpu for w in windows])
     server = (scrape.split(windows[0].metrics_before, windows[-1].metrics_after, model, method, wall)
               if metrics_ok else {"available": False})
+    if metrics_ok and windows:
+        server["edge_uncertainty_s"] = windows[0].edge_uncertainty_s[0] + windows[-1].edge_uncertainty_s[1]
     lat_ms = {f"p{p}": float(np.percentile(lats, p)) * 1e3 if len(lats) else math.nan for p in PERCENTILES}
     lat_ms["mean"] = float(lats.mean()) * 1e3 if len(lats) else math.nan
     client_ms = lat_ms["mean"]
@@ -355,24 +362,29 @@ class LoadGenerator:
         pids = self.pids()
         threads = ("server",) if self.server_pid else ()
 
-        def snapshot() -> tuple[procstat.CpuSnapshot, scrape.Series]:
+        def snapshot() -> tuple[procstat.CpuSnapshot, scrape.Series, float, float]:
+            """CPU counters, the server's metrics, the window edge (the middle of the scrape) and its uncertainty."""
             cpu = procstat.CpuSnapshot.take(pids, threads)
-            return cpu, (scrape.fetch(metrics_url) if metrics_url else {})
+            if not metrics_url:
+                return cpu, {}, cpu.t, 0.0
+            before = time.monotonic()
+            metrics = scrape.fetch(metrics_url)
+            after = time.monotonic()
+            return cpu, metrics, (before + after) / 2, (after - before) / 2
 
         windows: list[Window] = []
-        cpu0, m0 = snapshot()
+        cpu0, m0, t0, u0 = snapshot()
         while len(windows) < settings.max_windows:
-            time.sleep(settings.window_s)
-            cpu1, m1 = snapshot()
-            answers = self._all(("collect", cpu0.t, cpu1.t), "collected")
+            time.sleep(settings.window_s)  # the measurement window itself, not a wait for something to happen
+            cpu1, m1, t1, u1 = snapshot()
+            answers = self._all(("collect", t0, t1), "collected")
             lats = np.concatenate([a[1] for a in answers])
             errs = [code for a in answers for code in a[2]]
-            wall = cpu1.t - cpu0.t
-            server = scrape.split(m0, m1, self.spec.model, METHODS[self.spec.operation], wall)
-            windows.append(Window(cpu0.t, cpu1.t, lats, errs, procstat.utilisation(cpu0, cpu1), server, m0, m1))
+            server = scrape.split(m0, m1, self.spec.model, METHODS[self.spec.operation], t1 - t0)
+            windows.append(Window(t0, t1, lats, errs, procstat.utilisation(cpu0, cpu1), server, m0, m1, (u0, u1)))
             if log:
                 log(f"  c={concurrency} window {len(windows)}: {windows[-1].throughput:.1f} req/s")
-            cpu0, m0 = cpu1, m1
+            cpu0, m0, t0, u0 = cpu1, m1, t1, u1
             if stable(windows, settings.stable_windows, settings.stability):
                 break
         self._all(("stop",), "stopped")
