@@ -1,7 +1,8 @@
 """Server-wide admission limits of the transport: rows held by requests in progress, and the deadline ceiling.
 
-Per-request limits (rows per request, samples per request, message size) are checked where each field is
-read; the two here are about the server as a whole. ``RowBudget`` bounds the rows of all requests accepted and
+Per-request limits (rows and samples per request, options) are checked in one place, ``Engine.admit``, for
+every face; message sizes by the transport (server/message_parsing.py, server/transport.py). The two here
+are about the server as a whole. ``RowBudget`` bounds the rows of all requests accepted and
 not yet answered, so a flood of large requests is refused at once (RESOURCE_EXHAUSTED) instead of growing
 memory; ``deadline`` caps how long any one unit of work may run, so a client that sets no deadline cannot
 hold rows forever.

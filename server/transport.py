@@ -40,6 +40,9 @@ STREAM_WINDOW = 8
 MESSAGE_HEADROOM = 0.95
 """Share of the message limit an answer's tensors may fill; the rest is the envelope."""
 
+STATUS = {code.name: code for code in grpc.StatusCode}
+"""Status codes by name: an engine error names its code (genserve.server.errors knows nothing of gRPC)."""
+
 Observe = Callable[[str, str, str, float], None]
 """``observe(method, model, code, seconds)``: records one finished request (the app's Prometheus hook)."""
 
@@ -63,7 +66,7 @@ def status_of(error: BaseException, what: str) -> Failure:
     if isinstance(error, Failure):
         return error
     if isinstance(error, EngineError):
-        code = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+        code = STATUS.get(error.code, grpc.StatusCode.INTERNAL)
         if code == grpc.StatusCode.INTERNAL:  # a graph call failed (e.g. ONNX Runtime raised): operators' news
             log.error("%s failed: %s", what, error)
         return Failure(code, str(error) or type(error).__name__)
