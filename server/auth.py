@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from genserve.server.config import ServerConfig
+
 log = logging.getLogger("genserve.server")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -44,7 +46,7 @@ def _read(path: Path, what: str) -> bytes:
         raise ValueError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
 
 
-def server_credentials(cfg: Any) -> grpc.ServerCredentials | None:
+def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials for ``cfg.tls_cert``/``tls_key`` (mutual with ``tls_client_ca``); None for plaintext."""
     if cfg.tls_cert is None:
         return None
@@ -73,7 +75,7 @@ def parse_tokens(text: str, where: str, separators: str = r"\n") -> list[str]:
     return out
 
 
-def read_tokens(cfg: Any, environ: Mapping[str, str] | None = None) -> list[str]:
+def read_tokens(cfg: ServerConfig, environ: Mapping[str, str] | None = None) -> list[str]:
     """The tokens of ``cfg.token_file`` and ``$cfg.token_env``; ValueError when auth is on but none is found."""
     environ = os.environ if environ is None else environ
     tokens: list[str] = []
@@ -184,7 +186,7 @@ def refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMeth
     return grpc.unary_stream_rpc_method_handler(abort)
 
 
-def open_prefixes(cfg: Any) -> tuple[str, ...]:
+def open_prefixes(cfg: ServerConfig) -> tuple[str, ...]:
     """Method paths that need no token under ``cfg``'s open_health / open_reflection."""
     out: tuple[str, ...] = ()
     if cfg.open_health:
