@@ -15,10 +15,10 @@ from google.protobuf import json_format
 from genserve.clients.channel import GenserveError
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD_NAME, OPERATION_NAME, spec_from_proto
+from genserve.core.noise import derived_seed
 from genserve.core.spec import DataSpec
 from genserve.v1 import manifest_pb2, service_pb2
 
-MAX_SEED = 2**63 - 1
 STATE_NAME = {v: k.removeprefix("MODEL_STATE_") for k, v in service_pb2.ModelState.items()}
 HEALTH_NAME = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
 
@@ -28,10 +28,7 @@ def chunk_seed(seed: int, offset: int) -> int:
 
     Each chunk gets its own stream of dequantisation / importance noise, reproducible from (seed, offset).
     """
-    if offset == 0:
-        return int(seed)
-    state = np.random.SeedSequence([int(seed), int(offset)]).generate_state(2, np.uint32)
-    return ((int(state[0]) << 32) | int(state[1])) & MAX_SEED
+    return derived_seed(seed, offset)
 
 
 @dataclass(frozen=True)

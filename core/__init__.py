@@ -1,1 +1,1 @@
-"""Torch-free pieces shared by every station: the data spec and the seeded noise streams."""
+"""Torch-free pieces shared by every station: data spec, seeded noise and seeds, manifest I/O, CLI error guard."""

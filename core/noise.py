@@ -9,6 +9,28 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_SEED = 2**63 - 1
+"""Seeds are 0..2**63-1: what Noise takes, a genserve.v1 request carries and an OIP int64 parameter holds."""
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of part ``index`` of a job seeded ``seed``; part 0 keeps the seed itself.
+
+    Client and server derive the same seeds this way, e.g. the chunks of a streamed score (index: the chunk's
+    first row) and the blocks of a sample stream (index: the block number), so each part has its own noise
+    stream, reproducible from (seed, index).
+
+    Examples:
+        >>> derived_seed(7, 0)
+        7
+        >>> derived_seed(7, 4096) == derived_seed(7, 4096) != derived_seed(8, 4096)
+        True
+    """
+    if index == 0:
+        return int(seed)
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
+    return ((int(state[0]) << 32) | int(state[1])) & MAX_SEED
+
 
 class Noise:
     """A per-request stream of float32 draws from NumPy's PCG64 generator.
@@ -20,7 +42,7 @@ class Noise:
     """
 
     def __init__(self, seed: int) -> None:
-        if not 0 <= int(seed) < 2**63:
+        if not 0 <= int(seed) <= MAX_SEED:
             raise ValueError(f"seed must be in 0..2**63-1, got {seed}")
         self.seed = int(seed)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))

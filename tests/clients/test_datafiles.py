@@ -14,7 +14,8 @@ import pytest
 from genserve.clients.channel import ChannelSettings, GenserveError, service_config
 from genserve.clients.datafiles import open_rows
 from genserve.clients.images import grid, png_bytes, write_grid
-from genserve.clients.messages import MAX_SEED, chunk_seed, health_request_bytes, health_status
+from genserve.clients.messages import chunk_seed, health_request_bytes, health_status
+from genserve.core.noise import MAX_SEED
 
 # -- readers ----------------------------------------------------------------------------------------------
 
