@@ -38,8 +38,10 @@ statistics in server/oip_models.py, and statuses, seeds, deadlines, the pipeline
 the transport layer shared with genserve.v1 (server/transport.py).
 
 Errors are gRPC statuses with the engine's messages: NOT_FOUND (no such model, operation or version),
-INVALID_ARGUMENT (tensors, datatypes, parameters, data domain), UNAVAILABLE (model not loaded),
-RESOURCE_EXHAUSTED (queue full), DEADLINE_EXCEEDED, INTERNAL (a bug; the log has a request id).
+INVALID_ARGUMENT (tensors, datatypes, parameters, data domain, a message that is not protobuf),
+UNAVAILABLE (model not loaded), RESOURCE_EXHAUSTED (queue full, a message over max_message_mb),
+DEADLINE_EXCEEDED, INTERNAL (a bug; the log has a request id). In ModelStreamInfer a request that fails
+answers ``error_message`` and the stream goes on; a message that does not parse ends the stream.
 
 Statistics (ModelStatistics, one entry per ``<model>.<operation>`` and version). Request-level figures are the
 OIP endpoint's own, in Triton's sense: ``success``/``fail`` (count, total ns from arrival to answer),
@@ -50,11 +52,11 @@ engine and are shared by every operation of the model, whichever API sent the ro
 merges them into the same ONNX Runtime calls: ``execution_count`` is the number of ONNX Runtime calls of the
 version's graphs (each batcher's count; fewer than the inferences when batching works), and ``queue`` the
 waits of submissions in the model's batch queues (the engine's counters, ``Engine.queue_waits``, all
-versions). ``batch_stats``,
-``memory_usage`` and ``response_stats`` are left empty.
+versions). ``batch_stats``, ``memory_usage`` and ``response_stats`` are left empty.
 
 Descriptor pool: genserve.oip's stubs register their ``inference.*`` descriptors in a pool of their own, so this
-module and tritonclient's stubs can live in one process; ``reflection_pool()`` lets server reflection see both.
+module and tritonclient's stubs can live in one process; ``oip_models.reflection_pool()`` lets server
+reflection see both.
 """
 
 from __future__ import annotations

@@ -270,6 +270,59 @@ def test_bad_inputs_are_invalid_and_unknown_names_not_found(engine_config) -> No
     assert lp.shape == (2,) and np.isfinite(lp).all() and version == 1
 
 
+def test_admit_checks_every_limit_in_one_place_naming_the_field(engine_config) -> None:
+    """Engine.admit is where a request's limits are checked, for every face (each operation calls it too)."""
+    async def body(engine):
+        ppca = engine.resolve("digits-ppca", 0, "sample")
+        scored = engine.resolve("digits-ppca", 0, "log_likelihood")
+        decoder = engine.resolve("digits-ppca", 0, "decode")
+        rows = np.zeros((engine.cfg.max_rows_per_request + 1, 8, 8), np.float32)
+        refused = [
+            (SampleRequest(ppca, 0, 1), "n"), (SampleRequest(ppca, engine.cfg.max_sample_n + 1, 1), "n"),
+            (SampleRequest(ppca, 1, 1, temperature=0.0), "temperature"),
+            (SampleRequest(ppca, 1, 1, langevin_steps=3), "langevin_steps"),
+            (SampleRequest(ppca, 1, 1, langevin_step_size=0.1), "langevin_step_size"),
+            (LikelihoodRequest(scored, rows, 1), "x"),
+            (LikelihoodRequest(scored, rows[:2], 1, 4), "importance_samples"),
+            (EncodeRequest(scored, rows, 1), "x"), (DecodeRequest(decoder, np.zeros((len(rows), 16)), 1), "z"),
+        ]
+        for request, field in refused:
+            with pytest.raises(InvalidInput) as e:
+                engine.admit(request)
+            assert e.value.field == field and str(e.value).startswith(f"{field}: "), (request, str(e.value))
+            with pytest.raises(InvalidInput):  # the operation itself checks the same limits
+                await getattr(engine, request.operation)(request)
+        engine.admit(SampleRequest(ppca, 1, 1, temperature=0.5))  # within every limit
+
+    running(replace(engine_config, max_rows_per_request=100), body)
+
+
+def test_a_request_runs_on_the_version_it_resolved_even_across_a_reload(engine_config, repo_copy) -> None:
+    """A face resolves the model once; if a reload replaced that version (its files changed) before the request
+    ran, it runs on what serves that version number now; if the version is gone, NotFound."""
+    name = "digits-ppca"
+    x = np.zeros((1, 8, 8), np.float32)
+
+    async def body(engine):
+        resolved = engine.resolve(name, 0, "log_likelihood")
+        set_serving(repo_copy, name, max_batch_size=32)  # a new fingerprint: version 1 is loaded again
+        reloaded = await engine.reload()
+        replaced = engine.get_model(name, 1) is not resolved
+        answer = await engine.log_likelihood(LikelihoodRequest(resolved, x, 0))
+        add_version(repo_copy, name, 2)
+        await engine.reload()
+        old = engine.resolve(name, 1, "log_likelihood")
+        shutil.rmtree(repo_copy / name / "1")
+        await engine.reload()
+        with pytest.raises(NotFound, match="no version 1"):
+            await engine.log_likelihood(LikelihoodRequest(old, x, 0))
+        return reloaded, replaced, answer
+
+    reloaded, replaced, answer = running(replace(engine_config, repo=repo_copy), body)
+    assert (name, 1) in reloaded.loaded and replaced
+    assert answer.version == 1 and np.isfinite(answer.log_prob).all()
+
+
 # ---- reload, failed loads, cancellation, metrics ---------------------------------------------------------------------
 
 def add_version(repo: Path, name: str, version: int, corrupt: bool = False) -> None:
