@@ -113,7 +113,7 @@ def build_request(spec: LoadSpec) -> bytes:
     with Client(spec.target, timeout=max(spec.timeout_s, 120.0)) as client:
         x, z = client.sample(spec.model, spec.rows, seed=1, return_latents=True)
     if spec.operation == "log_likelihood":
-        return msg.ll_request(spec.model, x, 2, spec.importance_samples, 0).SerializeToString()
+        return msg.log_likelihood_request(spec.model, x, 2, spec.importance_samples, 0).SerializeToString()
     if spec.operation == "encode":
         return msg.encode_request(spec.model, x, 2, False, 0).SerializeToString()
     if z is None:

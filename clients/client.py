@@ -125,11 +125,11 @@ class Client(_Base):
 
     def models(self) -> list[ModelSummary]:
         """Every model of the server's repository, sorted by name."""
-        return [msg.summary(m) for m in self._unary("ListModels", service_pb2.ListModelsRequest()).models]
+        return [msg.read_summary(m) for m in self._unary("ListModels", service_pb2.ListModelsRequest()).models]
 
     def info(self, model: str, version: int = 0) -> ModelInfo:
         """One model version in full: data spec, operations, likelihood kind, parameters, serving settings."""
-        return msg.info(self._unary("GetModel", service_pb2.GetModelRequest(model=model, version=version)))
+        return msg.read_info(self._unary("GetModel", service_pb2.GetModelRequest(model=model, version=version)))
 
     def sample(self, model: str, n: int, seed: int | None = None, temperature: float | None = None,
                langevin_steps: int | None = None, langevin_step_size: float | None = None,
@@ -143,7 +143,7 @@ class Client(_Base):
         request = msg.sample_request(model, n, seed, temperature, langevin_steps, langevin_step_size,
                                      return_latents, version)
         if n <= UNARY_SAMPLE_MAX:
-            x, z = msg.samples(self._unary("Sample", request))
+            x, z = msg.read_samples(self._unary("Sample", request))
         else:
             x, z = msg.concat_samples(list(self._sample_stream(request, chunk_size, progress)), n)
         return (x, z) if return_latents else x
@@ -165,7 +165,7 @@ class Client(_Base):
         with _progress(request.n, f"sample {request.model}", progress) as bar:
             try:
                 for response in call:
-                    x, z = msg.samples(response, offset)
+                    x, z = msg.read_samples(response, offset)
                     yield offset, x, z
                     offset += len(x)
                     bar.update(len(x))
@@ -177,8 +177,8 @@ class Client(_Base):
     def log_likelihood(self, model: str, x: Any, importance_samples: int | None = None,
                        seed: int | None = None, version: int = 0) -> Likelihood:
         """Scores of a batch x (N, *shape) in one call: log_prob nats (N,), bits_per_dim, kind."""
-        request = msg.ll_request(model, x, seed, importance_samples, version)
-        return msg.likelihood(self._unary("LogLikelihood", request))
+        request = msg.log_likelihood_request(model, x, seed, importance_samples, version)
+        return msg.read_likelihood(self._unary("LogLikelihood", request))
 
     def score_stream(self, model: str, source: Any, chunk_size: int = 4096, progress: bool = True,
                      max_in_flight: int = 4, seed: int | None = None, importance_samples: int | None = None,
@@ -190,7 +190,7 @@ class Client(_Base):
         """
         chunks = self.iter_scores(model, source, chunk_size, progress, max_in_flight, seed,
                                   importance_samples, version, key)
-        return msg.join([part for _, part in chunks], seed)
+        return msg.concat_likelihoods([part for _, part in chunks], seed)
 
     def iter_scores(self, model: str, source: Any, chunk_size: int = 4096, progress: bool = True,
                     max_in_flight: int = 4, seed: int | None = None, importance_samples: int | None = None,
@@ -215,7 +215,7 @@ class Client(_Base):
                     if stop.is_set():
                         return
                     sent.append((offset, len(chunk)))
-                    yield msg.ll_request(model, chunk, None if seed is None else chunk_seed(seed, offset),
+                    yield msg.log_likelihood_request(model, chunk, None if seed is None else chunk_seed(seed, offset),
                                          importance_samples, version, chunk_id=offset)
                     offset += len(chunk)
             except Exception as e:  # noqa: BLE001 - a bad row of the file ends the stream; re-raised below
@@ -227,7 +227,7 @@ class Client(_Base):
                 for response in call:
                     window.release()
                     offset, count = sent.popleft()
-                    scores = msg.stream_chunk(response, seed, offset, count)
+                    scores = msg.read_stream_chunk(response, seed, offset, count)
                     bar.update(count)
                     yield offset, scores
             except grpc.RpcError as e:
@@ -259,7 +259,7 @@ class Client(_Base):
 
     def reload(self) -> list[ModelSummary]:
         """Ask the server to rescan its repository; returns the models afterwards."""
-        return [msg.summary(m) for m in self._unary("ReloadRepository", service_pb2.ReloadRequest()).models]
+        return [msg.read_summary(m) for m in self._unary("ReloadRepository", service_pb2.ReloadRequest()).models]
 
     def _rows(self, model: str, version: int, source: Any, key: str | None) -> Rows:
         if isinstance(source, Rows):
@@ -296,11 +296,11 @@ class AsyncClient(_Base):
 
     async def models(self) -> list[ModelSummary]:
         response = await self._unary("ListModels", service_pb2.ListModelsRequest())
-        return [msg.summary(m) for m in response.models]
+        return [msg.read_summary(m) for m in response.models]
 
     async def info(self, model: str, version: int = 0) -> ModelInfo:
         request = service_pb2.GetModelRequest(model=model, version=version)
-        return msg.info(await self._unary("GetModel", request))
+        return msg.read_info(await self._unary("GetModel", request))
 
     async def sample(self, model: str, n: int, seed: int | None = None, temperature: float | None = None,
                      langevin_steps: int | None = None, langevin_step_size: float | None = None,
@@ -309,7 +309,7 @@ class AsyncClient(_Base):
         request = msg.sample_request(model, n, seed, temperature, langevin_steps, langevin_step_size,
                                      return_latents, version)
         if n <= UNARY_SAMPLE_MAX:
-            x, z = msg.samples(await self._unary("Sample", request))
+            x, z = msg.read_samples(await self._unary("Sample", request))
         else:
             parts = [p async for p in self._sample_stream(request, chunk_size, progress)]
             x, z = msg.concat_samples(parts, n)
@@ -331,7 +331,7 @@ class AsyncClient(_Base):
         with _progress(request.n, f"sample {request.model}", progress) as bar:
             try:
                 async for response in call:
-                    x, z = msg.samples(response, offset)
+                    x, z = msg.read_samples(response, offset)
                     yield offset, x, z
                     offset += len(x)
                     bar.update(len(x))
@@ -342,8 +342,8 @@ class AsyncClient(_Base):
 
     async def log_likelihood(self, model: str, x: Any, importance_samples: int | None = None,
                              seed: int | None = None, version: int = 0) -> Likelihood:
-        request = msg.ll_request(model, x, seed, importance_samples, version)
-        return msg.likelihood(await self._unary("LogLikelihood", request))
+        request = msg.log_likelihood_request(model, x, seed, importance_samples, version)
+        return msg.read_likelihood(await self._unary("LogLikelihood", request))
 
     async def score_stream(self, model: str, source: Any, chunk_size: int = 4096, progress: bool = True,
                            max_in_flight: int = 4, seed: int | None = None,
@@ -351,7 +351,7 @@ class AsyncClient(_Base):
                            key: str | None = None) -> Likelihood:
         chunks = self.iter_scores(model, source, chunk_size, progress, max_in_flight, seed,
                                   importance_samples, version, key)
-        return msg.join([part async for _, part in chunks], seed)
+        return msg.concat_likelihoods([part async for _, part in chunks], seed)
 
     async def iter_scores(self, model: str, source: Any, chunk_size: int = 4096, progress: bool = True,
                           max_in_flight: int = 4, seed: int | None = None,
@@ -376,7 +376,7 @@ class AsyncClient(_Base):
                     if chunk is None:
                         return
                     sent.append((offset, len(chunk)))
-                    yield msg.ll_request(model, chunk, None if seed is None else chunk_seed(seed, offset),
+                    yield msg.log_likelihood_request(model, chunk, None if seed is None else chunk_seed(seed, offset),
                                          importance_samples, version, chunk_id=offset)
                     offset += len(chunk)
             except Exception as e:  # noqa: BLE001 - a bad row of the file ends the stream; re-raised below
@@ -388,7 +388,7 @@ class AsyncClient(_Base):
                 async for response in call:
                     window.release()
                     offset, count = sent.popleft()
-                    scores = msg.stream_chunk(response, seed, offset, count)
+                    scores = msg.read_stream_chunk(response, seed, offset, count)
                     bar.update(count)
                     yield offset, scores
             except grpc.RpcError as e:
@@ -418,4 +418,4 @@ class AsyncClient(_Base):
 
     async def reload(self) -> list[ModelSummary]:
         response = await self._unary("ReloadRepository", service_pb2.ReloadRequest())
-        return [msg.summary(m) for m in response.models]
+        return [msg.read_summary(m) for m in response.models]

@@ -273,7 +273,7 @@ def run_score(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from genserve.clients.messages import join
+    from genserve.clients.messages import concat_likelihoods
 
     if args.quantile is not None and not 0 < args.quantile < 1:
         raise ValueError(f"--quantile must be between 0 and 1, got {args.quantile}")
@@ -285,7 +285,7 @@ def run_score(args: argparse.Namespace) -> int:
         parts = [part for _, part in client.iter_scores(
             args.model, args.input, args.chunk_size, progress=not args.quiet, max_in_flight=args.in_flight,
             seed=seed, importance_samples=args.importance_samples, version=info.version, key=args.key)]
-    scores = join(parts, seed)
+    scores = concat_likelihoods(parts, seed)
     seconds = time.perf_counter() - started
     log_prob = scores.log_prob
     cut = args.threshold if args.quantile is None else float(np.quantile(log_prob, args.quantile))

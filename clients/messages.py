@@ -113,7 +113,7 @@ def sample_request(model: str, n: int, seed: int | None, temperature: float | No
                                      **{k: v for k, v in fields.items() if v is not None})
 
 
-def ll_request(model: str, x: Any, seed: int | None, importance_samples: int | None, version: int,
+def log_likelihood_request(model: str, x: Any, seed: int | None, importance_samples: int | None, version: int,
                chunk_id: int = 0) -> service_pb2.LogLikelihoodRequest:
     request = service_pb2.LogLikelihoodRequest(model=model, version=version, x=to_proto(floats(x)),
                                                chunk_id=chunk_id)
@@ -140,13 +140,13 @@ def decode_request(model: str, z: Any, seed: int | None, sample: bool,
     return request
 
 
-def likelihood(response: service_pb2.LogLikelihoodResponse, seed: int | None = None) -> Likelihood:
+def read_likelihood(response: service_pb2.LogLikelihoodResponse, seed: int | None = None) -> Likelihood:
     bpd = from_proto(response.bits_per_dim) if response.HasField("bits_per_dim") else None
     return Likelihood(from_proto(response.log_prob), bpd, LIKELIHOOD_NAME.get(response.kind, "unspecified"),
                       int(response.model_version), int(response.seed) if seed is None else seed)
 
 
-def join(parts: list[Likelihood], seed: int | None) -> Likelihood:
+def concat_likelihoods(parts: list[Likelihood], seed: int | None) -> Likelihood:
     """The scores of consecutive chunks as one Likelihood."""
     if not parts:
         raise ValueError("no rows to score")
@@ -154,10 +154,10 @@ def join(parts: list[Likelihood], seed: int | None) -> Likelihood:
     return Likelihood(np.concatenate([p.log_prob for p in parts]), bpd, parts[0].kind, parts[0].version, seed)
 
 
-def stream_chunk(response: service_pb2.LogLikelihoodResponse, seed: int | None, offset: int,
+def read_stream_chunk(response: service_pb2.LogLikelihoodResponse, seed: int | None, offset: int,
                  rows: int) -> Likelihood:
     """A LogLikelihoodStream answer, checked to answer the chunk of ``rows`` rows sent at row ``offset``."""
-    scores = likelihood(response, seed)
+    scores = read_likelihood(response, seed)
     if response.chunk_id != offset or len(scores) != rows:
         raise GenserveError(grpc.StatusCode.INTERNAL,
                             f"stream answer out of order: chunk_id {response.chunk_id}, {len(scores)} rows"
@@ -166,7 +166,7 @@ def stream_chunk(response: service_pb2.LogLikelihoodResponse, seed: int | None, 
     return scores
 
 
-def samples(response: service_pb2.SampleResponse, offset: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+def read_samples(response: service_pb2.SampleResponse, offset: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """(samples, latents or None) of a Sample answer or of the SampleStream chunk expected at ``offset``."""
     if response.offset != offset:
         raise GenserveError(grpc.StatusCode.INTERNAL,
@@ -186,13 +186,13 @@ def concat_samples(parts: list[tuple[int, np.ndarray, np.ndarray | None]], n: in
     return x, z
 
 
-def summary(m: service_pb2.ModelSummary) -> ModelSummary:
+def read_summary(m: service_pb2.ModelSummary) -> ModelSummary:
     return ModelSummary(m.name, tuple(m.versions), m.default_version, m.family, m.model,
                         tuple(OPERATION_NAME.get(op, str(op)) for op in m.operations),
                         STATE_NAME.get(m.state, "UNSPECIFIED"), m.message)
 
 
-def info(r: service_pb2.ModelInfo) -> ModelInfo:
+def read_info(r: service_pb2.ModelInfo) -> ModelInfo:
     m = r.manifest
     return ModelInfo(
         name=r.name, version=r.version, versions=tuple(r.versions), default_version=r.default_version,
