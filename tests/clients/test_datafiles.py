@@ -100,8 +100,8 @@ def test_unreadable_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_parquet_columns_and_list_columns(tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # the dev extra installs it; a missing one is a failure, not a skip
+    import pyarrow.parquet as pq
     x = np.random.default_rng(2).normal(size=(300, 2)).astype(np.float32)
     pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1]}), tmp_path / "cols.parquet")
     assert np.array_equal(open_rows(tmp_path / "cols.parquet").read(), x)
@@ -179,7 +179,7 @@ def test_chunk_seeds() -> None:
 
 
 def test_health_messages_match_the_standard_ones() -> None:
-    health_pb2 = pytest.importorskip("grpc_health.v1.health_pb2")
+    from grpc_health.v1 import health_pb2  # grpcio-health-checking: the serve and dev extras
     for service in ("", "digits-vae", "x" * 300):  # 300 bytes needs a two-byte length
         assert health_request_bytes(service) == health_pb2.HealthCheckRequest(service=service).SerializeToString()
     for status in (0, 1, 2, 3):
