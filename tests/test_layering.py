@@ -221,3 +221,19 @@ def test_a_breach_is_reported() -> None:
     assert not fake("export/repository.py", "genserve.server.programs.base")
     assert fake("server/engine.py", "core.spec")
     assert not fake("app/cli.py", "genserve.server.cli")
+
+
+@pytest.mark.parametrize(("module", "absent"), [
+    # (server -> clients is checked by the AST test, which knows the ALLOWED breach of servicer.py)
+    ("genserve.server.app", ("torch", "genserve.training", "genserve.export", "genserve.app")),
+    ("genserve.clients.client", ("torch", "onnxruntime", "genserve.server", "genserve.training")),
+    ("genserve.core.manifest", ("torch", "onnxruntime", "grpc", "genserve.server", "genserve.clients")),
+])
+def test_importing_a_station_loads_none_of_the_forbidden(module: str, absent: tuple[str, ...]) -> None:
+    """The same rules at run time, in a fresh interpreter: what importing the station actually loads."""
+    import subprocess
+
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({absent!r})))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "[]", f"importing {module} loaded {run.stdout.strip()}"
