@@ -25,6 +25,7 @@ import numpy as np
 
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD, OPERATION
+from genserve.core.noise import derived_seed
 from genserve.server.config import ServerConfig
 from genserve.server.errors import InvalidInput
 from genserve.server.interface import (
@@ -41,7 +42,6 @@ from genserve.server.interface import (
 from genserve.server.limits import RowBudget
 from genserve.server.repository import LoadedModel
 from genserve.server.transport import (
-    MAX_SEED,
     MESSAGE_HEADROOM,
     STREAM_WINDOW,
     Accounting,
@@ -86,11 +86,9 @@ class WithSeed(Protocol):
 
 
 def block_seed(seed: int, block: int) -> int:
-    """The seed of SampleStream block ``block`` of a stream seeded ``seed``; block 0 keeps the seed."""
-    if block == 0:
-        return int(seed)
-    state = np.random.SeedSequence([int(seed), int(block)]).generate_state(2, np.uint32)
-    return ((int(state[0]) << 32) | int(state[1])) & MAX_SEED
+    """The seed of SampleStream block ``block`` of a stream seeded ``seed`` (genserve.core.noise.derived_seed,
+    which clients use too); block 0 keeps the seed."""
+    return derived_seed(seed, block)
 
 
 def request_seed(request: WithSeed) -> int:

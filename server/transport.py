@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import grpc
 
+from genserve.core.noise import MAX_SEED
 from genserve.server.errors import EngineError
 from genserve.server.interface import EngineInterface
 from genserve.server.limits import Expired, within
@@ -31,8 +32,6 @@ log = logging.getLogger("genserve.server")
 T = TypeVar("T")
 R = TypeVar("R")
 
-MAX_SEED = 2**63 - 1
-"""Seeds are 0..2**63-1 (the range of genserve.core.noise.Noise)."""
 MAX_DIMS = 64
 """Most axes of a request's tensor (numpy's limit)."""
 STREAM_WINDOW = 8
