@@ -115,17 +115,20 @@ def test_sigterm_under_load_finishes_every_accepted_request(repo_dir: Path, tmp_
                     return r
 
                 calls = [asyncio.ensure_future(one(i)) for i in range(50)]
-                await asyncio.sleep(0.1)  # all 50 are on their way and most are being served
+                # SIGTERM once the server is answering: the first answer is back and the others are in flight.
+                await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
                 server.proc.send_signal(signal.SIGTERM)
                 sent = time.monotonic()
                 statuses = [(await watch.read()).status]
                 results = await asyncio.gather(*calls, return_exceptions=True)
-                await asyncio.sleep(1.0)  # past the lame-duck period: the server now refuses new calls
-                try:
-                    await stub.Decode(pb.DecodeRequest(model=name, z=to_proto(z[:1])), timeout=5)
-                    late = grpc.StatusCode.OK
-                except grpc.aio.AioRpcError as e:
-                    late = e.code()
+                # New calls are served during the lame-duck period (until arrivals pause), then refused: call
+                # until one is refused, within a generous deadline.
+                late, deadline = grpc.StatusCode.OK, time.monotonic() + 60
+                while late == grpc.StatusCode.OK and time.monotonic() < deadline:
+                    try:
+                        await stub.Decode(pb.DecodeRequest(model=name, z=to_proto(z[:1])), timeout=30)
+                    except grpc.aio.AioRpcError as e:
+                        late = e.code()
                 return results, statuses, sent, done_at, late
 
         results, statuses, sent, done_at, late = asyncio.run(scenario())
@@ -136,10 +139,12 @@ def test_sigterm_under_load_finishes_every_accepted_request(repo_dir: Path, tmp_
         for i, r in enumerate(results):
             assert from_proto(r.x).shape == (100, 8, 8), i
         assert late == grpc.StatusCode.UNAVAILABLE  # new requests are refused once draining began
-        server.proc.wait(timeout=grace + 5)
-        elapsed = time.monotonic() - sent
-        assert server.proc.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
-        assert elapsed < grace, f"exited {elapsed:.1f} s after SIGTERM, grace is {grace} s"
+        server.proc.wait(timeout=120)  # a hang guard only; how fast it exits is not the point
+        log = (tmp_path / "server.log").read_text()
+        assert server.proc.returncode == 0, log[-2000:]
+        # Within the grace period: every accepted request succeeded above (past it they are cancelled), and the
+        # engine stopped in time (the server warns otherwise); no wall-clock bound that a busy machine breaks.
+        assert "did not stop within the grace period" not in log, log[-2000:]
     finally:
         server.close()
 
