@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,6 +89,14 @@ async def encode(engine: Engine, name: str, x, seed: int, draw: bool = False):
 
 async def decode(engine: Engine, name: str, z, seed: int, draw: bool = False):
     return await engine.decode(DecodeRequest(engine.resolve(name, 0, "decode"), z, seed, draw))
+
+
+async def until(condition, timeout: float = 60.0) -> None:
+    """Yield to the event loop until ``condition()`` holds (synchronisation on a state, not on time)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.001)
 
 
 def equal(a, b) -> bool:
@@ -358,8 +367,7 @@ def test_reload_serves_new_versions_keeps_old_ones_when_the_new_one_is_corrupt_a
 
         slow(engine, 1)
         inflight = asyncio.ensure_future(load(32))
-        await asyncio.sleep(0.005)
-        assert engine.get_model(name).active == 32
+        await until(lambda: engine.get_model(name).active == 32)
         add_version(repo_copy, name, 2)
         r2 = await engine.reload()
         assert not inflight.done()
@@ -371,7 +379,7 @@ def test_reload_serves_new_versions_keeps_old_ones_when_the_new_one_is_corrupt_a
         status = next(s for s in engine.list_models() if s.name == name)
         slow(engine, 2)
         inflight = asyncio.ensure_future(load(16))
-        await asyncio.sleep(0.005)
+        await until(lambda: engine.get_model(name, 2).active == 16)
         shutil.rmtree(repo_copy / name / "2")
         r4 = await engine.reload()
         assert not inflight.done()
@@ -441,7 +449,7 @@ def test_cancelling_a_request_drops_its_queued_rows(engine_config, repo_copy) ->
         batcher = engine.get_model("digits-ppca").batchers["encoder"]
         batcher.expected = None  # wait out the whole delay even when alone: the request stays queued
         task = asyncio.ensure_future(encode(engine, "digits-ppca", np.zeros((100, 8, 8), np.float32), 0))
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_rows > 0)
         queued = batcher.queued_rows
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
