@@ -251,6 +251,11 @@ def metric(port: int, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
+async def _batchers(srv: BackgroundServer, name: str) -> list:
+    """The batchers of the model's default version (read on the server's loop)."""
+    return list(srv.server.engine.get_model(name).batchers.values())
+
+
 def test_full_queue_is_resource_exhausted_and_deadlines_drop_rows(repo_copy: Path) -> None:
     """While one large graph call runs, a tiny queue (the model's config.json: at most 4 waiting requests)
     overflows into RESOURCE_EXHAUSTED, and a request whose deadline passes in the queue never runs."""
@@ -272,7 +277,10 @@ def test_full_queue_is_resource_exhausted_and_deadlines_drop_rows(repo_copy: Pat
             async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}", options=grpc_options(64)) as channel:
                 aio = service_pb2_grpc.GenerativeServiceStub(channel)
                 slow = aio.Decode(pb.DecodeRequest(model=name, z=to_proto(big)))
-                await asyncio.sleep(0.1)  # the 20000-row call is running now
+                # The first 8192-row call of it is running once the rest of its rows wait in the queue.
+                batchers = srv.call(_batchers(srv, name))
+                while not any(0 < b.queued_rows < len(big) for b in batchers):
+                    await asyncio.sleep(0.001)
                 late = aio.Decode(pb.DecodeRequest(model=name, z=to_proto(small)), timeout=0.05)
                 flood = [aio.Decode(pb.DecodeRequest(model=name, z=to_proto(small))) for _ in range(12)]
                 return await asyncio.gather(slow, late, *flood, return_exceptions=True)
