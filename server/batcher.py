@@ -18,9 +18,11 @@ split back in row order. Guarantees:
 * a cancelled submission's rows that have not run yet are dropped from the queue;
 * at most ``max_queue_size`` submissions wait; beyond that ``submit`` raises QueueFull at once.
 
-Per-row results do not depend on the company a row keeps: on the CPU provider ONNX Runtime's kernels compute
-each output row from its own input row with the same arithmetic whatever the batch size (checked bitwise for
-the exported graphs in tests/server/test_batcher.py), and the order of rows within a call does not matter.
+Per-row results do not depend on the company a row keeps: on the CPU provider (one intra-op thread), sessions
+made by ``sessions.make_session`` compute each output row from its own input row with the same arithmetic
+whatever its position and the batch size (the graph rewrite in ``graph_rewrite`` removes the two kernel
+behaviours of ONNX Runtime that broke this; checked bit for bit for every exported graph in
+tests/server/test_row_independence.py).
 
 The batcher knows nothing about gRPC or models: ``run(instance, feeds) -> outputs`` is any blocking callable.
 """
