@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import until
 
 from genserve.core.manifest import OPERATION, read_manifest, spec_from_proto, write_manifest
 from genserve.core.noise import Noise
@@ -89,14 +89,6 @@ async def encode(engine: Engine, name: str, x, seed: int, draw: bool = False):
 
 async def decode(engine: Engine, name: str, z, seed: int, draw: bool = False):
     return await engine.decode(DecodeRequest(engine.resolve(name, 0, "decode"), z, seed, draw))
-
-
-async def until(condition, timeout: float = 60.0) -> None:
-    """Yield to the event loop until ``condition()`` holds (synchronisation on a state, not on time)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.001)
 
 
 def equal(a, b) -> bool:
