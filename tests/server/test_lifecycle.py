@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waiting import until
 
 from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import read_manifest, write_manifest
@@ -181,7 +182,7 @@ def test_reload_rpc_picks_up_a_new_version_without_failing_requests_in_flight(re
                 stub = service_pb2_grpc.GenerativeServiceStub(channel)
                 before = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=i),
                                       timeout=30) for i in range(30)]
-                await asyncio.sleep(0.02)
+                await until(lambda: srv.server.servicer.rows.held > 0)  # requests in flight at the reload
                 add_version(repo_copy, "digits-ppca", 2)
                 reload = stub.ReloadRepository(pb.ReloadRequest(), timeout=60)
                 during = [stub.Decode(pb.DecodeRequest(model="digits-ppca", z=to_proto(z), seed=i),
