@@ -56,13 +56,13 @@ def timeit(fn: Callable[[], Any], budget_s: float = 1.0, min_reps: int = 5, max_
 
 def load_program(repo: Path, name: str) -> tuple[Any, Any, dict[str, Path]]:
     """(program, manifest, graph files) of the default (highest) version of model ``name`` in ``repo``."""
-    from genserve.core.manifest import read_manifest, spec_from_proto
-    from genserve.server.programs import program_class
+    from genserve.core.manifest import read_manifest
+    from genserve.server.programs import program_from_manifest
 
     version = max(int(p.name) for p in (repo / name).iterdir() if p.is_dir() and p.name.isdigit())
     folder = repo / name / str(version)
     manifest = read_manifest(folder / "manifest.json")
-    program = program_class(manifest.model)(spec_from_proto(manifest.data), dict(manifest.parameters))
+    program = program_from_manifest(manifest)
     return program, manifest, {g.name: folder / g.file for g in manifest.graphs}
 
 
@@ -211,6 +211,7 @@ def ort_torch(args: argparse.Namespace) -> dict:
     """Every exported graph of every checkpoint in --checkpoints, at batch 1 and 64, ORT vs PyTorch eager."""
     import torch
 
+    from genserve.export.contract import bind
     from genserve.export.repository import default_name
     from genserve.server.sessions import SessionOptions, make_session
     from genserve.training.checkpoint import load_checkpoint
@@ -236,7 +237,7 @@ def ort_torch(args: argparse.Namespace) -> dict:
             log(f"skip {ckpt}: {name} is not in {args.repo}")
             continue
         _, manifest, files = load_program(args.repo, name)
-        for gname, g in model.export_graphs().items():
+        for gname, g in bind(model, model.family, model.spec).graphs.items():
             session = make_session(files[gname], SessionOptions(provider=PROVIDER[0]))
             ort_names = [i.name for i in session.get_inputs()]
             for b in (1, 64):

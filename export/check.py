@@ -137,7 +137,7 @@ def check_version(model_dir: Path, version: int) -> tuple[list[str], list[str]]:
         problems.append(f"{tag}: manifest lists no operations")
     if any(o.startswith("unknown") for o in ops):
         problems.append(f"{tag}: unknown operations {ops}")
-    problems += _check_program(m.model, ops, tag)
+    problems += _check_program(m.family, m.model, ops, tag)
     if not m.graphs:
         problems.append(f"{tag}: manifest lists no graphs")
     for g in m.graphs:
@@ -163,14 +163,14 @@ def check_version(model_dir: Path, version: int) -> tuple[list[str], list[str]]:
     return problems, ops
 
 
-def _check_program(model: str, ops: list[str], tag: str) -> list[str]:
-    """The server must have a program for the model, supporting every listed operation."""
+def _check_program(family: str, model: str, ops: list[str], tag: str) -> list[str]:
+    """The server must have a program for the model's family, supporting every listed operation."""
     try:
         from genserve.server.programs import program_class
 
-        cls = program_class(model)
+        cls = program_class(family, model)
     except (ValueError, ModuleNotFoundError, AttributeError) as e:
-        return [f"{tag}: no serving program for model {model!r} ({str(e).splitlines()[0]})"]
+        return [f"{tag}: no serving program for family {family!r} ({str(e).splitlines()[0]})"]
     missing = [o for o in ops if o in OPERATION_NAME.values() and o not in cls.operations]
     return [f"{tag}: serving program {cls.__name__} lacks operations {missing}"] if missing else []
 

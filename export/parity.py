@@ -7,8 +7,9 @@ program does not reach (or families without a program yet) get data inputs from 
 noise and latent inputs. Random inputs are draws shaped like the graph's example inputs: random levels or
 rows for data, uniforms for [0, 1) inputs, normals otherwise.
 
-Tolerance: max |ORT - PyTorch| <= ``ATOL`` (1e-4) + ``RTOL`` (1e-6) * max |PyTorch| per output. The second
-term is about eight float32 rounding steps of the output's largest magnitude: a log-density of -3000 nats at
+Tolerance: max |ORT - PyTorch| <= ``ATOL`` (1e-4) + ``RTOL`` (4e-6) * max |PyTorch| per output. The second
+term is about 32 float32 rounding steps of the output's largest magnitude (a stack of three MAF transforms of zuko
+reached 9 at an input far from its data): a log-density of -3000 nats at
 a random input cannot be computed to 1e-4 absolute in float32 by either runtime.
 """
 
@@ -28,7 +29,7 @@ from genserve.server.programs.base import Feeds, Program, run_sync
 from genserve.training.base import GraphDef
 
 ATOL = 1e-4
-RTOL = 1e-6
+RTOL = 4e-6
 BATCH_SIZES = (1, 7, 64)
 POOL_ROWS = 512  # recorded rows kept per graph for the real-input check
 OPERATION_ROWS = 16  # rows per recorded operation: cheap even with 500 importance samples

@@ -59,8 +59,7 @@ def sha256_file(path: str | Path) -> str:
 
 def default_name(model: Any) -> str:
     """``<dataset>-<model>``, e.g. ``digits-vae``; user-file stems are reduced to safe characters."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", model.spec.name).strip("-.") or "data"
-    return f"{stem}-{model.name}"
+    return f"{_stem(model.spec.name)}-{model.name}"
 
 
 def tool_versions() -> dict[str, str]:
@@ -124,15 +123,14 @@ def _test_rows(ckpt: dict[str, Any], spec: Any) -> np.ndarray | None:
     return np.asarray(data.test, dtype=np.float32)
 
 
-def _program(model: Any) -> tuple[Any | None, str]:
-    """The family's serving program over ``program_parameters``, or (None, why) when it does not exist."""
-    from genserve.server.programs import program_class
+def serving_program(bound: Any) -> Any:
+    """The family's serving program over the bound model's parameters and graph signatures."""
+    from genserve.server.programs import GraphSignature, program_class
 
-    try:
-        cls = program_class(model.name)
-    except (ValueError, ModuleNotFoundError, AttributeError) as e:
-        return None, f"no serving program for {model.name!r} ({e})"
-    return cls(model.spec, {k: float(v) for k, v in model.program_parameters().items()}), ""
+    sigs = {name: GraphSignature({k: (-1, *v.shape[1:]) for k, v in g.inputs.items()}, tuple(g.outputs))
+            for name, g in bound.graphs.items()}
+    cls = program_class(bound.family.name)
+    return cls(bound.spec, {k: float(v) for k, v in bound.parameters.items()}, sigs)
 
 
 def _tensor_specs(infos: list[Any]) -> list[pb.TensorSpec]:
@@ -143,85 +141,122 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
                       version: int | None = None, fp16: bool = False, force: bool = False,
                       metrics: dict[str, Any] | None = None, log: Any = print,
                       report: dict[str, Any] | None = None) -> Path:
-    """Export ``checkpoint`` to ``repo``/NAME/VERSION and return that folder.
+    """Export a ``genserve train`` checkpoint to ``repo``/NAME/VERSION and return that folder.
 
-    NAME defaults to ``<dataset>-<model>``; VERSION to the model's highest version + 1. An existing version
-    is refused unless ``force``. ``fp16`` adds a float16 copy of every graph (checked, see export/fp16.py).
-    ``metrics`` adds test metrics (e.g. ``genserve evaluate --json`` output) to the checkpoint's. ``log``
-    receives one line per graph with its parity error; ``report``, when given, is filled with the measured
-    numbers (per graph: exporter, opset, parity errors, seconds; the operation checks; total seconds).
-    Raises ValueError (ExportError, ParityError) naming the graph or operation that failed.
+    The model goes through ``export_model`` like any user module, with its test split for the checks and its
+    own PyTorch operations as the reference for the served ones. NAME defaults to ``<dataset>-<model>``.
     """
-    from genserve.core.manifest import write_manifest
-    from genserve.export.onnx_export import set_inference_mode
-    from genserve.export.parity import ParityError, check_operations, record_program_feeds
-    from genserve.export.torch_runner import TorchRunner
-    from genserve.server.sessions import DirectRunner
     from genserve.training.checkpoint import load_checkpoint
 
-    start = time.perf_counter()
-    report = report if report is not None else {}
-    report["graphs"] = {}
     try:
         model, ckpt = load_checkpoint(checkpoint)
     except RuntimeError as e:  # load_state_dict: weights written by an older or newer version of the model code
         detail = " ".join(str(e).split())[:300]
         raise ValueError(f"{checkpoint} does not fit the current model code ({detail}); retrain it or check out "
                          "the code it was trained with") from None
-    set_inference_mode(model)
-    model_dir, version = _target(Path(repo), name or default_name(model), version, force)
+    return export_model(model, model.family, model.spec, repo, name=name or default_name(model), version=version,
+                        data=_test_rows(ckpt, model.spec), fp16=fp16, force=force, metrics=metrics, log=log,
+                        report=report, reference=model, checkpoint=ckpt, source=str(checkpoint))
+
+
+def export_model(module: Any, family: str, spec: Any, repo: str | Path, name: str | None = None,
+                 version: int | None = None, *, data: np.ndarray | None = None, model_name: str | None = None,
+                 fp16: bool = False, force: bool = False, metrics: dict[str, Any] | None = None, log: Any = print,
+                 report: dict[str, Any] | None = None, reference: Any = None, checkpoint: dict[str, Any] | None = None,
+                 source: str = "") -> Path:
+    """Export any ``nn.Module`` that meets ``family``'s contract to ``repo``/NAME/VERSION; returns that folder.
+
+    ``spec`` is the DataSpec (or its dict) of one example; ``data`` real rows (N, *shape) for the contract
+    checks and the parity checks (random valid rows when None). The module is checked against its family
+    contract (export/contract.py), every graph is exported (dynamo, legacy fallback), checked with
+    onnx.checker and compared with PyTorch at batch 1, 7 and 64 (export/parity.py); then the family's serving
+    program runs every operation over ONNX Runtime and must reproduce ``reference`` (a model with PyTorch
+    operations, the built-ins) or, for a user's module, the same program over the PyTorch graphs. Any failure
+    raises ValueError (ContractError, ExportError, ParityError) before anything is written: the version is
+    built in a hidden folder and renamed into place when complete. ``version`` defaults to the highest + 1;
+    an existing version is refused unless ``force``. ``fp16`` adds float16 graphs (export/fp16.py).
+    """
+    from genserve.core.manifest import write_manifest
+    from genserve.core.spec import DataSpec
+    from genserve.export.contract import bind, example_data
+    from genserve.export.parity import ParityError, check_operations, record_program_feeds
+    from genserve.export.torch_runner import ProgramModel, TorchRunner
+    from genserve.server.sessions import DirectRunner
+
+    start = time.perf_counter()
+    report = report if report is not None else {}
+    report["graphs"] = {}
+    spec = spec if isinstance(spec, DataSpec) else DataSpec.from_dict(dict(spec))
+    rows = _checked_rows(data, spec)
+    real_data = rows is not None
+    if rows is None:
+        rows = example_data(spec, CHECK_ROWS, seed=0).numpy()
+    bound = bind(module, family, spec, name=model_name, rows=rows)
+    model_dir, version = _target(Path(repo), name or f"{_stem(spec.name)}-{bound.name}", version, force)
     final = model_dir / str(version)
-    log(f"exporting {model.name} ({model.family}) from {checkpoint} to {final}")
+    log(f"exporting {bound.name} ({family}) {('from ' + source + ' ') if source else ''}to {final}")
 
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{version}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        test_rows = _test_rows(ckpt, model.spec)
-        program, why = _program(model)
-        recorded = None
-        if program is not None and test_rows is not None:  # the inputs the server will feed each graph
-            latent = model.program_parameters().get("latent_dim")
-            recorded, errors = record_program_feeds(program, TorchRunner(model), test_rows[:CHECK_ROWS],
-                                                    tuple(model.operations), int(latent) if latent else None)
-            if errors:
-                raise ParityError(f"the {model.name} serving program fails over PyTorch graphs: {errors[0]}")
+        program = serving_program(bound)
+        torch_run = TorchRunner(bound.graphs)
+        latent = bound.parameters.get("latent_dim")
+        recorded, errors = record_program_feeds(program, torch_run, rows[:CHECK_ROWS], tuple(bound.operations),
+                                                int(latent) if latent else None)
+        if errors:
+            raise ParityError(f"the {family} serving program fails over the PyTorch graphs of {bound.name}: "
+                              f"{errors[0]}")
 
         graph_specs = []
-        for gname, g in model.export_graphs().items():
-            pool = recorded.pool(gname) if recorded is not None else None
-            spec, report["graphs"][gname] = _export_checked(gname, g, tmp, model.spec, test_rows, pool, fp16, log)
-            graph_specs.append(spec)
+        for gname, g in bound.graphs.items():
+            test_rows = rows if real_data else None
+            spec_pb, report["graphs"][gname] = _export_checked(gname, g, tmp, spec, test_rows, recorded.pool(gname),
+                                                               fp16, log)
+            graph_specs.append(spec_pb)
 
-        if program is None:
-            log(f"  WARNING: {why}: operations not checked, and the server cannot serve this model yet")
-        elif test_rows is None:
-            log("  WARNING: the training data set is not available here: operations not checked")
-        else:
-            files = {s.name: tmp / s.file for s in graph_specs}
-            ops = check_operations(model, program, DirectRunner.from_files(files), test_rows[:CHECK_ROWS])
-            report["operations"] = ops
-            log(f"  operations over ONNX Runtime vs PyTorch: {ops.summary()}")
+        files = {s.name: tmp / s.file for s in graph_specs}
+        ref = reference if reference is not None else ProgramModel(program, TorchRunner(bound.graphs), bound)
+        ops = check_operations(ref, program, DirectRunner.from_files(files), rows[:CHECK_ROWS])
+        report["operations"] = ops
+        against = "PyTorch" if reference is not None else "the same program over the PyTorch graphs"
+        log(f"  operations over ONNX Runtime vs {against}: {ops.summary()}")
 
         exporters = {g: r["exporter"] for g, r in report["graphs"].items()}
-        manifest = _manifest(model, ckpt, model_dir.name, version, graph_specs, exporters, metrics)
+        manifest = _manifest(bound, checkpoint or {}, model_dir.name, version, graph_specs, exporters, metrics)
         for p in sorted(tmp.iterdir()):
             manifest.provenance.file_sha256[p.name] = sha256_file(p)
         write_manifest(manifest, tmp / MANIFEST)
         _install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not any(model_dir.iterdir()):  # a failed first export leaves no empty model folder behind
+        if model_dir.exists() and not any(model_dir.iterdir()):  # a failed first export leaves no empty folder
             model_dir.rmdir()
 
     config = model_dir / SERVING_CONFIG
     if not config.exists():
         config.write_text(json.dumps(DEFAULT_SERVING, indent=2) + "\n")
     report["seconds"] = time.perf_counter() - start
-    log(f"wrote {final} ({len(graph_specs)} graphs; operations {', '.join(model.operations)}) "
+    log(f"wrote {final} ({len(graph_specs)} graphs; operations {', '.join(bound.operations)}) "
         f"in {report['seconds']:.1f} s")
     return final
+
+
+def _stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
+
+
+def _checked_rows(data: Any, spec: Any) -> np.ndarray | None:
+    """``data`` as float32 rows (N, *spec.shape), checked against the spec; ValueError naming the problem."""
+    if data is None:
+        return None
+    rows = np.asarray(data, dtype=np.float32)
+    if rows.ndim == 2 and rows.shape[1] == spec.dim and tuple(spec.shape) != (spec.dim,):
+        rows = rows.reshape(len(rows), *spec.shape)
+    spec.check(rows, "export data")
+    return rows
 
 
 def _target(repo: Path, name: str, version: int | None, force: bool) -> tuple[Path, int]:
@@ -295,11 +330,12 @@ def _export_checked(gname: str, g: Any, folder: Path, spec: Any, test_rows: np.n
 
 def _manifest(model: Any, ckpt: dict[str, Any], name: str, version: int, graphs: list[pb.GraphSpec],
               exporters: dict[str, str], metrics: dict[str, Any] | None) -> pb.ModelManifest:
+    """The manifest of a bound model (export.contract.Bound)."""
     from genserve.training.trainer import code_revision
 
     caps = model.capabilities
     m = pb.ModelManifest(
-        format_version=FORMAT_VERSION, name=name, version=version, family=model.family, model=model.name,
+        format_version=FORMAT_VERSION, name=name, version=version, family=model.family.name, model=model.name,
         description=_description(model, ckpt), data=spec_to_proto(model.spec), graphs=graphs,
         capabilities=pb.Capabilities(training_stability=caps.training,
                                      likelihood=LIKELIHOOD[model.likelihood_kind],
@@ -325,8 +361,9 @@ def _manifest(model: Any, ckpt: dict[str, Any], name: str, version: int, graphs:
 def _description(model: Any, ckpt: dict[str, Any]) -> str:
     cfg = ckpt.get("config") or {}
     trained = ckpt.get("created_at", "")
-    parts = [f"{model.name} ({model.capabilities.group}) on {model.spec.name}",
-             f"profile {cfg.get('profile', '?')}"]
+    parts = [f"{model.name} ({model.capabilities.group}) on {model.spec.name}"]
+    if cfg:
+        parts.append(f"profile {cfg.get('profile', '?')}")
     if model.arch:
         parts.append(", ".join(f"{k}={v}" for k, v in sorted(model.arch.items())))
     if trained:

@@ -29,7 +29,7 @@ from genserve.core.spec import DataSpec
 from genserve.server.batcher import Batcher, Feeds
 from genserve.server.config import ServingSettings
 from genserve.server.metrics import BatchStats
-from genserve.server.programs import program_class
+from genserve.server.programs import program_from_manifest
 from genserve.server.programs.base import Program, Run
 from genserve.server.sessions import SessionOptions, make_session, run_session, uses_cuda
 from genserve.v1 import manifest_pb2 as pb
@@ -158,13 +158,13 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
     except ValueError as e:
         raise LoadFailed(f"{where}: {e}") from None
     try:
-        program = program_class(manifest.model)(spec, dict(manifest.parameters))
+        program = program_from_manifest(manifest)
     except (ValueError, ImportError, AttributeError) as e:
         raise LoadFailed(f"{where}: {e}") from None
     operations = tuple(OPERATION_NAME[op] for op in manifest.operations if op in OPERATION_NAME)
     missing = [op for op in operations if op not in program.operations]
     if missing:
-        raise LoadFailed(f"{where}: the manifest lists {missing}, which the {manifest.model} serving program "
+        raise LoadFailed(f"{where}: the manifest lists {missing}, which the {manifest.family} serving program "
                          f"does not implement (it has {list(program.operations)}); re-export the model")
     if not manifest.graphs:
         raise LoadFailed(f"{where}: the manifest lists no graphs; re-export the model")

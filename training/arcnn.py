@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
-from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, GraphDef, Lambda, categorical_from_uniform
+from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, categorical_from_uniform
 
 MIN_LOG_SCALE = -7.0  # floor on mixture log-scales (normalised units): keeps densities finite
 
@@ -157,14 +157,6 @@ class AutoregressiveModel(GenerativeModel):
             params = [p[:, i] for p in self.conditionals(self.unflat(x))]
             x[:, i] = draw_position(self.spec, i, params, noise, temperature)
         return self.postprocess(self.unflat(x))
-
-    def export_graphs(self) -> dict[str, GraphDef]:
-        x = self.example_input(4)
-        outputs = ["logits"] if self.spec.discrete else ["logits", "means", "log_scales"]
-        return {"logits": GraphDef(Lambda(self, self.conditionals), {"x": x}, outputs)}
-
-    def program_parameters(self) -> dict[str, float]:
-        return {"components": self.components}
 
     def example_input(self, batch: int) -> Tensor:
         """A batch of valid examples for tracing graphs."""

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.training.arcnn import AutoregressiveModel, draw_position
-from genserve.training.base import GraphDef, Lambda
 
 
 class RecurrentAR(AutoregressiveModel):
@@ -169,16 +168,7 @@ class RecurrentAR(AutoregressiveModel):
             prev = x[:, i:i + 1]
         return self.postprocess(self.unflat(x))
 
-    def export_graphs(self) -> dict[str, GraphDef]:
-        graphs = super().export_graphs()
-        B = 4
-        prev = self.example_input(B).reshape(B, -1)[:, :1]
-        h = torch.randn(B, self.state_size, generator=torch.Generator().manual_seed(1))
-        t = torch.tensor([[0.0], [1.0], [2.0], [float(self.dim - 1)]])
-        outputs = ["logits"] if self.spec.discrete else ["logits", "means", "log_scales"]
-        graphs["step"] = GraphDef(Lambda(self, self.step), {"x_prev": prev, "h": h, "t": t}, [*outputs, "h_next"])
-        return graphs
-
-    def program_parameters(self) -> dict[str, float]:
-        return {"components": self.components, "hidden": self.hidden, "layers": self.layers,
-                "state_size": self.state_size}
+    @property
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The step graph's state: the GRU units of every layer, then a row buffer (zeros at the start)."""
+        return {"h": (self.state_size,)}

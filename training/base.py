@@ -32,6 +32,10 @@ class Capabilities:
 class GenerativeModel(nn.Module):
     """Base class of the seven models; subclasses declare what they can do and implement it.
 
+    Each subclass also provides the methods of its family contract (docs/contract.md: ``conditionals`` and
+    ``step`` for autoregressive models, ``transform``/``inverse`` for flows, ``encoder``/``decoder`` for the VAE,
+    ...): export builds the graphs from them exactly as it does for a user's own module.
+
     Conventions, shared with the export and serving stations:
       * ``x`` is a float tensor of shape (B, *spec.shape) in raw data units: integer levels for discrete
         data, raw values for continuous data (models normalise internally).
@@ -106,12 +110,9 @@ class GenerativeModel(nn.Module):
         """Example(s) in the data domain for latents z, shape (B, *spec.shape)."""
         raise self._unsupported("decode")
 
-    def export_graphs(self) -> dict[str, GraphDef]:
-        """The deterministic graphs the serving programs need, by name."""
-        raise NotImplementedError
-
     def program_parameters(self) -> dict[str, float]:
-        """Numbers the serving program needs besides the graphs (latent size, defaults)."""
+        """Defaults of the family program's options for this model (e.g. ``importance_samples``), overriding the
+        family contract's; the graphs themselves come from the contract methods (docs/contract.md)."""
         return {}
 
     def _unsupported(self, op: str) -> NotImplementedError:

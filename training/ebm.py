@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
-from genserve.training.base import Capabilities, GenerativeModel, GraphDef, Lambda
+from genserve.training.base import Capabilities, GenerativeModel
 from genserve.training.gan import sample_distance
 
 
@@ -257,12 +257,6 @@ class EnergyModel(GenerativeModel):
         x = init * c["a"] + c["b"]
         x = langevin(lambda v: self.flat(self.energy_grad(self.unflat(v))[1]), x, steps, c, noise)
         return self.postprocess(self.unflat(x))
-
-    def export_graphs(self) -> dict[str, GraphDef]:
-        x = torch.rand(4, *self.spec.shape)
-        x = x * self.spec.levels - 0.5 if self.spec.discrete else self.denormalise(torch.randn(4, self.dim))
-        return {"energy": GraphDef(Lambda(self, self.energy), {"x": x}, ["energy"]),
-                "energy_grad": GraphDef(Lambda(self, self.energy_grad), {"x": x}, ["energy", "grad"])}
 
     def program_parameters(self) -> dict[str, float]:
         return {"langevin_steps": self.sample_steps, "langevin_step_size": self.step_size,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
-from genserve.training.base import Capabilities, GenerativeModel, GraphDef, Lambda
+from genserve.training.base import Capabilities, GenerativeModel
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -239,8 +239,3 @@ class GAN(GenerativeModel):
         """G(z) for given latents z (B, latent_dim), in the data domain."""
         return self.postprocess(self.generate(z))
 
-    def export_graphs(self) -> dict[str, GraphDef]:
-        return {"generator": GraphDef(Lambda(self, self.generate), {"z": torch.randn(4, self.latent_dim)}, ["x"])}
-
-    def program_parameters(self) -> dict[str, float]:
-        return {"latent_dim": self.latent_dim}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from genserve.core.noise import Noise
-from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, GraphDef, Lambda
+from genserve.training.base import LOG2PI, Capabilities, GenerativeModel
 
 
 class PPCA(GenerativeModel):
@@ -30,7 +30,7 @@ class PPCA(GenerativeModel):
     """
 
     name = "ppca"
-    family = "latent_variable"
+    family = "linear_gaussian"
     likelihood_kind = "exact"
     operations = ("sample", "log_likelihood", "encode", "decode")
     capabilities = Capabilities("prescribed", "stable", "approximate", "fast", "lossy", True)
@@ -132,22 +132,7 @@ class PPCA(GenerativeModel):
     def decode(self, z: Tensor, noise: Noise | None = None) -> Tensor:
         return self.postprocess(self.generate(z, torch.zeros(z.shape[0], self.dim)))
 
-    def export_graphs(self) -> dict[str, GraphDef]:
-        B, D, q = 4, self.dim, self.latent_dim
-        x = torch.rand(B, *self.spec.shape)
-        if self.spec.discrete:
-            x = torch.floor(x * self.spec.levels)
-            log_prob = GraphDef(Lambda(self, self.log_density), {"x": x, "u": torch.rand(B, D)}, ["log_prob"])
-        else:
-            log_prob = GraphDef(Lambda(self, self.log_density), {"x": x}, ["log_prob"])
-        return {
-            "log_prob": log_prob,
-            "encoder": GraphDef(Lambda(self, self.posterior_mean), {"x": x}, ["z"]),
-            "generator": GraphDef(Lambda(self, self.generate), {"z": torch.randn(B, q), "eps": torch.randn(B, D)},
-                                  ["x"]),
-        }
-
     def program_parameters(self) -> dict[str, float]:
-        return {"latent_dim": self.latent_dim, "dequant_draws": self.dequant_draws}
+        return {"dequant_draws": self.dequant_draws}
 
 

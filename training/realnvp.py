@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
-from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, GraphDef, Lambda
+from genserve.training.base import LOG2PI, Capabilities, GenerativeModel
 
 NORMS = ("batchnorm", "actnorm", "none")
 
@@ -229,12 +229,11 @@ class RealNVP(GenerativeModel):
         return t, log_jac
 
     def postprocess_inverse(self, t: Tensor) -> Tensor:
-        """Inverse of ``preprocess`` back to raw units; discrete values are shifted by -1/2 so that rounding
-        finds the integer cell y lies in."""
+        """Inverse of ``preprocess`` back to raw units: discrete data get the dequantised value y = x + u."""
         if not self.spec.discrete:
             return self.denormalise(t)
         a, scale = self.logit_alpha, (1 - 2 * self.logit_alpha) / self.spec.levels
-        return self.unflat((torch.sigmoid(t) - a) / scale - 0.5)
+        return self.unflat((torch.sigmoid(t) - a) / scale)
 
     # ---- the bijection ----------------------------------------------------------------------------
     def flow_forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -262,21 +261,21 @@ class RealNVP(GenerativeModel):
         return z, log_base + logdet + log_jac
 
     # ---- deterministic graphs -------------------------------------------------------------------
-    def forward_graph(self, x: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def transform(self, x: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(z, log p) of x (continuous) or of the dequantised draw x + u (discrete, u (B, D) in [0, 1));
         log p in nats in raw data units, shape (B,)."""
         y = self.flat(x) if u is None else self.flat(x) + u
         return self._log_density(y)
 
-    def inverse_graph(self, z: Tensor) -> Tensor:
-        """x = f^-1(z) in raw units, before rounding (discrete: cell value minus 1/2)."""
+    def inverse(self, z: Tensor) -> Tensor:
+        """x = f^-1(z) in raw units, before rounding (discrete: the dequantised value; its cell is floor)."""
         return self.postprocess_inverse(self.flow_inverse(z))
 
     # ---- training -------------------------------------------------------------------------------
     def loss(self, x: Tensor) -> Tensor:
         """-E log p(x + u) with one uniform draw per example (torch's seeded generator), nats per example."""
         u = torch.rand(x.shape[0], self.dim, dtype=x.dtype, device=x.device) if self.spec.discrete else None
-        return -self.forward_graph(x, u)[1].mean()
+        return -self.transform(x, u)[1].mean()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.loss(x)
@@ -286,35 +285,30 @@ class RealNVP(GenerativeModel):
         """Exact log-density (continuous); discrete: mean over ``draws`` dequantisations of log p(x + u),
         noise order: ``draws`` times ``noise.uniform(B, D)``."""
         if not self.spec.discrete:
-            return self.forward_graph(x)[1]
+            return self.transform(x)[1]
         draws = int(draws or self.dequant_draws)
         total = torch.zeros(x.shape[0], dtype=torch.float64)
         for _ in range(draws):
             u = torch.from_numpy(noise.uniform(x.shape[0], self.dim))
-            total += self.forward_graph(x, u)[1].double()
+            total += self.transform(x, u)[1].double()
         return (total / draws).float()
 
     def sample(self, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> Tensor:
         """Noise order: z = noise.normal(n, D) * temperature, then x = postprocess(f^-1(z))."""
         z = torch.from_numpy(noise.normal(n, self.dim)) * temperature
-        return self.postprocess(self.inverse_graph(z))
+        return self.to_cells(self.inverse(z))
 
     def encode(self, x: Tensor, noise: Noise | None = None) -> Tensor:
         """z = f(x); discrete x is taken at the centre of its cell (u = 1/2), so decode(encode(x)) == x."""
         u = torch.full((x.shape[0], self.dim), 0.5) if self.spec.discrete else None
-        return self.forward_graph(x, u)[0]
+        return self.transform(x, u)[0]
 
     def decode(self, z: Tensor, noise: Noise | None = None) -> Tensor:
-        return self.postprocess(self.inverse_graph(z))
+        return self.to_cells(self.inverse(z))
 
-    def export_graphs(self) -> dict[str, GraphDef]:
-        B, D = 4, self.dim
-        x = torch.rand(B, *self.spec.shape)
-        inputs = {"x": torch.floor(x * self.spec.levels), "u": torch.rand(B, D)} if self.spec.discrete else {"x": x}
-        return {
-            "forward": GraphDef(Lambda(self, self.forward_graph), inputs, ["z", "log_prob"]),
-            "inverse": GraphDef(Lambda(self, self.inverse_graph), {"z": torch.randn(B, D)}, ["x"]),
-        }
+    def to_cells(self, y: Tensor) -> Tensor:
+        """The data value of f^-1's output: discrete y lies in the cell [x, x + 1), so x = round(y - 1/2)."""
+        return self.postprocess(y - 0.5 if self.spec.discrete else y)
 
     def program_parameters(self) -> dict[str, float]:
-        return {"latent_dim": self.dim, "dequant_draws": self.dequant_draws}
+        return {"dequant_draws": self.dequant_draws}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
-from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, GraphDef, Lambda, categorical_from_uniform
+from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, categorical_from_uniform
 
 LOGVAR_BOUND = 10.0  # log-variances live in (-10, 10): no collapse onto a point, no overflow early in training
 IW_ROWS = 16384  # rows per chunk of importance samples, bounding memory at about rows x decoder width
@@ -209,19 +209,6 @@ class VAE(GenerativeModel):
             return self.unflat(self.decoder(z).argmax(-1).to(z.dtype))
         return self.unflat(self.decoder(z)[0])
 
-    def export_graphs(self) -> dict[str, GraphDef]:
-        B, q = 4, self.latent_dim
-        x = torch.rand(B, *self.spec.shape)
-        if self.spec.discrete:
-            x = torch.floor(x * self.spec.levels)
-        dec_out = ["logits"] if self.spec.discrete else ["mean", "std"]
-        return {
-            "encoder": GraphDef(Lambda(self, self.encoder), {"x": x}, ["mu", "logvar"]),
-            "decoder": GraphDef(Lambda(self, self.decoder), {"z": torch.randn(B, q)}, dec_out),
-            "log_weights": GraphDef(Lambda(self, self.log_weights), {"x": x, "eps": torch.randn(B, q)},
-                                    ["log_weight"]),
-        }
-
     def program_parameters(self) -> dict[str, float]:
-        return {"latent_dim": self.latent_dim, "importance_samples": self.importance_samples,
+        return {"importance_samples": self.importance_samples,
                 "iw_rows": IW_ROWS}

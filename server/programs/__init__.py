@@ -1,25 +1,48 @@
-"""Each family's operations (sample, log-likelihood, encode, decode) as programs over its ONNX graphs."""
+"""Each family's operations (sample, log-likelihood, encode, decode) as programs over its ONNX graphs.
+
+A program is chosen by the manifest's ``family``: the family contract (docs/contract.md) fixes the graphs a
+model of that family exports, whoever wrote the model, so one program serves the built-ins and users' models.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from genserve.server.programs.base import Program
+from genserve.server.programs.base import GraphSignature, Program
 
 PROGRAMS: dict[str, str] = {
-    "arcnn": "genserve.server.programs.autoregressive:CausalConvARProgram",
-    "arrnn": "genserve.server.programs.autoregressive:RecurrentARProgram",
-    "realnvp": "genserve.server.programs.flow:RealNVPProgram",
-    "ppca": "genserve.server.programs.ppca:PPCAProgram",
-    "vae": "genserve.server.programs.vae:VAEProgram",
-    "gan": "genserve.server.programs.gan:GANProgram",
-    "ebm": "genserve.server.programs.energy:EnergyProgram",
+    "autoregressive": "genserve.server.programs.autoregressive:AutoregressiveProgram",
+    "flow": "genserve.server.programs.flow:FlowProgram",
+    "latent_variable": "genserve.server.programs.vae:VAEProgram",
+    "linear_gaussian": "genserve.server.programs.ppca:PPCAProgram",
+    "implicit": "genserve.server.programs.gan:GANProgram",
+    "energy": "genserve.server.programs.energy:EnergyProgram",
 }
+LEGACY = {"ppca": "linear_gaussian"}
+"""Manifests written before the contracts named pPCA's family ``latent_variable``; its model name decides."""
 
 
-def program_class(model: str) -> type[Program]:
-    """The program class for a model name (the manifest's ``model`` field)."""
-    if model not in PROGRAMS:
-        raise ValueError(f"no serving program for model {model!r}; known: {', '.join(PROGRAMS)}")
-    module, cls = PROGRAMS[model].split(":")
+def program_class(family: str, model: str = "") -> type[Program]:
+    """The program class for a manifest's family (and, for old manifests, its model name)."""
+    family = LEGACY.get(model, family)
+    if family not in PROGRAMS:
+        raise ValueError(f"no serving program for family {family!r}; known: {', '.join(PROGRAMS)}")
+    module, cls = PROGRAMS[family].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["GraphSignature", "PROGRAMS", "Program", "program_class", "program_from_manifest", "signatures"]
+
+
+def signatures(graphs) -> dict[str, GraphSignature]:
+    """GraphSignatures of a manifest's GraphSpecs (or anything with name, inputs[name, shape], outputs[name])."""
+    return {g.name: GraphSignature({t.name: tuple(t.shape) for t in g.inputs}, tuple(t.name for t in g.outputs))
+            for g in graphs}
+
+
+def program_from_manifest(manifest) -> Program:
+    """The family program of a ModelManifest, over its data spec, parameters and graph signatures."""
+    from genserve.core.manifest import spec_from_proto
+
+    cls = program_class(manifest.family, manifest.model)
+    return cls(spec_from_proto(manifest.data), dict(manifest.parameters), signatures(manifest.graphs))

@@ -1,8 +1,9 @@
 """Autoregressive models served from their graphs: exact log-likelihood in one pass, sampling in D steps.
 
-Graphs: ``logits`` (x -> conditional parameters of every position) for both models; the recurrent model also
-has ``step`` (x_prev, h, t -> conditional parameters of position t, h_next), so that sampling carries the
-hidden state instead of re-reading the prefix. Discrete data have ``logits`` (B, D, levels); continuous data
+Graphs (the autoregressive family contract, docs/contract.md): ``logits`` (x -> conditional parameters of every
+position) and, optionally, ``step`` (x_prev, *state, t -> conditional parameters of position t, *state_next),
+so that sampling carries a state instead of re-reading the prefix. Discrete data have ``logits`` (B, D, levels);
+continuous data
 a Gaussian mixture per feature in normalised units: ``logits``, ``means``, ``log_scales``, each (B, D, K).
 Noise is drawn in the order of ``training.arcnn.AutoregressiveModel.sample``: per position i, one
 ``noise.uniform(n)`` and, for continuous data, one ``noise.normal(n)``.
@@ -69,8 +70,15 @@ def draw_position(spec: DataSpec, i: int, params: list[np.ndarray], noise: Noise
     return (y * np.float32(spec.std[i]) + np.float32(spec.mean[i])).astype(np.float32)
 
 
-class CausalConvARProgram(Program):
-    """Sampling re-runs ``logits`` on the partial sample at every step (D calls); likelihood is one call."""
+class AutoregressiveProgram(Program):
+    """Exact log-likelihood in one ``logits`` call; sampling in D steps.
+
+    With a ``step`` graph (x_prev, *state, t -> parameters of position t, *state_next) sampling carries the
+    state, zeros at the start, shaped as the manifest declares it (an RNN's hidden state, a Transformer's
+    key/value cache), so no step re-reads the prefix; ``recompute=True`` re-reads the prefix with ``logits``
+    instead (the same samples at D times the cost, kept for benchmarks). Without ``step`` every step is one
+    ``logits`` call on the partial sample.
+    """
 
     operations = ("sample", "log_likelihood")
 
@@ -79,8 +87,11 @@ class CausalConvARProgram(Program):
         out = await run("logits", {"x": x})
         return conditional_log_prob(self.spec, flat(x), [out[k] for k in _names(self.spec)]).astype(np.float32)
 
-    async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
-        return SampleResult(await self._sample_by_prefix(run, n, noise, temperature))
+    async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, recompute: bool = False,
+                     **options: Any) -> SampleResult:
+        if recompute or "step" not in self.graphs:
+            return SampleResult(await self._sample_by_prefix(run, n, noise, temperature))
+        return SampleResult(await self._sample_by_step(run, n, noise, temperature))
 
     async def _sample_by_prefix(self, run: Run, n: int, noise: Noise, temperature: float) -> np.ndarray:
         spec, names = self.spec, _names(self.spec)
@@ -90,21 +101,19 @@ class CausalConvARProgram(Program):
             x[:, i] = draw_position(spec, i, [out[k][:, i] for k in names], noise, temperature)
         return spec.postprocess(x.reshape(n, *spec.shape))
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The step graph's state inputs and their shapes without the batch axis."""
+        sig = self.graphs["step"]
+        return {k: tuple(int(d) for d in shape[1:]) for k, shape in sig.inputs.items() if k not in ("x_prev", "t")}
 
-class RecurrentARProgram(CausalConvARProgram):
-    """Sampling runs ``step`` D times carrying the hidden state (``recompute=True`` re-reads the prefix with
-    ``logits`` instead, the same samples at D times the cost, kept for benchmarks)."""
-
-    async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, recompute: bool = False,
-                     **options: Any) -> SampleResult:
-        if recompute:
-            return SampleResult(await self._sample_by_prefix(run, n, noise, temperature))
+    async def _sample_by_step(self, run: Run, n: int, noise: Noise, temperature: float) -> np.ndarray:
         spec, names = self.spec, _names(self.spec)
         x = np.zeros((n, spec.dim), dtype=np.float32)
-        h = np.zeros((n, int(self.param("state_size"))), dtype=np.float32)  # the GRU's initial state
+        state = {k: np.zeros((n, *shape), dtype=np.float32) for k, shape in self.state_shapes().items()}
         prev = np.zeros((n, 1), dtype=np.float32)  # ignored at t = 0, where the graph reads its start token
         for i in range(spec.dim):
-            out = await run("step", {"x_prev": prev, "h": h, "t": np.full((n, 1), i, dtype=np.float32)})
-            x[:, i] = draw_position(spec, i, [out[k] for k in names], noise, temperature)
-            h, prev = out["h_next"], x[:, i:i + 1].copy()
-        return SampleResult(spec.postprocess(x.reshape(n, *spec.shape)))
+            out = await run("step", {"x_prev": prev, **state, "t": np.full((n, 1), i, dtype=np.float32)})
+            x[:, i] = draw_position(spec, i, [out[k].reshape(n, -1) for k in names], noise, temperature)
+            state = {k: out[f"{k}_next"] for k in state}
+            prev = x[:, i:i + 1].copy()
+        return spec.postprocess(x.reshape(n, *spec.shape))

@@ -26,6 +26,14 @@ Run = Callable[[str, Feeds], Awaitable[Feeds]]
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class GraphSignature:
+    """A graph's inputs (name -> shape, -1 for the batch axis) and output names, as the manifest lists them."""
+
+    inputs: dict[str, tuple[int, ...]]
+    outputs: tuple[str, ...]
+
+
 @dataclass
 class SampleResult:
     """Samples in the data domain (n, *shape) and, where the family has them, the latents used (n, q)."""
@@ -42,9 +50,12 @@ class Program:
     """Of encode and decode, those that map to a distribution and draw from it with ``sample=True`` (the VAE's
     q(z|x) and p(x|z), pPCA's p(x|z)); the others are deterministic maps and refuse ``sample``."""
 
-    def __init__(self, spec: DataSpec, params: dict[str, float]) -> None:
+    def __init__(self, spec: DataSpec, params: dict[str, float],
+                 graphs: dict[str, GraphSignature] | None = None) -> None:
         self.spec = spec
         self.params = dict(params)
+        self.graphs = dict(graphs or {})
+        """The model's graphs by name: which optional graphs exist (an AR ``step``) and their state shapes."""
 
     def param(self, key: str) -> float:
         if key not in self.params:

@@ -1,4 +1,6 @@
-"""RealNVP served from its graphs: ``forward`` (x[, u] -> z, log_prob) and ``inverse`` (z -> x)."""
+"""Flows served from their graphs: ``forward`` (x[, u] -> z, log_prob) and ``inverse`` (z -> x), or, for flows
+whose inverse is a fixed-point loop (MAF), ``inverse_pass_k`` (y, x -> x_next) run ``inverse_passes_k`` times
+per stage k, each pass one batched graph call, so concurrent requests share the passes as AR steps do."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from genserve.core.noise import Noise
 from genserve.server.programs.base import Program, Run, SampleResult, dequantised_log_prob, flat
 
 
-class RealNVPProgram(Program):
-    """The operations of ``genserve.training.realnvp.RealNVP``, drawing noise in the same order."""
+class FlowProgram(Program):
+    """The flow family's operations, drawing noise in the order of ``genserve.training.realnvp.RealNVP``."""
 
     operations = ("sample", "log_likelihood", "encode", "decode")
 
@@ -28,8 +30,7 @@ class RealNVPProgram(Program):
 
     async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
         z = noise.normal(n, self.spec.dim) * np.float32(temperature)
-        x = (await run("inverse", {"z": z}))["x"]
-        return SampleResult(self.spec.postprocess(x), z)
+        return SampleResult(await self._invert(run, z), z)
 
     async def encode(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
         """z = f(x); discrete x at the centre of its cell (u = 1/2), so decoding gives x back."""
@@ -40,5 +41,18 @@ class RealNVPProgram(Program):
         return (await run("forward", feeds))["z"]
 
     async def decode(self, run: Run, z: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
-        x = (await run("inverse", {"z": z.astype(np.float32)}))["x"]
-        return self.spec.postprocess(x)
+        return await self._invert(run, z.astype(np.float32))
+
+    async def _invert(self, run: Run, z: np.ndarray) -> np.ndarray:
+        """x = f^-1(z) in the data domain: discrete data get the integer cell of the dequantised value."""
+        if "inverse_pass_0" in self.graphs or "inverse" not in self.graphs and "inverse_stages" in self.params:
+            y = z
+            for k in range(int(self.param("inverse_stages"))):
+                x = np.zeros_like(y)
+                for _ in range(int(self.param(f"inverse_passes_{k}"))):
+                    x = (await run(f"inverse_pass_{k}", {"y": y, "x": x}))["x_next"]
+                y = x
+        else:
+            y = (await run("inverse", {"z": z}))["x"]
+        y = y.reshape(len(z), *self.spec.shape)
+        return self.spec.postprocess(y - np.float32(0.5) if self.spec.discrete else y)

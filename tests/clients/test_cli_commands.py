@@ -38,7 +38,7 @@ def test_models_and_info(target: str, capsys: pytest.CaptureFixture, monkeypatch
     assert code == 0
     header, *lines = out.splitlines()
     assert header.split() == ["NAME", "VERSIONS", "FAMILY", "MODEL", "OPERATIONS", "STATE"]
-    assert any(line.split()[:4] == [DIGITS, "1", "latent_variable", "ppca"] for line in lines)
+    assert any(line.split()[:4] == [DIGITS, "1", "linear_gaussian", "ppca"] for line in lines)
     code, out, _ = run(capsys, "models", "--json")
     assert {m["name"] for m in json.loads(out)} >= {DIGITS, MOONS}
     code, out, _ = run(capsys, "info", DIGITS)

@@ -62,11 +62,10 @@ class Exported:
 
     def program(self) -> Any:
         """The serving program built from the manifest alone, as the server builds it."""
-        from genserve.core.manifest import spec_from_proto
-        from genserve.server.programs import program_class
+        from genserve.server.programs import program_from_manifest
 
         m = self.manifest
-        return program_class(m.model)(spec_from_proto(m.data), dict(m.parameters))
+        return program_from_manifest(m)
 
 
 @pytest.fixture(scope="session")

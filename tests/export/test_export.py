@@ -20,6 +20,7 @@ from torch import nn
 from genserve.clients.cli import main as cli
 from genserve.core.manifest import MANIFEST, OPERATION, read_manifest
 from genserve.core.noise import Noise
+from genserve.export.contract import bind
 from genserve.export.onnx_export import OPSET, export_graph
 from genserve.export.parity import (
     BATCH_SIZES,
@@ -51,7 +52,7 @@ def _sha256(path: Path) -> str:
 def test_graphs_checked_at_every_batch_size(exported, family):
     """Every graph passed the ONNX checker and ORT-vs-PyTorch parity at batch 1, 7 and 64, real and random."""
     e = exported(family)
-    assert [g.name for g in e.manifest.graphs] == list(e.model.export_graphs())
+    assert [g.name for g in e.manifest.graphs] == list(bind(e.model, e.model.family, e.model.spec).graphs)
     for g in e.manifest.graphs:
         rep = e.report["graphs"][g.name]
         seen = {(label, b) for label, b, _, _ in rep["parity_checks"]}
@@ -68,7 +69,7 @@ def test_manifest_declares_what_the_family_does(exported, family):
     m, model = e.manifest, e.model
     assert (m.family, m.model) == (model.family, model.name)
     assert list(m.operations) == [OPERATION[op] for op in model.operations]
-    assert dict(m.parameters) == pytest.approx({k: float(v) for k, v in model.program_parameters().items()})
+    assert dict(m.parameters) == pytest.approx(bind(model, model.family, model.spec).program_parameters())
     assert set(model.operations) <= set(e.program().operations)
     assert m.capabilities.training_stability == model.capabilities.training
     assert m.capabilities.representation == model.capabilities.representation
@@ -187,9 +188,8 @@ def test_manifest_checksums_and_provenance(exported):
 
 def test_continuous_data_export(tiny_checkpoint, tmp_path):
     """Tabular rows: the manifest carries mean/std; log-likelihood and samples still match PyTorch."""
-    from genserve.core.manifest import spec_from_proto
     from genserve.export.repository import export_checkpoint
-    from genserve.server.programs import program_class
+    from genserve.server.programs import program_from_manifest
     from genserve.server.sessions import DirectRunner
     from genserve.training.checkpoint import load_checkpoint
 
@@ -199,7 +199,7 @@ def test_continuous_data_export(tiny_checkpoint, tmp_path):
     m = read_manifest(vdir / MANIFEST)
     assert len(m.data.mean) == len(m.data.std) == 2 and not m.data.HasField("low")
     model, _ = load_checkpoint(ckpt)
-    program = program_class(m.model)(spec_from_proto(m.data), dict(m.parameters))
+    program = program_from_manifest(m)
     runner = DirectRunner.from_files({g.name: vdir / g.file for g in m.graphs})
     x = load_dataset("moons").test
     with torch.no_grad():
@@ -295,7 +295,7 @@ def test_fp16_variant_of_a_flow_within_stated_tolerance(exported, digits_test, t
 
     e = exported("realnvp")
     rng = np.random.default_rng(0)
-    for name, graph in e.model.export_graphs().items():
+    for name, graph in bind(e.model, e.model.family, e.model.spec).graphs.items():
         pool = drawn_inputs(graph, e.model.spec, 256, rng, digits_test.reshape(len(digits_test), -1))
         half = export_fp16(e.version_dir / f"{name}.onnx", tmp_path / f"{name}.fp16.onnx", graph, {"real": pool})
         assert half.max_rel_error <= FP16_RTOL and half.path.stat().st_size > 0

@@ -118,14 +118,14 @@ def test_version_and_name_must_match_folders(repo, capsys):
         assert part in lines[0]
 
 
-def test_unknown_model_and_bad_serving_config(repo, capsys):
+def test_unknown_family_and_bad_serving_config(repo, capsys):
     path, m = _manifest(repo)
-    m["model"] = "transformer"
+    m["family"] = "diffusion"
     path.write_text(json.dumps(m))
     (repo / "digits-ppca" / "config.json").write_text('{"max_batch_size": "many"}')
     code, lines = _check(repo, capsys)
     assert code == 1
-    assert "v2: no serving program for model 'transformer'" in lines[0]
+    assert "v2: no serving program for family 'diffusion'" in lines[0]
     assert "config.json: serving config does not parse" in lines[0]
 
 

@@ -23,7 +23,7 @@ from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import OPERATION_NAME, read_manifest, spec_from_proto
 from genserve.core.noise import Noise
 from genserve.server.app import BackgroundServer, grpc_options
-from genserve.server.programs import program_class
+from genserve.server.programs import program_from_manifest
 from genserve.server.programs.base import run_sync
 from genserve.server.servicer import STREAM_BLOCK_ROWS, block_seed
 from genserve.server.sessions import DirectRunner, SessionOptions
@@ -61,7 +61,7 @@ class Reference:
     def __init__(self, version_dir: Path) -> None:
         self.manifest = read_manifest(version_dir / "manifest.json")
         self.spec = spec_from_proto(self.manifest.data)
-        self.program = program_class(self.manifest.model)(self.spec, dict(self.manifest.parameters))
+        self.program = program_from_manifest(self.manifest)
         self.runner = DirectRunner.from_files({g.name: version_dir / g.file for g in self.manifest.graphs},
                                               SessionOptions(provider="cpu"))
         self.operations = {OPERATION_NAME[op] for op in self.manifest.operations}

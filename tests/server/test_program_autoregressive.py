@@ -8,9 +8,11 @@ import torch
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
+from genserve.export.contract import bind
+from genserve.export.repository import serving_program
 from genserve.export.torch_runner import TorchRunner
 from genserve.server.programs import program_class
-from genserve.server.programs.autoregressive import CausalConvARProgram, RecurrentARProgram
+from genserve.server.programs.autoregressive import AutoregressiveProgram
 from genserve.server.programs.base import run_sync
 from genserve.training.arcnn import CausalConvAR
 from genserve.training.arrnn import RecurrentAR
@@ -44,13 +46,12 @@ def setup(model: str, spec: DataSpec):
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
     m.eval()
-    program = program_class(m.name)(spec, m.program_parameters())
-    return m, program, TorchRunner(m)
+    bound = bind(m, m.family, spec)
+    return m, serving_program(bound), TorchRunner(bound.graphs)
 
 
-def test_program_classes_are_registered() -> None:
-    assert program_class("arcnn") is CausalConvARProgram
-    assert program_class("arrnn") is RecurrentARProgram
+def test_both_models_are_served_by_the_family_program() -> None:
+    assert program_class("autoregressive") is AutoregressiveProgram
 
 
 @pytest.mark.parametrize("model", IMAGE_MODELS)
@@ -104,10 +105,10 @@ def test_rnn_step_sampling_equals_prefix_recomputation(model: str, digits) -> No
     assert runner.calls == {"step": 64, "logits": 64}
 
 
-def test_initial_state_size_comes_from_the_manifest(digits) -> None:
-    m, _, runner = setup("arrnn-above", digits.spec)
-    params = m.program_parameters()
-    assert params["state_size"] == params["layers"] * params["hidden"] + 8 == 40  # GRU units, then a row buffer
-    program = RecurrentARProgram(digits.spec, {k: v for k, v in params.items() if k != "state_size"})
-    with pytest.raises(ValueError, match="state_size"):
-        run_sync(program.sample(runner, 1, Noise(0)))
+def test_initial_state_shape_comes_from_the_step_graph(digits) -> None:
+    m, program, runner = setup("arrnn-above", digits.spec)
+    assert program.state_shapes() == {"h": (40,)}  # 2 x 16 GRU units, then a row buffer of 8
+    without_step = AutoregressiveProgram(digits.spec, {}, {k: v for k, v in program.graphs.items() if k != "step"})
+    runner.calls.clear()
+    run_sync(without_step.sample(runner, 1, Noise(0)))
+    assert runner.calls == {"logits": 64}  # no step graph: every step re-reads the prefix

@@ -8,9 +8,11 @@ import torch
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
+from genserve.export.contract import bind
+from genserve.export.repository import serving_program
 from genserve.export.torch_runner import TorchRunner
-from genserve.server.programs import program_class
 from genserve.server.programs.base import run_sync
+from genserve.server.programs.vae import VAEProgram
 from genserve.training.realnvp import RealNVP
 from genserve.training.vae import VAE
 
@@ -55,8 +57,8 @@ MODELS = [
 def pair(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, object, TorchRunner]:
     torch.manual_seed(0)
     model = perturbed(request.param())
-    program = program_class(model.name)(model.spec, model.program_parameters())
-    return model, program, TorchRunner(model)
+    bound = bind(model, model.family, model.spec)
+    return model, serving_program(bound), TorchRunner(bound.graphs)
 
 
 def test_same_samples_for_the_same_seed(pair: tuple) -> None:
@@ -105,12 +107,13 @@ def test_encode_decode_match(pair: tuple) -> None:
 def test_importance_samples_are_chunked_like_one_draw() -> None:
     """The program may score K samples in several chunks; the draws, and so the bound, do not change."""
     model = perturbed(VAE(DIGITS, latent_dim=3, hidden=16))
-    runner = TorchRunner(model)
+    bound = bind(model, model.family, DIGITS)
+    runner = TorchRunner(bound.graphs)
     x = data(DIGITS, 5)
-    params = model.program_parameters()
-    whole = run_sync(program_class("vae")(DIGITS, params).log_likelihood(runner, x, Noise(2), importance_samples=30))
+    params = bound.program_parameters()
+    whole = run_sync(VAEProgram(DIGITS, params).log_likelihood(runner, x, Noise(2), importance_samples=30))
     runner.calls.clear()
-    chunked = program_class("vae")(DIGITS, {**params, "iw_rows": 5 * 7})  # 7 samples per chunk
+    chunked = VAEProgram(DIGITS, {**params, "iw_rows": 5 * 7})  # 7 samples per chunk
     got = run_sync(chunked.log_likelihood(runner, x, Noise(2), importance_samples=30))
     assert runner.calls["log_weights"] == 5  # 7 + 7 + 7 + 7 + 2
     np.testing.assert_allclose(got, whole, atol=1e-5, rtol=0)

@@ -8,8 +8,9 @@ import torch
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
+from genserve.export.contract import bind
+from genserve.export.repository import serving_program
 from genserve.export.torch_runner import TorchRunner
-from genserve.server.programs import program_class
 from genserve.server.programs.base import run_sync
 from genserve.server.programs.energy import langevin_constants as serving_constants
 from genserve.training.ebm import EnergyModel
@@ -46,7 +47,8 @@ def rows(spec: DataSpec, n: int) -> np.ndarray:
 def setup(model: torch.nn.Module) -> tuple:
     torch.manual_seed(0)
     model = perturbed(model)
-    return model, program_class(model.name)(model.spec, model.program_parameters()), TorchRunner(model)
+    bound = bind(model, model.family, model.spec)
+    return model, serving_program(bound), TorchRunner(bound.graphs)
 
 
 # ---- GAN ----------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_flow_inverse_recovers_input(spec: DataSpec, arch: dict) -> None:
         x = torch.randint(0, spec.levels, (16, *spec.shape)).float()
         assert torch.equal(m.decode(m.encode(x)), x)
     else:
-        torch.testing.assert_close(m.inverse_graph(m.forward_graph(y)[0]), y, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m.inverse(m.transform(y)[0]), y, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -106,7 +106,7 @@ def test_flow_log_density_matches_autograd_jacobian(spec: DataSpec, arch: dict, 
         z = f(row)
         expected = -0.5 * (z.pow(2).sum() + spec.dim * math.log(2 * math.pi)) + logabsdet
         x, u = (torch.floor(row), row - torch.floor(row)) if spec.discrete else (row, None)
-        got = m.forward_graph(x.unsqueeze(0).reshape(1, *spec.shape),
+        got = m.transform(x.unsqueeze(0).reshape(1, *spec.shape),
                               None if u is None else u.unsqueeze(0))[1]
         assert abs(float(got.detach()) - float(expected.detach())) < 1e-6
 
@@ -118,9 +118,9 @@ def grid_integral(m: RealNVP, lo: float, hi: float, n: int, discrete: bool) -> f
     pts = torch.cartesian_prod(g, g)
     with torch.no_grad():
         if discrete:  # x = 0 and u = y is the same dequantised point y
-            logp = m.forward_graph(torch.zeros_like(pts), pts)[1]
+            logp = m.transform(torch.zeros_like(pts), pts)[1]
         else:
-            logp = m.forward_graph(pts)[1]
+            logp = m.transform(pts)[1]
     return float(torch.exp(logp.double()).sum()) * step**2
 
 
