@@ -46,6 +46,7 @@ def spec_to_proto(spec: DataSpec) -> pb.DataSpec:
         mean=list(spec.mean),
         std=list(spec.std),
         dtype="float32",
+        columns=list(spec.columns),
     )
     if math.isfinite(spec.low):
         msg.low = spec.low
@@ -68,6 +69,7 @@ def spec_from_proto(msg: pb.DataSpec) -> DataSpec:
         high=msg.high if msg.HasField("high") else math.inf,
         mean=tuple(msg.mean),
         std=tuple(msg.std),
+        columns=tuple(msg.columns),
     )
 
 

@@ -18,6 +18,11 @@ class DataSpec:
     Discrete data are integer levels 0..levels-1 (digits: 17 levels, 8x8 images). Continuous data are real
     rows; models normalise them internally with ``mean``/``std`` (taken from the training split), so every
     density is reported in the units of the raw data.
+
+    Images are channels-last, ``(H, W)`` or ``(H, W, C)`` with C in 1..4, as numpy image arrays and PIL hold
+    them: the row-major order of one example, in which every flat (D,) view and every autoregressive model
+    reads it, is then the raster order over pixels with the channels of a pixel consecutive (R, G, B of a
+    pixel before the next pixel), which is PixelCNN's order.
     """
 
     name: str
@@ -36,13 +41,27 @@ class DataSpec:
     """Per-feature mean used to normalise continuous data (empty for discrete data)."""
     std: tuple[float, ...] = field(default_factory=tuple)
     """Per-feature standard deviation used to normalise continuous data."""
+    columns: tuple[str, ...] = field(default_factory=tuple)
+    """Names of the D features of tabular rows (a file's header), in order; empty when the data have none."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "columns", tuple(self.columns))
         if any(s <= 0 for s in self.shape) or not self.shape:
             raise ValueError(f"shape must be non-empty with positive sizes, got {self.shape}")
+        if self.columns:
+            if len(self.shape) != 1 or len(self.columns) != self.dim:
+                raise ValueError(f"columns name the features of rows (D,): got {len(self.columns)} names for "
+                                 f"shape {self.shape}")
+            bad = [c for c in self.columns if not isinstance(c, str) or not c.strip()]
+            if bad:
+                raise ValueError(f"column names must be non-empty strings, got {bad[0]!r}")
+            seen: set[str] = set()
+            dup = next((c for c in self.columns if c in seen or seen.add(c)), None)
+            if dup is not None:
+                raise ValueError(f"column name {dup!r} appears twice; column names must be unique")
         if self.kind not in ("discrete", "continuous"):
             raise ValueError(f"kind must be 'discrete' or 'continuous', got {self.kind!r}")
         if self.kind == "discrete":
@@ -68,8 +87,16 @@ class DataSpec:
 
     @property
     def is_image(self) -> bool:
-        """True for 2-D examples (H, W), which get image grids and convolutional models."""
-        return len(self.shape) == 2
+        """True for images, (H, W) or channels-last (H, W, C) with C in 1..4: they get image grids and
+        convolutional models; other shapes are treated as flat rows of D values."""
+        return len(self.shape) == 2 or (len(self.shape) == 3 and 1 <= self.shape[2] <= 4)
+
+    @property
+    def channels(self) -> int:
+        """Channels per pixel of an image: C for (H, W, C), 1 for (H, W); 0 for data that are not images."""
+        if not self.is_image:
+            return 0
+        return self.shape[2] if len(self.shape) == 3 else 1
 
     @property
     def discrete(self) -> bool:
@@ -124,6 +151,10 @@ class DataSpec:
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.columns:
+            d["columns"] = list(self.columns)
+        else:  # the dict of a spec without names stays as it was before columns existed
+            del d["columns"]
         return d
 
     @classmethod

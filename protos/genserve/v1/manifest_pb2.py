@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agenserve/v1/manifest.proto\x12\x0bgenserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x08\x44\x61taSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x05\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.genserve.v1.Domain\x12\x0e\n\x06levels\x18\x04 \x01(\x05\x12\x10\n\x03low\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04high\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04mean\x18\x07 \x03(\x01\x12\x0b\n\x03std\x18\x08 \x03(\x01\x12\r\n\x05\x64type\x18\t \x01(\tB\x06\n\x04_lowB\x07\n\x05_high\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x05\"\xc1\x01\n\tGraphSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\'\n\x06inputs\x18\x03 \x03(\x0b\x32\x17.genserve.v1.TensorSpec\x12(\n\x07outputs\x18\x04 \x03(\x0b\x32\x17.genserve.v1.TensorSpec\x12\r\n\x05opset\x18\x05 \x01(\x05\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x11\n\tfp16_file\x18\x07 \x01(\t\x12\x13\n\x0b\x66p16_sha256\x18\x08 \x01(\t\"\xa0\x01\n\x0c\x43\x61pabilities\x12\x1a\n\x12training_stability\x18\x01 \x01(\t\x12/\n\nlikelihood\x18\x02 \x01(\x0e\x32\x1b.genserve.v1.LikelihoodKind\x12\x16\n\x0esampling_speed\x18\x03 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\x12\x16\n\x0erepresentation\x18\x05 \x01(\x08\"\xd9\x02\n\nProvenance\x12\x1c\n\x14training_config_json\x18\x01 \x01(\t\x12\x15\n\rcode_revision\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x0b\x66ile_sha256\x18\x04 \x03(\x0b\x32\'.genserve.v1.Provenance.FileSha256Entry\x12@\n\rtool_versions\x18\x05 \x03(\x0b\x32).genserve.v1.Provenance.ToolVersionsEntry\x1a\x31\n\x0f\x46ileSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11ToolVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc1\x02\n\rServingConfig\x12\x1b\n\x0emax_batch_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1f\n\x12max_queue_delay_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0emax_queue_size\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tinstances\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x15\n\x08provider\x18\x05 \x01(\tH\x04\x88\x01\x01\x12\x1d\n\x10intra_op_threads\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04\x66p16\x18\x07 \x01(\x08H\x06\x88\x01\x01\x42\x11\n\x0f_max_batch_sizeB\x15\n\x13_max_queue_delay_msB\x11\n\x0f_max_queue_sizeB\x0c\n\n_instancesB\x0b\n\t_providerB\x13\n\x11_intra_op_threadsB\x07\n\x05_fp16\"\xe8\x04\n\rModelManifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12#\n\x04\x64\x61ta\x18\x07 \x01(\x0b\x32\x15.genserve.v1.DataSpec\x12&\n\x06graphs\x18\x08 \x03(\x0b\x32\x16.genserve.v1.GraphSpec\x12/\n\x0c\x63\x61pabilities\x18\t \x01(\x0b\x32\x19.genserve.v1.Capabilities\x12*\n\noperations\x18\n \x03(\x0e\x32\x16.genserve.v1.Operation\x12>\n\nparameters\x18\x0b \x03(\x0b\x32*.genserve.v1.ModelManifest.ParametersEntry\x12\x41\n\x0ctest_metrics\x18\x0c \x03(\x0b\x32+.genserve.v1.ModelManifest.TestMetricsEntry\x12+\n\nprovenance\x18\r \x01(\x0b\x32\x17.genserve.v1.Provenance\x12+\n\x07serving\x18\x0e \x01(\x0b\x32\x1a.genserve.v1.ServingConfig\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10TestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*L\n\x06\x44omain\x12\x16\n\x12\x44OMAIN_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44OMAIN_DISCRETE\x10\x01\x12\x15\n\x11\x44OMAIN_CONTINUOUS\x10\x02*\xa9\x01\n\x0eLikelihoodKind\x12\x1f\n\x1bLIKELIHOOD_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15LIKELIHOOD_KIND_EXACT\x10\x01\x12\x1f\n\x1bLIKELIHOOD_KIND_LOWER_BOUND\x10\x02\x12 \n\x1cLIKELIHOOD_KIND_UNNORMALIZED\x10\x03\x12\x18\n\x14LIKELIHOOD_KIND_NONE\x10\x04*\x86\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_SAMPLE\x10\x01\x12\x1c\n\x18OPERATION_LOG_LIKELIHOOD\x10\x02\x12\x14\n\x10OPERATION_ENCODE\x10\x03\x12\x14\n\x10OPERATION_DECODE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agenserve/v1/manifest.proto\x12\x0bgenserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcb\x01\n\x08\x44\x61taSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x05\x12!\n\x04kind\x18\x03 \x01(\x0e\x32\x13.genserve.v1.Domain\x12\x0e\n\x06levels\x18\x04 \x01(\x05\x12\x10\n\x03low\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04high\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04mean\x18\x07 \x03(\x01\x12\x0b\n\x03std\x18\x08 \x03(\x01\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0f\n\x07\x63olumns\x18\n \x03(\tB\x06\n\x04_lowB\x07\n\x05_high\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x05\"\xc1\x01\n\tGraphSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\'\n\x06inputs\x18\x03 \x03(\x0b\x32\x17.genserve.v1.TensorSpec\x12(\n\x07outputs\x18\x04 \x03(\x0b\x32\x17.genserve.v1.TensorSpec\x12\r\n\x05opset\x18\x05 \x01(\x05\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x11\n\tfp16_file\x18\x07 \x01(\t\x12\x13\n\x0b\x66p16_sha256\x18\x08 \x01(\t\"\xa0\x01\n\x0c\x43\x61pabilities\x12\x1a\n\x12training_stability\x18\x01 \x01(\t\x12/\n\nlikelihood\x18\x02 \x01(\x0e\x32\x1b.genserve.v1.LikelihoodKind\x12\x16\n\x0esampling_speed\x18\x03 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x04 \x01(\t\x12\x16\n\x0erepresentation\x18\x05 \x01(\x08\"\xd9\x02\n\nProvenance\x12\x1c\n\x14training_config_json\x18\x01 \x01(\t\x12\x15\n\rcode_revision\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x0b\x66ile_sha256\x18\x04 \x03(\x0b\x32\'.genserve.v1.Provenance.FileSha256Entry\x12@\n\rtool_versions\x18\x05 \x03(\x0b\x32).genserve.v1.Provenance.ToolVersionsEntry\x1a\x31\n\x0f\x46ileSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11ToolVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc1\x02\n\rServingConfig\x12\x1b\n\x0emax_batch_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1f\n\x12max_queue_delay_ms\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0emax_queue_size\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tinstances\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x15\n\x08provider\x18\x05 \x01(\tH\x04\x88\x01\x01\x12\x1d\n\x10intra_op_threads\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x11\n\x04\x66p16\x18\x07 \x01(\x08H\x06\x88\x01\x01\x42\x11\n\x0f_max_batch_sizeB\x15\n\x13_max_queue_delay_msB\x11\n\x0f_max_queue_sizeB\x0c\n\n_instancesB\x0b\n\t_providerB\x13\n\x11_intra_op_threadsB\x07\n\x05_fp16\"\xe8\x04\n\rModelManifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12#\n\x04\x64\x61ta\x18\x07 \x01(\x0b\x32\x15.genserve.v1.DataSpec\x12&\n\x06graphs\x18\x08 \x03(\x0b\x32\x16.genserve.v1.GraphSpec\x12/\n\x0c\x63\x61pabilities\x18\t \x01(\x0b\x32\x19.genserve.v1.Capabilities\x12*\n\noperations\x18\n \x03(\x0e\x32\x16.genserve.v1.Operation\x12>\n\nparameters\x18\x0b \x03(\x0b\x32*.genserve.v1.ModelManifest.ParametersEntry\x12\x41\n\x0ctest_metrics\x18\x0c \x03(\x0b\x32+.genserve.v1.ModelManifest.TestMetricsEntry\x12+\n\nprovenance\x18\r \x01(\x0b\x32\x17.genserve.v1.Provenance\x12+\n\x07serving\x18\x0e \x01(\x0b\x32\x1a.genserve.v1.ServingConfig\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10TestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*L\n\x06\x44omain\x12\x16\n\x12\x44OMAIN_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44OMAIN_DISCRETE\x10\x01\x12\x15\n\x11\x44OMAIN_CONTINUOUS\x10\x02*\xa9\x01\n\x0eLikelihoodKind\x12\x1f\n\x1bLIKELIHOOD_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15LIKELIHOOD_KIND_EXACT\x10\x01\x12\x1f\n\x1bLIKELIHOOD_KIND_LOWER_BOUND\x10\x02\x12 \n\x1cLIKELIHOOD_KIND_UNNORMALIZED\x10\x03\x12\x18\n\x14LIKELIHOOD_KIND_NONE\x10\x04*\x86\x01\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x14\n\x10OPERATION_SAMPLE\x10\x01\x12\x1c\n\x18OPERATION_LOG_LIKELIHOOD\x10\x02\x12\x14\n\x10OPERATION_ENCODE\x10\x03\x12\x14\n\x10OPERATION_DECODE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,32 +40,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELMANIFEST_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_MODELMANIFEST_TESTMETRICSENTRY']._loaded_options = None
   _globals['_MODELMANIFEST_TESTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DOMAIN']._serialized_start=1973
-  _globals['_DOMAIN']._serialized_end=2049
-  _globals['_LIKELIHOODKIND']._serialized_start=2052
-  _globals['_LIKELIHOODKIND']._serialized_end=2221
-  _globals['_OPERATION']._serialized_start=2224
-  _globals['_OPERATION']._serialized_end=2358
+  _globals['_DOMAIN']._serialized_start=1990
+  _globals['_DOMAIN']._serialized_end=2066
+  _globals['_LIKELIHOODKIND']._serialized_start=2069
+  _globals['_LIKELIHOODKIND']._serialized_end=2238
+  _globals['_OPERATION']._serialized_start=2241
+  _globals['_OPERATION']._serialized_end=2375
   _globals['_DATASPEC']._serialized_start=77
-  _globals['_DATASPEC']._serialized_end=263
-  _globals['_TENSORSPEC']._serialized_start=265
-  _globals['_TENSORSPEC']._serialized_end=321
-  _globals['_GRAPHSPEC']._serialized_start=324
-  _globals['_GRAPHSPEC']._serialized_end=517
-  _globals['_CAPABILITIES']._serialized_start=520
-  _globals['_CAPABILITIES']._serialized_end=680
-  _globals['_PROVENANCE']._serialized_start=683
-  _globals['_PROVENANCE']._serialized_end=1028
-  _globals['_PROVENANCE_FILESHA256ENTRY']._serialized_start=926
-  _globals['_PROVENANCE_FILESHA256ENTRY']._serialized_end=975
-  _globals['_PROVENANCE_TOOLVERSIONSENTRY']._serialized_start=977
-  _globals['_PROVENANCE_TOOLVERSIONSENTRY']._serialized_end=1028
-  _globals['_SERVINGCONFIG']._serialized_start=1031
-  _globals['_SERVINGCONFIG']._serialized_end=1352
-  _globals['_MODELMANIFEST']._serialized_start=1355
-  _globals['_MODELMANIFEST']._serialized_end=1971
-  _globals['_MODELMANIFEST_PARAMETERSENTRY']._serialized_start=1870
-  _globals['_MODELMANIFEST_PARAMETERSENTRY']._serialized_end=1919
-  _globals['_MODELMANIFEST_TESTMETRICSENTRY']._serialized_start=1921
-  _globals['_MODELMANIFEST_TESTMETRICSENTRY']._serialized_end=1971
+  _globals['_DATASPEC']._serialized_end=280
+  _globals['_TENSORSPEC']._serialized_start=282
+  _globals['_TENSORSPEC']._serialized_end=338
+  _globals['_GRAPHSPEC']._serialized_start=341
+  _globals['_GRAPHSPEC']._serialized_end=534
+  _globals['_CAPABILITIES']._serialized_start=537
+  _globals['_CAPABILITIES']._serialized_end=697
+  _globals['_PROVENANCE']._serialized_start=700
+  _globals['_PROVENANCE']._serialized_end=1045
+  _globals['_PROVENANCE_FILESHA256ENTRY']._serialized_start=943
+  _globals['_PROVENANCE_FILESHA256ENTRY']._serialized_end=992
+  _globals['_PROVENANCE_TOOLVERSIONSENTRY']._serialized_start=994
+  _globals['_PROVENANCE_TOOLVERSIONSENTRY']._serialized_end=1045
+  _globals['_SERVINGCONFIG']._serialized_start=1048
+  _globals['_SERVINGCONFIG']._serialized_end=1369
+  _globals['_MODELMANIFEST']._serialized_start=1372
+  _globals['_MODELMANIFEST']._serialized_end=1988
+  _globals['_MODELMANIFEST_PARAMETERSENTRY']._serialized_start=1887
+  _globals['_MODELMANIFEST_PARAMETERSENTRY']._serialized_end=1936
+  _globals['_MODELMANIFEST_TESTMETRICSENTRY']._serialized_start=1938
+  _globals['_MODELMANIFEST_TESTMETRICSENTRY']._serialized_end=1988
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,7 @@ OPERATION_ENCODE: Operation
 OPERATION_DECODE: Operation
 
 class DataSpec(_message.Message):
-    __slots__ = ("name", "shape", "kind", "levels", "low", "high", "mean", "std", "dtype")
+    __slots__ = ("name", "shape", "kind", "levels", "low", "high", "mean", "std", "dtype", "columns")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class DataSpec(_message.Message):
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     kind: Domain
@@ -65,7 +66,8 @@ class DataSpec(_message.Message):
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
     dtype: str
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[Domain, str]] = ..., levels: _Optional[int] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[Domain, str]] = ..., levels: _Optional[int] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., dtype: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
