@@ -9,16 +9,21 @@ import torch
 
 from genserve.core.spec import DataSpec
 from genserve.training.base import GenerativeModel
-from genserve.training.registry import model_class
+from genserve.training.registry import class_from_origin, origin
 
 FORMAT = "genserve-checkpoint/1"
 
 
 def save_checkpoint(path: str | Path, model: GenerativeModel, **extra: Any) -> None:
-    """Write the model with everything needed to rebuild it; ``extra`` holds config, metrics, state."""
+    """Write the model with everything needed to rebuild it; ``extra`` holds config, metrics, state.
+
+    ``origin`` says where the class comes from (a built-in name, a plugin's entry point or a factory string),
+    so a plugin's checkpoint is rebuilt by ``load_checkpoint`` like a built-in's.
+    """
     state = {
         "format": FORMAT,
         "model": model.name,
+        "origin": origin(type(model)),
         "arch": dict(model.arch),
         "spec": model.spec.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -48,10 +53,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def checkpoint_class(ckpt: dict[str, Any]) -> type[GenerativeModel]:
+    """The model class a checkpoint was written from (built-in, plugin or factory); ValueError if it is gone."""
+    return class_from_origin(ckpt.get("origin"), str(ckpt.get("model")))
+
+
 def load_checkpoint(path: str | Path) -> tuple[GenerativeModel, dict[str, Any]]:
     """Rebuild the model in eval mode from a checkpoint; returns (model, checkpoint dict)."""
     ckpt = read_checkpoint(path)
-    model = model_class(ckpt["model"])(DataSpec.from_dict(ckpt["spec"]), **ckpt["arch"])
+    model = checkpoint_class(ckpt)(DataSpec.from_dict(ckpt["spec"]), **ckpt["arch"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:  # weights saved by an older version of the model code

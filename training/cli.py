@@ -12,6 +12,10 @@ EPILOG = """examples:
   genserve train arcnn --config my.toml --set lr=3e-4 --set arch.hidden=96 --out runs/arcnn.pt
   genserve train gan --dataset images.npy --levels 256 --out runs/gan.pt
   torchrun --standalone --nproc_per_node=2 -m genserve.training.cli vae --out runs/vae.pt
+
+your own architecture (a genserve.training.base.GenerativeModel subclass that meets its family contract):
+  genserve train tinyflow --dataset moons --out runs/tiny.pt      # a plugin: entry point in group genserve.models
+  genserve train --factory mypkg.model:TinyFlow --dataset moons --out runs/tiny.pt
 """
 
 
@@ -23,7 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="arcnn, arrnn, realnvp, ppca, vae, gan or ebm")
+    p.add_argument("model", nargs="?", help="arcnn, arrnn, realnvp, ppca, vae, gan, ebm, or an installed plugin's "
+                   "name (entry point group genserve.models)")
+    p.add_argument("--factory", metavar="MODULE:CLASS",
+                   help="train your own GenerativeModel subclass, or a function returning it, instead of a named "
+                   "model; it must be importable (installed or on PYTHONPATH)")
     p.add_argument("--dataset", default="digits", help="digits, moons, gmm, or a .npy/.npz/.csv file (default digits)")
     p.add_argument("--levels", type=int, default=0, help="integer levels of a user file's values (0: continuous)")
     p.add_argument("--out", required=True, help="checkpoint path to write, e.g. runs/vae.pt")
@@ -47,15 +55,26 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from genserve.training.config import build_config
+    from genserve.training.registry import refused
     from genserve.training.trainer import train
 
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.model and args.factory:
+        raise ValueError(f"give a model name or --factory, not both (got {args.model!r} and --factory "
+                         f"{args.factory!r})")
+    if main_rank:
+        for message in refused():
+            print(f"genserve: warning: {message}", file=sys.stderr)
     overrides = parse_overrides(args.set)
     if args.seed is not None:
         overrides["seed"] = str(args.seed)
-    cfg = build_config(args.model, args.dataset, args.profile, args.levels, args.config, overrides)
+    cfg = build_config(args.model, args.dataset, args.profile, args.levels, args.config, overrides,
+                       factory=args.factory)
     metrics = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if main_rank:
         print(json.dumps({"checkpoint": str(args.out), **metrics}))
     return 0
 

@@ -16,7 +16,10 @@ class TrainConfig:
     """Everything that decides a training run; stored in the checkpoint so a run can be repeated."""
 
     model: str
-    """One of arcnn, arrnn, realnvp, ppca, vae, gan, ebm."""
+    """A built-in (arcnn, arrnn, realnvp, ppca, vae, gan, ebm), a plugin's entry-point name, or with ``factory``
+    the class's own ``name``."""
+    factory: str = ""
+    """``package.module:Class`` (or a function returning the class) to train instead of a registered model."""
     dataset: str = "digits"
     """Built-in set (digits, moons, gmm) or a .npy/.npz/.csv path."""
     levels: int = 0
@@ -45,10 +48,10 @@ class TrainConfig:
     """Keyword arguments of the model's constructor (its architecture)."""
 
     def __post_init__(self) -> None:
-        from genserve.training.registry import MODELS
+        from genserve.training.registry import is_known, model_class
 
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
+        if not self.factory and not is_known(self.model):
+            model_class(self.model)  # raises, naming the choices
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; choose one of: {', '.join(PROFILES)}")
         for name in ("epochs", "batch_size"):
@@ -128,17 +131,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     raise ValueError(f"config file {path}: use .toml or .json")
 
 
-def build_config(model: str, dataset: str = "digits", profile: str = "quick", levels: int = 0,
-                 config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Profile defaults of the model (digits or tabular), then the config file, then overrides."""
-    from genserve.training.registry import model_class
+def build_config(model: str | None, dataset: str = "digits", profile: str = "quick", levels: int = 0,
+                 config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 factory: str | None = None) -> TrainConfig:
+    """Profile defaults of the model (digits or tabular), then the config file, then overrides. The model is a
+    registered name (built-in or plugin) or, with ``factory`` ("package.module:Class"), a class of the user's."""
+    from genserve.training.registry import resolve
 
-    cls = model_class(model)
+    cls = resolve(model, factory)
+    model = cls.name if factory else model
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     tabular = dataset not in ("digits",) and not levels
     preset = (cls.tabular_profiles if tabular and cls.tabular_profiles else cls.profiles).get(profile, {})
-    base = apply_overrides({"model": model, "dataset": dataset, "profile": profile, "levels": levels},
+    base = apply_overrides({"model": model, "factory": factory or "", "dataset": dataset, "profile": profile,
+                            "levels": levels},
                            preset, f"{model} profile {profile}")
     if config_file:
         base = apply_overrides(base, read_config_file(config_file), str(config_file))

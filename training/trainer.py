@@ -30,12 +30,13 @@ from genserve.training.base import GenerativeModel
 from genserve.training.checkpoint import read_checkpoint, save_checkpoint
 from genserve.training.config import TrainConfig
 from genserve.training.data import Dataset, load_dataset
-from genserve.training.registry import model_class
+from genserve.training.registry import origin, resolve
 
 
 def build_model(cfg: TrainConfig, spec: DataSpec) -> GenerativeModel:
-    """The model of ``cfg`` for data ``spec``; unknown architecture arguments are refused by name."""
-    cls = model_class(cfg.model)
+    """The model of ``cfg`` (built-in, plugin or factory) for data ``spec``; unknown architecture arguments are
+    refused by name."""
+    cls = resolve(cfg.model, cfg.factory)
     params = inspect.signature(cls.__init__).parameters
     unknown = sorted(set(cfg.arch) - set(params) - {"self", "spec"})
     if unknown:
@@ -118,8 +119,11 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     best_weights = {k: v.clone() for k, v in model.state_dict().items()}
     if resume and out.exists():
         ckpt = read_checkpoint(out)
-        if ckpt["model"] != cfg.model:
-            raise ValueError(f"{out} holds a {ckpt['model']} model, not {cfg.model}; pick another --out")
+        mine = origin(type(model))
+        theirs = ckpt.get("origin") or {"model": ckpt["model"]}
+        if ckpt["model"] != model.name or _origin_key(theirs) != _origin_key(mine):
+            raise ValueError(f"{out} holds a {ckpt['model']} model ({_origin_key(theirs)}), not {model.name} "
+                             f"({_origin_key(mine)}); pick another --out")
         ts = ckpt["train_state"]
         model.load_state_dict(ts["current"])
         for opt, s in zip(optimizers, ts["optimizers"], strict=True):
@@ -129,7 +133,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     if state["bad_epochs"] >= cfg.patience or state["epoch"] >= cfg.epochs:
         return dict(read_checkpoint(out)["metrics"])
 
-    runner: torch.nn.Module = model
+    # The default step calls runner(x) for the loss: through DDP, so that gradients are averaged. A user's
+    # module may mean something else by forward (a flow's x -> z), so the runner calls model.loss instead.
+    runner: torch.nn.Module = _Loss(model)
     custom_step = type(model).training_step is not GenerativeModel.training_step
     if ddp.world > 1:
         ddp.sync_buffers(model)
@@ -140,7 +146,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                 params = [p for g in opt.param_groups for p in g["params"]]
                 opt.register_step_pre_hook(lambda *_, params=params: ddp.average_grads(params))
         else:
-            runner = torch.nn.parallel.DistributedDataParallel(model)
+            runner = torch.nn.parallel.DistributedDataParallel(runner)
 
     dataset = TensorDataset(train_x)
     stop_reason = "epochs"
@@ -208,11 +214,27 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     return metrics
 
 
+def _origin_key(record: dict[str, str]) -> str:
+    """The part of a checkpoint origin that names the class: "model vae", "entry_point tinyflow", ..."""
+    return next((f"{k} {record[k]}" for k in ("model", "entry_point", "factory") if k in record), str(record))
+
+
+class _Loss(torch.nn.Module):
+    """``forward(x)`` is the model's training loss, whatever the model's own forward does."""
+
+    def __init__(self, model: GenerativeModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(x)
+
+
 def _default_step(runner: torch.nn.Module, model: GenerativeModel, x: torch.Tensor,
                   optimizers: list[torch.optim.Optimizer], grad_clip: float) -> dict[str, float]:
     (opt,) = optimizers
     opt.zero_grad(set_to_none=True)
-    loss = runner(x)  # forward(x) is the training loss; through DDP this also averages gradients
+    loss = runner(x)  # _Loss: forward(x) is the training loss; through DDP this also averages gradients
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

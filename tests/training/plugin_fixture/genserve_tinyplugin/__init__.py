@@ -1,0 +1,1 @@
+"""A tiny affine-coupling flow packaged as a genserve model plugin (a test fixture)."""
