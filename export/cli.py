@@ -8,13 +8,27 @@ EXPORT_EPILOG = """examples:
   genserve export runs/vae.pt --repo models                 # models/digits-vae/<highest+1>/
   genserve export runs/vae.pt --repo models --name vae --version 3 --force
   genserve export runs/flow.pt --repo models --fp16 --metrics eval.json
+
+  your own module (any nn.Module that meets its family contract, docs/contract.md):
+  genserve export --factory mypkg.flows:build --family flow --data moons --weights flow.pt --repo models
+  genserve export --factory mypkg.vae:ConvVAE --family latent_variable --spec spec.json --data test.npy \\
+      --weights vae.pt --repo models --name images-vae
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to checked ONNX graphs in a model repository",
                        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by `genserve train`")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint written by `genserve train` (or use --factory)")
+    own = p.add_argument_group("your own module (instead of a checkpoint)")
+    own.add_argument("--factory", metavar="MODULE:CALLABLE",
+                     help="a function or class that returns the nn.Module, called with the data spec if it takes it")
+    own.add_argument("--family", help="its family contract: autoregressive, flow, latent_variable, "
+                     "linear_gaussian, implicit or energy")
+    own.add_argument("--spec", help="JSON data spec of one example (default: taken from --data)")
+    own.add_argument("--data", help="rows for the checks: a built-in dataset (test split) or a .npy/.npz/.csv file")
+    own.add_argument("--weights", help="state_dict saved with torch.save(model.state_dict(), path); weights only")
+    own.add_argument("--model-name", help="architecture name recorded in the manifest (default: the class name)")
     p.add_argument("--repo", required=True, help="model repository folder (created if absent)")
     p.add_argument("--name", help="model name (default <dataset>-<model>, e.g. digits-vae)")
     p.add_argument("--version", type=int, help="whole-number version (default: highest existing + 1)")
@@ -44,9 +58,51 @@ def run_export(args: argparse.Namespace) -> int:
             raise ValueError(f"--metrics {args.metrics}: not a readable JSON file ({e})") from None
         if not isinstance(metrics, dict):
             raise ValueError(f"--metrics {args.metrics}: expected a JSON object of metrics")
+    if args.factory:
+        if args.checkpoint:
+            raise ValueError("give either a checkpoint or --factory, not both")
+        _export_factory(args, metrics)
+        return 0
+    if not args.checkpoint:
+        raise ValueError("nothing to export: give a checkpoint written by `genserve train`, or --factory "
+                         "MODULE:CALLABLE with --family and --spec or --data")
+    stray = [f"--{k.replace('_', '-')}" for k in ("family", "spec", "data", "weights", "model_name")
+             if getattr(args, k)]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} go with --factory; a checkpoint carries its own family and data spec")
     export_checkpoint(args.checkpoint, args.repo, name=args.name, version=args.version, fp16=args.fp16,
                       force=args.force, metrics=metrics)
     return 0
+
+
+def _export_factory(args: argparse.Namespace, metrics: dict | None) -> None:
+    """Build the user's module, load its weights and export it through its family contract."""
+    from genserve.export.contract import family
+    from genserve.export.factory import build_module, load_factory, load_weights, read_spec
+    from genserve.export.repository import export_model
+
+    if not args.family:
+        raise ValueError("--factory needs --family: one of autoregressive, flow, latent_variable, linear_gaussian, "
+                         "implicit, energy (docs/contract.md)")
+    family(args.family)  # an unknown family is refused before anything is imported or built
+    rows = None
+    spec = read_spec(args.spec) if args.spec else None
+    if args.data:
+        from genserve.training.data import load_dataset
+
+        data = load_dataset(args.data)
+        rows = data.test
+        if spec is None:
+            spec = data.spec
+    if spec is None:
+        raise ValueError("--factory needs the data spec: --spec spec.json, or --data naming the data it was "
+                         "trained on")
+    module = build_module(load_factory(args.factory), spec, args.factory)
+    if args.weights:
+        load_weights(module, args.weights)
+    export_model(module.eval(), args.family, spec, args.repo, name=args.name, version=args.version, data=rows,
+                 model_name=args.model_name, fp16=args.fp16, force=args.force, metrics=metrics,
+                 source=args.factory)
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ def conditional_log_prob(spec: DataSpec, x: np.ndarray, params: list[np.ndarray]
         logp = _log_softmax(params[0])
         return np.take_along_axis(logp, x.astype(np.int64)[..., None], axis=-1)[..., 0].sum(-1)
     logits, means, log_scales = (p.astype(np.float64) for p in params)
-    mean, std = np.asarray(spec.mean), np.asarray(spec.std)
+    mean, std = np.asarray(spec.mean or 0.0), np.asarray(spec.std or 1.0)  # a spec without them: raw units
     y = ((x.astype(np.float64) - mean) / std)[..., None]
     z = (y - means) * np.exp(-log_scales)
     comp = _log_softmax(logits) - 0.5 * z * z - log_scales - 0.5 * LOG2PI
@@ -67,7 +67,8 @@ def draw_position(spec: DataSpec, i: int, params: list[np.ndarray], noise: Noise
     mu = np.take_along_axis(means, k, axis=-1)[:, 0]
     log_s = np.take_along_axis(log_scales, k, axis=-1)[:, 0]
     y = mu + np.exp(log_s) * (eps * temp)
-    return (y * np.float32(spec.std[i]) + np.float32(spec.mean[i])).astype(np.float32)
+    std, mean = (spec.std[i], spec.mean[i]) if spec.std else (1.0, 0.0)
+    return (y * np.float32(std) + np.float32(mean)).astype(np.float32)
 
 
 class AutoregressiveProgram(Program):
