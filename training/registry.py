@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import warnings
 from typing import Any
 
 from genserve.training.base import LIKELIHOOD_KINDS, OPERATIONS, Capabilities, GenerativeModel
@@ -35,10 +34,6 @@ MODELS: dict[str, str] = {
 
 _ORIGINS: dict[type, dict[str, str]] = {}
 """Classes handed out by this module -> how they were found, recorded in checkpoints (see ``origin``)."""
-
-
-class PluginWarning(UserWarning):
-    """A plugin entry point that is ignored (it shadows a built-in name or another plugin)."""
 
 
 def _describe(ep: importlib.metadata.EntryPoint) -> str:
@@ -68,11 +63,8 @@ def _scan() -> tuple[dict[str, importlib.metadata.EntryPoint], list[str]]:
 
 
 def plugins() -> dict[str, importlib.metadata.EntryPoint]:
-    """Installed plugin entry points by name (not imported); refused ones raise a PluginWarning each."""
-    found, refused = _scan()
-    for message in refused:
-        warnings.warn(message, PluginWarning, stacklevel=2)
-    return found
+    """Installed plugin entry points by name (not imported); those refused are left out (see ``refused``)."""
+    return _scan()[0]
 
 
 def refused() -> list[str]:
@@ -98,12 +90,13 @@ def model_class(name: str) -> type[GenerativeModel]:
         found = getattr(importlib.import_module(module), cls)
         _ORIGINS.setdefault(found, {"model": name})
         return found
-    available = plugins()
+    available, ignored = _scan()
     if name not in available:
         extra = f"; plugins: {', '.join(sorted(available))}" if available else (
             f" (no plugins installed: none in entry-point group {ENTRY_POINT_GROUP})")
+        why = "".join(f"; {m}" for m in ignored if repr(name) in m)
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}{extra}, or train your own "
-                         "class with --factory package.module:Class")
+                         f"class with --factory package.module:Class{why}")
     ep = available[name]
     try:
         obj = ep.load()
