@@ -59,3 +59,22 @@ def test_summary_table_lists_every_family_with_its_operations() -> None:
         assert row, f"docs/contract.md: the summary table has no row for {name}"
         listed = [op.strip() for op in row.group(1).split(",")]
         assert listed == list(fam.operations), f"docs/contract.md lists {listed} for {name}, FAMILIES {fam.operations}"
+
+
+def test_readme_flow_meets_the_flow_contract() -> None:
+    """The module of the README's "Serve your own model" section, as printed there, passes bind's flow checks."""
+    zuko = pytest.importorskip("zuko")
+    from genserve.core.spec import DataSpec
+    from genserve.export.contract import bind
+
+    readme = (PAGE.parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("## Serve your own model")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    assert "docs/contract.md" in section
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
+    definitions = code[:code.index("\ndata = ")]  # imports and the class; the training and export run elsewhere
+    namespace: dict = {"__name__": "readme_flow"}
+    exec(compile(definitions, "README.md", "exec"), namespace)
+    module = namespace["ZukoMAF"](zuko.flows.MAF(2, transforms=2, hidden_features=(16, 16)))
+    bound = bind(module, "flow", DataSpec("moons", (2,), "continuous"))
+    assert sorted(bound.graphs) == ["forward", "inverse_pass_0", "inverse_pass_1"]
