@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from genserve.core.families import FAMILIES as INFO
+from genserve.core.families import Capabilities, FamilyInfo
 from genserve.core.spec import DataSpec
-from genserve.training.base import Capabilities, GraphDef, Lambda
+from genserve.training.base import GraphDef, Lambda
 
 B = 4  # example batch for tracing; export checks batch sizes 1, 7 and 64 afterwards
 LOG2PI = math.log(2 * math.pi)
@@ -51,22 +53,39 @@ class Method:
 
 @dataclass(frozen=True)
 class Family:
-    """A family's contract: methods, operations, the likelihood it gives and the program's parameters."""
+    """A family's contract: the shared family row (core.families) plus the methods a module provides."""
 
-    name: str
-    summary: str
+    info: FamilyInfo
     methods: tuple[Method, ...]
-    operations: tuple[str, ...]
-    likelihood_kind: str
-    capabilities: Capabilities
-    parameters: dict[str, float] = field(default_factory=dict)
-    """Program parameters with their defaults; a module overrides them with ``program_parameters()``."""
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def summary(self) -> str:
+        return self.info.summary
+
+    @property
+    def operations(self) -> tuple[str, ...]:
+        return self.info.operations
+
+    @property
+    def likelihood_kind(self) -> str:
+        return self.info.likelihood_kind
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.info.capabilities
+
+    @property
+    def parameters(self) -> dict[str, float]:
+        return dict(self.info.parameters)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family(
-        "autoregressive", "p(x) = prod_i p(x_i | x_<i) over the row-major order of the D = prod(shape) values",
-        (Method("conditionals", "conditionals(x)",
+    Family(INFO["autoregressive"],
+           (Method("conditionals", "conditionals(x)",
                 "discrete: logits (B, D, levels) of p(x_i | x_<i); continuous: (logits, means, log_scales), each "
                 "(B, D, K), a K-component Gaussian mixture per position in normalised units (x - mean) / std"),
          Method("step", "step(x_prev, *state, t)",
@@ -76,12 +95,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                 "*next state)", required=False),
          Method("state_shapes", "state_shapes: dict[str, tuple[int, ...]]",
                 "with step: name -> shape without the batch axis of each state tensor (an RNN's hidden state, a "
-                "Transformer's key/value cache)", required=False, attribute=True)),
-        ("sample", "log_likelihood"), "exact",
-        Capabilities("autoregressive", "stable", "exact", "slow", "lossless", False)),
-    Family(
-        "flow", "an invertible f with z = f(x) ~ N(0, I_D): log p(x) = log N(f(x)) + log|det df/dx|",
-        (Method("transform", "transform(x) or, for discrete data, transform(x, u)",
+                "Transformer's key/value cache)", required=False, attribute=True))),
+    Family(INFO["flow"],
+           (Method("transform", "transform(x) or, for discrete data, transform(x, u)",
                 "(z, log_prob): z = f(x) (B, D) and log p(x) (B,) in nats; for discrete data u (B, D) in [0, 1) "
                 "dequantises, y = x + u, and log_prob is the density of y (a bound on log P(x) on average)"),
          Method("inverse", "inverse(z)",
@@ -92,48 +108,29 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                 "towards f_stage^-1(y), starting from x = 0; the server runs inverse_passes[stage] passes per stage, "
                 "stage 0 first, feeding each stage's result to the next as y", required=False),
          Method("inverse_passes", "inverse_passes: int | list[int]",
-                "with inverse_pass: passes per stage (a list for several stages)", required=False, attribute=True)),
-        ("sample", "log_likelihood", "encode", "decode"), "exact",
-        Capabilities("flow-based", "stable", "exact", "fast", "lossless", True),
-        {"dequant_draws": 16}),
-    Family(
-        "latent_variable", "p(x) = int p(x|z) N(z; 0, I) dz with a Gaussian encoder q(z|x); likelihood is the "
-        "importance-weighted bound with K samples",
-        (Method("encoder", "encoder(x)", "(mu, logvar) of q(z|x) = N(mu, exp(logvar)), each (B, latent_dim)"),
+                "with inverse_pass: passes per stage (a list for several stages)", required=False, attribute=True))),
+    Family(INFO["latent_variable"],
+           (Method("encoder", "encoder(x)", "(mu, logvar) of q(z|x) = N(mu, exp(logvar)), each (B, latent_dim)"),
          Method("decoder", "decoder(z)",
                 "p(x|z): discrete logits (B, D, levels); continuous (mean, std), each (B, D), raw units"),
          Method("latent_dim", "latent_dim: int", "size of z", attribute=True),
          Method("log_weights", "log_weights(x, eps)",
                 "optional: log p(x, z) - log q(z|x) for z = mu + exp(logvar / 2) * eps, (B,); built from encoder "
-                "and decoder when absent", required=False)),
-        ("sample", "log_likelihood", "encode", "decode"), "lower_bound",
-        Capabilities("prescribed", "stable", "approximate", "fast", "lossy", True),
-        {"importance_samples": 100, "iw_rows": 4096}),
-    Family(
-        "linear_gaussian", "pPCA: x = W z + mu + sigma eps, z ~ N(0, I_q); exact Gaussian likelihood",
-        (Method("log_density", "log_density(x) or, for discrete data, log_density(x, u)",
+                "and decoder when absent", required=False))),
+    Family(INFO["linear_gaussian"],
+           (Method("log_density", "log_density(x) or, for discrete data, log_density(x, u)",
                 "log p(x) (B,) in nats; for discrete data of the dequantised y = x + u"),
          Method("posterior_mean", "posterior_mean(x)", "E[z | x], (B, latent_dim)"),
          Method("generate", "generate(z, eps)", "W z + mu + sigma eps in raw units, (B, *shape) or (B, D)"),
-         Method("latent_dim", "latent_dim: int", "size of z", attribute=True)),
-        ("sample", "log_likelihood", "encode", "decode"), "exact",
-        Capabilities("prescribed", "stable", "approximate", "fast", "lossy", True),
-        {"dequant_draws": 16}),
-    Family(
-        "implicit", "x = G(z), z ~ N(0, I): samples without a likelihood (GAN)",
-        (Method("generate", "generate(z)", "x = G(z) in raw units before rounding, (B, *shape) or (B, D)"),
-         Method("latent_dim", "latent_dim: int", "size of z", attribute=True)),
-        ("sample", "decode"), "none",
-        Capabilities("implicit", "unstable", "no", "fast", "no", False)),
-    Family(
-        "energy", "p(x) proportional to exp(-E(x)); sampling by Langevin dynamics on dE/dx",
-        (Method("energy", "energy(x)", "E(x), (B,), nats up to the unknown log Z"),
+         Method("latent_dim", "latent_dim: int", "size of z", attribute=True))),
+    Family(INFO["implicit"],
+           (Method("generate", "generate(z)", "x = G(z) in raw units before rounding, (B, *shape) or (B, D)"),
+         Method("latent_dim", "latent_dim: int", "size of z", attribute=True))),
+    Family(INFO["energy"],
+           (Method("energy", "energy(x)", "E(x), (B,), nats up to the unknown log Z"),
          Method("energy_grad", "energy_grad(x)",
                 "(E(x), dE/dx) of shapes (B,) and (B, *shape), without autograd (torch.onnx cannot export "
-                "autograd inside a graph: write the backward pass by hand, as training/ebm.py does)")),
-        ("sample", "log_likelihood"), "unnormalized",
-        Capabilities("energy-based", "stable", "unnormalized", "slow", "rather not", True),
-        {"langevin_steps": 100, "langevin_step_size": 0.01, "langevin_noise": 1.0, "box": 4.0}),
+                "autograd inside a graph: write the backward pass by hand, as training/ebm.py does)"))),
 )}
 
 

@@ -45,6 +45,7 @@ from genserve.server.interface import (
     SampleResult,
 )
 from genserve.server.metrics import BatchStats, Metrics
+from genserve.server.programs.base import InvalidOption
 from genserve.server.repository import (
     LoadedModel,
     LoadFailed,
@@ -252,11 +253,11 @@ class Engine:
             if n > cfg.max_sample_n:
                 raise InvalidInput(f"{n} samples asked for, more than this server's limit of {cfg.max_sample_n}; "
                                    "ask for fewer per request", "n")
-            self._check_langevin(request)
             t = request.temperature
             if t is not None and not (math.isfinite(t) and 0 < t <= MAX_TEMPERATURE):
                 raise InvalidInput(f"{t} is outside (0, {MAX_TEMPERATURE:g}]; use a number in that range (1 "
                                    "samples the model as trained)", "temperature")
+            self.options(request)
             return
         if isinstance(request, DecodeRequest):
             self._check_rows("z", request.z, "split it into requests of at most that many rows")
@@ -264,29 +265,31 @@ class Engine:
             self._check_rows("x", request.x, "split it into requests of at most that many rows")
         else:
             self._check_rows("x", request.x, "split it, or use LogLikelihoodStream to score a data set in chunks")
-        if isinstance(request, LikelihoodRequest) and request.importance_samples is not None:
-            k, m = request.importance_samples, request.model
-            if m.family != "latent_variable":
-                raise InvalidInput(f"applies to latent-variable models (VAE); {m.name} is a {m.model} model "
-                                   f"({m.family}): leave it unset", "importance_samples")
-            if not 1 <= k <= cfg.max_importance_samples:
-                raise InvalidInput(f"{k} is outside 1..{cfg.max_importance_samples}; use a number in that range",
-                                   "importance_samples")
+        self.options(request)
 
-    def _check_langevin(self, request: SampleRequest) -> None:
-        m, steps, size = request.model, request.langevin_steps, request.langevin_step_size
-        if steps is None and size is None:
-            return
-        if m.family != "energy":
-            field = "langevin_steps" if steps is not None else "langevin_step_size"
-            raise InvalidInput(f"langevin_steps / langevin_step_size apply to energy-based models; {m.name} is a "
-                               f"{m.model} model ({m.family}): leave them unset", field)
-        if steps is not None and not 1 <= steps <= self.cfg.max_langevin_steps:
-            raise InvalidInput(f"{steps} is outside 1..{self.cfg.max_langevin_steps}; use a number in that range",
-                               "langevin_steps")
-        if size is not None and not (math.isfinite(size) and 0 < size <= MAX_LANGEVIN_STEP_SIZE):
-            raise InvalidInput(f"{size} is outside (0, {MAX_LANGEVIN_STEP_SIZE:g}]; use a number in that range",
-                               "langevin_step_size")
+    def options(self, request: Request) -> dict[str, Any]:
+        """The request's options, checked against what its model's program declares and typed; InvalidInput
+        naming an option that does not apply to this model or is out of range (server limits included)."""
+        given: dict[str, Any] = {}
+        if isinstance(request, SampleRequest):
+            if request.langevin_steps is not None:
+                given["langevin_steps"] = request.langevin_steps
+            if request.langevin_step_size is not None:
+                given["langevin_step_size"] = request.langevin_step_size
+        elif isinstance(request, LikelihoodRequest):
+            if request.importance_samples is not None:
+                given["importance_samples"] = request.importance_samples
+        elif request.sample:
+            given["sample"] = True
+        if not given:
+            return given
+        m = request.model
+        caps = {"importance_samples": self.cfg.max_importance_samples, "langevin_steps": self.cfg.max_langevin_steps,
+                "langevin_step_size": MAX_LANGEVIN_STEP_SIZE}
+        try:
+            return m.program.check_options(request.operation, given, caps, f"{m.name}, a {m.model} model ({m.family})")
+        except InvalidOption as e:
+            raise InvalidInput(str(e), e.field) from None
 
     def _check_rows(self, field: str, a: np.ndarray, fix: str) -> None:
         if a.ndim >= 1 and a.shape[0] > self.cfg.max_rows_per_request:
@@ -320,11 +323,7 @@ class Engine:
         """Samples in the data domain, latents when asked for and the family has them, served version."""
         async with self._hold(request) as m:
             noise = _noise(request.seed)
-            options: dict[str, Any] = {}
-            if request.langevin_steps is not None:
-                options["langevin_steps"] = int(request.langevin_steps)
-            if request.langevin_step_size is not None:
-                options["langevin_step_size"] = float(request.langevin_step_size)
+            options = self.options(request)
             temperature = request.temperature
             if temperature is None:
                 temperature = float(m.manifest.parameters.get("temperature", 1.0))
@@ -342,9 +341,7 @@ class Engine:
         async with self._hold(request) as m:
             x = self._check_x(m, request.x)
             noise = _noise(request.seed)
-            options: dict[str, Any] = {}
-            if request.importance_samples is not None:
-                options["importance_samples"] = int(request.importance_samples)
+            options = self.options(request)
             lp = np.asarray(await m.program.log_likelihood(m.runner(), x, noise, **options), dtype=np.float64)
             if lp.shape != (x.shape[0],):
                 raise RuntimeError(f"the {m.model} program returned log-likelihoods of shape {lp.shape} for "
@@ -359,7 +356,7 @@ class Engine:
         """z (N, latent) float32: the posterior mean, or a draw from q(z|x) with ``sample``; served version."""
         async with self._hold(request) as m:
             x = self._check_x(m, request.x)
-            options = self._sample_option(m, "encode", request.sample)
+            options = self.options(request)
             z = await m.program.encode(m.runner(), x, _noise(request.seed), **options)
             return EncodeResult(np.asarray(z, dtype=np.float32), m.version)
 
@@ -367,23 +364,11 @@ class Engine:
         """x (N, *shape) float32 in the data domain: the mean of p(x|z), or a draw with ``sample``; version."""
         async with self._hold(request) as m:
             z = self._check_z(m, request.z)
-            options = self._sample_option(m, "decode", request.sample)
+            options = self.options(request)
             x = await m.program.decode(m.runner(), z, _noise(request.seed), **options)
             return DecodeResult(np.asarray(x, dtype=np.float32), m.version)
 
     # ---- data checks -------------------------------------------------------------------------------
-    @staticmethod
-    def _sample_option(m: LoadedModel, op: str, sample: bool) -> dict[str, Any]:
-        """``{"sample": True}`` where the operation draws from a distribution; a deterministic one refuses it
-        rather than answer as if it had drawn."""
-        if not sample:
-            return {}
-        if op not in m.program.sampled:
-            which = ", ".join(m.program.sampled) or "none of its operations"
-            raise InvalidInput(f"{m.name} is a {m.model} model ({m.family}) whose {op} is a deterministic map "
-                               f"with nothing to draw from; leave sample unset (it draws in: {which})", "sample")
-        return {"sample": True}
-
     @staticmethod
     def _check_x(m: LoadedModel, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)

@@ -10,23 +10,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from genserve.core.families import FAMILIES, Capabilities
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 
 OPERATIONS = ("sample", "log_likelihood", "encode", "decode")
 LIKELIHOOD_KINDS = ("exact", "lower_bound", "unnormalized", "none")
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """One row of the lecture's summary table of deep generative models."""
-
-    group: str  # "autoregressive", "flow-based", "implicit", "prescribed", "energy-based"
-    training: str  # "stable" / "unstable"
-    likelihood: str  # "exact" / "approximate" / "no" / "unnormalized"
-    sampling: str  # "fast" / "slow" / "fast/slow"
-    compression: str  # "lossless" / "lossy" / "no" / "rather not"
-    representation: bool
 
 
 class GenerativeModel(nn.Module):
@@ -57,6 +46,14 @@ class GenerativeModel(nn.Module):
     """Training settings per profile (``quick``, ``full``): keys of ``TrainConfig`` plus ``arch`` (the
     constructor's keyword arguments). Tuned for digits; ``tabular_profiles`` overrides them for real rows."""
     tabular_profiles: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A model's family is one of the shared table's (core.families), so export and serving know it."""
+        super().__init_subclass__(**kwargs)
+        family = cls.__dict__.get("family")
+        if family is not None and family not in FAMILIES:
+            raise TypeError(f"{cls.__name__}.family = {family!r} is not a family genserve serves; use one of "
+                            f"{', '.join(FAMILIES)}")
 
     def __init__(self, spec: DataSpec, **arch: Any) -> None:
         super().__init__()

@@ -41,31 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genserve.core.langevin import langevin_constants
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.training.base import Capabilities, GenerativeModel
 from genserve.training.gan import sample_distance
-
-
-def langevin_constants(spec: DataSpec, step_size: float, noise_scale: float, temperature: float,
-                       box: float) -> dict[str, np.ndarray]:
-    """Per-feature float32 constants of the raw-unit Langevin step (see the module docstring), shape (D,).
-
-    ``a``/``b`` map model space to raw units (x = a y + b); ``drift`` = eta a^2; ``diffusion`` =
-    a sqrt(2 eta) tau T; ``low``/``high`` the clipping box. Computed in float64 then rounded once, so the
-    serving program (which repeats this formula in numpy) gets identical float32 values.
-    """
-    D = spec.dim
-    if spec.discrete:
-        a, b = np.full(D, float(spec.levels)), np.full(D, -0.5)
-        y_low, y_high = 0.0, 1.0
-    else:
-        a, b = np.asarray(spec.std or [1.0] * D, np.float64), np.asarray(spec.mean or [0.0] * D, np.float64)
-        y_low, y_high = -box, box
-    diffusion = a * math.sqrt(2 * step_size) * noise_scale * temperature
-    c = {"a": a, "b": b, "drift": step_size * a**2, "diffusion": diffusion,
-         "low": a * y_low + b, "high": a * y_high + b}
-    return {k: v.astype(np.float32) for k, v in c.items()}
 
 
 def langevin(grad_fn: Callable[[Tensor], Tensor], x: Tensor, steps: int, c: dict[str, Tensor],

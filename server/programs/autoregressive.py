@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from genserve.core.families import FAMILIES
 from genserve.core.noise import Noise, categorical_from_uniform
 from genserve.core.spec import DataSpec
-from genserve.server.programs.base import Program, Run, SampleResult, flat
+from genserve.server.programs.base import Option, Program, Run, SampleResult, flat
 
 LOG2PI = float(np.log(2 * np.pi))
 
@@ -81,7 +82,9 @@ class AutoregressiveProgram(Program):
     ``logits`` call on the partial sample.
     """
 
-    operations = ("sample", "log_likelihood")
+    operations = FAMILIES["autoregressive"].operations
+    options = (Option("recompute", "sample", bool, default=False,
+                      doc="re-read the prefix with logits at every step instead of the step graph (benchmarks)"),)
 
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
         x = x.astype(np.float32)

@@ -34,6 +34,33 @@ class GraphSignature:
     outputs: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Option:
+    """An option one operation of a program takes: its type, its valid range and its default.
+
+    ``default`` names a manifest parameter (the model's own default) or is a value; ``high`` may be capped
+    further by the server's limits (``Program.check_options(..., caps=...)``).
+    """
+
+    name: str
+    operation: str
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    default: str | float | bool | None = None
+    doc: str = ""
+    open_low: bool = False
+    """``low`` itself is not allowed (a step size must be > 0)."""
+
+
+class InvalidOption(ValueError):
+    """An option that does not apply to the operation or is out of range; ``field`` names it."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class SampleResult:
     """Samples in the data domain (n, *shape) and, where the family has them, the latents used (n, q)."""
@@ -46,9 +73,56 @@ class Program:
     """Base class: the operations a family serves. Subclasses set ``operations`` and override them."""
 
     operations: tuple[str, ...] = ()
-    sampled: tuple[str, ...] = ()
-    """Of encode and decode, those that map to a distribution and draw from it with ``sample=True`` (the VAE's
-    q(z|x) and p(x|z), pPCA's p(x|z)); the others are deterministic maps and refuse ``sample``."""
+    options: tuple[Option, ...] = ()
+    """The options each operation takes, declared once; ``check_options`` validates a request's against them."""
+
+    @property
+    def sampled(self) -> tuple[str, ...]:
+        """Of encode and decode, those that map to a distribution and draw from it with ``sample=True`` (the
+        VAE's q(z|x) and p(x|z), pPCA's p(x|z)); the others are deterministic maps and refuse ``sample``."""
+        return tuple(o.operation for o in self.options if o.name == "sample")
+
+    def declared(self, operation: str) -> dict[str, Option]:
+        """The options ``operation`` takes, by name."""
+        return {o.name: o for o in self.options if o.operation == operation}
+
+    def check_options(self, operation: str, given: dict[str, Any], caps: dict[str, float] | None = None,
+                      model: str = "this model") -> dict[str, Any]:
+        """``given`` (unset options left out) checked against the declarations and typed; InvalidOption naming
+        an option that does not apply to this model's ``operation``, has the wrong type or is out of range."""
+        declared, out = self.declared(operation), {}
+        for name, value in given.items():
+            opt = declared.get(name)
+            if opt is None and name == "sample":
+                which = ", ".join(self.sampled) or "none of its operations"
+                raise InvalidOption(f"{operation} of {model} is a deterministic map with nothing to draw from; leave "
+                                    f"sample unset (it draws in: {which})", name)
+            if opt is None:
+                takes = ", ".join(declared) or "no options"
+                raise InvalidOption(f"does not apply to {operation} of {model}, whose {operation} takes {takes}: "
+                                    "leave it unset", name)
+            if opt.kind is bool:
+                if not isinstance(value, bool | np.bool_):
+                    raise InvalidOption(f"{value!r} is not true or false", name)
+                out[name] = bool(value)
+                continue
+            try:
+                number = opt.kind(value)
+            except (TypeError, ValueError):
+                what = "a whole number" if opt.kind is int else "a number"
+                raise InvalidOption(f"{value!r} is not {what}", name) from None
+            if opt.kind is int and number != value:
+                raise InvalidOption(f"{value!r} is not a whole number", name)
+            high = min(opt.high, (caps or {}).get(name, np.inf)) if opt.high is not None else \
+                (caps or {}).get(name)
+            too_low = opt.low is not None and (number <= opt.low if opt.open_low else number < opt.low)
+            if not np.isfinite(number) or too_low or (high is not None and number > high):
+                top = f"{high:g}" if high is not None else "inf"
+                rng = f"({opt.low:g}, {top}]" if opt.open_low else \
+                    f"{opt.low if opt.low is not None else '-inf'}..{top}"
+                raise InvalidOption(f"{value} is outside {rng}; use a number in that range", name)
+            out[name] = number
+        return out
 
     def __init__(self, spec: DataSpec, params: dict[str, float],
                  graphs: dict[str, GraphSignature] | None = None) -> None:

@@ -7,41 +7,25 @@ one ``energy_grad`` call per step, with the same float32 arithmetic and noise or
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
+from genserve.core.families import FAMILIES
+from genserve.core.langevin import langevin_constants
 from genserve.core.noise import Noise
-from genserve.core.spec import DataSpec
-from genserve.server.programs.base import Program, Run, SampleResult, flat
-
-
-def langevin_constants(spec: DataSpec, step_size: float, noise_scale: float, temperature: float,
-                       box: float) -> dict[str, np.ndarray]:
-    """Per-feature float32 constants of one raw-unit step, exactly as ``training.ebm.langevin_constants``.
-
-    x = a y + b maps model space to raw units; a step is x <- clip(x - drift * dE/dx + diffusion * eps,
-    low, high) with drift = eta a^2 and diffusion = a sqrt(2 eta) tau T.
-    """
-    D = spec.dim
-    if spec.discrete:
-        a, b = np.full(D, float(spec.levels)), np.full(D, -0.5)
-        y_low, y_high = 0.0, 1.0
-    else:
-        a, b = np.asarray(spec.std or [1.0] * D, np.float64), np.asarray(spec.mean or [0.0] * D, np.float64)
-        y_low, y_high = -box, box
-    diffusion = a * math.sqrt(2 * step_size) * noise_scale * temperature
-    c = {"a": a, "b": b, "drift": step_size * a**2, "diffusion": diffusion,
-         "low": a * y_low + b, "high": a * y_high + b}
-    return {k: v.astype(np.float32) for k, v in c.items()}
+from genserve.server.programs.base import Option, Program, Run, SampleResult, flat
 
 
 class EnergyProgram(Program):
     """Unnormalised log-likelihood and Langevin sampling; options ``langevin_steps``, ``langevin_step_size``,
     ``langevin_noise`` (defaults from the manifest's parameters)."""
 
-    operations = ("sample", "log_likelihood")
+    operations = FAMILIES["energy"].operations
+    options = (Option("langevin_steps", "sample", int, 1, None, "langevin_steps", "Langevin steps per chain"),
+               Option("langevin_step_size", "sample", float, 0.0, None, "langevin_step_size", "step size eta",
+                      open_low=True),
+               Option("langevin_noise", "sample", float, 0.0, None, "langevin_noise", "noise scale tau"))
 
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
         """-E(x) in nats per row (N,), unnormalised; integer images are scored at the centres of their cells."""

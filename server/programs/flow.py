@@ -8,14 +8,32 @@ from typing import Any
 
 import numpy as np
 
+from genserve.core.families import FAMILIES
 from genserve.core.noise import Noise
-from genserve.server.programs.base import Program, Run, SampleResult, dequantised_log_prob, flat
+from genserve.core.spec import DataSpec
+from genserve.server.programs.base import (
+    GraphSignature,
+    Option,
+    Program,
+    Run,
+    SampleResult,
+    dequantised_log_prob,
+    flat,
+)
 
 
 class FlowProgram(Program):
     """The flow family's operations, drawing noise in the order of ``genserve.training.realnvp.RealNVP``."""
 
-    operations = ("sample", "log_likelihood", "encode", "decode")
+    operations = FAMILIES["flow"].operations
+    options = (Option("draws", "log_likelihood", int, 1, 4096, "dequant_draws",
+                      "uniform dequantisation draws averaged in the bound (discrete data only)"),)
+
+    def __init__(self, spec: DataSpec, params: dict[str, float], graphs: dict[str, GraphSignature] | None = None
+                 ) -> None:
+        super().__init__(spec, params, graphs)
+        if not spec.discrete:  # continuous data are scored exactly: there is nothing to draw
+            self.options = ()
 
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, draws: int | None = None,
                              **options: Any) -> np.ndarray:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from genserve.core.families import FAMILIES
 from genserve.core.noise import Noise
 from genserve.server.programs.base import Program, Run, SampleResult
 
@@ -13,7 +14,7 @@ from genserve.server.programs.base import Program, Run, SampleResult
 class GANProgram(Program):
     """Sample and decode; a GAN has no likelihood and no encoder."""
 
-    operations = ("sample", "decode")
+    operations = FAMILIES["implicit"].operations
 
     async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
         """Noise order as ``training.gan.GAN.sample``: z = noise.normal(n, latent_dim) * temperature."""

@@ -6,13 +6,23 @@ from typing import Any
 
 import numpy as np
 
+from genserve.core.families import FAMILIES
 from genserve.core.noise import Noise
-from genserve.server.programs.base import Program, Run, SampleResult, dequantised_log_prob
+from genserve.core.spec import DataSpec
+from genserve.server.programs.base import GraphSignature, Option, Program, Run, SampleResult, dequantised_log_prob
 
 
 class PPCAProgram(Program):
-    operations = ("sample", "log_likelihood", "encode", "decode")
-    sampled = ("decode",)
+    operations = FAMILIES["linear_gaussian"].operations
+    options = (Option("draws", "log_likelihood", int, 1, 4096, "dequant_draws",
+                      "uniform dequantisation draws averaged in the bound (discrete data only)"),
+               Option("sample", "decode", bool, default=False, doc="draw from p(x|z) instead of its mean"))
+
+    def __init__(self, spec: DataSpec, params: dict[str, float], graphs: dict[str, GraphSignature] | None = None
+                 ) -> None:
+        super().__init__(spec, params, graphs)
+        if not spec.discrete:  # continuous data are scored exactly: there is nothing to draw
+            self.options = tuple(o for o in self.options if o.name != "draws")
 
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, draws: int | None = None,
                              **options: Any) -> np.ndarray:

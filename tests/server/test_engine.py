@@ -250,7 +250,7 @@ def test_bad_inputs_are_invalid_and_unknown_names_not_found(engine_config) -> No
         for t in (0.0, -1.0, float("inf"), float("nan"), 1000.0):
             with pytest.raises(InvalidInput, match="temperature"):
                 await sample(engine, ppca, 1, 0, temperature=t)
-        with pytest.raises(InvalidInput, match="energy-based"):
+        with pytest.raises(InvalidInput, match="langevin_steps: does not apply to sample of digits-ppca"):
             await sample(engine, ppca, 1, 0, langevin_steps=10)
         with pytest.raises(InvalidInput, match="seed"):
             await sample(engine, ppca, 1, -1)

@@ -390,7 +390,7 @@ ERRORS = [
     (f"{VAE}.sample", [("N", np.array([2], np.int64), "INT64")], {"temperature": -1.0}, "INVALID_ARGUMENT",
      "temperature"),
     (f"{VAE}.sample", [("N", np.array([2], np.int64), "INT64")], {"langevin_steps": 5}, "INVALID_ARGUMENT",
-     "energy-based"),
+     "langevin_steps: does not apply to sample of digits-vae"),
     (f"{VAE}.log_likelihood", [("x", _x(), "FP32")], {"importance_samples": 0}, "INVALID_ARGUMENT",
      "importance_samples: 0 is outside 1..5000"),
     (f"{VAE}.decode", [("z", np.zeros((2, 3), np.float32), "FP32")], {}, "INVALID_ARGUMENT", "latent codes"),
