@@ -41,7 +41,6 @@ class GenerativeModel(nn.Module):
     operations: ClassVar[tuple[str, ...]]
     capabilities: ClassVar[Capabilities]
     closed_form: ClassVar[bool] = False  # fitted in one step (pPCA) rather than by gradient descent
-    has_temperature: ClassVar[bool] = True
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}
     """Training settings per profile (``quick``, ``full``): keys of ``TrainConfig`` plus ``arch`` (the
     constructor's keyword arguments). Tuned for digits; ``tabular_profiles`` overrides them for real rows."""
