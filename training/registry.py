@@ -32,6 +32,9 @@ MODELS: dict[str, str] = {
 }
 """The built-in models (name -> "module:Class"); plugins never replace them."""
 
+OPERATION_METHODS = {"log_likelihood": "log_prob", "sample": "sample", "encode": "encode", "decode": "decode"}
+"""Operation -> the GenerativeModel method that computes it in PyTorch (evaluation, export's reference)."""
+
 _ORIGINS: dict[type, dict[str, str]] = {}
 """Classes handed out by this module -> how they were found, recorded in checkpoints (see ``origin``)."""
 
@@ -209,6 +212,13 @@ def checked_class(obj: Any, what: str) -> type[GenerativeModel]:
                          f"{'; '.join(problems)}. Needed: name (str), family (str), likelihood_kind (one of "
                          f"{', '.join(LIKELIHOOD_KINDS)}), operations (a tuple from {', '.join(OPERATIONS)}), "
                          "capabilities (genserve.training.base.Capabilities), loss(x)")
+    # Validation (log_prob), `genserve evaluate` and export's parity reference call the PyTorch operations.
+    lacking = [f"{method} (for {op})" for op, method in OPERATION_METHODS.items()
+               if op in obj.operations and getattr(obj, method) is getattr(GenerativeModel, method)]
+    if lacking:
+        raise ValueError(f"{what}: {obj.__qualname__} declares operations {', '.join(obj.operations)} but does not "
+                         f"implement {', '.join(lacking)}; implement them in PyTorch with the family program's noise "
+                         "order (docs/contract.md), or leave the operation out of `operations`")
     return obj
 
 

@@ -260,6 +260,25 @@ def test_bad_factory_or_model_is_one_line(capsys, tmp_path, args, message):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.pt").exists()
 
 
+def test_factory_class_without_its_pytorch_operations_is_refused_before_training(capsys, tmp_path, on_path):
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""\
+        from genserve.training.base import GenerativeModel
+        from genserve_tinyplugin_source import TinyFlow
+
+
+        class OnlyContract(TinyFlow):
+            log_prob = GenerativeModel.log_prob
+            encode = GenerativeModel.encode
+        """))
+    shutil.copy(FIXTURE / "genserve_tinyplugin" / "model.py", tmp_path / "genserve_tinyplugin_source.py")
+    on_path(tmp_path)
+    code, err = run_cli(capsys, "--factory", "my_models:OnlyContract", "--dataset", "moons",
+                        "--out", str(tmp_path / "x.pt"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "does not implement log_prob (for log_likelihood), encode (for encode)" in err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_plugin_that_does_not_import_is_named_with_its_error(bad_site, capsys, tmp_path, on_path):
     on_path(bad_site)
     code, err = run_cli(capsys, "brokenflow", "--out", str(tmp_path / "x.pt"))
