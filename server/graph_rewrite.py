@@ -69,8 +69,6 @@ Tanh, Sigmoid, Erf, Sqrt, Pow, Softmax and the other MLAS kernels are not). Thei
 (with ones) to a multiple of ``SAFE_MULTIPLE`` and the result sliced back, so that no tail exists."""
 
 
-
-
 def _messages() -> dict[str, type]:
     fdp = descriptor_pb2.FileDescriptorProto(name="genserve_onnx_subset.proto", package="genserve_onnx_subset",
                                              syntax="proto2")
@@ -130,10 +128,10 @@ def row_independent_model(model_bytes: bytes) -> Rewrite:
             reductions += 1
         elif n.op_type in TAIL_SENSITIVE:
             shape = _static_shape(types.get(n.input[0]) if n.input else None)
-            if shape is None or opset < 13 or not shape or shape[-1] is None or len(n.input) != 1:
+            if shape == [] or shape and shape[-1] is not None and shape[-1] % SAFE_MULTIPLE == 0:
+                out.nodes.append(n)  # a scalar, or whole packets in every row
+            elif shape is None or shape[-1] is None or opset < 13 or len(n.input) != 1:
                 unfixed.append(n.name or n.output[0])
-                out.nodes.append(n)
-            elif shape[-1] % SAFE_MULTIPLE == 0:
                 out.nodes.append(n)
             else:
                 out.padded(n, len(shape), shape[-1], _FLOAT_TYPES[types[n.input[0]].elem_type])
