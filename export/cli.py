@@ -90,7 +90,7 @@ def _export_factory(args: argparse.Namespace, metrics: dict | None) -> None:
     if args.data:
         from genserve.training.data import load_dataset
 
-        data = load_dataset(args.data)
+        data = load_dataset(args.data, levels=spec.levels if spec is not None else 0)
         rows = data.test
         if spec is None:
             spec = data.spec

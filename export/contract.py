@@ -6,6 +6,7 @@ program parameters, operations) that ``export.repository.export_model`` writes. 
 server: the server runs the graphs with the family's program (``genserve.server.programs``).
 
 Conventions for every family (the same as the built-ins'):
+
   * ``x`` is a float32 batch (B, *spec.shape) in raw data units: integer levels 0..levels-1 for discrete
     data, raw values for continuous data (the module normalises inside, Jacobian included, so densities are
     in nats of raw data).
