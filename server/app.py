@@ -1,4 +1,4 @@
-"""The running server: grpc.aio with GenerativeService, health and reflection, metrics HTTP, signals, reload.
+"""The running server: grpc.aio with GenerativeService, health and reflection, OIP HTTP, metrics, signals, reload.
 
 Limits (stated once, here): requests and responses are at most ``cfg.max_message_mb`` MiB each way (gRPC
 max_send/max_receive_message_length; 64 MiB by default, e.g. ~260k digit images of 8x8 float32 per message);
@@ -38,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from genserve.server import auth, oip
 from genserve.server.config import ServerConfig
+from genserve.server.http_face import HttpFace
 from genserve.server.interface import EngineInterface, ReloadResult
 from genserve.server.message_parsing import SafeParsing
 from genserve.server.metrics import Metrics
@@ -106,6 +107,8 @@ class Server:
         self.health: health_aio.HealthServicer | None = None
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self.http: HttpFace | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: Any = None
         self._poller: asyncio.Task | None = None
@@ -145,7 +148,10 @@ class Server:
         # The Open Inference Protocol (KServe v2 / Triton GRPCInferenceService) beside GenerativeService, with one
         # row budget for both APIs: max_queued_rows bounds the server, whichever protocol the rows came by.
         # reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
-        oip.register_oip(self._grpc, engine, cfg, observe=self._observe, rows=servicer.rows)
+        oip_servicer = oip.register_oip(self._grpc, engine, cfg, observe=self._observe, rows=servicer.rows)
+        if cfg.http_port:  # the same OIP over HTTP/JSON: same row budget, statistics shared with the gRPC face
+            self.http = HttpFace(engine, cfg, shared=oip_servicer, observe=self._observe, rows=servicer.rows,
+                                 tokens=self.auth)
         reflection.enable_server_reflection(
             [SERVICE_NAME, HEALTH_NAME, oip.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc,
             pool=reflection_pool())
@@ -166,6 +172,16 @@ class Server:
             await engine.stop()
             raise ValueError(f"cannot serve metrics on {address(cfg.host, cfg.metrics_port)} "
                              f"({e.strerror or e}); pick another --metrics-port (0: off)") from None
+        if self.http is not None:
+            try:
+                self.http_port = self.http.start(cfg.host, cfg.http_port)
+            except (OSError, ValueError) as e:
+                self._close_metrics_http()
+                await self._grpc.stop(None)
+                await engine.stop()
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise ValueError(f"cannot serve HTTP on {address(cfg.host, cfg.http_port)} ({why}); pick "
+                                 "another --http-port (0: off)") from None
         await self._grpc.start()
         await self.refresh_health()
         if cfg.poll_s > 0:
@@ -257,17 +273,26 @@ class Server:
         until = time.monotonic() + grace * LAME_DUCK_SHARE
         while time.monotonic() < until and time.monotonic() - self._arrivals.last < QUIET_S:
             await asyncio.sleep(QUIET_S / 5)
-        # Refuse new RPCs, let accepted ones finish; leave a little of the grace period for the engine's stop.
+        # Refuse new RPCs and HTTP requests, let accepted ones finish; leave a little of the grace period for
+        # the engine's stop.
         margin = min(1.0, grace * 0.1)
-        await self._grpc.stop(max(0.0, deadline - time.monotonic() - margin))
+        left = max(0.0, deadline - time.monotonic() - margin)
+        if self.http is not None:
+            await asyncio.gather(self._grpc.stop(left), self.http.stop(left))
+        else:
+            await self._grpc.stop(left)
         try:
             await asyncio.wait_for(self.engine.stop(), timeout=max(0.05, deadline - time.monotonic()))
         except TimeoutError:
             log.warning("engine did not stop within the grace period")
+        self._close_metrics_http()
+
+    def _close_metrics_http(self) -> None:
         if self._http is not None:
             with contextlib.suppress(Exception):
                 self._http.shutdown()
                 self._http.server_close()
+            self._http = None
 
     async def wait(self) -> None:
         assert self._grpc is not None
@@ -298,6 +323,10 @@ class BackgroundServer:
     @property
     def metrics_port(self) -> int:
         return self.server.metrics_port
+
+    @property
+    def http_port(self) -> int:
+        return self.server.http_port
 
     def call(self, coro: Any, timeout: float | None = 120.0) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
@@ -333,7 +362,10 @@ def ready_line(server: Server) -> str:
             models.append(f"{s.name}:{s.state}")
     scheme = "https" if cfg.metrics_tls else "http"
     metrics = f"{scheme}://{address(cfg.host, server.metrics_port)}/metrics" if server.metrics_port else "off"
+    web = "https" if cfg.tls_cert is not None else "http"
+    http = f"{web}://{address(cfg.host, server.http_port)}/v2" if server.http_port else "off"
     return (f"genserve: serving grpc={address(cfg.host, server.port)} port={server.port} "
+            f"http={http} http_port={server.http_port} "
             f"metrics={metrics} metrics_port={server.metrics_port} {security(cfg)} "
             f"models={' '.join(models) or '(none)'}")
 

@@ -1,4 +1,4 @@
-"""`genserve serve`: run the model server (grpc, health, reflection, metrics) from a config file and flags."""
+"""`genserve serve`: run the model server (gRPC, health, reflection, metrics, OIP over HTTP) from a config and flags."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 EPILOG = """examples:
   genserve serve --repo model_repository
   genserve serve --repo /models --host 0.0.0.0 --port 8500 --metrics-port 8502 --provider cuda
+  genserve serve --repo model_repository --http-port 8503          # also KServe v2 REST / tritonclient.http
   genserve serve --config server.toml --max-batch-size 128 --max-queue-delay-ms 5 --poll-s 30
   python -m genserve.server.cli --repo model_repository --port 0     # any free port, printed when ready
   genserve serve --repo /models --tls-cert srv.pem --tls-key srv.key --token-file /etc/genserve/tokens
@@ -21,6 +22,8 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--host", "host", str, "ADDR", "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"),
     ("--port", "port", int, "N", "gRPC port (default 8500; 0 = any free port)"),
     ("--metrics-port", "metrics_port", int, "N", "Prometheus /metrics HTTP port (default 8502; 0 = off)"),
+    ("--http-port", "http_port", int, "N",
+     "Open Inference Protocol HTTP/JSON port (default 0 = off; 8503 by convention)"),
     ("--provider", "provider", str, "{auto,cpu,cuda}", "ONNX Runtime provider (auto: CUDA if it loads)"),
     ("--max-batch-size", "max_batch_size", int, "N", "most rows merged into one graph call (default 512)"),
     ("--max-queue-delay-ms", "max_queue_delay_ms", float, "MS", "longest wait for a batch to fill (2)"),

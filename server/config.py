@@ -25,6 +25,10 @@ class ServerConfig:
     """gRPC port (0: pick a free one)."""
     metrics_port: int = 8502
     """Prometheus /metrics HTTP port (0: no metrics endpoint)."""
+    http_port: int = 0
+    """Open Inference Protocol over HTTP/JSON (KServe v2 REST, Triton's HTTP API) port; 0: off (the default,
+    so servers started without naming it never contend for a fixed port); 8503 by convention beside gRPC's
+    8500 and metrics' 8502. Same host, TLS and tokens as the gRPC port (server/http_face.py)."""
     provider: str = "auto"
     """ONNX Runtime provider: ``auto`` (CUDA when it loads, else CPU), ``cuda`` or ``cpu``."""
     intra_op_threads: int = 1
@@ -103,7 +107,7 @@ class ServerConfig:
         for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
             value = getattr(self, name)
             object.__setattr__(self, name, Path(value) if value not in (None, "") else None)
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
         if self.provider not in PROVIDERS:
@@ -147,6 +151,9 @@ class ServerConfig:
                              f"{self.token_env!r}")
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError(f"metrics_port and port must differ, both are {self.port}")
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise ValueError(f"http_port ({self.http_port}) must differ from port ({self.port}) and metrics_port "
+                             f"({self.metrics_port})")
 
     @property
     def serving(self) -> ServingSettings:

@@ -141,11 +141,31 @@ class Metrics:
                    client_cafile: str | None = None) -> tuple[Any, int]:
         """Serve /metrics on ``host:port`` (0: any free port) in a daemon thread; returns (server, port).
 
-        With ``certfile``/``keyfile`` it is HTTPS; with ``client_cafile`` too, scrapers need a client certificate
-        signed by that CA."""
+        Only ``/metrics`` answers; every other path is 404, so a readiness probe pointed at this port by mistake
+        fails instead of passing. With ``certfile``/``keyfile`` it is HTTPS; with ``client_cafile`` too,
+        scrapers need a client certificate signed by that CA."""
         tls: dict[str, Any] = {}
         if certfile:
             tls = {"certfile": certfile, "keyfile": keyfile, "client_cafile": client_cafile,
                    "client_auth_required": client_cafile is not None}
         server, _thread = start_http_server(port, addr=host, registry=self.registry, **tls)
+        # wsgiref reads the app per request; swapped before the port is handed to anyone.
+        server.set_app(metrics_only(server.get_app()))
         return server, int(server.server_port)
+
+
+METRICS_PATH = "/metrics"
+
+
+def metrics_only(app: Any) -> Any:
+    """The WSGI ``app`` on ``/metrics``; 404 with a one-line text body on any other path."""
+
+    def serve(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "") == METRICS_PATH:
+            return app(environ, start_response)
+        body = f"404 not found: this port serves Prometheus metrics at {METRICS_PATH} only\n".encode()
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                         ("Content-Length", str(len(body)))])
+        return [body]
+
+    return serve
