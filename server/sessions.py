@@ -29,7 +29,7 @@ so that no element of a real row falls in a kernel's scalar tail."""
 class Session(ort.InferenceSession):
     """An InferenceSession that knows how many rows its CPU calls must be padded to (1: none)."""
 
-    def __init__(self, model: bytes, sess_options: ort.SessionOptions, providers: list[str],
+    def __init__(self, model: str | bytes, sess_options: ort.SessionOptions, providers: list[str],
                  row_multiple: int = 1) -> None:
         super().__init__(model, sess_options=sess_options, providers=providers)
         self.row_multiple = row_multiple
@@ -68,8 +68,11 @@ def make_session(path: str | Path, opts: SessionOptions = SessionOptions()) -> S
     providers = ["CPUExecutionProvider"]
     if opts.provider in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    rewrite = row_independent_model(Path(path).read_bytes())
-    session = Session(rewrite.model, so, providers, ROW_MULTIPLE if rewrite.unfixed else 1)
+    original = Path(path).read_bytes()
+    rewrite = row_independent_model(original)
+    # An unchanged graph is opened from its file, as before (ONNX Runtime resolves external data from its path).
+    model = str(path) if rewrite.model is original else rewrite.model
+    session = Session(model, so, providers, ROW_MULTIPLE if rewrite.unfixed else 1)
     if opts.provider == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise RuntimeError(f"{path}: CUDA was requested but ONNX Runtime could not load it; use provider auto or cpu")
     return session
