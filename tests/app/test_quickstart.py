@@ -29,7 +29,7 @@ def test_quickstart_runs_end_to_end_and_reuses_its_work(tmp_path: Path) -> None:
     assert abs(row["served_nll_64"] - row["nll_nats"]) < 15
     for key in ("sample_ms", "score_ms", "encode_ms", "decode_ms"):
         assert row[key] > 0
-    assert "| ppca | latent_variable |" in (work / "summary.md").read_text()
+    assert "| ppca | linear_gaussian |" in (work / "summary.md").read_text()
     for png in ("ppca.png", "all.png"):
         assert (work / "samples" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (work / "model_repository" / "digits-ppca" / "1" / "manifest.json").is_file()
