@@ -29,7 +29,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,7 +38,6 @@ from grpc_reflection.v1alpha import reflection
 
 from genserve.server import auth, oip
 from genserve.server.config import ServerConfig
-from genserve.server.http_face import HttpFace
 from genserve.server.interface import EngineInterface, ReloadResult
 from genserve.server.message_parsing import SafeParsing
 from genserve.server.metrics import Metrics
@@ -46,6 +45,9 @@ from genserve.server.oip_models import reflection_pool
 from genserve.server.process import apply_process_settings
 from genserve.server.servicer import GenerativeServicer
 from genserve.v1 import service_pb2, service_pb2_grpc
+
+if TYPE_CHECKING:
+    from genserve.server.http_face import HttpFace
 
 log = logging.getLogger("genserve.server")
 
@@ -150,6 +152,8 @@ class Server:
         # reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
         oip_servicer = oip.register_oip(self._grpc, engine, cfg, observe=self._observe, rows=servicer.rows)
         if cfg.http_port:  # the same OIP over HTTP/JSON: same row budget, statistics shared with the gRPC face
+            from genserve.server.http_face import HttpFace  # starlette and uvicorn only when asked for
+
             self.http = HttpFace(engine, cfg, shared=oip_servicer, observe=self._observe, rows=servicer.rows,
                                  tokens=self.auth)
         reflection.enable_server_reflection(
@@ -267,6 +271,8 @@ class Server:
             self._poller.cancel()
         assert self.health is not None
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.draining = True  # HTTP readiness fails with gRPC health, for the whole drain
         # Lame duck: calls a client sent before it saw NOT_SERVING may still be on the wire or not yet matched
         # to a handler (grpc kills unmatched calls on stop); keep accepting until arrivals pause for QUIET_S,
         # for at most LAME_DUCK_SHARE of the grace period.
