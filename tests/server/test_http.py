@@ -307,6 +307,24 @@ def test_token_auth_and_tls(small_repo: Path, tmp_path: Path, monkeypatch: pytes
         assert "http=https://" in ready_line(srv.server)
 
 
+def test_mutual_tls_needs_a_client_certificate(small_repo: Path, tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    certs = make_certificates(tmp_path / "certs")
+    cfg = ServerConfig(repo=small_repo, port=0, metrics_port=0, http_port=free_port(), provider="cpu",
+                       workers=1, grace_s=1.0, tls_cert=certs / "server.pem", tls_key=certs / "server.key",
+                       tls_client_ca=certs / "ca.pem")
+    with BackgroundServer(cfg) as srv:
+        for name, served in (("client", True), ("stranger", False), (None, False)):
+            context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+            if name is not None:
+                context.load_cert_chain(certs / f"{name}.pem", certs / f"{name}.key")
+            if served:
+                assert call(srv.http_port, "GET", "/v2/health/live", context=context)[0] == 200
+            else:
+                with pytest.raises(OSError):
+                    call(srv.http_port, "GET", "/v2/health/live", context=context)
+
+
 def test_metrics_port_serves_metrics_only(server) -> None:
     port = server.metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
