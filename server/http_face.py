@@ -77,6 +77,8 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     S.CANCELLED: 499,
 }
 """The HTTP status of each transport status; any other (INTERNAL, UNKNOWN, DATA_LOSS) is 500."""
+OFFLOAD_BYTES = 256 * 2**10
+"""Bodies (and answers' tensors) above this size are decoded (encoded) in a worker thread."""
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 """Paths that need no token while ``open_health``."""
 INT64 = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
@@ -297,11 +299,20 @@ class HttpFace:
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise invalid(f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the "
                           "body uncompressed")
-        document, binary = parse_body(await self._body(request), request.headers.get(HEADER_LENGTH))
-        message = infer_request(document, binary, name, version)
-        raw = binary_outputs(document)
+        body = await self._body(request)
+        header_length = request.headers.get(HEADER_LENGTH)
+
+        def decode() -> tuple[pb.ModelInferRequest, set[str] | bool]:
+            document, binary = parse_body(body, header_length)
+            return infer_request(document, binary, name, version), binary_outputs(document)
+
+        # JSON of a large request or answer takes milliseconds to parse or write: off the loop gRPC shares.
+        message, raw = await asyncio.to_thread(decode) if len(body) > OFFLOAD_BYTES else decode()
         answer = await self.oip._infer(message, None)  # the gRPC face's own path: same checks, same bytes
-        body, header = infer_response(answer, raw)
+        if sum(len(b) for b in answer.raw_output_contents) > OFFLOAD_BYTES:
+            body, header = await asyncio.to_thread(infer_response, answer, raw)
+        else:
+            body, header = infer_response(answer, raw)
         if header is None:
             return Response(body, media_type="application/json")
         return Response(body, media_type="application/octet-stream",

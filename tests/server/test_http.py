@@ -190,6 +190,16 @@ def test_plain_json_inference_equals_grpc(server, grpc_oip) -> None:
     assert answer["id"] == "r1" and answer["model_version"] == "1"
     assert answer["parameters"] == {"seed": SEED, "likelihood_kind": "lower_bound"}
 
+    # A large JSON body and answer (decoded and encoded off the event loop): the same bytes.
+    rows = np.repeat(x, 700, axis=0)
+    body = {"parameters": {"seed": SEED}, "inputs": [{"name": "x", "shape": list(rows.shape), "datatype": "FP32",
+                                                      "data": rows.reshape(-1).tolist()}]}
+    status, answer, _ = call(server.http_port, "POST", f"/v2/models/{VAE}.encode/infer", body)
+    assert status == 200, answer
+    want = grpc_oip.infer(f"{VAE}.encode", [grpc_input("x", rows, "FP32")], parameters={"seed": SEED})
+    z = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(answer["outputs"][0]["shape"])
+    same_bytes(z, want.as_numpy("z"), "encode of 2100 rows")
+
     # Sample with the count as a parameter and no seed: the drawn seed comes back and reproduces the answer.
     path = f"/v2/models/{VAE}.sample/versions/1/infer"
     status, first, _ = call(server.http_port, "POST", path, {"parameters": {"n": 2}, "inputs": []})
