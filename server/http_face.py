@@ -151,7 +151,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 class HttpFace:
-    """The HTTP/JSON endpoint over ``engine``: ``port = start(cfg)``, ``await stop(grace)``.
+    """The HTTP/JSON endpoint over ``engine``: ``port = start(host, port)`` on the running loop, ``await stop(grace)``.
 
     ``shared`` is the gRPC OIP servicer: its statistics are shared (ModelStatistics and /stats count both
     faces, as Triton's do); ``rows`` is the server-wide row budget; ``observe`` records each request for the
