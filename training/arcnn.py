@@ -3,6 +3,10 @@
 p(x) = prod_i p(x_i | x_<i) over the raster order of the pixels (or the feature order of a tabular row).
 Images use masked 2-D convolutions (van den Oord et al., 2016): a first layer with mask A (the centre pixel
 excluded) whose kernel spans the whole image, so there is no blind spot, then residual layers with mask B.
+Images with C channels (channels-last (H, W, C): raster order over H, W, then C, so R, G, B of a pixel come
+in turn) split every layer's feature maps into C groups, one per data channel; at the centre pixel group g sees
+the groups before it (mask A) or up to itself (mask B), so the logits of channel c see channels < c of the
+same pixel and everything of the pixels before it, as PixelCNN's colour masks do.
 Tabular rows use the same construction in 1-D (causal convolutions over the feature order). Discrete data get
 a categorical conditional over ``spec.levels``; continuous data a mixture of Gaussians per feature in the
 normalised space, with the normalisation's Jacobian so that densities are in raw units.
@@ -200,10 +204,13 @@ def draw_position(spec: DataSpec, i: int, params: list[Tensor], noise: Noise, te
 class MaskedConv(nn.Module):
     """A 1-D or 2-D convolution whose kernel sees only earlier positions (mask A) or also the centre (B).
 
-    "Earlier" is raster order: rows above, and the same row to the left. 1-D convolutions are dilated.
+    "Earlier" is raster order: rows above, and the same row to the left. 1-D convolutions are dilated. With
+    ``groups`` = C > 1 (images of C channels) input and output feature maps are split into C consecutive
+    groups, and at the centre an output of group g sees input groups < g (mask A) or <= g (mask B).
     """
 
-    def __init__(self, dims: int, cin: int, cout: int, kernel: int, mask: str, dilation: int = 1) -> None:
+    def __init__(self, dims: int, cin: int, cout: int, kernel: int, mask: str, dilation: int = 1,
+                 groups: int = 1) -> None:
         super().__init__()
         if kernel % 2 == 0:
             raise ValueError(f"kernel must be odd, got {kernel}")
@@ -213,7 +220,17 @@ class MaskedConv(nn.Module):
         m = torch.ones(kernel, kernel)
         m[c, c + (mask == "B"):] = 0  # the centre row: the centre itself (mask A) and what follows
         m[c + 1:] = 0  # rows below
-        self.register_buffer("mask", m if dims == 2 else m[c])
+        m = m if dims == 2 else m[c]
+        if groups > 1:  # (cout, cin, k, k): the centre tap connects channel groups in order
+            if dims != 2 or min(cin, cout) < groups:
+                raise ValueError(f"channel groups need 2-D convolutions with >= {groups} maps in and out, got "
+                                 f"{dims}-D, {cin} in, {cout} out")
+            g_out = torch.arange(cout) * groups // cout
+            g_in = torch.arange(cin) * groups // cin
+            centre = (g_in[None, :] <= g_out[:, None]) if mask == "B" else (g_in[None, :] < g_out[:, None])
+            m = m.expand(cout, cin, kernel, kernel).clone()
+            m[:, :, c, c] = centre.float()
+        self.register_buffer("mask", m)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.conv._conv_forward(h, self.conv.weight * self.mask, self.conv.bias)
@@ -222,10 +239,10 @@ class MaskedConv(nn.Module):
 class ResidualBlock(nn.Module):
     """h + dropout(conv_B(relu(conv_B(relu(h))))); both convolutions masked B, so causality is kept."""
 
-    def __init__(self, dims: int, channels: int, kernel: int, dilation: int, dropout: float) -> None:
+    def __init__(self, dims: int, channels: int, kernel: int, dilation: int, dropout: float, groups: int = 1) -> None:
         super().__init__()
-        self.conv1 = MaskedConv(dims, channels, channels, kernel, "B", dilation)
-        self.conv2 = MaskedConv(dims, channels, channels, 1, "B")
+        self.conv1 = MaskedConv(dims, channels, channels, kernel, "B", dilation, groups)
+        self.conv2 = MaskedConv(dims, channels, channels, 1, "B", groups=groups)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -272,26 +289,40 @@ class CausalConvAR(AutoregressiveModel):
         super().__init__(spec, channels=channels, layers=layers, kernel=kernel, first_kernel=first_kernel,
                          dropout=dropout, components=components, lr_half_life=lr_half_life, ema=ema)
         dims = 2 if spec.is_image else 1
-        if len(spec.shape) > 2:
-            raise ValueError(f"arcnn models images (H, W) or rows (D,), not shape {spec.shape}")
-        span = 2 * max(spec.shape) - 1  # a centred kernel this wide sees every earlier position
-        self.dims = dims
-        self.inp = MaskedConv(dims, 1, channels, first_kernel or span, "A")
+        if len(spec.shape) > 1 and not spec.is_image:
+            raise ValueError(f"arcnn models images (H, W) or (H, W, C) with C in 1..4, or rows (D,), not shape "
+                             f"{spec.shape}")
+        groups = spec.channels or 1  # data channels of an image: one group of feature maps per channel
+        if channels < groups:
+            raise ValueError(f"channels must be >= the image's {groups} channels (one group each), got {channels}")
+        span = 2 * max(spec.shape[:2]) - 1  # a centred kernel this wide sees every earlier position
+        self.dims, self.groups = dims, groups
+        self.inp = MaskedConv(dims, groups, channels, first_kernel or span, "A", groups=groups)
         # 1-D rows: dilations 1, 2, 4, ... widen the receptive field; images see everything from layer one
         self.blocks = nn.ModuleList(
-            ResidualBlock(dims, channels, kernel, 1 if dims == 2 else 2 ** (i % 4), dropout) for i in range(layers)
+            ResidualBlock(dims, channels, kernel, 1 if dims == 2 else 2 ** (i % 4), dropout, groups)
+            for i in range(layers)
         )
         self.drop = nn.Dropout(dropout)
-        self.out = MaskedConv(dims, channels, self.out_per_position, 1, "B")
+        # output maps channel-major: maps c * P .. (c + 1) * P - 1 hold the P parameters of data channel c
+        self.out = MaskedConv(dims, channels, groups * self.out_per_position, 1, "B", groups=groups)
         # Per-position bias: digits' border pixels are almost always 0, which a convolution alone models poorly
         self.position_bias = nn.Parameter(torch.zeros(self.out_per_position, spec.dim))
         self._setup_averaging()
 
     def conditionals(self, x: Tensor) -> tuple[Tensor, ...]:
         """x (B, *shape) raw units -> conditional parameters of every position, (B, D, P) each."""
-        h = self.model_input(x).reshape(x.shape[0], 1, *self.spec.shape)
+        B, C, P = x.shape[0], self.groups, self.out_per_position
+        if C == 1:
+            h = self.model_input(x).reshape(B, 1, *self.spec.shape[:2] if self.dims == 2 else self.spec.shape)
+        else:  # channels-last data to the (B, C, H, W) layout of convolutions
+            h = self.model_input(x).reshape(B, *self.spec.shape).permute(0, 3, 1, 2)
         h = self.inp(h)
         for block in self.blocks:
             h = block(h)
-        p = self.out(self.drop(F.relu(h))).reshape(x.shape[0], self.out_per_position, self.dim)
+        p = self.out(self.drop(F.relu(h)))
+        if C == 1:
+            p = p.reshape(B, P, self.dim)
+        else:  # (B, C * P, H, W) -> (B, P, D) with D in the data's (H, W, C) order
+            p = p.reshape(B, C, P, *self.spec.shape[:2]).permute(0, 2, 3, 4, 1).reshape(B, P, self.dim)
         return self.split_params((p + self.position_bias).transpose(1, 2))

@@ -5,6 +5,8 @@ output gives p(x_t | x_<t): categorical over ``spec.levels`` for discrete data, 
 normalised units for continuous rows (as in ``training.arcnn``). With ``above`` (images) a step also reads the
 pixel above, x_{t-W}, which the step state carries in a row buffer of the last W values after the GRU units:
 the GRU no longer has to hold a whole row in memory, which the 1000 training digits cannot teach it well.
+Images with channels (channels-last (H, W, C)) are read in that row-major order, the C values of a pixel in turn,
+and the row buffer holds W * C values, so "above" is the same channel of the pixel above.
 
 Two graphs are exported: ``logits`` (all conditionals in one pass, for the likelihood) and ``step`` (x_prev,
 h, t -> conditionals of x_t and h_next), so that sampling costs D steps rather than D passes over the growing
@@ -72,7 +74,9 @@ class RecurrentAR(AutoregressiveModel):
         self.hidden, self.layers, self.weight_drop, self.input_drop = hidden, layers, weight_drop, input_drop
         if above and not (spec.is_image and spec.discrete):
             raise ValueError(f"above=True reads the pixel above, so it needs discrete images, not shape {spec.shape}")
-        self.width = spec.shape[1] if above else 0  # values of the row buffer carried in the state
+        # values of the row buffer carried in the state: one image row, W pixels of C channels (channels-last),
+        # so x_{t - width} is the same channel of the pixel above
+        self.width = spec.shape[1] * spec.channels if above else 0
         if spec.discrete:  # index `levels` is the start token (also "unknown": dropped inputs, no row above)
             self.value_embed = nn.Embedding(spec.levels + 1, embed)
             self.above_embed = nn.Embedding(spec.levels + 1, embed) if above else None

@@ -35,11 +35,23 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
     b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
     mu = a.mean(0) - b.mean(0)
+    if a.shape[1] > len(a) + len(b):
+        return _frechet_low_rank(a, b, mu)
     sa, sb = np.cov(a, rowvar=False).reshape(a.shape[1], -1), np.cov(b, rowvar=False).reshape(b.shape[1], -1)
     w, v = np.linalg.eigh(sa)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.linalg.eigvalsh(root_a @ sb @ root_a)
     return float(mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+
+
+def _frechet_low_rank(a: np.ndarray, b: np.ndarray, mu: np.ndarray) -> float:
+    """The same distance when there are fewer rows than features (32x32x3 images: F = 3072), without F x F
+    matrices. With centred rows A, B and S_a = A^T A / (N - 1), S_b = B^T B / (M - 1), the eigenvalues of
+    S_a^1/2 S_b S_a^1/2 are the squared singular values of A B^T / sqrt((N - 1)(M - 1)), an N x M matrix."""
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    na, nb = max(len(a) - 1, 1), max(len(b) - 1, 1)
+    cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt(na * nb)
+    return float(mu @ mu + (ca * ca).sum() / na + (cb * cb).sum() / nb - 2 * cross)
 
 
 def energy_distance(a: np.ndarray, b: np.ndarray) -> float:

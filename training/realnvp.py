@@ -27,13 +27,19 @@ def coupling_masks(spec: DataSpec, layers: int) -> Tensor:
     """(layers, D) binary masks, 1 = passed through unchanged (conditioning half), alternating per layer.
 
     Images alternate checkerboard and its complement, then left/right and top/bottom halves (each with its
-    complement); tabular rows alternate the first and second halves of the features (2-D: x1 then x2).
+    complement); images with C > 1 channels (channels-last (H, W, C)) take every channel of a pixel together in
+    these spatial masks and add, second, a split of the channels (the first C // 2 against the rest), so that
+    the channels of one pixel also condition each other. Tabular rows alternate the first and second halves of
+    the features (2-D: x1 then x2).
     """
     D = spec.dim
     if spec.is_image:
-        h, w = spec.shape
+        h, w, c = *spec.shape[:2], spec.channels
         i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         patterns = [((i + j) % 2).flatten(), (j < w // 2).long().flatten(), (i < h // 2).long().flatten()]
+        if c > 1:  # every pattern over the pixels, repeated for the channels of a pixel (flat order H, W, C)
+            patterns = [m.repeat_interleave(c) for m in patterns]
+            patterns.insert(1, (torch.arange(D) % c < c // 2).long())
     else:
         patterns = [(torch.arange(D) < D // 2).long()]
     masks = []
@@ -56,15 +62,15 @@ def mlp_net(D: int, hidden: int, depth: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers, out)
 
 
-def conv_net(channels: int, depth: int, dropout: float) -> nn.Sequential:
-    """(B, 2, H, W) -> (B, 2, H, W): 3x3 convolutions with weights shared across positions (fewer weights than
-    the MLP, but about 10x slower per epoch on a CPU for 8x8 digits)."""
+def conv_net(channels: int, depth: int, dropout: float, data_channels: int = 1) -> nn.Sequential:
+    """(B, 2C, H, W) -> (B, 2C, H, W) for images of C = ``data_channels``: 3x3 convolutions with weights shared
+    across positions (fewer weights than the MLP, but about 10x slower per epoch on a CPU for 8x8 digits)."""
     layers: list[nn.Module] = []
-    width = 2
+    width = 2 * data_channels
     for _ in range(depth):
         layers += [nn.Conv2d(width, channels, 3, padding=1), nn.GELU(), nn.Dropout(dropout)]
         width = channels
-    out = nn.Conv2d(width, 2, 3, padding=1)
+    out = nn.Conv2d(width, 2 * data_channels, 3, padding=1)
     nn.init.zeros_(out.weight)
     nn.init.zeros_(out.bias)
     return nn.Sequential(*layers, out)
@@ -77,16 +83,22 @@ class Coupling(nn.Module):
     so every coupling starts as the identity.
     """
 
-    def __init__(self, mask: Tensor, hidden: int, depth: int, dropout: float, image: tuple[int, int] | None) -> None:
+    def __init__(self, mask: Tensor, hidden: int, depth: int, dropout: float, image: tuple[int, ...] | None) -> None:
         super().__init__()
         D = mask.numel()
         self.register_buffer("mask", mask)
-        self.image = image
-        self.net = conv_net(hidden, depth, dropout) if image else mlp_net(D, hidden, depth, dropout)
+        self.image = image  # (H, W) or channels-last (H, W, C) for the convolutional net
+        c = image[2] if image and len(image) == 3 else 1
+        self.net = conv_net(hidden, depth, dropout, c) if image else mlp_net(D, hidden, depth, dropout)
         self.scale = nn.Parameter(torch.ones(D))
 
     def _st(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.image:  # channels: the visible pixels and the mask itself, so the net knows which are given
+        if self.image and len(self.image) == 3:  # (B, 2, H, W, C) -> the (B, 2C, H, W) layout of convolutions
+            h, w, c = self.image
+            inp = torch.stack([x * self.mask, self.mask.expand_as(x)], dim=1).reshape(-1, 2, h, w, c)
+            out = self.net(inp.permute(0, 1, 4, 2, 3).reshape(-1, 2 * c, h, w))
+            raw_s, t = out.reshape(-1, 2, c, h, w).permute(0, 1, 3, 4, 2).flatten(2).unbind(1)
+        elif self.image:  # channels: the visible pixels and the mask itself, so the net knows which are given
             h = torch.stack([x * self.mask, self.mask.expand_as(x)], dim=1).reshape(-1, 2, *self.image)
             raw_s, t = self.net(h).flatten(2).unbind(1)
         else:

@@ -20,6 +20,7 @@ from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, catego
 
 LOGVAR_BOUND = 10.0  # log-variances live in (-10, 10): no collapse onto a point, no overflow early in training
 IW_ROWS = 16384  # rows per chunk of importance samples, bounding memory at about rows x decoder width
+IW_VALUES = 1 << 26  # and at most this many decoder outputs (rows x D x levels) per chunk: 256 MB of float32
 
 
 def mlp(n_in: int, hidden: int, depth: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -179,7 +180,7 @@ class VAE(GenerativeModel):
         """
         K = int(importance_samples or self.importance_samples)
         B = x.shape[0]
-        chunk = max(1, IW_ROWS // B)
+        chunk = max(1, self.iw_rows // B)
         logw = []
         for k0 in range(0, K, chunk):
             k = min(chunk, K - k0)
@@ -209,6 +210,13 @@ class VAE(GenerativeModel):
             return self.unflat(self.decoder(z).argmax(-1).to(z.dtype))
         return self.unflat(self.decoder(z)[0])
 
+    @property
+    def iw_rows(self) -> int:
+        """Rows per chunk of importance samples: ``IW_ROWS``, fewer when one row's decoder output is wide (32x32x3
+        images of 256 levels: 786432 logits per row), so that a chunk holds at most ``IW_VALUES`` outputs."""
+        width = self.dim * (self.spec.levels if self.spec.discrete else 2)
+        return min(IW_ROWS, max(1, IW_VALUES // width))
+
     def program_parameters(self) -> dict[str, float]:
         return {"importance_samples": self.importance_samples,
-                "iw_rows": IW_ROWS}
+                "iw_rows": self.iw_rows}
