@@ -23,10 +23,12 @@ GUTTER = "#4060a0"
 
 
 def _tiles(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
-    """(N, H, W) images tiled ``columns`` to a row on a NaN canvas (NaN: the gutters, drawn in GUTTER)."""
+    """(N, H, W) or (N, H, W, C) images tiled ``columns`` to a row on a NaN canvas (NaN: the gutters, drawn in
+    GUTTER)."""
     rows = max(1, -(-len(images) // columns))
-    h, w = images.shape[1:]
-    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad), np.nan, dtype=np.float32)
+    h, w = images.shape[1:3]
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, *images.shape[3:]), np.nan,
+                     dtype=np.float32)
     for i, img in enumerate(images):
         r, c = divmod(i, columns)
         top, left = pad + r * (h + pad), pad + c * (w + pad)
@@ -45,17 +47,26 @@ def _save(plt, fig, path: str | Path) -> Path:
 
 def sample_grid(samples: np.ndarray, spec: DataSpec, path: str | Path, title: str = "",
                 columns: int = 10) -> Path:
-    """Write up to columns^2 images (N, H, W) as a gray grid (level 0 black, the top level white); returns
-    the path."""
+    """Write up to columns^2 images (N, H, W) as a gray grid (level 0 black, the top level white), or
+    channels-last RGB images (N, H, W, 3) in colour; returns the path."""
     plt = _pyplot()
     x = np.asarray(samples, dtype=np.float32)[: columns * columns]
+    if x.ndim == 4:  # channels-last: one channel is grey, three are RGB, otherwise the channels' mean in grey
+        x = x[..., :3] if x.shape[-1] in (3, 4) else x.mean(-1)
     rows = max(1, -(-len(x) // columns))
     canvas = _tiles(x, columns)
     vmax = spec.levels - 1 if spec.discrete else float(np.nanmax(canvas)) if len(x) else 1.0
     vmin = 0.0 if spec.discrete else float(np.nanmin(canvas)) if len(x) else 0.0
     cmap = plt.get_cmap("gray").with_extremes(bad=GUTTER)
     fig, ax = plt.subplots(figsize=(0.55 * columns + 0.4, 0.55 * rows + 0.8), dpi=100)
-    ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    if canvas.ndim == 3:  # RGB in [0, 1], gutters painted in GUTTER
+        import matplotlib.colors
+
+        rgb = np.clip((canvas - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+        rgb[np.isnan(canvas).any(-1)] = matplotlib.colors.to_rgb(GUTTER)
+        ax.imshow(rgb, interpolation="nearest")
+    else:
+        ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
