@@ -18,13 +18,13 @@ PROGRAMS: dict[str, str] = {
     "implicit": "genserve.server.programs.gan:GANProgram",
     "energy": "genserve.server.programs.energy:EnergyProgram",
 }
-LEGACY = {"ppca": "linear_gaussian"}
-"""Manifests written before the contracts named pPCA's family ``latent_variable``; its model name decides."""
+LEGACY = {("latent_variable", "ppca"): "linear_gaussian"}
+"""Manifests written before the shared family table called pPCA ``latent_variable``: (family, model) -> family."""
 
 
 def program_class(family: str, model: str = "") -> type[Program]:
     """The program class for a manifest's family (and, for old manifests, its model name)."""
-    family = LEGACY.get(model, family)
+    family = LEGACY.get((family, model), family)
     if family not in PROGRAMS:
         raise ValueError(f"no serving program for family {family!r}; known: {', '.join(PROGRAMS)}")
     module, cls = PROGRAMS[family].split(":")
