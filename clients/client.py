@@ -33,7 +33,7 @@ from genserve.clients import messages as msg
 from genserve.clients.channel import DEFAULT_TARGET, MAX_ATTEMPTS, ChannelSettings, Credential, GenserveError
 from genserve.clients.datafiles import Rows, open_rows
 from genserve.clients.messages import Likelihood, ModelInfo, ModelSummary, chunk_seed
-from genserve.clients.tensors import from_proto
+from genserve.core.tensors import from_proto
 from genserve.v1 import service_pb2, service_pb2_grpc
 
 __all__ = ["AsyncClient", "Client", "GenserveError", "Likelihood", "ModelInfo", "ModelSummary", "chunk_seed"]

@@ -13,10 +13,10 @@ import numpy as np
 from google.protobuf import json_format
 
 from genserve.clients.channel import GenserveError
-from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD_NAME, OPERATION_NAME, spec_from_proto
 from genserve.core.noise import derived_seed
 from genserve.core.spec import DataSpec
+from genserve.core.tensors import from_proto, to_proto
 from genserve.v1 import manifest_pb2, service_pb2
 
 STATE_NAME = {v: k.removeprefix("MODEL_STATE_") for k, v in service_pb2.ModelState.items()}

@@ -72,8 +72,8 @@ def discover(target: str) -> dict[str, dict[str, Any]]:
     """Per READY model: its RPCs, valid data rows (drawn from the model itself) and a latent batch."""
     import grpc
 
-    from genserve.clients.tensors import from_proto
     from genserve.core.manifest import OPERATION_NAME
+    from genserve.core.tensors import from_proto
     from genserve.v1 import service_pb2 as pb
     from genserve.v1 import service_pb2_grpc
 
@@ -96,7 +96,7 @@ def discover(target: str) -> dict[str, dict[str, Any]]:
 
 
 async def _call(stub: Any, rpc: str, model: str, spec: dict[str, Any], i: int) -> None:
-    from genserve.clients.tensors import to_proto
+    from genserve.core.tensors import to_proto
     from genserve.v1 import service_pb2 as pb
 
     if rpc == "Sample":

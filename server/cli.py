@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m genserve.server.cli`` (same flags as ``genserve serve``)."""
-    from genserve.clients.cli import guarded
+    from genserve.core.cli_errors import guarded
 
     p = argparse.ArgumentParser(prog="genserve serve", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

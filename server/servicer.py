@@ -23,9 +23,9 @@ from typing import Protocol, TypeVar
 import grpc
 import numpy as np
 
-from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import LIKELIHOOD, OPERATION
 from genserve.core.noise import derived_seed
+from genserve.core.tensors import from_proto, to_proto
 from genserve.server.config import ServerConfig
 from genserve.server.errors import InvalidInput
 from genserve.server.interface import (

@@ -46,18 +46,7 @@ CLIENT_THIRD_PARTY = {"grpc", "google", "numpy", "tqdm"}
 CLIENT_OPTIONAL = {"pyarrow", "grpc_health"}
 """Optional in a client install: imported inside the function that needs them, never at module level."""
 
-ALLOWED: dict[tuple[str, str], str] = {
-    ("server/servicer.py", "genserve.clients.tensors"):
-        "the tensor codec moves out of clients (issue 12, point 1: its owner is merging it with the OIP codec)",
-    ("server/cli.py", "genserve.clients.cli"):
-        "the error guard is genserve.core.cli_errors.guarded now; server/cli.py still imports the old shim",
-    ("training/cli.py", "genserve.clients.cli"):
-        "the error guard is genserve.core.cli_errors.guarded now; training/cli.py still imports the old shim",
-    ("training/evaluate.py", "genserve.clients.cli"):
-        "the error guard is genserve.core.cli_errors.guarded now; training/evaluate.py still imports the old shim",
-    ("clients/cli.py", "genserve.app.cli"):
-        "deprecated shim: keeps `python -m genserve.clients.cli` and old imports working until callers move",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 """(file, imported module) -> why this breach of FORBIDDEN is tolerated for now."""
 
 

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m genserve.training.cli`` (used by torchrun)."""
-    from genserve.clients.cli import guarded
+    from genserve.core.cli_errors import guarded
 
     p = argparse.ArgumentParser(prog="genserve train")
     _arguments(p)

@@ -142,7 +142,9 @@ def build_config(model: str | None, dataset: str = "digits", profile: str = "qui
     model = cls.name if factory else model
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-    tabular = dataset not in ("digits",) and not levels
+    from genserve.training.data import IMAGES  # image data sets get the image presets
+
+    tabular = dataset not in IMAGES and not levels
     preset = (cls.tabular_profiles if tabular and cls.tabular_profiles else cls.profiles).get(profile, {})
     base = apply_overrides({"model": model, "factory": factory or "", "dataset": dataset, "profile": profile,
                             "levels": levels},

@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``genserve evaluate`` on its own: ``python -m genserve.training.evaluate CHECKPOINT [--json]``."""
-    from genserve.clients.cli import guarded
+    from genserve.core.cli_errors import guarded
 
     parser = argparse.ArgumentParser(prog="genserve evaluate", description=__doc__.splitlines()[0])
     _add_arguments(parser)

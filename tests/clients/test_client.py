@@ -28,7 +28,7 @@ from genserve.clients.client import (
     GenserveError,
     chunk_seed,
 )
-from genserve.clients.tensors import from_proto, to_proto
+from genserve.core.tensors import from_proto, to_proto
 from genserve.v1 import service_pb2, service_pb2_grpc
 
 DIGITS = "digits-ppca"  # discrete 8x8 images, dequantised lower bound: scores depend on the seed

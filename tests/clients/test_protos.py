@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from genserve.clients.tensors import DTYPES, from_proto, to_proto
+from genserve.core.tensors import DTYPES, from_proto, to_proto
 from genserve.protos import codegen
 from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from genserve.clients.cli import main as cli
+from genserve.app.cli import main as cli
 from genserve.core.manifest import MANIFEST, OPERATION, read_manifest
 from genserve.core.noise import Noise
 from genserve.export.contract import bind

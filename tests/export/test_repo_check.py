@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from genserve.clients.cli import main as cli
+from genserve.app.cli import main as cli
 from genserve.core.manifest import MANIFEST
 from genserve.export.check import check_repository
 

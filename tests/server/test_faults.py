@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 import pytest
 
-from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import OPERATION_NAME, read_manifest, write_manifest
+from genserve.core.tensors import from_proto, to_proto
 from genserve.server.app import BackgroundServer
 from genserve.server.config import ServerConfig
 from genserve.v1 import service_pb2 as pb
@@ -51,7 +51,7 @@ def value(srv: BackgroundServer, name: str, **labels: str) -> float:
     return srv.server.metrics.value(name, labels) or 0.0
 
 
-def settled(srv: BackgroundServer, model: str = MODEL, timeout: float = 5.0) -> None:
+def settled(srv: BackgroundServer, model: str = MODEL, timeout: float = 120.0) -> None:
     """Wait until nothing is in flight, no row is held and no batch queue holds rows."""
     deadline = time.monotonic() + timeout
     while True:
@@ -116,9 +116,12 @@ def test_cancelling_a_score_stream_stops_reading_and_scoring(repo: Path) -> None
                     if answered == 3:
                         break
                 call.cancel()
-                await asyncio.sleep(0.3)
+                deadline = time.monotonic() + 120
+                while not call.done():  # the cancel has reached the call; then no request may be pulled
+                    assert time.monotonic() < deadline, "the cancelled call never finished"
+                    await asyncio.sleep(0.01)
                 at_cancel = pulled[0]
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # an observation window for pulls that must not happen, not a wait
                 return answered, pulled[0] - at_cancel
 
         answered, pulled_after = asyncio.run(scenario())

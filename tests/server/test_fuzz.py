@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genserve.clients.tensors import DTYPES, to_proto
+from genserve.core.tensors import DTYPES, to_proto
 from genserve.server.app import BackgroundServer
 from genserve.server.config import ServerConfig
 from genserve.v1 import service_pb2 as pb

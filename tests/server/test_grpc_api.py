@@ -19,9 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import OPERATION_NAME, read_manifest, spec_from_proto
 from genserve.core.noise import Noise
+from genserve.core.tensors import from_proto, to_proto
 from genserve.server.app import BackgroundServer, grpc_options
 from genserve.server.programs import program_from_manifest
 from genserve.server.programs.base import run_sync

@@ -18,15 +18,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402  (the dev extra installs it)
 from ports import free_port
 from tls_certs import make_certificates
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from genserve.server.app import BackgroundServer, ready_line
 from genserve.server.config import ServerConfig
-
-httpclient = pytest.importorskip("tritonclient.http")
-grpcclient = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 VAE = "digits-vae"
 SEED = 20251202
@@ -291,7 +290,6 @@ def small_repo(repo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_token_auth_and_tls(small_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("cryptography")
     certs = make_certificates(tmp_path / "certs")
     token = "http-test-token-0123456789abcdef"
     monkeypatch.setenv("GENSERVE_HTTP_TEST_TOKEN", token)
@@ -318,7 +316,6 @@ def test_token_auth_and_tls(small_repo: Path, tmp_path: Path, monkeypatch: pytes
 
 
 def test_mutual_tls_needs_a_client_certificate(small_repo: Path, tmp_path: Path) -> None:
-    pytest.importorskip("cryptography")
     certs = make_certificates(tmp_path / "certs")
     cfg = ServerConfig(repo=small_repo, port=0, metrics_port=0, http_port=free_port(), provider="cpu",
                        workers=1, grace_s=1.0, tls_cert=certs / "server.pem", tls_key=certs / "server.key",

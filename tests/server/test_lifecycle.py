@@ -20,9 +20,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from waiting import until
 
-from genserve.clients.tensors import from_proto, to_proto
 from genserve.core.manifest import read_manifest, write_manifest
 from genserve.core.noise import Noise
+from genserve.core.tensors import from_proto, to_proto
 from genserve.server.app import BackgroundServer
 from genserve.v1 import service_pb2 as pb
 from genserve.v1 import service_pb2_grpc

@@ -278,7 +278,7 @@ def test_serve_and_client_cli_end_to_end(small_repo: Path, certs: Path, tmp_path
 
         def cli(*args: str, token_env: str | None = None) -> subprocess.CompletedProcess:
             e = {**env, "GENSERVE_TOKEN": token_env} if token_env else env
-            return subprocess.run([sys.executable, "-m", "genserve.clients.cli", *args, "--server",
+            return subprocess.run([sys.executable, "-m", "genserve.app.cli", *args, "--server",
                                    f"localhost:{port}", "--tls-ca", str(certs / "ca.pem")],
                                   capture_output=True, text=True, env=e, timeout=60)
 

@@ -53,7 +53,7 @@ def test_early_stopping_stops_when_validation_stops_improving(tmp_path):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "genserve.clients.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "genserve.app.cli", *args], capture_output=True, text=True,
                           timeout=600, env=env)
 
 
