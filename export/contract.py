@@ -153,9 +153,6 @@ class Bound:
     def program_parameters(self) -> dict[str, float]:
         return dict(self.parameters)
 
-    def export_graphs(self) -> dict[str, GraphDef]:
-        return self.graphs
-
 
 def family(name: str) -> Family:
     """The contract of a family; ContractError listing the families for an unknown name."""

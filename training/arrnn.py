@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
-from genserve.training.arcnn import AutoregressiveModel, draw_position
+from genserve.training.autoregressive import AutoregressiveModel, draw_position
 
 
 class RecurrentAR(AutoregressiveModel):
@@ -160,7 +160,7 @@ class RecurrentAR(AutoregressiveModel):
     def sample(self, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> Tensor:
         """D steps of the ``step`` graph carrying the hidden state (zeros at the start).
 
-        Noise order as ``training.arcnn.AutoregressiveModel.sample``: per step i, ``noise.uniform(n)`` and, for
+        Noise order as ``training.autoregressive.AutoregressiveModel.sample``: per step i, ``noise.uniform(n)`` and, for
         continuous data, ``noise.normal(n)``.
         """
         x = torch.zeros(n, self.dim)

@@ -5,7 +5,7 @@ position) and, optionally, ``step`` (x_prev, *state, t -> conditional parameters
 so that sampling carries a state instead of re-reading the prefix. Discrete data have ``logits`` (B, D, levels);
 continuous data
 a Gaussian mixture per feature in normalised units: ``logits``, ``means``, ``log_scales``, each (B, D, K).
-Noise is drawn in the order of ``training.arcnn.AutoregressiveModel.sample``: per position i, one
+Noise is drawn in the order of ``training.autoregressive.AutoregressiveModel.sample``: per position i, one
 ``noise.uniform(n)`` and, for continuous data, one ``noise.normal(n)``.
 """
 

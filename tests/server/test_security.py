@@ -32,7 +32,6 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("cryptography")
     return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
@@ -320,7 +319,8 @@ class Payload:
 
 
 def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_runs(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     from genserve.training.checkpoint import FORMAT, read_checkpoint
 
     marker = tmp_path / "pwned"

@@ -125,7 +125,7 @@ def test_csv_and_parquet_headers_become_the_specs_column_names(tmp_path):
     assert load_dataset(str(tmp_path / "bare.csv")).spec.columns == ()
     np.savez(tmp_path / "named.npz", x=x, columns=np.array(["a", "b", "c"]))
     assert load_dataset(str(tmp_path / "named.npz")).spec.columns == ("a", "b", "c")
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"left": x[:, 0], "right": x[:, 1], "up": x[:, 2]}), tmp_path / "named.parquet")
