@@ -153,14 +153,6 @@ class AutoregressiveModel(GenerativeModel):
             x[:, i] = draw_position(self.spec, i, params, noise, temperature)
         return self.postprocess(self.unflat(x))
 
-    def example_input(self, batch: int) -> Tensor:
-        """A batch of valid examples for tracing graphs."""
-        g = torch.Generator().manual_seed(0)
-        if self.spec.discrete:
-            return torch.randint(0, self.spec.levels, (batch, *self.spec.shape), generator=g).float()
-        mean, std = torch.tensor(self.spec.mean), torch.tensor(self.spec.std)
-        return self.unflat(mean + std * torch.randn(batch, self.dim, generator=g))
-
 
 def conditional_log_prob(spec: DataSpec, x: Tensor, params: tuple[Tensor, ...]) -> Tensor:
     """sum_i log p(x_i | x_<i) in nats, (B,), for flat x (B, D) in raw units."""
