@@ -261,6 +261,15 @@ class Client(_Base):
         """Ask the server to rescan its repository; returns the models afterwards."""
         return [msg.read_summary(m) for m in self._unary("ReloadRepository", service_pb2.ReloadRequest()).models]
 
+    def load_model(self, model: str) -> ModelSummary:
+        """Load (or reload) a model of the server's repository; the server must run with model control mode
+        explicit. Raises GenserveError (FAILED_PRECONDITION) when it cannot load it."""
+        return msg.read_summary(self._unary("LoadModel", service_pb2.LoadModelRequest(model=model)).model)
+
+    def unload_model(self, model: str) -> ModelSummary:
+        """Unload a model (model control mode explicit); requests in flight on it finish first."""
+        return msg.read_summary(self._unary("UnloadModel", service_pb2.UnloadModelRequest(model=model)).model)
+
     def _rows(self, model: str, version: int, source: Any, key: str | None) -> Rows:
         if isinstance(source, Rows):
             return source
@@ -419,3 +428,11 @@ class AsyncClient(_Base):
     async def reload(self) -> list[ModelSummary]:
         response = await self._unary("ReloadRepository", service_pb2.ReloadRequest())
         return [msg.read_summary(m) for m in response.models]
+
+    async def load_model(self, model: str) -> ModelSummary:
+        response = await self._unary("LoadModel", service_pb2.LoadModelRequest(model=model))
+        return msg.read_summary(response.model)
+
+    async def unload_model(self, model: str) -> ModelSummary:
+        response = await self._unary("UnloadModel", service_pb2.UnloadModelRequest(model=model))
+        return msg.read_summary(response.model)

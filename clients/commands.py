@@ -1,4 +1,4 @@
-"""`genserve models | info | sample | score | encode | decode`: the command line against a running server.
+"""`genserve models | info | load | unload | sample | score | encode | decode`: the command line against a server.
 
 Only argparse is imported here; the client (grpc, numpy) is imported when a subcommand runs, so `genserve
 --help` stays fast and works in any install.
@@ -21,6 +21,12 @@ EPILOGS = {
     "models": """examples:
   genserve models
   genserve models --server gpu-box:8500 --json
+""",
+    "load": """examples:
+  genserve load digits-vae          # load or reload it (server started with --model-control-mode explicit)
+""",
+    "unload": """examples:
+  genserve unload digits-vae        # requests in flight on it finish first
 """,
     "info": """examples:
   genserve info digits-vae
@@ -94,6 +100,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = command("models", "list the models a running server has")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    for name, verb in (("load", "load or reload a model of the server's repository (explicit model control)"),
+                       ("unload", "unload a model (explicit model control)")):
+        p = command(name, verb)
+        p.add_argument("model", help="model name: its folder in the server's repository")
 
     p = command("info", "describe one model version: data, operations, likelihood, parameters, serving")
     p.add_argument("model", help="model name, as `genserve models` lists it")
@@ -213,6 +224,20 @@ def run_models(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     if not models:
         print("(the server's repository has no models)")
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        m = client.load_model(args.model)
+    print(f"{m.name}: {m.state}, versions {','.join(map(str, m.versions)) or '-'}")
+    return 0
+
+
+def run_unload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        m = client.unload_model(args.model)
+    print(f"{m.name}: {m.state}")
     return 0
 
 

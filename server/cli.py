@@ -9,7 +9,9 @@ EPILOG = """examples:
   genserve serve --repo model_repository
   genserve serve --repo /models --host 0.0.0.0 --port 8500 --metrics-port 8502 --provider cuda
   genserve serve --repo model_repository --http-port 8503          # also KServe v2 REST / tritonclient.http
-  genserve serve --config server.toml --max-batch-size 128 --max-queue-delay-ms 5 --poll-s 30
+  genserve serve --config server.toml --max-batch-size 128 --max-queue-delay-ms 5
+  genserve serve --repo /models --model-control-mode poll --poll-s 30     # pick up new version folders
+  genserve serve --repo /models --model-control-mode explicit --load-model digits-vae   # then load/unload
   python -m genserve.server.cli --repo model_repository --port 0     # any free port, printed when ready
   genserve serve --repo /models --tls-cert srv.pem --tls-key srv.key --token-file /etc/genserve/tokens
   genserve serve --repo /models --tls-cert srv.pem --tls-key srv.key --tls-client-ca clients-ca.pem
@@ -36,7 +38,10 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--max-rows-per-request", "max_rows_per_request", int, "N", "most rows per scored batch (65536)"),
     ("--max-message-mb", "max_message_mb", int, "MIB", "gRPC message size limit each way (default 64)"),
     ("--grace-s", "grace_s", float, "S", "seconds to finish accepted requests after SIGTERM (default 10)"),
-    ("--poll-s", "poll_s", float, "S", "rescan the repository every S seconds (default 0 = never)"),
+    ("--model-control-mode", "model_control", str, "{none,poll,explicit}",
+     "none: load every model at start; poll: and rescan every --poll-s; explicit: load/unload by request"),
+    ("--poll-s", "poll_s", float, "S", "with --model-control-mode poll: rescan every S seconds (default 5)"),
+    ("--warmup", "warmup", bool, "", "run a small batch through every graph at load (default on; --no-warmup)"),
     ("--max-concurrent-rpcs", "max_concurrent_rpcs", int, "N",
      "most RPCs in progress at once; more get RESOURCE_EXHAUSTED (default 1024)"),
     ("--max-queued-rows", "max_queued_rows", int, "N",
@@ -77,6 +82,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             p.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=help_text)
+    p.add_argument("--load-model", dest="load_models", action="append", metavar="NAME",
+                   help="with --model-control-mode explicit: load this model at start (repeatable; '*' = all)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="server log level on stderr (default INFO)")
 
@@ -88,6 +95,8 @@ def build_config(args: argparse.Namespace):  # -> ServerConfig (imported lazily)
     overrides = {dest: getattr(args, dest) for _, dest, *_ in FLAGS if getattr(args, dest) is not None}
     if args.repo:
         overrides["repo"] = args.repo
+    if args.load_models:
+        overrides["load_models"] = ",".join(args.load_models)
     return ServerConfig.from_toml(args.config, overrides)
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from genserve.v1 import manifest_pb2 as pb
 
 PROVIDERS = ("auto", "cuda", "cpu")
+MODEL_CONTROL = ("none", "poll", "explicit")
+DEFAULT_POLL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,18 @@ class ServerConfig:
     """Most importance samples K one LogLikelihood request may ask for."""
     grace_s: float = 10.0
     """Seconds SIGTERM waits for accepted requests to finish before the server exits."""
+    model_control: str = "none"
+    """How models come and go while the server runs (Triton's model control modes): ``none`` (every model of
+    the repository loads at start; it changes only on ReloadRepository or SIGHUP), ``poll`` (the same, and
+    the repository is rescanned every ``poll_s`` seconds), ``explicit`` (only ``load_models`` load at start;
+    LoadModel / UnloadModel requests, gRPC or HTTP, load and unload models). Load and unload requests are
+    refused (FAILED_PRECONDITION) unless the mode is ``explicit``."""
+    load_models: str = ""
+    """With ``model_control = "explicit"``: comma-separated model names to load at start (``*``: all)."""
     poll_s: float = 0.0
-    """Re-scan the repository every this many seconds (0: reload only on request or signal)."""
+    """With ``model_control = "poll"``: rescan the repository every this many seconds (0 there means 5)."""
+    warmup: bool = True
+    """Default of each model's ``warmup`` (config.json overrides): a small batch through every graph at load."""
     workers: int = 4
     """Threads of the pool that runs ONNX Runtime calls off the event loop (shared by all graphs)."""
     max_concurrent_rpcs: int = 1024
@@ -112,6 +124,16 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        if self.model_control not in MODEL_CONTROL:
+            raise ValueError(f"model_control must be one of {', '.join(MODEL_CONTROL)}, got {self.model_control!r}")
+        if self.poll_s and self.model_control != "poll":
+            raise ValueError(f"poll_s ({self.poll_s}) rescans the repository only with model_control = \"poll\" "
+                             f"(it is {self.model_control!r}); set both, or leave poll_s 0")
+        if self.model_control == "poll" and not self.poll_s:
+            object.__setattr__(self, "poll_s", DEFAULT_POLL_S)
+        if self.load_models and self.model_control != "explicit":
+            raise ValueError(f"load_models ({self.load_models!r}) chooses the models of model_control = "
+                             f"\"explicit\" (it is {self.model_control!r}); the other modes load every model")
         if self.pad_batches not in ("auto", "on", "off"):
             raise ValueError(f"pad_batches must be auto, on or off, got {self.pad_batches!r}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
@@ -160,7 +182,8 @@ class ServerConfig:
         """The server-wide defaults of the per-model settings."""
         return ServingSettings(max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
                                max_queue_size=self.max_queue_size, instances=self.instances,
-                               provider=self.provider, intra_op_threads=self.intra_op_threads)
+                               provider=self.provider, intra_op_threads=self.intra_op_threads,
+                               warmup=self.warmup)
 
     @classmethod
     def from_toml(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -242,6 +265,12 @@ class ServingSettings:
     """ONNX Runtime intra-op threads per session (0: ORT's default)."""
     fp16: bool = False
     """Run the graphs' float16 variants where the manifest has them and the provider is CUDA."""
+    version_policy: tuple[str, tuple[int, ...]] = ("all", ())
+    """Which version folders serve (config.json's ``version_policy``): ``("all", ())``, ``("latest", (n,))``
+    (the n highest) or ``("specific", (v, ...))``."""
+    warmup: bool = True
+    """Run a small batch through every graph before the version serves (the first request then costs what
+    the next ones do)."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_size", "instances"):
@@ -253,6 +282,20 @@ class ServingSettings:
             raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
         if self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        kind, numbers = self.version_policy
+        if kind not in ("all", "latest", "specific") or (kind == "all") != (not numbers) or any(
+                v < 1 for v in numbers) or (kind == "latest" and len(numbers) != 1):
+            raise ValueError(f"version_policy must be all, latest with num_versions >= 1, or specific with "
+                             f"versions >= 1; got {kind} {list(numbers)}")
+
+    def select(self, versions: list[int]) -> tuple[list[int], list[int]]:
+        """(version folders to serve, ascending; versions the policy names that have no folder)."""
+        kind, numbers = self.version_policy
+        if kind == "latest":
+            return sorted(versions)[-numbers[0]:], []
+        if kind == "specific":
+            return sorted(set(versions) & set(numbers)), sorted(set(numbers) - set(versions))
+        return sorted(versions), []
 
     def merged(self, *layers: pb.ServingConfig) -> ServingSettings:
         """These settings with the set fields of ``layers`` applied; earlier layers win (config.json)."""
@@ -261,8 +304,26 @@ class ServingSettings:
             for f in pb.ServingConfig.DESCRIPTOR.fields:
                 if layer.HasField(f.name):
                     values[f.name] = getattr(layer, f.name)
+        if "version_policy" in values:
+            values["version_policy"] = _policy(values["version_policy"])
         return replace(self, **values)
 
     def to_proto(self) -> pb.ServingConfig:
         """Every field set: what GetModel reports as the settings in effect."""
-        return pb.ServingConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        kind, numbers = values.pop("version_policy")
+        policy = pb.VersionPolicy(**{kind: {"latest": lambda: pb.VersionPolicy.Latest(num_versions=numbers[0]),
+                                             "specific": lambda: pb.VersionPolicy.Specific(versions=numbers),
+                                             "all": pb.VersionPolicy.All}[kind]()})
+        return pb.ServingConfig(**values, version_policy=policy)
+
+
+def _policy(message: pb.VersionPolicy) -> tuple[str, tuple[int, ...]]:
+    kind = message.WhichOneof("policy_choice")
+    if kind == "latest":
+        return kind, (int(message.latest.num_versions),)
+    if kind == "specific":
+        return kind, tuple(int(v) for v in message.specific.versions)
+    if kind == "all":
+        return kind, ()
+    raise ValueError('version_policy names none of latest, specific, all (e.g. {"latest": {"num_versions": 1}})')

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from genserve.core.manifest import LIKELIHOOD_NAME
+from genserve.core.manifest import LIKELIHOOD_NAME, SERVING_CONFIG, read_serving_config
 from genserve.core.noise import Noise
 from genserve.server.config import ServerConfig
-from genserve.server.errors import InvalidInput, NotFound, NotReady, Unsupported
+from genserve.server.errors import EngineError, InvalidInput, NotFound, NotReady, Unsupported
 from genserve.server.interface import (
     METHOD,
     DecodeRequest,
@@ -61,6 +61,13 @@ MAX_TEMPERATURE = 100.0
 MAX_LANGEVIN_STEP_SIZE = 1e3
 
 
+class ModelControlError(EngineError):
+    """A load or unload the server cannot do: the wrong model control mode, or a model that fails to load."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "MODEL_CONTROL"
+
+
 @dataclass
 class _Entry:
     """A model's served versions and its failed ones; ``versions`` is replaced whole, never edited."""
@@ -82,6 +89,10 @@ class Engine:
         self._retiring: set[asyncio.Task] = set()
         self._started = False
         self._waits: dict[str, tuple[int, int]] = {}  # model -> (queued submissions, ns waited)
+        self._available: set[str] = set()
+        """Model folders of the repository at the last scan."""
+        self._wanted: set[str] | None = None
+        """Explicit model control: the models to serve (loaded at start or by request); None: every model."""
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -89,6 +100,14 @@ class Engine:
         if not self.cfg.repo.is_dir():
             raise ValueError(f"model repository {self.cfg.repo} is not a folder; export a model into it with "
                              "`genserve export CHECKPOINT --repo DIR` or pass the right --repo")
+        if self.cfg.model_control == "explicit":
+            names = {n.strip() for n in self.cfg.load_models.split(",") if n.strip()}
+            found = await asyncio.to_thread(scan, self.cfg.repo)
+            unknown = sorted(names - set(found) - {"*"})
+            if unknown:
+                raise ValueError(f"load_models names {', '.join(unknown)}, which the model repository "
+                                 f"{self.cfg.repo} does not have (it has: {', '.join(sorted(found)) or 'none'})")
+            self._wanted = set(found) if "*" in names else names
         self._executor = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="genserve-ort")
         self._started = True
         result = await self.reload()
@@ -106,24 +125,94 @@ class Engine:
 
     async def reload(self) -> ReloadResult:
         """Re-scan: load new and changed versions before retiring old ones; a failing new version leaves the
-        version it would replace serving; versions gone from disk retire after their requests finish."""
+        versions already serving in service; versions gone from disk retire after their requests finish.
+        Under explicit model control only the models loaded by request are rescanned."""
         async with self._reload_lock:
             return await self._reload()
 
-    async def _reload(self) -> ReloadResult:
+    async def load_model(self, name: str) -> ModelStatus:
+        """Load (or reload) one model of the repository: explicit model control only. ModelControlError when no
+        version of it loads or a version its policy names fails (the versions already serving stay)."""
+        self._require_explicit("load", name)
+        async with self._reload_lock:
+            found = await asyncio.to_thread(scan, self.cfg.repo)
+            if name not in found:
+                raise NotFound(f"the model repository {self.cfg.repo} has no model folder {name!r}; it has: "
+                               f"{', '.join(sorted(found)) or 'none'}")
+            assert self._wanted is not None
+            self._wanted.add(name)
+            result = await self._reload(only={name}, found=found)
+        status = self._status(name)
+        errors = [e for e in result.errors if e.model == name]
+        if errors:
+            keep = (f"; versions {', '.join(map(str, status.versions))} keep serving" if status.versions
+                    else "; nothing of it serves")
+            raise ModelControlError(f"model {name!r} failed to load: " + "; ".join(
+                f"version {e.version}: {e.message}" if e.version else e.message for e in errors) + keep)
+        return status
+
+    async def unload_model(self, name: str) -> ModelStatus:
+        """Unload one model (explicit model control only): it takes no new requests; each version stops once
+        its requests in flight have finished."""
+        self._require_explicit("unload", name)
+        async with self._reload_lock:
+            if name not in self._models and name not in self._available:
+                raise NotFound(f"no model named {name!r}; the repository has: "
+                               f"{', '.join(sorted(self._available | set(self._models))) or 'none'}")
+            assert self._wanted is not None
+            self._wanted.discard(name)
+            entry = self._models.pop(name, None)
+            if entry is not None:
+                for m in entry.versions.values():
+                    self._retire(m)
+                self._report_loaded(name, {}, {}, set(entry.versions) | set(entry.errors))
+        return self._status(name)
+
+    def _require_explicit(self, what: str, name: str) -> None:
+        if self.cfg.model_control != "explicit":
+            raise ModelControlError(
+                f"cannot {what} model {name!r}: this server's model control mode is {self.cfg.model_control!r}, "
+                "which loads every model of the repository (ReloadRepository or SIGHUP rescans it); start the "
+                "server with --model-control-mode explicit to load and unload models by request")
+
+    def _status(self, name: str) -> ModelStatus:
+        for status in self.list_models():
+            if status.name == name:
+                return status
+        return ModelStatus(name, [], 0, "", "", [], "UNAVAILABLE", "not in the repository")
+
+    async def _reload(self, only: set[str] | None = None,
+                      found: dict[str, list[int]] | None = None) -> ReloadResult:
         repo = self.cfg.repo
-        try:
-            found = await asyncio.to_thread(scan, repo)
-        except OSError as e:
-            raise NotReady(f"cannot read the model repository {repo}: {e}") from None
+        if found is None:
+            try:
+                found = await asyncio.to_thread(scan, repo)
+            except OSError as e:
+                raise NotReady(f"cannot read the model repository {repo}: {e}") from None
+        self._available = set(found)
+        wanted = set(found) if self._wanted is None else set(found) & self._wanted
         result = ReloadResult(models=[])
-        for name in sorted(set(found) | set(self._models)):
+        for name in sorted(wanted | set(self._models)):
+            if only is not None and name not in only:
+                continue
             entry = self._models.setdefault(name, _Entry())
             old = entry.versions
             new: dict[int, LoadedModel] = {}
             errors: dict[int, str] = {}
             entry.loading = not old
-            for version in found.get(name, []):
+            chosen: list[int] = []
+            if name in wanted:
+                try:
+                    policy = self.cfg.serving.merged(read_serving_config(repo / name / SERVING_CONFIG))
+                    chosen, missing = policy.select(found[name])
+                    for version in missing:
+                        errors[version] = (f"its version_policy names version {version}, which has no folder "
+                                           f"{repo / name / str(version)}")
+                except ValueError as e:
+                    errors[0] = f"{name}: {e}"
+                if not found[name]:
+                    errors[0] = f"{repo / name} has no version folders (1, 2, ...); export a model into it"
+            for version in chosen:
                 current = old.get(version)
                 if current is not None and current.fingerprint == fingerprint(repo, name, version):
                     new[version] = current
@@ -136,13 +225,14 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - an unexpected failure is still one model's failure
                     log.exception("loading %s version %s", name, version)
                     errors[version] = describe_error(e)
-                if version in errors:
-                    result.errors.append(LoadError(name, version, errors[version]))
-                    if current is not None:
-                        new[version] = current  # a changed version that fails keeps its old files serving
-            if name in found and not found[name]:
-                errors[0] = f"{repo / name} has no version folders (1, 2, ...); export a model into it"
-                result.errors.append(LoadError(name, 0, errors[0]))
+                if version in errors and current is not None:
+                    new[version] = current  # a changed version that fails keeps its old files serving
+            if errors and name in wanted:
+                # A load that fails never takes a serving version down: a version the policy now leaves out
+                # (a new latest one failed) stays, and if nothing else would serve, so does a version whose
+                # folder is gone. Versions removed while others serve still leave.
+                new.update({v: m for v, m in old.items() if v not in new and (v in found[name] or not new)})
+            result.errors += [LoadError(name, v, msg) for v, msg in sorted(errors.items())]
             old_errors = entry.errors
             entry.versions, entry.errors, entry.loading = new, errors, False  # the atomic swap
             for version, m in old.items():
@@ -151,7 +241,7 @@ class Engine:
                     if version not in new:
                         result.unloaded.append((name, version))
             self._report_loaded(name, new, errors, set(old) | set(old_errors))
-            if name not in found:
+            if name not in wanted:
                 del self._models[name]
         result.models = self.list_models()
         return result
@@ -181,9 +271,15 @@ class Engine:
 
     # ---- queries -----------------------------------------------------------------------------------
     def list_models(self) -> list[ModelStatus]:
+        """Every model: loaded or failed ones, and (explicit model control) the repository's unloaded ones."""
         out = []
-        for name in sorted(self._models):
-            entry = self._models[name]
+        for name in sorted(self._models.keys() | self._available):
+            entry = self._models.get(name)
+            if entry is None:
+                out.append(ModelStatus(name=name, versions=[], default_version=0, family="", model="",
+                                       operations=[], state="UNAVAILABLE",
+                                       message="in the repository, not loaded (explicit model control)"))
+                continue
             versions = sorted(entry.versions)
             default = entry.versions[versions[-1]] if versions else None
             message = "; ".join(f"version {v} failed to load: {msg}" if v else msg
@@ -199,6 +295,10 @@ class Engine:
         """The loaded version (0: the default, the highest); NotFound / NotReady say what exists."""
         entry = self._models.get(name)
         if entry is None:
+            if name in self._available:
+                raise NotFound(f"model {name!r} is in the repository but not loaded (model control is explicit); "
+                               "load it with LoadModel, RepositoryModelLoad or POST "
+                               f"/v2/repository/models/{name}/load")
             known = ", ".join(sorted(self._models)) or "none"
             raise NotFound(f"no model named {name!r}; this server has: {known}")
         versions = entry.versions  # one read: a concurrent reload swaps the whole table

@@ -131,7 +131,8 @@ class ModelStatus:
     operations: list[str]
     """Operation names of the default version: sample, log_likelihood, encode, decode."""
     state: str
-    """READY (some version serves), FAILED (none could be loaded), LOADING."""
+    """READY (some version serves), FAILED (none could be loaded), LOADING, UNAVAILABLE (in the repository,
+    not loaded: explicit model control)."""
     message: str = ""
     """Why the model failed, or which versions failed to load."""
 
@@ -164,6 +165,16 @@ class QueueWaits(NamedTuple):
 
 # ---- the interface ----------------------------------------------------------------------------------------
 
+class ModelControl(Protocol):
+    """Repository changes a face may ask for: the engine's own, or the app's (which also refreshes health)."""
+
+    async def reload(self) -> ReloadResult: ...
+
+    async def load_model(self, name: str) -> ModelStatus: ...
+
+    async def unload_model(self, name: str) -> ModelStatus: ...
+
+
 class EngineInterface(Protocol):
     """What a face may call; server/engine.py's Engine implements it, tests may wrap or fake it."""
 
@@ -175,6 +186,15 @@ class EngineInterface(Protocol):
     async def stop(self) -> None: ...
 
     async def reload(self) -> ReloadResult: ...
+
+    async def load_model(self, name: str) -> ModelStatus:
+        """Load or reload one model (explicit model control; an EngineError with code FAILED_PRECONDITION
+        otherwise, or when no version of it loads)."""
+        ...
+
+    async def unload_model(self, name: str) -> ModelStatus:
+        """Unload one model (explicit model control); its versions stop after their requests in flight."""
+        ...
 
     def list_models(self) -> list[ModelStatus]: ...
 

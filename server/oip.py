@@ -81,12 +81,14 @@ from genserve.server.interface import (
     EncodeRequest,
     EngineInterface,
     LikelihoodRequest,
+    ModelControl,
     ModelStatus,
     Request,
     SampleRequest,
 )
 from genserve.server.limits import RowBudget
 from genserve.server.oip_models import (
+    OPERATIONS,
     PLATFORM,
     OpStats,
     Params,
@@ -117,7 +119,7 @@ T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 """``inference.GRPCInferenceService``."""
-EXTENSIONS = ("model_configuration", "statistics", "parameters")
+EXTENSIONS = ("model_configuration", "statistics", "parameters", "model_repository")
 """Protocol extensions served (Triton's names)."""
 
 Outputs = tuple[dict[str, np.ndarray | None], int, dict[str, str]]
@@ -135,8 +137,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     """
 
     def __init__(self, engine: EngineInterface, cfg: ServerConfig, observe: Observe | None = None,
-                 rows: RowBudget | None = None) -> None:
+                 rows: RowBudget | None = None, control: ModelControl | None = None) -> None:
         self.engine = engine
+        self.control = control or engine
         self.max_message_bytes = cfg.max_message_mb * 2**20
         self.max_deadline_s = cfg.max_deadline_s
         self.rows = rows if rows is not None else RowBudget(cfg.max_queued_rows)
@@ -238,6 +241,29 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 models.append(index(name=s.name, state="UNAVAILABLE" if s.state == "FAILED" else s.state,
                                     reason=s.message))
         return pb.RepositoryIndexResponse(models=models)
+
+    # -- repository control ----------------------------------------------------------------------------------
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+                                  ) -> pb.RepositoryModelLoadResponse:
+        async def handle() -> pb.RepositoryModelLoadResponse:
+            await self.control.load_model(self._control_name(request))
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._answer(context, "RepositoryModelLoad", handle)
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        async def handle() -> pb.RepositoryModelUnloadResponse:
+            await self.control.unload_model(self._control_name(request))
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._answer(context, "RepositoryModelUnload", handle)
+
+    def _control_name(self, request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest) -> str:
+        """The repository model a load/unload names: ``<model>`` or one of its ``<model>.<operation>`` names."""
+        return control_name(request.model_name, list(request.parameters),
+                            {s.name for s in self.engine.list_models()})
 
     # -- statistics ------------------------------------------------------------------------------------------
 
@@ -410,13 +436,29 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         x, version = await engine.decode(request)
         return {"x": x}, version, {}
 
+def control_name(name: str, parameters: list[str], known: set[str]) -> str:
+    """The model folder a repository load/unload names (gRPC and HTTP alike); INVALID_ARGUMENT for parameters."""
+    parameters = [p for p in parameters if p != "unload_dependents"]  # no ensembles here: nothing depends
+    if parameters:
+        raise invalid(f"genserve takes no parameters in a repository load or unload (got {', '.join(parameters)}); "
+                      "a model's files and config.json live in the repository: change them there and load again",
+                      "parameters")
+    if not name:
+        raise invalid("name the model to load or unload: its folder in the repository", "model_name")
+    model, dot, operation = name.rpartition(".")
+    if name not in known and dot and model in known and operation in OPERATIONS:
+        return model
+    return name
+
+
 def _rows(a: np.ndarray) -> int:
     return int(a.shape[0]) if a.ndim else 1
 
 
 def register_oip(grpc_server: grpc.aio.Server, engine: EngineInterface, cfg: ServerConfig,
-                 observe: Observe | None = None, rows: RowBudget | None = None) -> OipServicer:
+                 observe: Observe | None = None, rows: RowBudget | None = None,
+                 control: ModelControl | None = None) -> OipServicer:
     """Add GRPCInferenceService over ``engine`` to ``grpc_server`` (before it starts); returns the servicer."""
-    servicer = OipServicer(engine, cfg, observe, rows)
+    servicer = OipServicer(engine, cfg, observe, rows, control)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     return servicer

@@ -1,20 +1,24 @@
 """The model repository: scan folders, check manifests and graph hashes, open sessions, build batchers.
 
 Layout (genserve.core.manifest): ``REPO/NAME/config.json`` (optional ServingConfig) and
-``REPO/NAME/VERSION/manifest.json`` with one .onnx file per graph. Every version folder is served ("all"
-version policy); a version that fails to load is reported with a message and the others load.
+``REPO/NAME/VERSION/manifest.json`` with one .onnx file per graph. The folder names decide a version's model
+name and number (the manifest's are informational, so a copied folder serves under its new number); which
+versions serve is config.json's version_policy (default all, see server/engine.py); a version that fails to
+load is reported with a message and the others load. A version is warmed up before it serves (``warm_up``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from genserve.core.manifest import (
@@ -33,6 +37,8 @@ from genserve.server.programs import program_from_manifest
 from genserve.server.programs.base import Program, Run
 from genserve.server.sessions import SessionOptions, make_session, run_session, uses_cuda
 from genserve.v1 import manifest_pb2 as pb
+
+log = logging.getLogger("genserve.server")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]*$")
@@ -87,6 +93,8 @@ class LoadedModel:
     batchers: dict[str, Batcher]
     operations: tuple[str, ...]
     fingerprint: str = ""
+    warmup_calls: dict[str, int] = field(default_factory=dict)
+    """ONNX Runtime calls per graph that the warm-up made before the version served (empty: no warm-up)."""
     active: int = 0
     """Operations running on this version now; a retired version stops once it reaches 0."""
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -150,8 +158,11 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
     except ValueError as e:
         raise LoadFailed(str(e)) from None
     if manifest.name != name or manifest.version != version:
-        raise LoadFailed(f"{folder / MANIFEST}: says model {manifest.name!r} version {manifest.version}, "
-                         f"but it lies in {name}/{version}; move the folder or fix the manifest")
+        # The folders decide, as in Triton's repository: copying model/1 to model/2 (or to a new model folder)
+        # serves the copy as version 2 without renumbering its manifest. What the export wrote is kept in the log.
+        log.info("%s: the manifest says %s version %d; serving it as %s version %d (the folders decide)",
+                 folder / MANIFEST, manifest.name, manifest.version, name, version)
+        manifest.name, manifest.version = name, version
     try:
         spec = spec_from_proto(manifest.data)
         settings = defaults.merged(read_serving_config(repo / name / SERVING_CONFIG), manifest.serving)
@@ -172,25 +183,83 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
     opts = SessionOptions(provider=settings.provider, intra_op_threads=settings.intra_op_threads,
                           inter_op_threads=inter_op_threads)
     batchers: dict[str, Batcher] = {}
+    runners: dict[str, Callable[[int, Feeds], Feeds]] = {}
     providers: list[str] = []
     for g in manifest.graphs:
         sessions = [_open_graph(folder, g, opts, settings, where) for _ in range(settings.instances)]
+        runners[g.name] = _runner(sessions)
         providers = providers or list(sessions[0].get_providers())
         check_signature(sessions[0], g, where)
         shapes = {i.name: tuple(None if d < 0 else d for d in i.shape[1:]) for i in g.inputs}
         batchers[g.name] = Batcher(
-            g.name, _runner(sessions), max_batch_size=settings.max_batch_size,
+            g.name, runners[g.name], max_batch_size=settings.max_batch_size,
             max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
             instances=settings.instances, executor=executor, input_shapes=shapes, model=name, observe=observe,
             on_depth=None if on_depth is None else (lambda rows, g=g.name: on_depth(name, g, rows)),
             pad_to=settings.max_batch_size if pad_batches == "on" or (pad_batches == "auto"
                                                                       and uses_cuda(sessions[0])) else 0)
+    warmup_calls = warm_up(program, manifest, spec, operations, runners, settings, where) if settings.warmup else {}
     loaded = LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
                          providers=providers, program=program, batchers=batchers, operations=operations,
-                         fingerprint=fingerprint(repo, name, version))
+                         fingerprint=fingerprint(repo, name, version), warmup_calls=warmup_calls)
     for b in batchers.values():  # no request in flight can join a batch beyond the version's active ones
         b.expected = lambda: loaded.active
     return loaded
+
+
+WARMUP_ROWS = 64
+"""Rows of the warm-up's full-batch call of each graph (at most max_batch_size)."""
+
+
+def warm_up(program: Program, manifest: pb.ModelManifest, spec: DataSpec, operations: tuple[str, ...],
+            runners: dict[str, Callable[[int, Feeds], Feeds]], settings: ServingSettings,
+            where: str) -> dict[str, int]:
+    """Run every operation once on one row (seed 0, default options), then every graph on every instance at
+    WARMUP_ROWS rows, so ONNX Runtime's first-call allocations and the program's first pass happen at load,
+    not in the first request. Blocking (the loading thread); returns the calls per graph; LoadFailed when the
+    model fails its warm-up."""
+    from genserve.core.noise import Noise  # noqa: PLC0415 - only loading needs it
+
+    calls = dict.fromkeys(runners, 0)
+
+    def call(graph: str, instance: int, feeds: Feeds) -> Feeds:
+        calls[graph] += 1
+        return runners[graph](instance, feeds)
+
+    async def run(graph: str, feeds: Feeds) -> Feeds:
+        return call(graph, 0, feeds)
+
+    value = min(max(0.0, spec.low), spec.high)
+    x = np.full((1, *spec.shape), value, np.float32)
+    latent = manifest.parameters.get("latent_dim")
+    z = np.zeros((1, int(latent)) if latent else (1, *spec.shape), np.float32)
+    temperature = float(manifest.parameters.get("temperature", 1.0))
+
+    async def every_operation() -> None:
+        for op in operations:
+            if op == "sample":
+                await program.sample(run, 1, Noise(0), temperature)
+            elif op == "log_likelihood":
+                await program.log_likelihood(run, x, Noise(0))
+            elif op == "encode":
+                await program.encode(run, x, Noise(0))
+            elif op == "decode":
+                await program.decode(run, z, Noise(0))
+
+    try:
+        asyncio.run(every_operation())
+        rows = min(WARMUP_ROWS, settings.max_batch_size)
+        for g in manifest.graphs:
+            dims = [list(t.shape[1:]) for t in g.inputs]
+            if any(d < 0 for shape in dims for d in shape):
+                continue  # another dynamic axis: the operations above warmed it at the sizes they use
+            feeds = {t.name: np.zeros((rows, *shape), np.float32) for t, shape in zip(g.inputs, dims, strict=True)}
+            for instance in range(settings.instances):
+                call(g.name, instance, feeds)
+    except Exception as e:  # noqa: BLE001 - ORT and the programs raise their own types
+        raise LoadFailed(f"{where}: warm-up failed ({describe_error(e)}); the version does not serve; set "
+                         '"warmup": false in config.json to load it without one') from None
+    return calls
 
 
 def check_signature(session: ort.InferenceSession, g: pb.GraphSpec, where: str) -> None:

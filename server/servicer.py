@@ -33,6 +33,7 @@ from genserve.server.interface import (
     EncodeRequest,
     EngineInterface,
     LikelihoodRequest,
+    ModelControl,
     ModelStatus,
     ReloadResult,
     Request,
@@ -69,6 +70,7 @@ STATE = {
     "READY": service_pb2.MODEL_STATE_READY,
     "FAILED": service_pb2.MODEL_STATE_FAILED,
     "LOADING": service_pb2.MODEL_STATE_LOADING,
+    "UNAVAILABLE": service_pb2.MODEL_STATE_UNAVAILABLE,
 }
 
 
@@ -139,20 +141,22 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
     """GenerativeService on grpc.aio over an engine (genserve.server.interface.EngineInterface).
 
     ``cfg`` gives the limits (max_message_mb, max_deadline_s, max_queued_rows); ``rows`` the server-wide row
-    budget (None: one of its own); ``reload`` runs a repository reload for the ReloadRepository RPC (the app's,
-    which also refreshes health; default ``engine.reload``); ``observe(method, model, code, seconds)`` records
+    budget (None: one of its own); ``control`` loads, unloads and reloads models for LoadModel, UnloadModel and
+    ReloadRepository (the app's, which also refreshes health; default the engine), ``reload`` overrides its
+    reload; ``observe(method, model, code, seconds)`` records
     each finished request for metrics.
     """
 
     def __init__(self, engine: EngineInterface, cfg: ServerConfig, observe: Observe | None = None,
                  reload: Callable[[], Awaitable[ReloadResult]] | None = None,
-                 rows: RowBudget | None = None) -> None:
+                 rows: RowBudget | None = None, control: ModelControl | None = None) -> None:
         self.engine = engine
         self.max_message_bytes = cfg.max_message_mb * 2**20
         self.max_deadline_s = cfg.max_deadline_s
         self.rows = rows if rows is not None else RowBudget(cfg.max_queued_rows)
         self.accounting = Accounting(engine, observe)
-        self.reload = reload or engine.reload
+        self.control = control or engine
+        self.reload = reload or self.control.reload
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
@@ -218,6 +222,24 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
                         for e in result.errors])
 
         return await self._unary("ReloadRepository", "", context, handle)
+
+    async def LoadModel(self, request: service_pb2.LoadModelRequest,
+                        context: grpc.aio.ServicerContext) -> service_pb2.LoadModelResponse:
+        async def handle() -> service_pb2.LoadModelResponse:
+            if not request.model:
+                raise InvalidInput("name the model to load (its folder in the repository)", "model")
+            return service_pb2.LoadModelResponse(model=summary(await self.control.load_model(request.model)))
+
+        return await self._unary("LoadModel", request.model, context, handle)
+
+    async def UnloadModel(self, request: service_pb2.UnloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> service_pb2.UnloadModelResponse:
+        async def handle() -> service_pb2.UnloadModelResponse:
+            if not request.model:
+                raise InvalidInput("name the model to unload", "model")
+            return service_pb2.UnloadModelResponse(model=summary(await self.control.unload_model(request.model)))
+
+        return await self._unary("UnloadModel", request.model, context, handle)
 
     # -- sampling ------------------------------------------------------------------------------------------
 

@@ -216,7 +216,7 @@ def test_polling_reload_and_a_model_that_fails_to_load(repo_copy: Path) -> None:
     write_manifest(manifest, broken / "1" / "manifest.json")
     graph = broken / "1" / manifest.graphs[0].file
     graph.write_bytes(b"not an onnx file")  # sha256 mismatch / unreadable graph
-    cfg = ServerConfig(repo=repo_copy, port=0, metrics_port=0, provider="cpu", poll_s=0.2, workers=2)
+    cfg = ServerConfig(repo=repo_copy, port=0, metrics_port=0, provider="cpu", model_control="poll", poll_s=0.2, workers=2)
     with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         stub = service_pb2_grpc.GenerativeServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)

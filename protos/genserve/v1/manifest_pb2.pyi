@@ -142,7 +142,7 @@ class Provenance(_message.Message):
     def __init__(self, training_config_json: _Optional[str] = ..., code_revision: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., file_sha256: _Optional[_Mapping[str, str]] = ..., tool_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "provider", "intra_op_threads", "fp16")
+    __slots__ = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "provider", "intra_op_threads", "fp16", "version_policy", "warmup")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,8 @@ class ServingConfig(_message.Message):
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
     FP16_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int
@@ -157,7 +159,32 @@ class ServingConfig(_message.Message):
     provider: str
     intra_op_threads: int
     fp16: bool
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., provider: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., fp16: _Optional[bool] = ...) -> None: ...
+    version_policy: VersionPolicy
+    warmup: bool
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., provider: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., fp16: _Optional[bool] = ..., version_policy: _Optional[_Union[VersionPolicy, _Mapping]] = ..., warmup: _Optional[bool] = ...) -> None: ...
+
+class VersionPolicy(_message.Message):
+    __slots__ = ("latest", "specific", "all")
+    class Latest(_message.Message):
+        __slots__ = ("num_versions",)
+        NUM_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+        num_versions: int
+        def __init__(self, num_versions: _Optional[int] = ...) -> None: ...
+    class Specific(_message.Message):
+        __slots__ = ("versions",)
+        VERSIONS_FIELD_NUMBER: _ClassVar[int]
+        versions: _containers.RepeatedScalarFieldContainer[int]
+        def __init__(self, versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    class All(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    SPECIFIC_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    latest: VersionPolicy.Latest
+    specific: VersionPolicy.Specific
+    all: VersionPolicy.All
+    def __init__(self, latest: _Optional[_Union[VersionPolicy.Latest, _Mapping]] = ..., specific: _Optional[_Union[VersionPolicy.Specific, _Mapping]] = ..., all: _Optional[_Union[VersionPolicy.All, _Mapping]] = ...) -> None: ...
 
 class ModelManifest(_message.Message):
     __slots__ = ("format_version", "name", "version", "family", "model", "description", "data", "graphs", "capabilities", "operations", "parameters", "test_metrics", "provenance", "serving")

@@ -79,6 +79,16 @@ class GenerativeServiceStub:
                 request_serializer=genserve_dot_v1_dot_service__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=genserve_dot_v1_dot_service__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/genserve.v1.GenerativeService/LoadModel',
+                request_serializer=genserve_dot_v1_dot_service__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=genserve_dot_v1_dot_service__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/genserve.v1.GenerativeService/UnloadModel',
+                request_serializer=genserve_dot_v1_dot_service__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=genserve_dot_v1_dot_service__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class GenerativeServiceServicer:
@@ -142,7 +152,25 @@ class GenerativeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReloadRepository(self, request, context):
-        """Rescan the model repository: load new versions, reload changed ones, unload removed ones.
+        """Rescan the model repository: load new versions, reload changed ones, unload removed ones. Under explicit
+        model control only the models loaded by request are rescanned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Load one model of the repository, or reload it (new version folders load, changed ones reload, removed ones
+        unload, per its version policy). Needs model control mode "explicit"; FAILED_PRECONDITION otherwise, and
+        when no version of it loads (the versions already serving stay in service).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload one model: it stops taking requests, and its versions stop once their requests in flight finish.
+        Needs model control mode "explicit".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,6 +223,16 @@ def add_GenerativeServiceServicer_to_server(servicer, server):
                     servicer.ReloadRepository,
                     request_deserializer=genserve_dot_v1_dot_service__pb2.ReloadRequest.FromString,
                     response_serializer=genserve_dot_v1_dot_service__pb2.ReloadResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=genserve_dot_v1_dot_service__pb2.LoadModelRequest.FromString,
+                    response_serializer=genserve_dot_v1_dot_service__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=genserve_dot_v1_dot_service__pb2.UnloadModelRequest.FromString,
+                    response_serializer=genserve_dot_v1_dot_service__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -440,6 +478,60 @@ class GenerativeService:
             '/genserve.v1.GenerativeService/ReloadRepository',
             genserve_dot_v1_dot_service__pb2.ReloadRequest.SerializeToString,
             genserve_dot_v1_dot_service__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genserve.v1.GenerativeService/LoadModel',
+            genserve_dot_v1_dot_service__pb2.LoadModelRequest.SerializeToString,
+            genserve_dot_v1_dot_service__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genserve.v1.GenerativeService/UnloadModel',
+            genserve_dot_v1_dot_service__pb2.UnloadModelRequest.SerializeToString,
+            genserve_dot_v1_dot_service__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
