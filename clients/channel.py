@@ -5,6 +5,11 @@ twins); the sync and asyncio clients share it. Retries are gRPC's: a ``retryPoli
 config retries UNAVAILABLE (server down, restarting, connection refused, model loading) with exponential
 backoff and jitter, inside the gRPC library, for unary and streaming calls alike (a stream only until its
 first response arrives). There is no retry loop in genserve code.
+
+Errors: a failed call raises a ``GenserveError``, of the subclass of its status code (``InvalidArgumentError``,
+``NotFoundError``, ... ``ERRORS``), carrying the server's machine-readable details from the google.rpc.Status
+trailer: ``reason`` (stable, UPPER_SNAKE; docs/errors.md lists them), ``field_violations`` and ``metadata``.
+``GenserveError.from_http`` builds the same from an HTTP face's JSON error.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from genserve.core.cli_errors import RemoteError
 
@@ -28,24 +35,158 @@ MAX_ATTEMPTS = 5
 """gRPC caps a retry policy's maxAttempts at 5 (the first try and four retries)."""
 
 Credential = str | Path | bytes
+DETAILS_KEY = "grpc-status-details-bin"
+"""The trailer holding a serialized google.rpc.Status (gRPC's rich status convention)."""
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """A request field the server refused (``x``, ``sample.n``, ``inputs[0].datatype``) and what is wrong."""
+
+    field: str
+    description: str
 
 
 class GenserveError(RemoteError):
-    """A failed call: ``code`` is the grpc.StatusCode, ``message`` the server's (or gRPC's) explanation."""
+    """A failed call: ``code`` is the grpc.StatusCode, ``message`` the server's (or gRPC's) explanation.
 
-    def __init__(self, code: grpc.StatusCode, message: str, method: str = "") -> None:
+    From the server's status details (empty when it sent none, e.g. a connection failure): ``reason``, the
+    stable ErrorInfo reason; ``domain`` ("genserve.dev"); ``field_violations``, the request fields at fault;
+    ``metadata``, string pairs such as the method, model or request id."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, method: str = "", *, reason: str = "",
+                 domain: str = "", field_violations: tuple[FieldViolation, ...] = (),
+                 metadata: dict[str, str] | None = None) -> None:
         self.code = code
         self.message = message
         self.method = method
+        self.reason = reason
+        self.domain = domain
+        self.field_violations = tuple(field_violations)
+        self.metadata = dict(metadata or {})
         super().__init__(f"{code.name}: {message}" + (f" ({method})" if method else ""))
+
+    @property
+    def fields(self) -> list[str]:
+        """The names of the fields at fault."""
+        return [v.field for v in self.field_violations]
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, method: str, target: str) -> GenserveError:
-        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        """The typed error of a failed call (the subclass of its code), with its status details."""
+        code = (error.code() if hasattr(error, "code") else None) or grpc.StatusCode.UNKNOWN
         message = (error.details() if hasattr(error, "details") else None) or str(error)
         if code == grpc.StatusCode.UNAVAILABLE and "connect" in message:
             message = f"cannot reach a genserve server at {target}: {message}"
-        return cls(code or grpc.StatusCode.UNKNOWN, message, method)
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        return error_for(code, message, method, **_status_details(trailing))
+
+    @classmethod
+    def from_http(cls, status: int, body: bytes | str | dict[str, Any], method: str = "") -> GenserveError:
+        """The typed error of an HTTP face's error answer (its JSON body: error, code, reason, domain,
+        field_violations, metadata); a body that is not that JSON keeps its text as the message."""
+        document: Any = body
+        if isinstance(body, bytes | str):
+            try:
+                document = json.loads(body)
+            except ValueError:
+                document = None
+        if not isinstance(document, dict):
+            text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+            return error_for(HTTP_CODES.get(status, grpc.StatusCode.UNKNOWN), text or f"HTTP {status}", method)
+        code = getattr(grpc.StatusCode, str(document.get("code", "")), None)
+        if not isinstance(code, grpc.StatusCode):
+            code = HTTP_CODES.get(status, grpc.StatusCode.UNKNOWN)
+        violations = tuple(FieldViolation(str(v.get("field", "")), str(v.get("description", "")))
+                           for v in document.get("field_violations") or () if isinstance(v, dict))
+        metadata = document.get("metadata") if isinstance(document.get("metadata"), dict) else {}
+        return error_for(code, str(document.get("error", "")) or f"HTTP {status}", method,
+                         reason=str(document.get("reason", "")), domain=str(document.get("domain", "")),
+                         field_violations=violations, metadata={str(k): str(v) for k, v in metadata.items()})
+
+
+class InvalidArgumentError(GenserveError):
+    """INVALID_ARGUMENT: a request field is wrong (``field_violations`` name it); fix the request."""
+
+
+class NotFoundError(GenserveError):
+    """NOT_FOUND: no such model, version or (OIP) ``<model>.<operation>``."""
+
+
+class FailedPreconditionError(GenserveError):
+    """FAILED_PRECONDITION: the model cannot do this operation (a GAN's likelihood)."""
+
+
+class ResourceExhaustedError(GenserveError):
+    """RESOURCE_EXHAUSTED: a queue or row budget is full, or the message is too large; retry later or send less."""
+
+
+class UnavailableError(GenserveError):
+    """UNAVAILABLE: the server is unreachable, draining, or the model is not ready (retried by the channel)."""
+
+
+class DeadlineExceededError(GenserveError):
+    """DEADLINE_EXCEEDED: the client's deadline, or the server's ceiling (reason DEADLINE_CEILING), passed."""
+
+
+class UnauthenticatedError(GenserveError):
+    """UNAUTHENTICATED: no bearer token, or one the server does not accept."""
+
+
+class PermissionDeniedError(GenserveError):
+    """PERMISSION_DENIED: the caller may not do this."""
+
+
+class UnimplementedError(GenserveError):
+    """UNIMPLEMENTED: the server has no such method (an older server, or the wrong service)."""
+
+
+class InternalError(GenserveError):
+    """INTERNAL or UNKNOWN: a server bug; ``metadata["request_id"]`` finds it in the server log."""
+
+
+ERRORS: dict[grpc.StatusCode, type[GenserveError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError, grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError, grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError, grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError, grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError, grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+    grpc.StatusCode.INTERNAL: InternalError, grpc.StatusCode.UNKNOWN: InternalError,
+}
+"""The GenserveError subclass of each status code; other codes (CANCELLED, ...) raise GenserveError itself."""
+HTTP_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+              413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+              501: grpc.StatusCode.UNIMPLEMENTED, 503: grpc.StatusCode.UNAVAILABLE,
+              504: grpc.StatusCode.DEADLINE_EXCEEDED}
+"""The status code of an HTTP error answer without genserve's JSON (a proxy's, say)."""
+
+
+def error_for(code: grpc.StatusCode, message: str, method: str = "", **details: Any) -> GenserveError:
+    """A GenserveError of the subclass of ``code`` (``ERRORS``)."""
+    return ERRORS.get(code, GenserveError)(code, message, method, **details)
+
+
+def _status_details(trailing: Any) -> dict[str, Any]:
+    """reason, domain, field_violations and metadata from a call's trailing metadata (its google.rpc.Status);
+    none when the server sent no status details or they do not parse."""
+    for key, value in trailing or ():
+        if key != DETAILS_KEY:
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except (DecodeError, TypeError):
+            return {}
+        out: dict[str, Any] = {}
+        violations: list[FieldViolation] = []
+        for detail in status.details:
+            info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                out.update(reason=info.reason, domain=info.domain, metadata=dict(info.metadata))
+            elif detail.Unpack(bad):
+                violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        return {**out, "field_violations": tuple(violations)}
+    return {}
 
 
 def _read(value: Credential | None, what: str) -> bytes | None:

@@ -20,15 +20,24 @@ Endpoints (``{v}`` a version number; without it, the default, the highest loaded
 ============================================================ ==================================================
 
 Readiness answers 400 when false, as the KServe v2 REST protocol (4xx) and Triton do; during shutdown the
-server is not ready. Errors answer ``{"error": "<message>"}`` with the transport's message and the HTTP status
-mapped once from its gRPC status (``HTTP_STATUS``): INVALID_ARGUMENT, OUT_OF_RANGE and FAILED_PRECONDITION
-400 (KServe v2 answers every bad request 400; HTTP's 412 is about conditional headers, not a model that
-cannot do an operation), NOT_FOUND 404 (also unknown paths; a wrong method 405), UNAUTHENTICATED 401,
-PERMISSION_DENIED 403, RESOURCE_EXHAUSTED 429 (a body over max_message_mb is 413), UNAVAILABLE 503,
-DEADLINE_EXCEEDED 504, UNIMPLEMENTED 501, anything else 500.
+server is not ready. Errors answer a JSON object (``Failure.to_json``): ``error``, the transport's message
+(KServe v2's field, which tritonclient reads), and the machine-readable details the gRPC faces send as a
+google.rpc.Status: ``code`` (the gRPC status name), ``reason`` (stable, UPPER_SNAKE), ``field_violations``
+([{field, description}]) and ``metadata``. The HTTP status is mapped once from the gRPC status
+(``HTTP_STATUS``): INVALID_ARGUMENT, OUT_OF_RANGE and FAILED_PRECONDITION 400 (KServe v2 answers every bad
+request 400; HTTP's 412 is about conditional headers, not a model that cannot do an operation), NOT_FOUND 404
+(also unknown paths; a wrong method 405), UNAUTHENTICATED 401, PERMISSION_DENIED 403, RESOURCE_EXHAUSTED 429
+(a body over max_message_mb is 413), UNAVAILABLE 503, DEADLINE_EXCEEDED 504, UNIMPLEMENTED 501, anything
+else 500. A request that is not HTTP (uvicorn's parser refuses it) is answered 400 with the same JSON
+(reason MALFORMED_HTTP) before the connection closes. A JSON answer never holds NaN or infinities as bare
+tokens (not JSON): a non-finite FP32/FP64 element is written as the string "NaN", "Infinity" or
+"-Infinity", protobuf's JSON mapping of floats, which numpy (and so tritonclient) reads back as the float;
+raw binary outputs are the bytes.
 
 Limits: a body is at most ``max_message_mb`` MiB (JSON text included; the binary extension carries tensors in
-a quarter of the space JSON numbers take); ``max_concurrent_rpcs`` bounds requests in progress (503 beyond).
+a quarter of the space JSON numbers take); ``max_concurrent_rpcs`` bounds requests in progress (503 beyond,
+reason TOO_MANY_REQUESTS; uvicorn's own limit, beyond ``CONNECTION_SLACK`` times that many connections,
+is only a guard against connection floods).
 Deadlines: the request parameter ``timeout`` (microseconds, Triton's), capped at ``max_deadline_s``.
 Auth: with token auth on, every request needs ``Authorization: Bearer <token>`` (the gRPC tokens, rotated with
 them) except the health probes while ``open_health``; TLS: with ``tls_cert`` the port speaks HTTPS only
@@ -57,6 +66,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from genserve.oip import grpc_service_pb2 as pb
 from genserve.server import auth
@@ -65,7 +75,7 @@ from genserve.server.http_tensors import HEADER_LENGTH, binary_outputs, infer_re
 from genserve.server.interface import EngineInterface
 from genserve.server.limits import RowBudget
 from genserve.server.oip import OipServicer
-from genserve.server.transport import Failure, Observe, invalid, status_of, too_large
+from genserve.server.transport import Failure, Observe, failure_of, invalid, status_of, too_large
 
 log = logging.getLogger("genserve.server")
 
@@ -81,24 +91,57 @@ OFFLOAD_BYTES = 256 * 2**10
 """Bodies (and answers' tensors) above this size are decoded (encoded) in a worker thread."""
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 """Paths that need no token while ``open_health``."""
+CONNECTION_SLACK = 4
+"""uvicorn refuses connections (plain text) past this many times ``max_concurrent_rpcs``; requests in progress
+past ``max_concurrent_rpcs`` are refused by the face itself, with a JSON error."""
 INT64 = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64)
 
 
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+class HttpFailure(Failure):
+    """A failure of the HTTP face itself whose HTTP status is not its code's mapping (413, 405, ...)."""
+
+    def __init__(self, status: int, code: grpc.StatusCode, message: str, reason: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(code, message, reason=reason)
+        self.status = status
+        self.headers = headers
 
 
-class _TooLarge(Failure):
+def too_large_failure(message: str) -> HttpFailure:
     """A body over max_message_mb: 413 rather than the 429 of RESOURCE_EXHAUSTED (a full queue)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+    return HttpFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, message, "MESSAGE_TOO_LARGE")
 
 
 def failure_response(failure: Failure) -> JSONResponse:
-    status = 413 if isinstance(failure, _TooLarge) else HTTP_STATUS.get(failure.code, 500)
-    return error(status, failure.message)
+    """The JSON error answer of a failure: its HTTP status, ``Failure.to_json`` as the body."""
+    if isinstance(failure, HttpFailure):
+        return JSONResponse(failure.to_json(), status_code=failure.status, headers=failure.headers)
+    return JSONResponse(failure.to_json(), status_code=HTTP_STATUS.get(failure.code, 500))
+
+
+def _error_bytes(status: int, code: grpc.StatusCode, message: str, reason: str) -> bytes:
+    return json.dumps(HttpFailure(status, code, message, reason).to_json()).encode()
+
+
+class _JsonH11(H11Protocol):
+    """uvicorn's h11 protocol, answering a request it cannot parse with the face's JSON error, not plain text."""
+
+    def send_400_response(self, msg: str) -> None:
+        import h11
+
+        body = _error_bytes(400, grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{msg.rstrip('.')}: the request is not valid HTTP/1.1; send an HTTP request "
+                            "(e.g. POST /v2/models/<model>.<operation>/infer with a JSON body)", "MALFORMED_HTTP")
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        try:
+            self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers, reason=b"Bad Request")))
+            self.transport.write(self.conn.send(h11.Data(data=body)))
+            self.transport.write(self.conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:  # a response had begun: nothing more can be said on this connection
+            pass
+        self.transport.close()
 
 
 def plain(message: Message) -> dict[str, Any]:
@@ -135,8 +178,8 @@ class _Context:
     def __init__(self, remaining: float | None = None) -> None:
         self.remaining = remaining
 
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
-        raise Failure(code, message)
+    async def abort(self, code: grpc.StatusCode, message: str, trailing_metadata: Any = ()) -> None:
+        raise failure_of(code, message, trailing_metadata)
 
     def time_remaining(self) -> float | None:
         return self.remaining
@@ -174,6 +217,8 @@ class HttpFace:
         self.tokens = tokens
         self.open_paths = OPEN_PATHS if cfg.open_health else ()
         self.draining = False
+        self.in_progress = 0
+        """Requests being answered (bounded by max_concurrent_rpcs)."""
         self.port = 0
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task | None = None
@@ -203,11 +248,18 @@ class HttpFace:
         async def http_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)
             if exc.status_code == 404:
-                return error(404, f"no endpoint {request.url.path}; the Open Inference Protocol's are under /v2 "
-                                  "(e.g. GET /v2/models/<model>.<operation>, POST .../infer)")
+                return failure_response(HttpFailure(
+                    404, grpc.StatusCode.NOT_FOUND, f"no endpoint {request.url.path}; the Open Inference "
+                    "Protocol's are under /v2 (e.g. GET /v2/models/<model>.<operation>, POST .../infer)",
+                    "ENDPOINT_NOT_FOUND"))
             if exc.status_code == 405:
-                return error(405, f"{request.method} is not allowed on {request.url.path}", exc.headers)
-            return error(exc.status_code, str(exc.detail), exc.headers)
+                return failure_response(HttpFailure(
+                    405, grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed on {request.url.path}; "
+                    f"use {exc.headers.get('Allow', 'another method') if exc.headers else 'another method'}",
+                    "METHOD_NOT_ALLOWED", exc.headers))
+            code = grpc.StatusCode.INVALID_ARGUMENT if exc.status_code == 400 else grpc.StatusCode.UNKNOWN
+            return failure_response(HttpFailure(exc.status_code, code, str(exc.detail), f"HTTP_{exc.status_code}",
+                                                exc.headers))
 
         return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
@@ -217,12 +269,23 @@ class HttpFace:
             refused = self._refusal(request)
             if refused is not None:
                 return refused
+            if self.in_progress >= self.cfg.max_concurrent_rpcs:
+                return failure_response(HttpFailure(
+                    503, grpc.StatusCode.UNAVAILABLE, f"{self.in_progress} requests are in progress, this server's "
+                    f"limit (max_concurrent_rpcs); retry shortly, or spread requests over more servers",
+                    "TOO_MANY_REQUESTS", {"Retry-After": "1"}))
+            self.in_progress += 1
             try:
                 return await handler(request)
             except Failure as f:
+                model = request.path_params.get("model")
+                if model:
+                    f.metadata.setdefault("model", model)
                 return failure_response(f)
             except Exception as e:  # noqa: BLE001 - a bug: 500 with a request id, the traceback to the log
                 return failure_response(status_of(e, f"HTTP {request.method} {request.url.path}"))
+            finally:
+                self.in_progress -= 1
 
         return endpoint
 
@@ -236,9 +299,10 @@ class HttpFace:
             with contextlib.suppress(Exception):
                 self.tokens.on_refused()
         why = "no bearer token" if token is None else "the bearer token is not valid"
-        return error(401, f"{why} for {request.method} {request.url.path}; send the header 'Authorization: "
-                          "Bearer <token>' with a token the server was configured with",
-                     {"WWW-Authenticate": "Bearer"})
+        return failure_response(HttpFailure(
+            401, grpc.StatusCode.UNAUTHENTICATED, f"{why} for {request.method} {request.url.path}; send the header "
+            "'Authorization: Bearer <token>' with a token the server was configured with", "UNAUTHENTICATED",
+            {"WWW-Authenticate": "Bearer"}))
 
     @staticmethod
     def _names(request: Request) -> tuple[str, str]:
@@ -284,8 +348,9 @@ class HttpFace:
         if body.strip():
             try:
                 document = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise invalid(f"the request body is not JSON ({e}); send {{}} or {{\"ready\": true}}") from None
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise invalid(f"the request body is not JSON ({e}); send {{}} or {{\"ready\": true}}",
+                              reason="MALFORMED_JSON") from None
             if not isinstance(document, dict) or not isinstance(document.get("ready", False), bool):
                 raise invalid("the repository index request is {\"ready\": true|false}")
             ready = document.get("ready", False)
@@ -297,8 +362,9 @@ class HttpFace:
     async def infer(self, request: Request) -> Response:
         name, version = self._names(request)
         if request.headers.get("content-encoding", "identity").lower() != "identity":
-            raise invalid(f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the "
-                          "body uncompressed")
+            raise HttpFailure(415, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the "
+                              "body uncompressed", "UNSUPPORTED_CONTENT_ENCODING")
         body = await self._body(request)
         header_length = request.headers.get(HEADER_LENGTH)
 
@@ -322,12 +388,12 @@ class HttpFace:
         """The request body, refused (413) past max_message_mb before all of it is read."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            raise _TooLarge(too_large(int(declared), self.max_body, "the request body"))
+            raise too_large_failure(too_large(int(declared), self.max_body, "the request body"))
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body:
-                raise _TooLarge(too_large(size, self.max_body, "the request body"))
+                raise too_large_failure(too_large(size, self.max_body, "the request body"))
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -344,8 +410,8 @@ class HttpFace:
             tls = {"ssl_certfile": str(cfg.tls_cert), "ssl_keyfile": str(cfg.tls_key)}
             if cfg.tls_client_ca is not None:
                 tls.update(ssl_ca_certs=str(cfg.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False,
-                                limit_concurrency=cfg.max_concurrent_rpcs,
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False, http=_JsonH11,
+                                limit_concurrency=cfg.max_concurrent_rpcs * CONNECTION_SLACK,
                                 timeout_graceful_shutdown=max(1, int(cfg.grace_s)), **tls)
         try:
             config.load()

@@ -10,6 +10,12 @@ Triton's binary tensor data extension the JSON is followed by raw tensors: the h
 the length of its bytes, in the order of ``inputs``. Outputs come back as JSON ``data`` unless the request
 parameter ``binary_data_output`` or an output's ``binary_data`` asks for raw bytes after the JSON (the
 response then carries the same header).
+
+Refusals are INVALID_ARGUMENT with the field at fault as a field violation, named by its JSON path
+(``inputs[0].datatype``, ``parameters.seed``; the binary extension's header as ``Inference-Header-Content-Length``);
+a body that is not JSON has the reason MALFORMED_JSON. Non-finite floats in an answer's JSON are the strings
+"NaN", "Infinity" and "-Infinity" (protobuf's JSON mapping; bare NaN tokens are not JSON); a request's ``data``
+may use the same strings, or the bare tokens Python writes.
 """
 
 from __future__ import annotations
@@ -18,22 +24,30 @@ import json
 import math
 from typing import Any
 
+import grpc
 import numpy as np
 
 from genserve.oip import grpc_service_pb2 as pb
 from genserve.server.oip_models import parameter_value
 from genserve.server.oip_tensors import DATATYPES
-from genserve.server.transport import check_shape, invalid
+from genserve.server.transport import Failure, Violation, check_shape, invalid
 
 HEADER_LENGTH = "inference-header-content-length"
 """Triton's binary tensor data extension: the length of the JSON part of a body."""
 BINARY_PARAMETERS = ("binary_data_output",)
 """Request parameters of the HTTP protocol itself (not passed on to the model)."""
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+"""Protobuf's JSON strings for the floats JSON has no numbers for."""
 
 
-def _object(value: Any, what: str) -> dict[str, Any]:
+def _bad(message: str, field: str) -> Failure:
+    """INVALID_ARGUMENT with ``field`` (a JSON path) as its field violation; the message is left as written."""
+    return Failure(grpc.StatusCode.INVALID_ARGUMENT, message, violations=(Violation(field, message),))
+
+
+def _object(value: Any, what: str, field: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise invalid(f"{what} must be a JSON object, got {type(value).__name__}")
+        raise _bad(f"{what} must be a JSON object, got {type(value).__name__}", field)
     return value
 
 
@@ -44,16 +58,18 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         try:
             length = int(header_length)
         except ValueError:
-            raise invalid(f"header Inference-Header-Content-Length is {header_length!r}, not a length") from None
+            raise _bad(f"header Inference-Header-Content-Length is {header_length!r}, not a length; give the "
+                       "length in bytes of the JSON part of the body", "Inference-Header-Content-Length") from None
         if not 0 <= length <= len(body):
-            raise invalid(f"header Inference-Header-Content-Length is {length}, but the body has {len(body)} bytes")
+            raise _bad(f"header Inference-Header-Content-Length is {length}, but the body has {len(body)} bytes; "
+                       "give the length in bytes of the JSON part of the body", "Inference-Header-Content-Length")
         body, binary = body[:length], memoryview(body)[length:]
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise invalid(f"the request body is not JSON ({e}); send an inference request object (KServe v2 REST)"
-                      ) from None
-    return _object(document, "the request body"), binary
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise invalid(f"the request body is not JSON ({e}); send an inference request object (KServe v2 REST)",
+                      reason="MALFORMED_JSON") from None
+    return _object(document, "the request body", ""), binary
 
 
 def _parameter(key: str, value: Any) -> pb.InferParameter:
@@ -61,13 +77,15 @@ def _parameter(key: str, value: Any) -> pb.InferParameter:
         return pb.InferParameter(bool_param=value)
     if isinstance(value, int):
         if not -(2**63) <= value < 2**63:
-            raise invalid(f"parameter {key!r} = {value} does not fit int64")
+            raise _bad(f"parameter {key!r} = {value} does not fit int64; use a number in -2**63..2**63-1",
+                       f"parameters.{key}")
         return pb.InferParameter(int64_param=value)
     if isinstance(value, float):
         return pb.InferParameter(double_param=value)
     if isinstance(value, str):
         return pb.InferParameter(string_param=value)
-    raise invalid(f"parameter {key!r} must be a bool, number or string, got {type(value).__name__}")
+    raise _bad(f"parameter {key!r} must be a bool, number or string, got {type(value).__name__}",
+               f"parameters.{key}")
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -87,28 +105,37 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
-def _json_array(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+def _json_array(data: Any, datatype: str, shape: tuple[int, ...], name: str, field: str) -> np.ndarray:
     """The JSON ``data`` of an input as an array of its datatype; element types and count checked."""
     values = _flatten(data)
     count = math.prod(shape)
     if len(values) != count:
-        raise invalid(f"input {name!r}: data has {len(values)} elements, but shape {list(shape)} needs {count}")
+        raise _bad(f"input {name!r}: data has {len(values)} elements, but shape {list(shape)} needs {count}; "
+                   "send one element per entry of the shape, row-major", field)
     dtype = DATATYPES[datatype].numpy
     if dtype.kind == "b":
         if not all(isinstance(v, bool) for v in values):
-            raise invalid(f"input {name!r} is BOOL: its data must be true/false")
+            raise _bad(f"input {name!r} is BOOL: its data must be true/false", field)
         return np.array(values, dtype=bool)
     if dtype.kind in "iu":
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise invalid(f"input {name!r} is {datatype}: its data must be integers")
+            raise _bad(f"input {name!r} is {datatype}: its data must be integers", field)
         info = np.iinfo(dtype)
         if values and not info.min <= min(values) <= max(values) <= info.max:
-            raise invalid(f"input {name!r}: data has values outside the range of {datatype}")
+            raise _bad(f"input {name!r}: data has values outside the range of {datatype}; use "
+                       f"{info.min}..{info.max}", field)
         return np.array(values, dtype=dtype)
+    if any(isinstance(v, str) for v in values):
+        values = [NON_FINITE.get(v, v) if isinstance(v, str) else v for v in values]
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        raise invalid(f"input {name!r} is {datatype}: its data must be numbers")
+        raise _bad(f"input {name!r} is {datatype}: its data must be numbers (or \"NaN\", \"Infinity\", "
+                   "\"-Infinity\")", field)
     # Through float64, as the gRPC face's typed contents go: the same float32 for the same decimal text.
-    return np.array(values, dtype=np.float64).astype(dtype)
+    try:
+        wide = np.array(values, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64 (10**400)
+        raise _bad(f"input {name!r} has a number beyond the range of {datatype}", field) from None
+    return wide.astype(dtype)
 
 
 def infer_request(document: dict[str, Any], binary: memoryview, model: str, version: str) -> pb.ModelInferRequest:
@@ -117,51 +144,62 @@ def infer_request(document: dict[str, Any], binary: memoryview, model: str, vers
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     if "id" in document:
         if not isinstance(document["id"], str):
-            raise invalid("id must be a string")
+            raise _bad("id must be a string", "id")
         request.id = document["id"]
-    for key, value in _object(document.get("parameters", {}), "parameters").items():
+    for key, value in _object(document.get("parameters", {}), "parameters", "parameters").items():
         if key not in BINARY_PARAMETERS:
             request.parameters[key].CopyFrom(_parameter(key, value))
     inputs = document.get("inputs")
     if not isinstance(inputs, list):
-        raise invalid("inputs must be a list of tensors ({name, shape, datatype, data})")
+        raise _bad("inputs must be a list of tensors ({name, shape, datatype, data})", "inputs")
     offset = 0
     for i, tensor in enumerate(inputs):
-        tensor = _object(tensor, f"inputs[{i}]")
+        at = f"inputs[{i}]"
+        tensor = _object(tensor, at, at)
         name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
         if not isinstance(name, str):
-            raise invalid(f"inputs[{i}] needs a name (a string)")
+            raise _bad(f"{at} needs a name (a string); the model's metadata lists its inputs", f"{at}.name")
         if datatype not in DATATYPES:
-            raise invalid(f"input {name!r} has datatype {datatype!r}; use one of {', '.join(DATATYPES)} "
-                          "(FP32 for data and latents)")
+            raise _bad(f"input {name!r} has datatype {datatype!r}; use one of {', '.join(DATATYPES)} "
+                       "(FP32 for data and latents)", f"{at}.datatype")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise invalid(f"input {name!r} needs a shape (a list of integers)")
-        shape_t = check_shape(tuple(shape), f"input {name!r}")
-        size = _object(tensor.get("parameters", {}), f"input {name!r} parameters").get("binary_data_size")
+            raise _bad(f"input {name!r} needs a shape (a list of integers); send the rows along axis 0, then "
+                       "the model's data shape", f"{at}.shape")
+        try:
+            shape_t = check_shape(tuple(shape), f"input {name!r}")
+        except Failure as e:
+            raise _bad(e.message, f"{at}.shape") from None
+        size = _object(tensor.get("parameters", {}), f"input {name!r} parameters", f"{at}.parameters").get(
+            "binary_data_size")
         if size is not None:
             if "data" in tensor:
-                raise invalid(f"input {name!r} has both data and binary_data_size; send one of them")
+                raise _bad(f"input {name!r} has both data and binary_data_size; send one of them", f"{at}.data")
             if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary) - offset:
-                raise invalid(f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
-                              "bytes left after the JSON (header Inference-Header-Content-Length)")
+                raise _bad(f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
+                           "bytes left after the JSON (header Inference-Header-Content-Length); give each input's "
+                           "length in bytes", f"{at}.parameters.binary_data_size")
             raw = bytes(binary[offset:offset + size])
             offset += size
         elif "data" in tensor:
-            raw = _json_array(tensor["data"], datatype, shape_t, name).astype(
+            raw = _json_array(tensor["data"], datatype, shape_t, name, f"{at}.data").astype(
                 DATATYPES[datatype].numpy, copy=False).tobytes()
         else:
-            raise invalid(f"input {name!r} has no data (or binary_data_size)")
+            raise _bad(f"input {name!r} has no data (or binary_data_size); send its elements as data",
+                       f"{at}.data")
         request.inputs.append(pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape))
         request.raw_input_contents.append(raw)
     if offset != len(binary):
-        raise invalid(f"the body has {len(binary) - offset} bytes after the JSON and the binary inputs it names")
+        raise _bad(f"the body has {len(binary) - offset} bytes after the JSON and the binary inputs it names; "
+                   "give each input's binary_data_size, and the JSON's length in the header",
+                   "Inference-Header-Content-Length")
     outputs = document.get("outputs", [])
     if not isinstance(outputs, list):
-        raise invalid("outputs must be a list of {name, parameters}")
+        raise _bad("outputs must be a list of {name, parameters}", "outputs")
     for i, output in enumerate(outputs):
-        output = _object(output, f"outputs[{i}]")
+        output = _object(output, f"outputs[{i}]", f"outputs[{i}]")
         if not isinstance(output.get("name"), str):
-            raise invalid(f"outputs[{i}] needs a name (a string)")
+            raise _bad(f"outputs[{i}] needs a name (a string); the model's metadata lists its outputs",
+                       f"outputs[{i}].name")
         request.outputs.append(pb.ModelInferRequest.InferRequestedOutputTensor(name=output["name"]))
     return request
 
@@ -171,12 +209,14 @@ def binary_outputs(document: dict[str, Any]) -> set[str] | bool:
     parameters = document.get("parameters") or {}
     everything = parameters.get("binary_data_output", False)
     if not isinstance(everything, bool):
-        raise invalid("parameter 'binary_data_output' must be true or false")
+        raise _bad("parameter 'binary_data_output' must be true or false", "parameters.binary_data_output")
     named = set()
-    for output in document.get("outputs") or []:
-        flag = (output.get("parameters") or {}).get("binary_data", everything)
+    for i, output in enumerate(document.get("outputs") or []):
+        parameters = _object(output.get("parameters") or {}, f"outputs[{i}].parameters", f"outputs[{i}].parameters")
+        flag = parameters.get("binary_data", everything)
         if not isinstance(flag, bool):
-            raise invalid(f"output {output.get('name')!r}: parameter 'binary_data' must be true or false")
+            raise _bad(f"output {output.get('name')!r}: parameter 'binary_data' must be true or false",
+                       f"outputs[{i}].parameters.binary_data")
         if flag:
             named.add(output["name"])
     return everything if not document.get("outputs") else named
@@ -191,14 +231,23 @@ def infer_response(response: pb.ModelInferResponse, binary: set[str] | bool) -> 
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            tensor["data"] = np.frombuffer(raw, dtype=DATATYPES[meta.datatype].numpy).tolist()
+            tensor["data"] = _json_data(np.frombuffer(raw, dtype=DATATYPES[meta.datatype].numpy))
         outputs.append(tensor)
     document: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         document["id"] = response.id
     document["parameters"] = {k: parameter_value(v) for k, v in response.parameters.items()}
     document["outputs"] = outputs
-    text = json.dumps(document).encode()
+    text = json.dumps(document, allow_nan=False).encode()
     if not chunks:
         return text, None
     return b"".join([text, *chunks]), len(text)
+
+
+def _json_data(array: np.ndarray) -> list[Any]:
+    """An output's elements for JSON: non-finite floats as "NaN", "Infinity", "-Infinity" (bare tokens are not
+    JSON)."""
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return array.tolist()
+    return [v if math.isfinite(v) else ("NaN" if v != v else "Infinity" if v > 0 else "-Infinity")
+            for v in array.tolist()]

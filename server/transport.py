@@ -2,10 +2,15 @@
 
 genserve.v1 (server/servicer.py) and the Open Inference Protocol (server/oip.py) are thin adapters over this
 module and the engine interface (server/interface.py); an HTTP face is one more. A request that fails ends as
-a ``Failure``: a status code (grpc.StatusCode, the canonical set; an HTTP face maps it to an HTTP status) and a
-message that says how to fix the request. ``status_of`` turns anything raised into one: engine errors carry
-their code (genserve.server.errors), anything else is a bug and answers INTERNAL with a request id, the
-traceback going to the server log.
+a ``Failure``: a status code (grpc.StatusCode, the canonical set; an HTTP face maps it to an HTTP status), a
+message that says how to fix the request, and machine-readable details: a stable ``reason`` (UPPER_SNAKE), the
+field violations (request field, what is wrong with it) and metadata (method, model, request id). ``status_of``
+turns anything raised into one: engine errors carry their code and reason (genserve.server.errors), anything
+else is a bug and answers INTERNAL with a request id, the traceback going to the server log.
+
+Details travel as gRPC's rich status (``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer, with an
+``ErrorInfo`` of domain ``genserve.dev`` and a ``BadRequest`` when a field is at fault; ``abort``) and as the
+JSON of an HTTP error (``Failure.to_json``). docs/errors.md lists the reasons.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from genserve.core.noise import MAX_SEED
 from genserve.server.errors import EngineError
@@ -46,18 +53,93 @@ Observe = Callable[[str, str, str, float], None]
 """``observe(method, model, code, seconds)``: records one finished request (the app's Prometheus hook)."""
 
 
-class Failure(Exception):
-    """A request that ends with a status; ``message`` tells the client what to fix."""
+DOMAIN = "genserve.dev"
+"""The ErrorInfo domain of every genserve error."""
+DETAILS_KEY = "grpc-status-details-bin"
+"""The trailer that carries the serialized google.rpc.Status (gRPC's rich status convention)."""
+MAX_DETAILS_BYTES = 4096
+"""Largest serialized google.rpc.Status sent: gRPC rejects trailers past 8-16 KiB, so a status beyond this
+(a message listing a huge repository) goes without details, the message alone, as before details existed."""
+MAX_DESCRIPTION = 1024
+"""Characters kept of a field violation's description and of a metadata value (they echo client input)."""
+DEFAULT_REASON = {"NOT_FOUND": "MODEL_NOT_FOUND", "INTERNAL": "INTERNAL_ERROR", "UNKNOWN": "INTERNAL_ERROR"}
+"""The reason of a failure that names none: every NOT_FOUND of the gRPC faces is a model (OIP's
+``<model>.<operation>`` included); other codes default to the code's name."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+
+@dataclass(frozen=True)
+class Violation:
+    """One request field at fault: its path (``x``, ``sample.n``, ``inputs[0].datatype``) and what is wrong."""
+
+    field: str
+    description: str
+
+
+class Failure(Exception):
+    """A request that ends with a status; ``message`` tells the client what to fix.
+
+    ``reason`` is the stable ErrorInfo reason (default: DEFAULT_REASON, else the code's name), ``violations``
+    the fields at fault, ``metadata`` string pairs for the ErrorInfo (method, model, request_id, ...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, reason: str = "",
+                 violations: tuple[Violation, ...] = (), metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason or DEFAULT_REASON.get(code.name, code.name)
+        self.violations = tuple(violations)
+        self.metadata = dict(metadata or {})
+
+    def to_status(self) -> status_pb2.Status:
+        """The google.rpc.Status: the code, the message, an ErrorInfo and (with violations) a BadRequest."""
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=DOMAIN,
+            metadata={k: str(v)[:MAX_DESCRIPTION] for k, v in self.metadata.items()})
+        details = [_packed(info)]
+        if self.violations:
+            details.append(_packed(error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description[:MAX_DESCRIPTION])
+                for v in self.violations])))
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+
+    @classmethod
+    def from_status(cls, status: status_pb2.Status) -> Failure:
+        """The failure a google.rpc.Status describes (the inverse of ``to_status``)."""
+        code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+        reason, violations, metadata = "", [], {}
+        for detail in status.details:
+            info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Unpack(bad):
+                violations += [Violation(v.field, v.description) for v in bad.field_violations]
+        return cls(code, status.message, reason=reason, violations=tuple(violations), metadata=metadata)
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """The rich status trailer, or none when it would be larger than MAX_DETAILS_BYTES."""
+        data = self.to_status().SerializeToString()
+        return ((DETAILS_KEY, data),) if len(data) <= MAX_DETAILS_BYTES else ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON body of an HTTP error: ``error`` (the message, which tritonclient reads), ``code`` (the gRPC
+        status name), ``reason``, ``domain``, ``field_violations`` [{field, description}] and ``metadata``."""
+        return {"error": self.message, "code": self.code.name, "reason": self.reason, "domain": DOMAIN,
+                "field_violations": [{"field": v.field, "description": v.description[:MAX_DESCRIPTION]}
+                                     for v in self.violations],
+                "metadata": {k: str(v)[:MAX_DESCRIPTION] for k, v in self.metadata.items()}}
 
 
-def invalid(message: str, field: str = "") -> Failure:
-    """INVALID_ARGUMENT; the message starts with the field at fault when one is named."""
-    return Failure(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}" if field else message)
+def _packed(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def invalid(message: str, field: str = "", reason: str = "") -> Failure:
+    """INVALID_ARGUMENT; the message starts with the field at fault when one is named (and the status
+    details carry it as a BadRequest field violation)."""
+    return Failure(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}" if field else message, reason=reason,
+                   violations=(Violation(field, message),) if field else ())
 
 
 def status_of(error: BaseException, what: str) -> Failure:
@@ -68,11 +150,14 @@ def status_of(error: BaseException, what: str) -> Failure:
         code = STATUS.get(error.code, grpc.StatusCode.INTERNAL)
         if code == grpc.StatusCode.INTERNAL:  # a graph call failed (e.g. ONNX Runtime raised): operators' news
             log.error("%s failed: %s", what, error)
-        return Failure(code, str(error) or type(error).__name__)
+        field_name = getattr(error, "field", "")
+        violations = (Violation(field_name, getattr(error, "detail", str(error))),) if field_name else ()
+        return Failure(code, str(error) or type(error).__name__, reason=error.reason, violations=violations)
     rid = uuid.uuid4().hex[:12]
     log.error("request %s: %s failed", rid, what, exc_info=error)
     return Failure(grpc.StatusCode.INTERNAL,
-                   f"internal error in {what} ({type(error).__name__}); see request id {rid} in the server log")
+                   f"internal error in {what} ({type(error).__name__}); see request id {rid} in the server log",
+                   reason="INTERNAL_ERROR", metadata={"request_id": rid})
 
 
 # ---- request fields ---------------------------------------------------------------------------------------
@@ -105,7 +190,7 @@ def check_answer_size(n: int, row_bytes: int, max_message_bytes: int, field: str
     size = n * row_bytes
     if size > max_message_bytes * MESSAGE_HEADROOM:
         raise invalid(f"{n} samples take {size / 2**20:.1f} MiB, above the {max_message_bytes // 2**20} MiB "
-                      f"message limit; {hint}", field)
+                      f"message limit; {hint}", field, reason="ANSWER_TOO_LARGE")
 
 
 def too_large(size: int, limit: int, what: str) -> str:
@@ -127,7 +212,8 @@ async def within_deadline(work: Awaitable[T], remaining: float | None, ceiling: 
                        "send less per request, or use a streaming call")
         else:
             message = "the deadline passed before the answer was ready; allow more time or send less"
-        raise Failure(grpc.StatusCode.DEADLINE_EXCEEDED, message) from None
+        raise Failure(grpc.StatusCode.DEADLINE_EXCEEDED, message,
+                      reason="DEADLINE_CEILING" if e.capped else "DEADLINE_EXCEEDED") from None
 
 
 # ---- streams ----------------------------------------------------------------------------------------------
@@ -224,6 +310,9 @@ class Accounting:
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
             failure = status_of(e, tracked.what)
             tracked.code = failure.code
+            failure.metadata.setdefault("method", tracked.method)
+            if tracked.model:
+                failure.metadata.setdefault("model", tracked.model)
             raise failure from None
         finally:
             self._record(tracked)
@@ -238,5 +327,16 @@ class Accounting:
 
 
 async def abort(context: grpc.aio.ServicerContext, failure: Failure) -> None:
-    """End a gRPC call with the failure's status (``context.abort`` raises; this never returns)."""
-    await context.abort(failure.code, failure.message)
+    """End a gRPC call with the failure's status and its details as the rich status trailer (``context.abort``
+    raises; this never returns)."""
+    await context.abort(failure.code, failure.message, failure.trailing_metadata())
+
+
+def failure_of(code: grpc.StatusCode, message: str, trailing_metadata: Any = ()) -> Failure:
+    """The Failure an ``abort(code, message, trailing_metadata)`` describes: its details when the trailer holds
+    a google.rpc.Status, else the code's default reason (a face that is not gRPC, the HTTP one, runs the OIP
+    handlers with a context whose ``abort`` raises this)."""
+    for key, value in trailing_metadata or ():
+        if key == DETAILS_KEY:
+            return Failure.from_status(status_pb2.Status.FromString(value))
+    return Failure(code, message)

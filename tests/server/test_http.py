@@ -256,7 +256,8 @@ def test_errors_are_json_with_the_right_status(server, models) -> None:
     for method, path, body, status, message in cases:
         got, answer, headers = call(port, method, path, body)
         assert got == status and headers["content-type"] == "application/json", (path, body, got, answer)
-        assert set(answer) == {"error"} and message in answer["error"], (path, answer)
+        assert {"error", "code", "reason", "field_violations", "metadata"} <= set(answer), (path, answer)
+        assert message in answer["error"], (path, answer)
     assert call(port, "GET", "/v2/health/ready")[0] == 200  # healthy after
 
 
