@@ -3,12 +3,21 @@
 A queue of futures, in the manner of Triton's dynamic batcher and Ray Serve's ``@serve.batch``. Each
 ``submit(feeds)`` enqueues its rows and awaits a future. Workers (one per model instance) take up to
 ``max_batch_size`` rows as soon as that many are queued, or once the oldest waiting submission has waited
-``max_queue_delay_ms`` (Triton's rule, for new requests). Later steps of a request's program (sampling loops,
-dequantisation draws, importance-sample chunks) are submitted with ``fresh=False``: when only such steps wait
-and every request in flight on the model has one queued (``expected``), no request in flight is left to join,
-so the batch goes at once; a lone sampler pays the delay once, not at each of its steps. Each batch runs as ONE
-call in a thread pool (ONNX Runtime releases the GIL, so the event loop keeps serving), and its outputs are
-split back in row order. Guarantees:
+``max_queue_delay_ms`` (Triton's rule), or earlier when no company is coming (``_due_reason``):
+
+* every request in flight on the model has a submission queued (``expected``) and none of them is fresh: only
+  later steps of programs wait (sampling loops, dequantisation draws, importance-sample chunks, submitted with
+  ``fresh=False``), so a lone sampler pays no delay at its steps;
+* every request in flight is queued and no more have been in flight at once lately (the most seen at a fresh
+  arrival in the last ``MEMORY_S``): with one client, or once all of C closed-loop clients have arrived, no one
+  else can join;
+* every request in flight is queued and the rate at which new requests have been arriving while others were in
+  flight (a decaying count over ``MEMORY_S``) makes one within the rest of the delay unlikely (expected count
+  below ``COMPANY``): a trickle of lone requests is not held back for company that arrives every few delays.
+
+So one client's request runs at once (the latency of a server without batching) while concurrent ones still
+wait to merge. Each batch runs as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event loop
+keeps serving), and its outputs are split back in row order. Guarantees:
 
 * exactly one result per submission: its own rows, in its order, never a neighbour's;
 * a call that raises fails every submission with rows in that call, and only those; the next call runs;
@@ -31,8 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
@@ -46,6 +56,13 @@ log = logging.getLogger("genserve.server")
 Feeds = dict[str, np.ndarray]
 RunFn = Callable[[int, Feeds], Feeds]
 """``run(instance, feeds) -> outputs``: one blocking graph call on model instance ``instance``."""
+
+
+MEMORY_S = 0.1
+"""How long the batcher remembers arrivals (the peak of requests in flight, the rate of arrivals in company): long
+enough to span many calls, short enough that a load that stops stops holding the next lone request back."""
+COMPANY = 0.5
+"""Wait for company only while at least this many arrivals are expected within the rest of the delay."""
 
 
 class BatchFailed(EngineError):
@@ -88,7 +105,9 @@ class Batcher:
         pad_to: when > 0, every call is padded to this many rows (copies of its first row, outputs cut back), so
             each call has the same shape; for providers whose kernels depend on the batch shape (CUDA).
         expected: how many submissions could be waiting at most right now (the engine: operations in flight on
-            the model version); once that many wait and none is fresh, the batch goes without the delay.
+            the model version, counting the one submitting); once that many wait, the batch goes without the
+            delay when none is fresh or when no other request is likely to arrive (see the module docstring).
+        memory_s: how long arrivals are remembered for that judgement (``MEMORY_S``).
 
     Example:
         >>> import asyncio, numpy as np
@@ -107,10 +126,11 @@ class Batcher:
                  input_shapes: dict[str, Sequence[int | None]] | None = None, model: str = "",
                  observe: Callable[[BatchStats], None] | None = None,
                  on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None,
-                 pad_to: int = 0) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0:
-            raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0,"
-                             f" got {max_batch_size}, {max_queue_size}, {instances}, {max_queue_delay_ms}")
+                 pad_to: int = 0, memory_s: float = MEMORY_S) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0 or memory_s <= 0:
+            raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0, "
+                             f"memory_s > 0, got {max_batch_size}, {max_queue_size}, {instances}, "
+                             f"{max_queue_delay_ms}, {memory_s}")
         self.graph, self.model = graph, model
         self.run = run
         self.max_batch_size = max_batch_size
@@ -119,6 +139,7 @@ class Batcher:
         self.instances = instances
         self.executor = executor
         self.pad_to = pad_to
+        self.memory_s = memory_s
         self.input_shapes = None if input_shapes is None else {k: tuple(v) for k, v in input_shapes.items()}
         self.observe = observe
         self.on_depth = on_depth
@@ -132,7 +153,17 @@ class Batcher:
         self._idle: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
         self._closed = False
+        # Arrivals remembered over memory_s: the most requests in flight seen at a fresh arrival in the current
+        # and the previous window, and a decaying count of fresh arrivals that found others in flight.
+        self._window_start = -math.inf
+        self._peak_now = self._peak_before = 0
+        self._company = 0.0
+        self._company_at = 0.0
         self.calls = 0  # ONNX Runtime calls made, for tests and benchmarks
+        self.reasons: Counter[str] = Counter()
+        """Why each call went: "full", "delay" (the oldest waited max_queue_delay_ms), "steps" (only later steps
+        of the requests in flight wait), "all_here" (every request in flight lately is queued), "no_company"
+        (no arrival likely within the rest of the delay)."""
 
     # ---- public ------------------------------------------------------------------------------------
     @property
@@ -170,6 +201,8 @@ class Batcher:
         self.start()
         loop = asyncio.get_running_loop()
         sub = _Submission(feeds, rows, loop.create_future(), loop.time(), fresh)
+        if fresh:
+            self._arrived(sub.enqueued)
         sub.future.add_done_callback(lambda _f, s=sub: self._settled(s))
         self._queue.append(sub)
         self._queued_rows += rows
@@ -222,6 +255,41 @@ class Batcher:
                                      f"the graph takes {tuple(want)}")
         return out, n
 
+    def _arrived(self, now: float) -> None:
+        """A fresh submission is about to be queued: remember how many requests are in flight with it (with
+        ``expected`` unknown: what waits here, a running call, and itself)."""
+        in_flight = self.expected() if self.expected is not None else self._waiting + (self._running > 0) + 1
+        if now - self._window_start >= self.memory_s:
+            self._peak_before = self._peak_now if now - self._window_start < 2 * self.memory_s else 0
+            self._peak_now, self._window_start = 0, now
+        self._peak_now = max(self._peak_now, in_flight)
+        if in_flight > 1:  # it came while others were in flight: company arrives at this rate
+            self._company = self._company * math.exp((self._company_at - now) / self.memory_s) + 1.0
+            self._company_at = now
+
+    def _arrival_rate(self, now: float) -> float:
+        """Fresh arrivals per second that found others in flight, over the last ``memory_s`` or so."""
+        return self._company * math.exp((self._company_at - now) / self.memory_s) / self.memory_s
+
+    def _due_reason(self, now: float) -> tuple[str | None, float]:
+        """Why the queue's front batch goes now (None: not yet), and until when to wait otherwise."""
+        due = self._queue[0].enqueued + self.delay
+        if self._queued_rows >= self.max_batch_size:
+            return "full", due
+        if now >= due:
+            return "delay", due
+        all_here = self.expected is None or self._waiting >= self.expected()
+        if self.expected is not None and all_here and not self._fresh:
+            return "steps", due
+        if not all_here:
+            return None, due
+        if self.expected is not None and self._waiting >= max(self._peak_now, self._peak_before):
+            return "all_here", due
+        rate = self._arrival_rate(now)
+        if rate * (due - now) < COMPANY:
+            return "no_company", due
+        return None, due - COMPANY / rate  # by then, company is no longer likely to come in time
+
     def _settled(self, sub: _Submission) -> None:
         """A submission's future is done (answered, failed or cancelled): forget its unrun rows."""
         if sub.taken < sub.rows:
@@ -273,13 +341,14 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            due = self._queue[0].enqueued + self.delay
-            if (self._queued_rows >= self.max_batch_size or loop.time() >= due
-                    or (self.expected is not None and not self._fresh and self._waiting >= self.expected())):
+            now = loop.time()
+            reason, until = self._due_reason(now)
+            if reason is not None:
+                self.reasons[reason] += 1
                 return self._take()
             self._wakeup.clear()
             try:
-                async with asyncio.timeout(due - loop.time()):
+                async with asyncio.timeout(max(until - now, 0.0)):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass

@@ -372,11 +372,13 @@ def test_instances_run_calls_concurrently(ppca) -> None:
     assert both.is_set()
 
 
-def test_new_requests_wait_for_company_and_continuation_steps_go_once_everyone_in_flight_is_queued(ppca) -> None:
-    """Triton's window for fresh submissions; a later step goes at once when every request in flight waits."""
+def test_a_request_waits_for_a_peer_in_flight_and_continuation_steps_go_once_everyone_in_flight_is_queued(
+        ppca) -> None:
+    """A submission waits the delay for a request in flight that has not queued yet (Triton's window); a later
+    step goes at once when every request in flight waits."""
     manifest, session = ppca
     feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=10)
-    in_flight = [1]
+    in_flight = [2]  # another request is in flight but never queues: wait for it
     b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=300.0,
                 expected=lambda: in_flight[0])
 
@@ -388,14 +390,111 @@ def test_new_requests_wait_for_company_and_continuation_steps_go_once_everyone_i
 
     async def main():
         fresh = await timed()
-        step = await timed(fresh=False)
-        in_flight[0] = 2  # another request is in flight but has not queued its step: wait for it
         waiting_for_peer = await timed(fresh=False)
+        in_flight[0] = 1
+        await timed(fresh=False)
         await b.stop()
-        return fresh, step, waiting_for_peer
+        return fresh, waiting_for_peer
 
-    fresh, step, waiting_for_peer = asyncio.run(main())
-    assert fresh >= 0.29 and waiting_for_peer >= 0.29 and step < 0.15
+    fresh, waiting_for_peer = asyncio.run(main())
+    assert fresh >= 0.29 and waiting_for_peer >= 0.29
+    assert b.reasons == {"delay": 2, "steps": 1}
+
+
+# ---- no wait for company that is not coming ----------------------------------------------------------------
+
+def test_a_lone_request_goes_at_once_when_nothing_else_is_in_flight(ppca) -> None:
+    """One client: the only request in flight is queued and no more were in flight lately, so its call goes
+    without the delay (20 s here: a call that waited it would be counted as "delay")."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=12)
+    stats: list[BatchStats] = []
+    in_flight = [0]
+    b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=20000.0,
+                expected=lambda: in_flight[0], observe=stats.append)
+
+    async def main():
+        for _ in range(5):  # the engine's enter / leave around each request of one closed-loop client
+            in_flight[0] += 1
+            await b.submit(feeds)
+            in_flight[0] -= 1
+        await b.stop()
+
+    asyncio.run(main())
+    assert b.reasons == {"all_here": 5} and [s.rows for s in stats] == [1] * 5
+
+
+def test_a_lone_request_goes_at_once_without_an_engine_count_when_none_arrived_in_company(ppca) -> None:
+    """With no ``expected`` (in-process use), a first submission has seen no arrival rate: it goes at once."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=13)
+    b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=20000.0)
+
+    async def main():
+        await b.submit(feeds)
+        await b.stop()
+
+    asyncio.run(main())
+    assert b.reasons == {"no_company": 1} and b.calls == 1
+
+
+def test_concurrent_clients_still_merge_into_one_call_per_round(ppca) -> None:
+    """Four closed-loop clients. In the first round all four are in flight when the first queues: it waits for
+    them. In later rounds the first queues while the other three are still on their way (not yet counted in
+    flight), but requests have been arriving in company (at a rate that promises more within the delay): it
+    waits for them too. Each round is one call of four rows that goes as soon as the fourth arrives (as many as
+    were in flight lately), not after the (20 s) delay."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 4, seed=14)
+    direct = run_session(session, feeds)
+    stats: list[BatchStats] = []
+    in_flight = [0]
+    b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=20000.0,
+                expected=lambda: in_flight[0], observe=stats.append, memory_s=10.0)
+
+    async def one(k: int) -> bool:
+        in_flight[0] += 1
+        out = await b.submit(rows_of(feeds, k, k + 1))
+        in_flight[0] -= 1
+        return same_bits(out, rows_of(direct, k, k + 1))
+
+    async def main():
+        same = []
+        for r in range(3):
+            if r == 0:
+                in_flight[0] = 3  # the other three entered the engine, not yet the batcher
+            first = asyncio.ensure_future(one(0))
+            await until(lambda: b.waiting == 1)
+            for _ in range(10):  # the worker sees the lone first submission and must not take it
+                await asyncio.sleep(0)
+            assert b.calls == r and b.waiting == 1
+            if r == 0:
+                in_flight[0] -= 3
+            same += await asyncio.gather(first, *(one(k) for k in range(1, 4)))
+        await b.stop()
+        return same
+
+    assert all(asyncio.run(main()))
+    assert [(s.rows, s.requests) for s in stats] == [(4, 4)] * 3 and b.reasons == {"all_here": 3}
+
+
+def test_after_a_burst_in_company_a_lone_request_waits_for_more(ppca) -> None:
+    """Without ``expected``: 40 submissions that arrived together set an arrival rate (39 in company over the
+    10 s memory, about 4 a second), so the next lone one waits most of the 1 s delay for the company that rate
+    promises: until fewer than COMPANY arrivals are expected in the rest of it (about 0.87 s)."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 41, seed=15)
+    stats: list[BatchStats] = []
+    b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=1000.0, observe=stats.append, memory_s=10.0)
+
+    async def main():
+        await asyncio.gather(*(b.submit(rows_of(feeds, i, i + 1)) for i in range(40)))
+        await b.submit(rows_of(feeds, 40, 41))
+        await b.stop()
+
+    asyncio.run(main())
+    assert [s.rows for s in stats] == [40, 1] and stats[1].queue_waits[0] >= 0.5
+    assert b.reasons["no_company"] >= 1
 
 
 def test_padding_gives_every_call_one_shape_and_changes_no_answer(ppca) -> None:
