@@ -27,12 +27,12 @@ google.rpc.Status: ``code`` (the gRPC status name), ``reason`` (stable, UPPER_SN
 (``HTTP_STATUS``): INVALID_ARGUMENT, OUT_OF_RANGE and FAILED_PRECONDITION 400 (KServe v2 answers every bad
 request 400; HTTP's 412 is about conditional headers, not a model that cannot do an operation), NOT_FOUND 404
 (also unknown paths; a wrong method 405), UNAUTHENTICATED 401, PERMISSION_DENIED 403, RESOURCE_EXHAUSTED 429
-(a body over max_message_mb is 413), UNAVAILABLE 503, DEADLINE_EXCEEDED 504, UNIMPLEMENTED 501, anything
-else 500. A request that is not HTTP (uvicorn's parser refuses it) is answered 400 with the same JSON
-(reason MALFORMED_HTTP) before the connection closes. A JSON answer never holds NaN or infinities as bare
-tokens (not JSON): a non-finite FP32/FP64 element is written as the string "NaN", "Infinity" or
-"-Infinity", protobuf's JSON mapping of floats, which numpy (and so tritonclient) reads back as the float;
-raw binary outputs are the bytes.
+(a body over max_message_mb is 413; a compressed one 415), UNAVAILABLE 503, DEADLINE_EXCEEDED 504,
+UNIMPLEMENTED 501, anything else 500. A request that is not HTTP (uvicorn's parser refuses it) is answered
+400 with the same JSON (reason MALFORMED_HTTP) before the connection closes. A JSON answer never holds NaN
+or infinities as bare tokens (not JSON): a non-finite FP32/FP64 element is written as the string "NaN",
+"Infinity" or "-Infinity", protobuf's JSON mapping of floats, which numpy (and so tritonclient) reads back
+as the float; raw binary outputs are the bytes. docs/errors.md lists the reasons.
 
 Limits: a body is at most ``max_message_mb`` MiB (JSON text included; the binary extension carries tensors in
 a quarter of the space JSON numbers take); ``max_concurrent_rpcs`` bounds requests in progress (503 beyond,
@@ -101,7 +101,7 @@ INT64 = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescripto
 class HttpFailure(Failure):
     """A failure of the HTTP face itself whose HTTP status is not its code's mapping (413, 405, ...)."""
 
-    def __init__(self, status: int, code: grpc.StatusCode, message: str, reason: str,
+    def __init__(self, status: int, code: grpc.StatusCode, message: str, *, reason: str,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(code, message, reason=reason)
         self.status = status
@@ -110,7 +110,7 @@ class HttpFailure(Failure):
 
 def too_large_failure(message: str) -> HttpFailure:
     """A body over max_message_mb: 413 rather than the 429 of RESOURCE_EXHAUSTED (a full queue)."""
-    return HttpFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, message, "MESSAGE_TOO_LARGE")
+    return HttpFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="MESSAGE_TOO_LARGE")
 
 
 def failure_response(failure: Failure) -> JSONResponse:
@@ -121,7 +121,7 @@ def failure_response(failure: Failure) -> JSONResponse:
 
 
 def _error_bytes(status: int, code: grpc.StatusCode, message: str, reason: str) -> bytes:
-    return json.dumps(HttpFailure(status, code, message, reason).to_json()).encode()
+    return json.dumps(HttpFailure(status, code, message, reason=reason).to_json()).encode()
 
 
 class _JsonH11(H11Protocol):
@@ -132,7 +132,8 @@ class _JsonH11(H11Protocol):
 
         body = _error_bytes(400, grpc.StatusCode.INVALID_ARGUMENT,
                             f"{msg.rstrip('.')}: the request is not valid HTTP/1.1; send an HTTP request "
-                            "(e.g. POST /v2/models/<model>.<operation>/infer with a JSON body)", "MALFORMED_HTTP")
+                            "(e.g. POST /v2/models/<model>.<operation>/infer with a JSON body)",
+                            reason="MALFORMED_HTTP")
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]
         try:
@@ -251,15 +252,15 @@ class HttpFace:
                 return failure_response(HttpFailure(
                     404, grpc.StatusCode.NOT_FOUND, f"no endpoint {request.url.path}; the Open Inference "
                     "Protocol's are under /v2 (e.g. GET /v2/models/<model>.<operation>, POST .../infer)",
-                    "ENDPOINT_NOT_FOUND"))
+                    reason="ENDPOINT_NOT_FOUND"))
             if exc.status_code == 405:
                 return failure_response(HttpFailure(
                     405, grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed on {request.url.path}; "
                     f"use {exc.headers.get('Allow', 'another method') if exc.headers else 'another method'}",
-                    "METHOD_NOT_ALLOWED", exc.headers))
+                    reason="METHOD_NOT_ALLOWED", headers=exc.headers))
             code = grpc.StatusCode.INVALID_ARGUMENT if exc.status_code == 400 else grpc.StatusCode.UNKNOWN
-            return failure_response(HttpFailure(exc.status_code, code, str(exc.detail), f"HTTP_{exc.status_code}",
-                                                exc.headers))
+            return failure_response(HttpFailure(exc.status_code, code, str(exc.detail),
+                                                reason=f"HTTP_{exc.status_code}", headers=exc.headers))
 
         return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
@@ -273,7 +274,7 @@ class HttpFace:
                 return failure_response(HttpFailure(
                     503, grpc.StatusCode.UNAVAILABLE, f"{self.in_progress} requests are in progress, this server's "
                     f"limit (max_concurrent_rpcs); retry shortly, or spread requests over more servers",
-                    "TOO_MANY_REQUESTS", {"Retry-After": "1"}))
+                    reason="TOO_MANY_REQUESTS", headers={"Retry-After": "1"}))
             self.in_progress += 1
             try:
                 return await handler(request)
@@ -301,8 +302,8 @@ class HttpFace:
         why = "no bearer token" if token is None else "the bearer token is not valid"
         return failure_response(HttpFailure(
             401, grpc.StatusCode.UNAUTHENTICATED, f"{why} for {request.method} {request.url.path}; send the header "
-            "'Authorization: Bearer <token>' with a token the server was configured with", "UNAUTHENTICATED",
-            {"WWW-Authenticate": "Bearer"}))
+            "'Authorization: Bearer <token>' with a token the server was configured with",
+            reason="UNAUTHENTICATED", headers={"WWW-Authenticate": "Bearer"}))
 
     @staticmethod
     def _names(request: Request) -> tuple[str, str]:
@@ -364,7 +365,7 @@ class HttpFace:
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise HttpFailure(415, grpc.StatusCode.INVALID_ARGUMENT,
                               f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send the "
-                              "body uncompressed", "UNSUPPORTED_CONTENT_ENCODING")
+                              "body uncompressed", reason="UNSUPPORTED_CONTENT_ENCODING")
         body = await self._body(request)
         header_length = request.headers.get(HEADER_LENGTH)
 
