@@ -88,7 +88,7 @@ class ServerProcess:
         if "--provider" not in self.flags:  # CPU unless asked: "auto" would pick a GPU where one loads
             cmd += ["--provider", "cpu"]
         for flag, value in self.flags.items():
-            cmd += [flag, str(value)]
+            cmd += [flag] if value is None else [flag, str(value)]  # None: a switch such as --no-warmup
         return cmd
 
     def start(self) -> ServerProcess:
