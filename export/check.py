@@ -1,7 +1,7 @@
 """`genserve repo check DIR`: validate a model repository, one line per model saying OK or what is wrong.
 
-Per version it checks what the server relies on: the manifest parses and names this model and version, the
-data spec and operations are valid, a serving program exists for the model, every graph file (and fp16
+Per version it checks what the server relies on: the manifest parses (the folders, not the manifest, name the
+model and version), the data spec and operations are valid, a serving program exists for the model, every graph file (and fp16
 variant) exists with the manifest's sha256, loads and passes onnx.checker, and declares exactly the inputs
 and outputs (names, dtypes, shapes) the manifest lists; every file listed in the provenance has its sha256.
 Needs onnx (and onnxruntime, when installed, to open each graph as the server would); never torch.
@@ -124,10 +124,8 @@ def check_version(model_dir: Path, version: int) -> tuple[list[str], list[str]]:
             return [f"{tag}: {MANIFEST} is missing"], []
         return [f"{tag}: {str(e).replace(str(vdir / MANIFEST) + ': ', '')}"], []
     problems = []
-    if m.name != model_dir.name:
-        problems.append(f"{tag}: manifest names model {m.name!r}, folder is {model_dir.name!r}")
-    if m.version != version:
-        problems.append(f"{tag}: manifest says version {m.version}")
+    # The folders decide a version's name and number (a copied version folder serves under its new number, as
+    # in Triton's repository), so a manifest that names another is no problem.
     try:
         _spec_from_proto(m.data)
     except (ValueError, TypeError) as e:
