@@ -59,6 +59,12 @@ class ServerConfig:
     """Most importance samples K one LogLikelihood request may ask for."""
     grace_s: float = 10.0
     """Seconds SIGTERM waits for accepted requests to finish before the server exits."""
+    max_connection_age_s: float = 0.0
+    """Close each client connection after about this many seconds (gRPC adds +-10% jitter; calls in flight
+    finish), so clients balancing over a headless Service reconnect and see new pods; 0: never."""
+    max_connection_age_grace_s: float = 0.0
+    """After max_connection_age_s, how long calls in flight may still run before the connection is closed;
+    0: max_deadline_s (no call the server accepts is cut off)."""
     model_control: str = "none"
     """How models come and go while the server runs (Triton's model control modes): ``none`` (every model of
     the repository loads at start; it changes only on ReloadRepository or SIGHUP), ``poll`` (the same, and
@@ -144,7 +150,7 @@ class ServerConfig:
                      "max_queued_rows", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue_delay_ms", "grace_s", "poll_s"):
+        for name in ("max_queue_delay_ms", "grace_s", "poll_s", "max_connection_age_s", "max_connection_age_grace_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
