@@ -250,8 +250,8 @@ class HttpFace:
             assert isinstance(exc, HTTPException)
             if exc.status_code == 404:
                 return failure_response(HttpFailure(
-                    404, grpc.StatusCode.NOT_FOUND, f"no endpoint {request.url.path}; the Open Inference "
-                    "Protocol's are under /v2 (e.g. GET /v2/models/<model>.<operation>, POST .../infer)",
+                    404, grpc.StatusCode.NOT_FOUND, f"no endpoint {request.url.path}; use the Open Inference "
+                    "Protocol's, under /v2 (e.g. GET /v2/models/<model>.<operation>, POST .../infer)",
                     reason="ENDPOINT_NOT_FOUND"))
             if exc.status_code == 405:
                 return failure_response(HttpFailure(

@@ -41,13 +41,14 @@ NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def _bad(message: str, field: str) -> Failure:
-    """INVALID_ARGUMENT with ``field`` (a JSON path) as its field violation; the message is left as written."""
-    return Failure(grpc.StatusCode.INVALID_ARGUMENT, message, violations=(Violation(field, message),))
+    """INVALID_ARGUMENT with ``field`` (a JSON path; "" the whole body) as its field violation; the message is
+    left as written."""
+    return Failure(grpc.StatusCode.INVALID_ARGUMENT, message, violations=(Violation(field, message),) if field else ())
 
 
 def _object(value: Any, what: str, field: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _bad(f"{what} must be a JSON object, got {type(value).__name__}", field)
+        raise _bad(f"{what} must be a JSON object, got {type(value).__name__}; send an object {{...}}", field)
     return value
 
 
@@ -84,7 +85,7 @@ def _parameter(key: str, value: Any) -> pb.InferParameter:
         return pb.InferParameter(double_param=value)
     if isinstance(value, str):
         return pb.InferParameter(string_param=value)
-    raise _bad(f"parameter {key!r} must be a bool, number or string, got {type(value).__name__}",
+    raise _bad(f"parameter {key!r} must be a bool, number or string, got {type(value).__name__}; use one of those",
                f"parameters.{key}")
 
 
@@ -115,11 +116,11 @@ def _json_array(data: Any, datatype: str, shape: tuple[int, ...], name: str, fie
     dtype = DATATYPES[datatype].numpy
     if dtype.kind == "b":
         if not all(isinstance(v, bool) for v in values):
-            raise _bad(f"input {name!r} is BOOL: its data must be true/false", field)
+            raise _bad(f"input {name!r} is BOOL: its data must be true/false; send JSON booleans", field)
         return np.array(values, dtype=bool)
     if dtype.kind in "iu":
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise _bad(f"input {name!r} is {datatype}: its data must be integers", field)
+            raise _bad(f"input {name!r} is {datatype}: its data must be integers; send whole numbers", field)
         info = np.iinfo(dtype)
         if values and not info.min <= min(values) <= max(values) <= info.max:
             raise _bad(f"input {name!r}: data has values outside the range of {datatype}; use "
@@ -128,13 +129,14 @@ def _json_array(data: Any, datatype: str, shape: tuple[int, ...], name: str, fie
     if any(isinstance(v, str) for v in values):
         values = [NON_FINITE.get(v, v) if isinstance(v, str) else v for v in values]
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        raise _bad(f"input {name!r} is {datatype}: its data must be numbers (or \"NaN\", \"Infinity\", "
-                   "\"-Infinity\")", field)
+        raise _bad(f"input {name!r} is {datatype}: its data must be numbers; send numbers (or \"NaN\", "
+                   "\"Infinity\", \"-Infinity\")", field)
     # Through float64, as the gRPC face's typed contents go: the same float32 for the same decimal text.
     try:
         wide = np.array(values, dtype=np.float64)
     except OverflowError:  # an integer beyond float64 (10**400)
-        raise _bad(f"input {name!r} has a number beyond the range of {datatype}", field) from None
+        raise _bad(f"input {name!r} has a number beyond the range of {datatype}; send numbers within it",
+                   field) from None
     return wide.astype(dtype)
 
 
@@ -144,14 +146,14 @@ def infer_request(document: dict[str, Any], binary: memoryview, model: str, vers
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     if "id" in document:
         if not isinstance(document["id"], str):
-            raise _bad("id must be a string", "id")
+            raise _bad("id must be a string; send the request id as a JSON string", "id")
         request.id = document["id"]
     for key, value in _object(document.get("parameters", {}), "parameters", "parameters").items():
         if key not in BINARY_PARAMETERS:
             request.parameters[key].CopyFrom(_parameter(key, value))
     inputs = document.get("inputs")
     if not isinstance(inputs, list):
-        raise _bad("inputs must be a list of tensors ({name, shape, datatype, data})", "inputs")
+        raise _bad("inputs must be a list of tensors; send [{name, shape, datatype, data}, ...]", "inputs")
     offset = 0
     for i, tensor in enumerate(inputs):
         at = f"inputs[{i}]"
@@ -194,7 +196,7 @@ def infer_request(document: dict[str, Any], binary: memoryview, model: str, vers
                    "Inference-Header-Content-Length")
     outputs = document.get("outputs", [])
     if not isinstance(outputs, list):
-        raise _bad("outputs must be a list of {name, parameters}", "outputs")
+        raise _bad("outputs must be a list; send [{name, parameters}, ...] or leave it out", "outputs")
     for i, output in enumerate(outputs):
         output = _object(output, f"outputs[{i}]", f"outputs[{i}]")
         if not isinstance(output.get("name"), str):
@@ -209,13 +211,15 @@ def binary_outputs(document: dict[str, Any]) -> set[str] | bool:
     parameters = document.get("parameters") or {}
     everything = parameters.get("binary_data_output", False)
     if not isinstance(everything, bool):
-        raise _bad("parameter 'binary_data_output' must be true or false", "parameters.binary_data_output")
+        raise _bad("parameter 'binary_data_output' must be true or false; use a JSON boolean",
+                   "parameters.binary_data_output")
     named = set()
     for i, output in enumerate(document.get("outputs") or []):
         parameters = _object(output.get("parameters") or {}, f"outputs[{i}].parameters", f"outputs[{i}].parameters")
         flag = parameters.get("binary_data", everything)
         if not isinstance(flag, bool):
-            raise _bad(f"output {output.get('name')!r}: parameter 'binary_data' must be true or false",
+            raise _bad(f"output {output.get('name')!r}: parameter 'binary_data' must be true or false; use a "
+                       "JSON boolean",
                        f"outputs[{i}].parameters.binary_data")
         if flag:
             named.add(output["name"])
