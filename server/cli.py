@@ -9,6 +9,7 @@ EPILOG = """examples:
   genserve serve --repo model_repository
   genserve serve --repo /models --host 0.0.0.0 --port 8500 --metrics-port 8502 --provider cuda
   genserve serve --repo model_repository --http-port 8503          # also KServe v2 REST / tritonclient.http
+  genserve serve --repo model_repository --processes 2            # two server processes on one port
   genserve serve --config server.toml --max-batch-size 128 --max-queue-delay-ms 5
   genserve serve --repo /models --model-control-mode poll --poll-s 30     # pick up new version folders
   genserve serve --repo /models --model-control-mode explicit --load-model digits-vae   # then load/unload
@@ -34,6 +35,7 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--threads", "intra_op_threads", int, "N", "ONNX Runtime intra-op threads per session (default 1)"),
     ("--inter-op-threads", "inter_op_threads", int, "N", "ONNX Runtime inter-op threads (default 1)"),
     ("--workers", "workers", int, "N", "threads running ONNX Runtime calls (default 4)"),
+    ("--processes", "processes", int, "N", "server processes sharing the ports, one engine each (default 1)"),
     ("--max-sample-n", "max_sample_n", int, "N", "most samples per request (default 100000)"),
     ("--max-rows-per-request", "max_rows_per_request", int, "N", "most rows per scored batch (65536)"),
     ("--max-message-mb", "max_message_mb", int, "MIB", "gRPC message size limit each way (default 64)"),
@@ -113,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = build_config(args)
+    if cfg.processes > 1:
+        from genserve.server.workers import supervise
+
+        return supervise(cfg, announce=lambda line: print(line, flush=True), log_level=args.log_level)
     return asyncio.run(serve(cfg, announce=lambda line: print(line, flush=True)))
 
 

@@ -79,6 +79,9 @@ class ServerConfig:
     """Default of each model's ``warmup`` (config.json overrides): a small batch through every graph at load."""
     workers: int = 4
     """Threads of the pool that runs ONNX Runtime calls off the event loop (shared by all graphs)."""
+    processes: int = 1
+    """Server processes on the same ports (SO_REUSEPORT), each with its own engine, batchers and sessions, so
+    N event loops use N cores; one /metrics for all (server/workers.py)."""
     max_concurrent_rpcs: int = 1024
     """Most RPCs in progress at once (a stream counts as one, health checks too); gRPC refuses the next with
     RESOURCE_EXHAUSTED, so a flood of connections cannot pile up handler tasks without bound."""
@@ -147,7 +150,7 @@ class ServerConfig:
                              f"{self.intra_op_threads}, inter_op_threads={self.inter_op_threads}")
         for name in ("max_batch_size", "max_queue_size", "instances", "max_rows_per_request", "max_sample_n",
                      "max_message_mb", "max_langevin_steps", "max_importance_samples", "workers",
-                     "max_queued_rows", "max_concurrent_rpcs"):
+                     "max_queued_rows", "max_concurrent_rpcs", "processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue_delay_ms", "grace_s", "poll_s", "max_connection_age_s", "max_connection_age_grace_s"):

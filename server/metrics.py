@@ -52,8 +52,10 @@ class Metrics:
         self.request_duration = Histogram("genserve_request_duration_seconds",
                                           "RPC latency from arrival to answer, seconds", ["model", "method"],
                                           buckets=LATENCY_BUCKETS, registry=r)
+        # multiprocess_mode: how `--processes N` (prometheus_client's multiprocess mode) adds up the workers'
+        # gauges; ignored in one process.
         self.inflight = Gauge("genserve_inflight_requests", "Operations the engine is running now",
-                              ["model", "method"], registry=r)
+                              ["model", "method"], registry=r, multiprocess_mode="livesum")
         self.queue_wait = Histogram("genserve_queue_wait_seconds",
                                     "Wait of a submission in a graph's batch queue until its first rows ran",
                                     ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
@@ -67,13 +69,13 @@ class Metrics:
         self.batch_failures = Counter("genserve_batch_failures", "ONNX Runtime calls that raised",
                                       ["model", "graph"], registry=r)
         self.queue_depth = Gauge("genserve_queue_depth", "Rows waiting in a graph's batch queue",
-                                 ["model", "graph"], registry=r)
+                                 ["model", "graph"], registry=r, multiprocess_mode="livesum")
         self.samples = Counter("genserve_samples_generated", "Samples returned by Sample", ["model"],
                                registry=r)
         self.rows_scored = Counter("genserve_rows_scored", "Rows scored by LogLikelihood", ["model"],
                                    registry=r)
         self.model_loaded = Gauge("genserve_model_loaded", "1 while a model version is loaded and serving",
-                                  ["model", "version"], registry=r)
+                                  ["model", "version"], registry=r, multiprocess_mode="livemin")
         self.unauthenticated = Counter("genserve_unauthenticated",
                                        "RPCs refused for missing or bad credentials", registry=r)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -148,10 +150,15 @@ class Metrics:
         if certfile:
             tls = {"certfile": certfile, "keyfile": keyfile, "client_cafile": client_cafile,
                    "client_auth_required": client_cafile is not None}
-        server, _thread = start_http_server(port, addr=host, registry=self.registry, **tls)
-        # wsgiref reads the app per request; swapped before the port is handed to anyone.
-        server.set_app(metrics_only(server.get_app()))
-        return server, int(server.server_port)
+        return serve_registry(self.registry, host, port, **tls)
+
+
+def serve_registry(registry: CollectorRegistry, host: str, port: int, **tls: Any) -> tuple[Any, int]:
+    """``registry`` on ``host:port``/metrics only (see Metrics.serve_http); returns (server, port)."""
+    server, _thread = start_http_server(port, addr=host, registry=registry, **tls)
+    # wsgiref reads the app per request; swapped before the port is handed to anyone.
+    server.set_app(metrics_only(server.get_app()))
+    return server, int(server.server_port)
 
 
 METRICS_PATH = "/metrics"

@@ -1,0 +1,303 @@
+"""`genserve serve --processes N`: N server processes on one port, each with its own engine, one /metrics.
+
+The gRPC Python multiprocessing pattern: every worker binds the same gRPC (and HTTP) port with SO_REUSEPORT,
+so the kernel spreads connections over them, and each runs the whole server (engine, batchers, ONNX Runtime
+sessions) in its own interpreter: N event loops, N GILs. The supervisor (this module, the process the user
+started) holds the ports, spawns the workers, and:
+
+- serves one ``/metrics`` for all, from prometheus_client's multiprocess mode (the workers write their values
+  to files in a private folder; gauges add up or take the minimum across live workers, see server/metrics.py);
+- prints the ready line once every worker is ready, and restarts a worker that dies;
+- forwards SIGTERM/SIGINT (every worker drains, as one server does) and SIGHUP (every worker reloads);
+- passes on what one worker was asked to change: a ReloadRepository, LoadModel or UnloadModel that reached one
+  worker over the network is applied by it, answered, and then sent to the others over their pipes, so every
+  worker serves the same models (the others follow within moments of the answer).
+
+Workers are spawned (not forked): gRPC must not be initialised before a fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from genserve.server.config import ServerConfig
+
+log = logging.getLogger("genserve.server")
+
+START_TIMEOUT_S = 600.0
+"""Longest wait for a worker to load the repository and bind its ports."""
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT and not listening: it keeps the port (0: a free one)
+    for the workers, which bind it with SO_REUSEPORT too; connections go only to the listening workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise ValueError(f"cannot bind {host}:{port} ({e.strerror or e}); is the port in use?") from None
+    return s
+
+
+class Peers:
+    """A worker's pipe to the supervisor: tell it what this worker changed, apply what another changed."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def notify(self, kind: str, name: str = "") -> None:
+        """After this worker answered a reload (``kind`` "reload"), load or unload of ``name``."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send((kind, name))
+
+    def listen(self, apply: Callable[[str, str], Any]) -> None:
+        """Call ``apply(kind, name)`` on the running event loop for each change another worker made."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            try:
+                kind, name = self.conn.recv()
+            except (EOFError, OSError):
+                loop.remove_reader(self.conn.fileno())  # the supervisor is gone; SIGTERM follows
+                return
+            task = asyncio.ensure_future(apply(kind, name))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                                   or log.warning("applying %s %s from another worker failed: %s", kind, name,
+                                                  t.exception()))
+
+        loop.add_reader(self.conn.fileno(), readable)
+
+
+def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str, metrics_dir: str) -> None:
+    """One worker: the whole server on the shared ports, its ready line and changes sent over ``conn``."""
+    # Before prometheus_client is imported: its values then live in files the supervisor reads.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    import asyncio
+
+    from genserve.server.app import serve
+
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor forwards it
+    peers = Peers(conn)
+    try:
+        code = asyncio.run(serve(cfg, announce=lambda line: conn.send(("ready", line)), peers=peers))
+    except Exception as e:  # noqa: BLE001 - the supervisor reports it
+        with contextlib.suppress(OSError):
+            conn.send(("failed", str(e)))
+        raise SystemExit(1) from None
+    raise SystemExit(code)
+
+
+class Supervisor:
+    """Starts, watches and stops the workers of ``cfg`` (``cfg.processes`` of them)."""
+
+    def __init__(self, cfg: ServerConfig, log_level: str = "INFO") -> None:
+        self.cfg = cfg
+        self.log_level = log_level
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers: list[tuple[Any, Connection]] = []
+        self._reserved: list[socket.socket] = []
+        self._stopping = False
+        self._hup = False
+        self._metrics_dir = ""
+        self._metrics_http: Any = None
+        self.port = self.http_port = self.metrics_port = 0
+        self.worker_cfg: ServerConfig | None = None
+
+    def start(self) -> str:
+        """Reserve the ports, start every worker and wait for all to be ready; returns the ready line."""
+        cfg = self.cfg
+        self._metrics_dir = tempfile.mkdtemp(prefix="genserve-metrics-")
+        grpc_socket = reserve_port(cfg.host, cfg.port)
+        self._reserved.append(grpc_socket)
+        self.port = grpc_socket.getsockname()[1]
+        if cfg.http_port:
+            http_socket = reserve_port(cfg.host, cfg.http_port)
+            self._reserved.append(http_socket)
+            self.http_port = http_socket.getsockname()[1]
+        self.worker_cfg = replace(cfg, port=self.port, http_port=self.http_port, metrics_port=0)
+        for index in range(cfg.processes):
+            self._workers.append(self._spawn(index))
+        line = ""
+        for index in range(cfg.processes):
+            line = self._wait_ready(index)
+        self._serve_metrics()
+        return self._ready_line(line)
+
+    def _spawn(self, index: int) -> tuple[Any, Connection]:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=worker_main, args=(self.worker_cfg, index, child, self.log_level,
+                                                                 self._metrics_dir),
+                                    name=f"genserve-worker-{index}", daemon=False)
+        process.start()
+        child.close()
+        return process, parent
+
+    def _wait_ready(self, index: int) -> str:
+        process, conn = self._workers[index]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if conn.poll(0.1):
+                try:
+                    kind, text = conn.recv()
+                except EOFError:
+                    break
+                if kind == "ready":
+                    return text
+                if kind == "failed":
+                    self.stop()
+                    raise ValueError(text)
+            elif not process.is_alive():
+                break
+        self.stop()
+        raise ValueError(f"server worker {index} did not start (exit code {process.exitcode}); see its log above")
+
+    def _serve_metrics(self) -> None:
+        cfg = self.cfg
+        if not cfg.metrics_port:
+            return
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from genserve.server.metrics import serve_registry
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self._metrics_dir)
+        tls: dict[str, Any] = {}
+        if cfg.metrics_tls:
+            ca = cfg.tls_client_ca
+            tls = {"certfile": str(cfg.tls_cert), "keyfile": str(cfg.tls_key),
+                   "client_cafile": None if ca is None else str(ca), "client_auth_required": ca is not None}
+        try:
+            self._metrics_http, self.metrics_port = serve_registry(registry, cfg.host, cfg.metrics_port, **tls)
+        except OSError as e:
+            self.stop()
+            raise ValueError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} ({e.strerror or e}); pick "
+                             "another --metrics-port (0: off)") from None
+
+    def _ready_line(self, worker_line: str) -> str:
+        """The worker's ready line with the supervisor's metrics port and the process count."""
+        import re
+
+        line = re.sub(r"metrics=\S+ metrics_port=\d+", self._metrics_words(), worker_line)
+        return f"{line} processes={self.cfg.processes}"
+
+    def _metrics_words(self) -> str:
+        if not self.metrics_port:
+            return "metrics=off metrics_port=0"
+        scheme = "https" if self.cfg.metrics_tls else "http"
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        return f"metrics={scheme}://{host}:{self.metrics_port}/metrics metrics_port={self.metrics_port}"
+
+    def run(self) -> int:
+        """Until SIGTERM/SIGINT: pass changes between workers, forward SIGHUP, restart a worker that died."""
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        while not self._stopping:
+            if self._hup:
+                self._hup = False
+                self._broadcast(("reload", ""), None)
+            conns = {conn: i for i, (_, conn) in enumerate(self._workers)}
+            sentinels = {p.sentinel: i for i, (p, _) in enumerate(self._workers)}
+            for ready in wait([*conns, *sentinels], timeout=0.5):
+                if ready in conns:
+                    self._relay(conns[ready])
+                elif not self._stopping:
+                    self._restart(sentinels[ready])
+        return self.stop()
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        if self._stopping:  # a second signal: do not wait for the drain
+            for process, _ in self._workers:
+                with contextlib.suppress(OSError):
+                    process.kill()
+        self._stopping = True
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self._hup = True
+
+    def _relay(self, index: int) -> None:
+        conn = self._workers[index][1]
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the worker is going; its sentinel says so
+        if message[0] in ("reload", "load", "unload"):
+            self._broadcast(message, index)
+
+    def _broadcast(self, message: tuple[str, str], origin: int | None) -> None:
+        for i, (_, conn) in enumerate(self._workers):
+            if i != origin:
+                with contextlib.suppress(OSError, ValueError):
+                    conn.send(message)
+
+    def _restart(self, index: int) -> None:
+        process, conn = self._workers[index]
+        process.join(timeout=1)
+        log.error("server worker %d (pid %s) exited with code %s; starting a new one", index, process.pid,
+                  process.exitcode)
+        conn.close()
+        with contextlib.suppress(Exception):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(process.pid, self._metrics_dir)
+        self._workers[index] = self._spawn(index)
+        try:
+            self._wait_ready(index)
+        except ValueError as e:
+            log.error("server worker %d did not come back: %s", index, e)
+
+    def stop(self) -> int:
+        """SIGTERM every worker (each drains within grace_s), then SIGKILL what is left; 0 when all exited 0."""
+        self._stopping = True
+        for process, _ in self._workers:
+            if process.is_alive():
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.grace_s + 5.0
+        for process, _ in self._workers:
+            process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+        codes = [process.exitcode for process, _ in self._workers]
+        for _, conn in self._workers:
+            conn.close()
+        self._workers = []
+        if self._metrics_http is not None:
+            with contextlib.suppress(Exception):
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
+            self._metrics_http = None
+        for s in self._reserved:
+            s.close()
+        self._reserved = []
+        if self._metrics_dir:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = ""
+        return 0 if all(code == 0 for code in codes) else 1
+
+
+def supervise(cfg: ServerConfig, announce: Callable[[str], None] = print, log_level: str = "INFO") -> int:
+    """Run ``cfg.processes`` workers until SIGTERM/SIGINT; the exit code (0 when every worker drained)."""
+    supervisor = Supervisor(cfg, log_level)
+    announce(supervisor.start())
+    return supervisor.run()
