@@ -77,11 +77,12 @@ SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
 
 class Drain(grpc.aio.ServerInterceptor):
-    """When the last RPC other than a health check arrived, and the door of a shutdown.
+    """When the last RPC other than a health check arrived or was answered, and the door of a shutdown.
 
     ``hold()``: from then on new RPCs wait here without running until ``refuse()``, then get UNAVAILABLE. A
     closed-loop client whose call is held sends nothing more, so arrivals pause and grpc's stop, which kills
-    calls that arrive after it began, finds none on the wire.
+    calls that arrive after it began, finds none on the wire. An answer counts as activity too: its client
+    may send the next call at once.
     """
 
     def __init__(self) -> None:
@@ -100,10 +101,20 @@ class Drain(grpc.aio.ServerInterceptor):
         if self._open is not None:
             self._open.set()
 
+    def answered(self) -> None:
+        self.last = max(self.last, time.monotonic())
+
     async def quiet(self, until: float) -> None:
-        """Return once no RPC arrived for QUIET_S, or at ``until`` (time.monotonic)."""
-        while time.monotonic() < until and time.monotonic() - self.last < QUIET_S:
-            await asyncio.sleep(QUIET_S / 5)
+        """Return once no RPC arrived or was answered for QUIET_S, or at ``until`` (time.monotonic)."""
+        tick = QUIET_S / 5
+        while time.monotonic() < until:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - before > 2 * tick:
+                self.last = now  # this process stalled: calls may wait in grpc, not yet at the door
+            elif now - self.last >= QUIET_S:
+                return
 
     async def intercept_service(self, continuation: Callable[[Any], Any],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -280,6 +291,7 @@ class Server:
         self._http, self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port, **tls)
 
     def _observe(self, method: str, model: str, code: str, seconds: float) -> None:
+        self._drain.answered()
         if self.metrics is not None:
             self.metrics.observe_request(model, method, code, seconds)
 

@@ -54,12 +54,12 @@ def latent(repo: Path, rows: int) -> np.ndarray:
 
 
 class ServeProcess:
-    """`python -m genserve.server.cli` in a subprocess; reads the ready line for the port."""
+    """`python -m genserve.server.cli` in a subprocess; reads the ready line for the port (``port`` 0: any)."""
 
-    def __init__(self, repo: Path, *flags: str, log: Path) -> None:
+    def __init__(self, repo: Path, *flags: str, log: Path, port: int = 0) -> None:
         self.metrics_port = free_port()
         self.log = log
-        cmd = [sys.executable, "-m", "genserve.server.cli", "--repo", str(repo), "--port", "0",
+        cmd = [sys.executable, "-m", "genserve.server.cli", "--repo", str(repo), "--port", str(port),
                "--metrics-port", str(self.metrics_port), "--provider", "cpu", "--workers", "2", *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -216,7 +216,8 @@ def test_polling_reload_and_a_model_that_fails_to_load(repo_copy: Path) -> None:
     write_manifest(manifest, broken / "1" / "manifest.json")
     graph = broken / "1" / manifest.graphs[0].file
     graph.write_bytes(b"not an onnx file")  # sha256 mismatch / unreadable graph
-    cfg = ServerConfig(repo=repo_copy, port=0, metrics_port=0, provider="cpu", model_control="poll", poll_s=0.2, workers=2)
+    cfg = ServerConfig(repo=repo_copy, port=0, metrics_port=0, provider="cpu", model_control="poll", poll_s=0.2,
+                       workers=2)
     with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         stub = service_pb2_grpc.GenerativeServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
