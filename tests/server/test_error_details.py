@@ -227,7 +227,7 @@ def test_the_client_raises_the_subclass_of_the_code_with_the_details(server, no_
         assert isinstance(e.value, GenserveError) and e.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert e.value.reason == "INVALID_ARGUMENT" and e.value.domain == DOMAIN
         assert e.value.fields == ["sample.n"] and e.value.field_violations[0].description in e.value.message
-        assert e.value.metadata["model"] == PPCA and e.value.method
+        assert e.value.metadata == {"method": "SampleStream", "model": PPCA} and e.value.method
         with pytest.raises(NotFoundError) as e:
             c.sample("no-such-model", 1)
         assert e.value.reason == "MODEL_NOT_FOUND" and "no-such-model" in e.value.message
