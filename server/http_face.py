@@ -36,8 +36,8 @@ as the float; raw binary outputs are the bytes. docs/errors.md lists the reasons
 
 Limits: a body is at most ``max_message_mb`` MiB (JSON text included; the binary extension carries tensors in
 a quarter of the space JSON numbers take); ``max_concurrent_rpcs`` bounds requests in progress (503 beyond,
-reason TOO_MANY_REQUESTS; uvicorn's own limit, beyond ``CONNECTION_SLACK`` times that many connections,
-is only a guard against connection floods).
+reason TOO_MANY_REQUESTS; the health probes are not counted nor refused; uvicorn's own limit, beyond
+``CONNECTION_SLACK`` times that many connections, is only a guard against connection floods).
 Deadlines: the request parameter ``timeout`` (microseconds, Triton's), capped at ``max_deadline_s``.
 Auth: with token auth on, every request needs ``Authorization: Bearer <token>`` (the gRPC tokens, rotated with
 them) except the health probes while ``open_health``; TLS: with ``tls_cert`` the port speaks HTTPS only
@@ -57,6 +57,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
+import h11
 import uvicorn
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
@@ -128,8 +129,6 @@ class _JsonH11(H11Protocol):
     """uvicorn's h11 protocol, answering a request it cannot parse with the face's JSON error, not plain text."""
 
     def send_400_response(self, msg: str) -> None:
-        import h11
-
         body = _error_bytes(400, grpc.StatusCode.INVALID_ARGUMENT,
                             f"{msg.rstrip('.')}: the request is not valid HTTP/1.1; send an HTTP request "
                             "(e.g. POST /v2/models/<model>.<operation>/infer with a JSON body)",
@@ -270,6 +269,8 @@ class HttpFace:
             refused = self._refusal(request)
             if refused is not None:
                 return refused
+            if request.url.path in OPEN_PATHS:  # health probes are cheap: never refused, never counted
+                return await self._answer(handler, request)
             if self.in_progress >= self.cfg.max_concurrent_rpcs:
                 return failure_response(HttpFailure(
                     503, grpc.StatusCode.UNAVAILABLE, f"{self.in_progress} requests are in progress, this server's "
@@ -277,18 +278,24 @@ class HttpFace:
                     reason="TOO_MANY_REQUESTS", headers={"Retry-After": "1"}))
             self.in_progress += 1
             try:
-                return await handler(request)
-            except Failure as f:
-                model = request.path_params.get("model")
-                if model:
-                    f.metadata.setdefault("model", model)
-                return failure_response(f)
-            except Exception as e:  # noqa: BLE001 - a bug: 500 with a request id, the traceback to the log
-                return failure_response(status_of(e, f"HTTP {request.method} {request.url.path}"))
+                return await self._answer(handler, request)
             finally:
                 self.in_progress -= 1
 
         return endpoint
+
+    @staticmethod
+    async def _answer(handler: Callable[[Request], Awaitable[Response]], request: Request) -> Response:
+        """The handler's answer, or its failure as the JSON error (the path's model in its metadata)."""
+        try:
+            return await handler(request)
+        except Failure as f:
+            model = request.path_params.get("model")
+            if model:
+                f.metadata.setdefault("model", model)
+            return failure_response(f)
+        except Exception as e:  # noqa: BLE001 - a bug: 500 with a request id, the traceback to the log
+            return failure_response(status_of(e, f"HTTP {request.method} {request.url.path}"))
 
     def _refusal(self, request: Request) -> Response | None:
         if self.tokens is None or request.url.path in self.open_paths:
