@@ -13,11 +13,19 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_lifecycle import ServeProcess, latent
 
 from genserve.clients.client import Client, GenserveError
-from genserve.server.app import SHUTTING_DOWN
+from genserve.oip import grpc_service_pb2 as oip_pb
+from genserve.oip import grpc_service_pb2_grpc as oip_grpc
+from genserve.server.app import SHUTTING_DOWN, BackgroundServer
+from genserve.server.config import ServerConfig
+from genserve.v1 import service_pb2 as pb
+from genserve.v1 import service_pb2_grpc
 
 MODEL = "digits-ppca"
 GRACE_S = "4"  # lame duck at most 1 s, holding at most 1 s more: the drains stay short
@@ -135,3 +143,31 @@ def test_rolling_restart_behind_a_round_robin_client_loses_no_request(repo: Path
     failed = [(code, message) for _, code, message in load.done if code != "OK"]
     assert not failed, f"{len(failed)} of {len(load.done)} requests failed: {collections.Counter(failed)}"
     assert load.count() > 0
+
+
+def test_the_door_holds_then_refuses_every_kind_of_rpc_and_lets_health_checks_through(repo: Path) -> None:
+    cfg = ServerConfig(repo=repo, port=0, metrics_port=0, provider="cpu", workers=1)
+    with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        drain = srv.server.drain
+
+        async def on_loop(f: Callable[[], None]) -> None:
+            f()
+
+        srv.call(on_loop(drain.hold))
+        stub = service_pb2_grpc.GenerativeServiceStub(channel)
+        calls = {  # each kind the services have (unary, response stream, both ways); the door reads no request
+            "Decode": stub.Decode.future(pb.DecodeRequest(model=MODEL)),
+            "SampleStream": stub.SampleStream(pb.SampleStreamRequest()),
+            "LogLikelihoodStream": stub.LogLikelihoodStream(iter([pb.LogLikelihoodRequest(model=MODEL)])),
+            "ServerReflectionInfo": reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])),
+            "ModelInfer": oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(
+                oip_pb.ModelInferRequest(model_name=f"{MODEL}.decode")),
+        }
+        wait_for(lambda: drain.held == len(calls), "every call waits at the door")
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes pass the door
+        assert not any(c.done() for c in calls.values())
+        srv.call(on_loop(drain.refuse))
+        for name, call in calls.items():
+            assert (call.code(), call.details()) == (grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN), name
