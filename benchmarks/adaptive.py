@@ -6,10 +6,12 @@ and, with ``--before REF``, genserve with the batcher of git revision REF (same 
 server process loads that ``server/batcher.py`` in place of the working tree's). Then measures each
 (rows, clients) level on every server in turn, rotating the order each round, for ``--rounds`` rounds, so that
 a machine shared with others loads all servers alike; per level it reports the median over rounds of
-requests/s, p50 and p99, and the median over rounds of each round's ratio to the delay-0 server.
+requests/s, p50, p99, rows per ONNX Runtime call and requests per CPU-second of the server process (less
+sensitive to other processes' load than requests/s), and the median over rounds of each round's ratio to the
+delay-0 server.
 
     python -m benchmarks.adaptive --repo /tmp/bench/model_repository --model digits-realnvp --operation encode \\
-        --rows 1,64 --clients 1,8,64 --rounds 5 --before 89a9d64 --out docs/benchmarks/adaptive.json
+        --rows 1,64 --clients 1,8,64 --rounds 8 --before 68758aa^ --out docs/benchmarks/adaptive.json
 
 Run from the repository root. Targets: at 1 client, p50 of the default within 1.2x of delay 0; at 8 and 64
 clients, requests/s of the default over delay 0 as before (the batching gain).
@@ -64,13 +66,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--operation", default="encode", choices=list(METHODS))
     p.add_argument("--rows", default="1,64", help="rows per request, comma-separated")
     p.add_argument("--clients", default="1,8,64", help="concurrency levels, comma-separated")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--delay-ms", type=float, default=2.0, help="max_queue_delay_ms of the default (2)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--before", help="git revision whose server/batcher.py runs a third server")
     p.add_argument("--processes", type=int, default=2, help="load-generator processes per server and rows")
-    p.add_argument("--warmup-s", type=float, default=1.0)
-    p.add_argument("--window-s", type=float, default=1.0)
+    p.add_argument("--warmup-s", type=float, default=0.5)
+    p.add_argument("--window-s", type=float, default=0.7)
     p.add_argument("--windows", type=int, default=3, help="windows pooled per measurement")
     p.add_argument("--out", help="write the JSON here")
     return p
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "rps": res["throughput_rps"], "p50_ms": res["latency_ms"]["p50"],
                                         "p99_ms": res["latency_ms"]["p99"], "errors": len(res["errors"]),
                                         "rows_per_call": res["server"].get("rows_per_call"),
+                                        "server_cores": res["cpu"]["processes_cores"].get("server"),
                                         "load1": res["loadavg"][0]})
                         log(f"round {k} rows {r} clients {c} {name}: {res['throughput_rps']:.0f} req/s, "
                             f"p50 {res['latency_ms']['p50']:.2f} ms, p99 {res['latency_ms']['p99']:.2f} ms, "
@@ -145,6 +148,8 @@ def summarise(samples: list[dict], configs: dict, rows: list[int], clients: list
                 out.append({"rows": r, "clients": c, "config": name, "rps": med("rps"), "p50_ms": med("p50_ms"),
                             "p99_ms": med("p99_ms"),
                             "rows_per_call": statistics.median(s["rows_per_call"] or 0 for s in mine),
+                            "req_per_cpu_s": statistics.median(s["rps"] / s["server_cores"] for s in mine
+                                                               if s["server_cores"]),
                             "rps_vs_delay0": statistics.median(s["rps"] / ref[s["round"]]["rps"] for s in mine),
                             "p50_vs_delay0": statistics.median(s["p50_ms"] / ref[s["round"]]["p50_ms"]
                                                                for s in mine),
@@ -155,11 +160,12 @@ def summarise(samples: list[dict], configs: dict, rows: list[int], clients: list
 
 
 def markdown(result: dict) -> str:
-    lines = ["| rows | clients | server | req/s | p50 ms | p99 ms | rows/call | req/s vs delay 0 | "
-             "p50 vs delay 0 | p99 vs delay 0 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| rows | clients | server | req/s | p50 ms | p99 ms | rows/call | req per server CPU-s | "
+             "req/s vs delay 0 | p50 vs delay 0 | p99 vs delay 0 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in result["table"]:
         lines.append(f"| {t['rows']} | {t['clients']} | {t['config']} | {t['rps']:.0f} | {t['p50_ms']:.2f} | "
-                     f"{t['p99_ms']:.2f} | {t['rows_per_call']:.1f} | {t['rps_vs_delay0']:.2f} | "
+                     f"{t['p99_ms']:.2f} | {t['rows_per_call']:.1f} | {t['req_per_cpu_s']:.0f} | "
+                     f"{t['rps_vs_delay0']:.2f} | "
                      f"{t['p50_vs_delay0']:.2f} | {t['p99_vs_delay0']:.2f} |")
     lo, hi = result["load1_min_max"]
     lines.append(f"\n1-minute load average during the run: {lo:.1f} to {hi:.1f}")
