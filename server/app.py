@@ -217,14 +217,14 @@ class Server:
         interceptors = [parsing, self.drain] if self.auth is None else [self.auth, parsing, self.drain]
         self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb, RECEIVE_SLACK),
                                      interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._observe, reload=self.reload)
+        self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._answered, reload=self.reload)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         # The Open Inference Protocol (KServe v2 / Triton GRPCInferenceService) beside GenerativeService, with one
         # row budget for both APIs: max_queued_rows bounds the server, whichever protocol the rows came by.
         # reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
-        oip_servicer = oip.register_oip(self._grpc, engine, cfg, observe=self._observe, rows=servicer.rows)
+        oip_servicer = oip.register_oip(self._grpc, engine, cfg, observe=self._answered, rows=servicer.rows)
         if cfg.http_port:  # the same OIP over HTTP/JSON: same row budget, statistics shared with the gRPC face
             from genserve.server.http_face import HttpFace  # starlette and uvicorn only when asked for
 
@@ -292,8 +292,12 @@ class Server:
                    "client_cafile": None if ca is None else str(ca)}
         self._http, self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port, **tls)
 
-    def _observe(self, method: str, model: str, code: str, seconds: float) -> None:
+    def _answered(self, method: str, model: str, code: str, seconds: float) -> None:
+        """A gRPC request's end: for the metrics and the drain (its client may send the next call at once)."""
         self.drain.answered()
+        self._observe(method, model, code, seconds)
+
+    def _observe(self, method: str, model: str, code: str, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.observe_request(model, method, code, seconds)
 
