@@ -95,7 +95,8 @@ class Drain(grpc.aio.ServerInterceptor):
 
     def hold(self) -> None:
         self._holding = True
-        self._open = asyncio.Event()
+        if self._open is None:
+            self._open = asyncio.Event()
 
     def refuse(self) -> None:
         """Answer every held RPC, and every later one, with UNAVAILABLE."""

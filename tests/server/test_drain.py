@@ -5,12 +5,14 @@ client loses no request. Real `genserve serve` processes, closed-loop client thr
 from __future__ import annotations
 
 import collections
+import math
 import shutil
 import signal
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -45,6 +47,11 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -
     while not condition():
         assert time.monotonic() < deadline, f"never happened: {what}"
         time.sleep(0.02)
+
+
+async def on_loop(f: Callable[[], None]) -> None:
+    """For BackgroundServer.call: run ``f`` on the server's event loop."""
+    f()
 
 
 def served(server: ServeProcess) -> float:
@@ -149,10 +156,6 @@ def test_the_door_holds_then_refuses_every_kind_of_rpc_and_lets_health_checks_th
     cfg = ServerConfig(repo=repo, port=0, metrics_port=0, provider="cpu", workers=1)
     with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         drain = srv.server.drain
-
-        async def on_loop(f: Callable[[], None]) -> None:
-            f()
-
         srv.call(on_loop(drain.hold))
         stub = service_pb2_grpc.GenerativeServiceStub(channel)
         calls = {  # each kind the services have (unary, response stream, both ways); the door reads no request
@@ -171,3 +174,27 @@ def test_the_door_holds_then_refuses_every_kind_of_rpc_and_lets_health_checks_th
         srv.call(on_loop(drain.refuse))
         for name, call in calls.items():
             assert (call.code(), call.details()) == (grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN), name
+
+
+def test_a_call_refused_at_the_door_is_answered_by_the_other_server(repo: Path) -> None:
+    cfg = ServerConfig(repo=repo, port=0, metrics_port=0, provider="cpu", workers=1)
+    a, b = BackgroundServer(cfg), BackgroundServer(cfg)
+    z = latent(repo, 2)
+    try:
+        with Client([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], timeout=60) as client:
+            def both_reached() -> bool:
+                client.decode(MODEL, z)
+                return a.server.drain.last > -math.inf and b.server.drain.last > -math.inf
+
+            wait_for(both_reached, "round robin reaches both servers")
+            a.call(on_loop(a.server.drain.hold))
+            with ThreadPoolExecutor(4) as pool:
+                calls = [pool.submit(client.decode, MODEL, z) for _ in range(4)]
+                wait_for(lambda: a.server.drain.held >= 1, "round robin sends a call to the held server")
+                a.stop()  # GOAWAY first, then the held calls are refused: gRPC retries them, on b
+                answers = [c.result(timeout=120) for c in calls]
+        assert a.server.drain.refused >= 1
+        assert all(x.shape == answers[0].shape for x in answers)
+    finally:
+        a.stop()
+        b.stop()
