@@ -1,6 +1,8 @@
 """Drain without surprises (issue 13 point 5): after SIGTERM every request is answered or refused with
-UNAVAILABLE (which clients retry), never CANCELLED; a rolling restart of two servers behind one round-robin
-client loses no request. Real `genserve serve` processes, closed-loop client threads."""
+UNAVAILABLE (which clients retry), never CANCELLED, and a rolling restart of two servers behind one round-robin
+client loses no request (real `genserve serve` processes, closed-loop client threads); in process, the door
+holds then refuses every kind of RPC while health checks pass, and a refused call is answered by the other
+server."""
 
 from __future__ import annotations
 
