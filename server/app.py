@@ -46,7 +46,7 @@ from grpc_reflection.v1alpha import reflection
 
 from genserve.server import auth, oip
 from genserve.server.config import ServerConfig
-from genserve.server.interface import EngineInterface, ReloadResult
+from genserve.server.interface import EngineInterface, ModelStatus, ReloadResult
 from genserve.server.message_parsing import SafeParsing
 from genserve.server.metrics import Metrics
 from genserve.server.oip_models import reflection_pool
@@ -56,6 +56,7 @@ from genserve.v1 import service_pb2, service_pb2_grpc
 
 if TYPE_CHECKING:
     from genserve.server.http_face import HttpFace
+    from genserve.server.workers import Peers
 
 log = logging.getLogger("genserve.server")
 
@@ -155,15 +156,24 @@ RECEIVE_SLACK = 2
 SafeParsing, which refuses it with a message that says how to fit the request (gRPC's own refusal does not)."""
 
 
-def grpc_options(max_message_mb: int, receive_slack: int = 1) -> list[tuple[str, Any]]:
+def grpc_options(max_message_mb: int, receive_slack: int = 1, reuse_port: bool = False,
+                 max_connection_age_s: float = 0.0, max_connection_age_grace_s: float = 0.0
+                 ) -> list[tuple[str, Any]]:
     """Channel arguments of the server (``receive_slack`` RECEIVE_SLACK); also what a client needs for messages
-    above gRPC's 4 MiB default."""
+    above gRPC's 4 MiB default. ``reuse_port``: the port is shared by the processes of ``--processes N``;
+    ``max_connection_age_s`` (> 0) closes each connection after about that long, calls in flight getting
+    ``max_connection_age_grace_s`` more, so clients balancing over a headless Service see new pods."""
     size = int(max_message_mb) * 2**20
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", size),
         ("grpc.max_receive_message_length", size * receive_slack),
-        ("grpc.so_reuseport", 0),  # a busy port must fail loudly, not be shared with another server
+        # One process: a busy port must fail loudly, not be shared with another server.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
+    if max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_s * 1000))]
+    return options
 
 
 def address(host: str, port: int) -> str:
@@ -194,6 +204,8 @@ class Server:
         self._stopping = False
         self.drain = Drain()
         self.auth: auth.TokenAuth | None = None
+        self.peers: Peers | None = None
+        """The other processes of ``--processes N`` (set before ``start``); None: this process is the server."""
         self.servicer: GenerativeServicer | None = None
 
     async def start(self, cfg: ServerConfig, engine: EngineInterface | None = None) -> None:
@@ -216,21 +228,25 @@ class Server:
         # Order: the token check first (refusals parse nothing), then safe parsing, then the drain's door.
         parsing = SafeParsing(max_bytes=cfg.max_message_mb * 2**20)
         interceptors = [parsing, self.drain] if self.auth is None else [self.auth, parsing, self.drain]
-        self._grpc = grpc.aio.server(options=grpc_options(cfg.max_message_mb, RECEIVE_SLACK),
-                                     interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._answered, reload=self.reload)
+        options = grpc_options(cfg.max_message_mb, RECEIVE_SLACK, reuse_port=cfg.processes > 1,
+                               max_connection_age_s=cfg.max_connection_age_s,
+                               max_connection_age_grace_s=cfg.max_connection_age_grace_s or cfg.max_deadline_s)
+        self._grpc = grpc.aio.server(options=options, interceptors=interceptors,
+                                     maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._answered, control=self)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         # The Open Inference Protocol (KServe v2 / Triton GRPCInferenceService) beside GenerativeService, with one
         # row budget for both APIs: max_queued_rows bounds the server, whichever protocol the rows came by.
         # reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
-        oip_servicer = oip.register_oip(self._grpc, engine, cfg, observe=self._answered, rows=servicer.rows)
+        oip_servicer = oip.register_oip(self._grpc, engine, cfg, observe=self._answered, rows=servicer.rows,
+                                        control=self)
         if cfg.http_port:  # the same OIP over HTTP/JSON: same row budget, statistics shared with the gRPC face
             from genserve.server.http_face import HttpFace  # starlette and uvicorn only when asked for
 
             self.http = HttpFace(engine, cfg, shared=oip_servicer, observe=self._observe, rows=servicer.rows,
-                                 tokens=self.auth)
+                                 tokens=self.auth, control=self)
         reflection.enable_server_reflection(
             [SERVICE_NAME, HEALTH_NAME, oip.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc,
             pool=reflection_pool())
@@ -316,15 +332,47 @@ class Server:
             await self.health.set(name, SERVING if name in names and self.engine.ready(name) else NOT_SERVING)
         self._health_names |= names
 
-    async def reload(self) -> ReloadResult:
-        """Rescan the repository (one reload at a time) and refresh health; returns the engine's result."""
+    async def reload(self, from_peer: bool = False) -> ReloadResult:
+        """Rescan the repository (one reload at a time) and refresh health; returns the engine's result. With
+        ``--processes N``, the other workers follow (``from_peer``: this one is following)."""
         self.reload_tokens()
         async with self._reload_lock:
             result = await self.engine.reload()
             await self.refresh_health()
         for error in result.errors:
             log.warning("reload: %s version %s failed to load: %s", error.model, error.version, error.message)
+        if self.peers is not None and not from_peer:
+            self.peers.notify("reload")
         return result
+
+    async def load_model(self, name: str, from_peer: bool = False) -> ModelStatus:
+        """Load or reload one model (explicit model control), then refresh health; the other workers follow."""
+        async with self._reload_lock:
+            try:
+                status = await self.engine.load_model(name)
+            finally:  # a failed load may still have changed what serves
+                await self.refresh_health()
+        if self.peers is not None and not from_peer:
+            self.peers.notify("load", name)
+        return status
+
+    async def unload_model(self, name: str, from_peer: bool = False) -> ModelStatus:
+        """Unload one model (explicit model control), then refresh health; the other workers follow."""
+        async with self._reload_lock:
+            status = await self.engine.unload_model(name)
+            await self.refresh_health()
+        if self.peers is not None and not from_peer:
+            self.peers.notify("unload", name)
+        return status
+
+    async def apply(self, kind: str, name: str) -> None:
+        """A change another worker made (``--processes N``): "reload", "load" or "unload" of ``name``."""
+        if kind == "reload":
+            await self.reload(from_peer=True)
+        elif kind == "load":
+            await self.load_model(name, from_peer=True)
+        elif kind == "unload":
+            await self.unload_model(name, from_peer=True)
 
     async def _poll(self) -> None:
         while True:
@@ -469,16 +517,24 @@ def security(cfg: ServerConfig) -> str:
     return f"tls={tls} auth={'token' if cfg.auth else 'off'}"
 
 
-async def serve(cfg: ServerConfig, announce: Callable[[str], None] = print) -> int:
-    """Serve until SIGTERM/SIGINT (a second signal exits at once, code 1); SIGHUP reloads the repository."""
+async def serve(cfg: ServerConfig, announce: Callable[[str], None] = print, peers: Peers | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (a second signal exits at once, code 1); SIGHUP reloads the repository.
+
+    ``peers``: this is one worker of ``--processes N`` (server/workers.py); the supervisor forwards SIGTERM and
+    SIGHUP, so the worker leaves SIGINT and SIGHUP (sent to the whole process group by a terminal) alone."""
     apply_process_settings(cfg.switch_interval_ms, cfg.malloc_arena_max)  # this process is the server's
     server = Server()
+    server.peers = peers
     await server.start(cfg)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.schedule_reload)
+    if peers is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.schedule_reload)
+    else:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        peers.listen(server.apply)
     announce(ready_line(server))
     await stop.wait()
     log.info("stopping: draining accepted requests for up to %.1f s", cfg.grace_s)

@@ -73,9 +73,9 @@ from genserve.oip import grpc_service_pb2 as pb
 from genserve.server import auth
 from genserve.server.config import ServerConfig
 from genserve.server.http_tensors import HEADER_LENGTH, binary_outputs, infer_request, infer_response, parse_body
-from genserve.server.interface import EngineInterface
+from genserve.server.interface import EngineInterface, ModelControl
 from genserve.server.limits import RowBudget
-from genserve.server.oip import OipServicer
+from genserve.server.oip import OipServicer, control_name
 from genserve.server.transport import Failure, Observe, failure_of, invalid, status_of, too_large
 
 log = logging.getLogger("genserve.server")
@@ -203,8 +203,9 @@ class HttpFace:
 
     def __init__(self, engine: EngineInterface, cfg: ServerConfig, shared: OipServicer | None = None,
                  observe: Observe | None = None, rows: RowBudget | None = None,
-                 tokens: auth.TokenAuth | None = None) -> None:
+                 tokens: auth.TokenAuth | None = None, control: ModelControl | None = None) -> None:
         self.engine = engine
+        self.control = control or engine
         self.cfg = cfg
         self.max_body = cfg.max_message_mb * 2**20
         relabel = None
@@ -234,6 +235,8 @@ class HttpFace:
             Route("/v2/health/ready", self._wrap(self.ready)),
             Route("/v2", self._wrap(self.server_metadata)),
             Route("/v2/repository/index", self._wrap(self.index), methods=["POST"]),
+            Route("/v2/repository/models/{model}/load", self._wrap(self.load), methods=["POST"]),
+            Route("/v2/repository/models/{model}/unload", self._wrap(self.unload), methods=["POST"]),
             Route("/v2/models/stats", self._wrap(self.stats)),
         ]
         for base in (model, versioned):
@@ -365,6 +368,30 @@ class HttpFace:
         answer = await self.oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=ready), _Context())
         return JSONResponse([plain(m) for m in answer.models])
 
+    async def load(self, request: Request) -> Response:
+        """Triton's model repository extension: load or reload a model (explicit model control)."""
+        await self.control.load_model(await self._control_name(request))
+        return JSONResponse({})
+
+    async def unload(self, request: Request) -> Response:
+        await self.control.unload_model(await self._control_name(request))
+        return JSONResponse({})
+
+    async def _control_name(self, request: Request) -> str:
+        """The model folder of a load/unload path; its body is ``{}`` or ``{"parameters": {...}}``."""
+        body = await self._body(request)
+        parameters: list[str] = []
+        if body.strip():
+            try:
+                document = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise invalid(f"the request body is not JSON ({e}); send {{}} or nothing",
+                              reason="MALFORMED_JSON") from None
+            if not isinstance(document, dict) or not isinstance(document.get("parameters", {}), dict):
+                raise invalid('a repository load or unload body is {} or {"parameters": {...}}')
+            parameters = list(document.get("parameters", {}))
+        return control_name(request.path_params["model"], parameters, {s.name for s in self.engine.list_models()})
+
     # -- inference ------------------------------------------------------------------------------------------
 
     async def infer(self, request: Request) -> Response:
@@ -412,7 +439,8 @@ class HttpFace:
         OSError when the port cannot be bound; ValueError when the TLS files do not load."""
         cfg = self.cfg
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=2048)
+        sock = socket.create_server((host, port), family=family, backlog=2048,
+                                    reuse_port=cfg.processes > 1)  # --processes N share the port
         tls: dict[str, Any] = {}
         if cfg.tls_cert is not None:
             tls = {"ssl_certfile": str(cfg.tls_cert), "ssl_keyfile": str(cfg.tls_key)}

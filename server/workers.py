@@ -94,7 +94,9 @@ def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str,
     from genserve.server.app import serve
 
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor forwards it
+    # Ctrl-C and a hangup reach the whole process group; the supervisor forwards them (SIGTERM, a reload).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     peers = Peers(conn)
     try:
         code = asyncio.run(serve(cfg, announce=lambda line: conn.send(("ready", line)), peers=peers))

@@ -1,0 +1,214 @@
+"""`genserve serve --processes 2`: two worker processes on one port, one /metrics for both, reload, load and
+unload reaching both, a worker that dies replaced, SIGTERM under load answered without a lost request."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from ports import free_port
+
+from genserve.clients.channel import GenserveError
+from genserve.clients.client import Client
+from genserve.core.tensors import from_proto, to_proto
+from genserve.v1 import service_pb2 as pb
+from genserve.v1 import service_pb2_grpc
+
+MODEL = "digits-ppca"
+X = np.full((2, 8, 8), 3.0, np.float32)
+
+
+class Supervised:
+    """`python -m genserve.server.cli --processes 2` in a subprocess, ready once every worker is."""
+
+    def __init__(self, repo: Path, log: Path, *flags: str) -> None:
+        self.metrics_port = free_port()
+        cmd = [sys.executable, "-m", "genserve.server.cli", "--repo", str(repo), "--port", "0", "--processes", "2",
+               "--metrics-port", str(self.metrics_port), "--provider", "cpu", "--workers", "2", "--grace-s", "8",
+               *flags]
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.ready = self.proc.stdout.readline().strip()  # the supervisor prints it once both workers are ready
+        if not self.ready.startswith("genserve: serving"):
+            self.proc.kill()
+            raise AssertionError(f"server did not become ready:\n{log.read_text()[-3000:]}")
+        self.port = int(re.search(r" port=(\d+)", self.ready).group(1))
+        self.target = f"127.0.0.1:{self.port}"
+
+    def workers(self) -> list[int]:
+        """Process ids of the worker processes (the supervisor's children)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [int(c) for c in children if "spawn_main" in _cmdline(int(c))]  # not the resource tracker
+
+    def connections(self, pid: int) -> int:
+        """Established TCP connections on the server port held by process ``pid``."""
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == self.port and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
+        return count
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            return r.read().decode()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def connection(target: str) -> grpc.Channel:
+    """A channel with a TCP connection of its own (gRPC shares one between channels to the same target)."""
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def score(channel: grpc.Channel) -> np.ndarray:
+    stub = service_pb2_grpc.GenerativeServiceStub(channel)
+    return from_proto(stub.LogLikelihood(pb.LogLikelihoodRequest(model=MODEL, x=to_proto(X), seed=1),
+                                         timeout=30).log_prob)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
+def wait_until(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def supervised(repo_copy: Path, tmp_path: Path):
+    server = Supervised(repo_copy, tmp_path / "server.log")
+    yield server
+    server.stop()
+
+
+def test_two_processes_share_the_port_and_one_metrics_endpoint(supervised: Supervised) -> None:
+    assert "processes=2" in supervised.ready and f"metrics_port={supervised.metrics_port}" in supervised.ready
+    workers = supervised.workers()
+    assert len(workers) == 2
+    channels = [connection(supervised.target) for _ in range(16)]  # 16 connections: the kernel spreads them
+    try:
+        scores = [score(channel) for channel in channels]
+        held = {pid: supervised.connections(pid) for pid in workers}
+    finally:
+        for channel in channels:
+            channel.close()
+    assert all(np.array_equal(s, scores[0]) for s in scores)  # both engines give the same numbers
+    assert all(n >= 1 for n in held.values()), held  # each worker holds some of the connections
+    text = supervised.metrics()
+    served = sum(float(m) for m in re.findall(
+        r'genserve_requests_total\{code="OK",method="LogLikelihood",model="digits-ppca"\} (\S+)', text))
+    assert served == 16  # one endpoint counts what both workers answered
+    assert 'genserve_model_loaded{model="digits-ppca",version="1"} 1.0' in text
+
+
+def test_reload_by_rpc_reaches_every_process(supervised: Supervised, repo_copy: Path) -> None:
+    shutil.copytree(repo_copy / MODEL / "1", repo_copy / MODEL / "2")
+    with Client(supervised.target) as client:
+        client.reload()  # answered by one worker; the supervisor passes it to the other
+
+    def everywhere() -> bool:
+        channels = [connection(supervised.target) for _ in range(8)]
+        try:
+            stubs = [service_pb2_grpc.GenerativeServiceStub(c) for c in channels]
+            return all(stub.GetModel(pb.GetModelRequest(model=MODEL), timeout=30).version == 2 for stub in stubs)
+        finally:
+            for c in channels:
+                c.close()
+
+    wait_until(everywhere)
+
+
+def test_a_worker_that_dies_is_replaced_and_serving_goes_on(supervised: Supervised) -> None:
+    first = supervised.workers()
+    os.kill(first[0], signal.SIGKILL)
+    with Client(supervised.target, timeout=60) as client:
+        for _ in range(20):
+            assert client.log_likelihood(MODEL, X, seed=1).log_prob.shape == (2,)
+    wait_until(lambda: len(supervised.workers()) == 2 and first[0] not in supervised.workers())
+
+
+def test_sigterm_under_load_answers_every_request(supervised: Supervised) -> None:
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def load() -> None:
+        with Client(supervised.target, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    client.log_likelihood(MODEL, X, seed=1)
+                    answered[0] += 1
+                except GenserveError as e:
+                    if e.code.name != "UNAVAILABLE":  # the server is gone: the only allowed refusal
+                        failures.append(str(e))
+                    return
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: answered[0] >= 50)
+    code = supervised.stop()
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert failures == [] and code == 0
+
+
+def test_explicit_load_reaches_every_process(repo_copy: Path, tmp_path: Path) -> None:
+    server = Supervised(repo_copy, tmp_path / "server.log", "--model-control-mode", "explicit",
+                        "--load-model", MODEL)
+    try:
+        with Client(server.target) as client:
+            assert client.load_model("digits-vae").state == "READY"
+
+        def everywhere() -> bool:
+            channels = [connection(server.target) for _ in range(8)]
+            try:
+                stubs = [service_pb2_grpc.GenerativeServiceStub(c) for c in channels]
+                return all(stub.GetModel(pb.GetModelRequest(model="digits-vae"), timeout=30).state
+                           == pb.MODEL_STATE_READY for stub in stubs)
+            except grpc.RpcError:
+                return False  # a worker that has not loaded it yet answers NOT_FOUND
+            finally:
+                for c in channels:
+                    c.close()
+
+        wait_until(everywhere)
+    finally:
+        server.stop()
