@@ -30,13 +30,32 @@ import grpc
 import numpy as np
 
 from genserve.clients import messages as msg
-from genserve.clients.channel import DEFAULT_TARGET, MAX_ATTEMPTS, ChannelSettings, Credential, GenserveError
+from genserve.clients.channel import (
+    DEFAULT_TARGET,
+    MAX_ATTEMPTS,
+    ChannelSettings,
+    Credential,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    GenserveError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
 from genserve.clients.datafiles import Rows, open_rows
 from genserve.clients.messages import Likelihood, ModelInfo, ModelSummary, chunk_seed
 from genserve.core.tensors import from_proto
 from genserve.v1 import service_pb2, service_pb2_grpc
 
-__all__ = ["AsyncClient", "Client", "GenserveError", "Likelihood", "ModelInfo", "ModelSummary", "chunk_seed"]
+__all__ = ["AsyncClient", "Client", "DeadlineExceededError", "FailedPreconditionError", "GenserveError",
+           "InternalError", "InvalidArgumentError", "Likelihood", "ModelInfo", "ModelSummary", "NotFoundError",
+           "PermissionDeniedError", "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError",
+           "UnimplementedError", "chunk_seed"]
 
 UNARY_SAMPLE_MAX = 256
 """sample() draws at most this many rows with one Sample call and streams more. The server cuts SampleStream

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from genserve.server.config import ServerConfig
+from genserve.server.transport import Failure
 
 log = logging.getLogger("genserve.server")
 
@@ -174,8 +175,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 def refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED without parsing the request."""
 
+    failure = Failure(grpc.StatusCode.UNAUTHENTICATED, message, reason="UNAUTHENTICATED")
+
     async def abort(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(failure.code, failure.message, failure.trailing_metadata())
 
     if handler is None or not (handler.request_streaming or handler.response_streaming):
         return grpc.unary_unary_rpc_method_handler(abort)

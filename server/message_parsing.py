@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from genserve.server.transport import Failure, too_large
+from genserve.server.transport import Failure, abort, too_large
 
 
 class Unparsed:
@@ -40,11 +40,13 @@ def _safe(deserializer: Callable[[bytes], Any] | None, method: str, max_bytes: i
     def parse(data: bytes) -> Any:
         if max_bytes is not None and len(data) > max_bytes:
             return Unparsed(Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    too_large(len(data), max_bytes, f"the request message of {method}")))
+                                    too_large(len(data), max_bytes, f"the request message of {method}"),
+                                    reason="MESSAGE_TOO_LARGE", metadata={"method": method}))
         try:
             return deserializer(data)
         except Exception:  # noqa: BLE001 - any parse failure is the client's malformed message
-            return Unparsed(Failure(grpc.StatusCode.INVALID_ARGUMENT, _what(method)))
+            return Unparsed(Failure(grpc.StatusCode.INVALID_ARGUMENT, _what(method), reason="MALFORMED_MESSAGE",
+                                    metadata={"method": method}))
 
     return parse
 
@@ -57,7 +59,7 @@ def _unary_request(behaviour: Callable[..., Any], method: str, streaming_respons
     if streaming_response and inspect.isasyncgenfunction(behaviour):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, Unparsed):
-                await context.abort(request.failure.code, request.failure.message)
+                await abort(context, request.failure)
             async for response in behaviour(request, context):
                 yield response
 
@@ -65,7 +67,7 @@ def _unary_request(behaviour: Callable[..., Any], method: str, streaming_respons
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Unparsed):
-            await context.abort(request.failure.code, request.failure.message)
+            await abort(context, request.failure)
         return await behaviour(request, context)
 
     return unary
@@ -75,7 +77,8 @@ def _checked_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[
     async def check() -> AsyncIterator[Any]:
         async for request in requests:
             if isinstance(request, Unparsed):
-                raise BadMessage(request.failure.code, request.failure.message)
+                f = request.failure
+                raise BadMessage(f.code, f.message, reason=f.reason, metadata=f.metadata)
             yield request
 
     return check()

@@ -330,8 +330,32 @@ def test_status_round_trip_and_size_bound() -> None:
 def test_the_documented_reasons_are_the_reasons() -> None:
     """docs/errors.md lists every reason the server sends; each reason in the code is in it."""
     documented = set(re.findall(r"^\| `([A-Z_]+)` \|", DOCS.read_text(), re.M))
-    sources = [Path(__file__).resolve().parents[2] / p for p in ("server/errors.py", "server/transport.py",
-                                                                 "server/http_face.py", "server/http_tensors.py")]
+    sources = [Path(__file__).resolve().parents[2] / p for p in (
+        "server/errors.py", "server/transport.py", "server/http_face.py", "server/http_tensors.py",
+        "server/message_parsing.py", "server/auth.py", "server/engine.py")]
     used = {m for p in sources for m in re.findall(r'reason(?:=| = )"([A-Z_]+)"', p.read_text())}
     assert set(REASONS.values()) <= documented
     assert used <= documented, used - documented
+
+
+def test_a_message_that_does_not_parse_or_is_too_large_carries_its_details(channel) -> None:
+    garbage = channel.unary_unary("/genserve.v1.GenerativeService/LogLikelihood",
+                                  request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    malformed = refused(garbage, b"\xff\xff\xff")
+    huge = refused(garbage, pb.LogLikelihoodRequest(model=PPCA, x=to_proto(
+        np.zeros((6000, 8, 8), np.float32))).SerializeToString())  # ~1.5 MiB, over the 1 MiB limit
+    info, _ = details(malformed)
+    assert malformed.code() == grpc.StatusCode.INVALID_ARGUMENT and info.reason == "MALFORMED_MESSAGE"
+    assert info.metadata["method"] == "/genserve.v1.GenerativeService/LogLikelihood"
+    info, _ = details(huge)
+    assert huge.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and info.reason == "MESSAGE_TOO_LARGE"
+
+
+def test_a_refused_token_carries_its_details(repo_dir: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    cfg = ServerConfig(repo=repo_dir, host="127.0.0.1", port=0, metrics_port=0, provider="cpu", token_file=tokens)
+    with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        e = refused(service_pb2_grpc.GenerativeServiceStub(ch).ListModels, pb.ListModelsRequest())
+    info, _ = details(e)
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED and info.reason == "UNAUTHENTICATED"
