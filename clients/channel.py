@@ -296,6 +296,10 @@ def service_config(retries: int, backoff: tuple[float, float], load_balancing: s
         ]
     if load_balancing:
         config["loadBalancingConfig"] = [{load_balancing: {}}]
+        if load_balancing == "round_robin":
+            # Client-side health checking: a server that turns NOT_SERVING (draining after SIGTERM) gets no new
+            # calls from the moment it says so, instead of holding them until it refuses them.
+            config["healthCheckConfig"] = {"serviceName": ""}
     return config
 
 

@@ -194,7 +194,8 @@ def test_service_config_carries_grpcs_retry_policy() -> None:
     assert method["retryPolicy"] == {"maxAttempts": 5, "initialBackoff": "0.500s", "maxBackoff": "5.000s",
                                      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
     assert "loadBalancingConfig" not in config
-    assert service_config(0, (0.5, 5.0), "round_robin") == {"loadBalancingConfig": [{"round_robin": {}}]}
+    assert service_config(0, (0.5, 5.0), "round_robin") == {"loadBalancingConfig": [{"round_robin": {}}],
+                                                            "healthCheckConfig": {"serviceName": ""}}
     with pytest.raises(ValueError):
         service_config(1, (2.0, 1.0), None)
 

@@ -55,6 +55,8 @@ def test_generated_stubs_expose_the_service() -> None:
         "Encode",
         "Decode",
         "ReloadRepository",
+        "LoadModel",
+        "UnloadModel",
     }
     assert hasattr(service_pb2_grpc, "GenerativeServiceStub")
     assert hasattr(service_pb2_grpc, "add_GenerativeServiceServicer_to_server")
