@@ -11,9 +11,12 @@ A queue of futures, in the manner of Triton's dynamic batcher and Ray Serve's ``
 * every request in flight is queued and no more have been in flight at once lately (the most seen at a fresh
   arrival in the last ``MEMORY_S``): with one client, or once all of C closed-loop clients have arrived, no one
   else can join;
-* every request in flight is queued and the rate at which new requests have been arriving while others were in
-  flight (a decaying count over ``MEMORY_S``) makes one within the rest of the delay unlikely (expected count
-  below ``COMPANY``): a trickle of lone requests is not held back for company that arrives every few delays.
+* a lone submission waits, it is every request in flight, and the rate at which new requests have been arriving
+  while others were in flight (a decaying count over ``MEMORY_S``) makes one within the rest of the delay
+  unlikely (expected count below ``COMPANY``): a trickle of lone requests is not held back for company that
+  arrives every few delays. Once two or more wait, a batch is forming under load, where fewer, bigger calls
+  are what the server's throughput is made of (its per-call Python cost): they wait for the delay, or for
+  everyone in flight, as before.
 
 So one client's request runs at once (the latency of a server without batching) while concurrent ones still
 wait to merge. Each batch runs as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event loop
@@ -163,7 +166,7 @@ class Batcher:
         self.reasons: Counter[str] = Counter()
         """Why each call went: "full", "delay" (the oldest waited max_queue_delay_ms), "steps" (only later steps
         of the requests in flight wait), "all_here" (every request in flight lately is queued), "no_company"
-        (no arrival likely within the rest of the delay)."""
+        (a lone submission, and no arrival likely within the rest of the delay)."""
 
     # ---- public ------------------------------------------------------------------------------------
     @property
@@ -285,6 +288,8 @@ class Batcher:
             return None, due
         if self.expected is not None and self._waiting >= max(self._peak_now, self._peak_before):
             return "all_here", due
+        if self._waiting > 1:  # a batch is forming: under load, bigger calls are worth the delay (Triton's rule)
+            return None, due
         rate = self._arrival_rate(now)
         if rate * (due - now) < COMPANY:
             return "no_company", due

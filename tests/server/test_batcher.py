@@ -478,6 +478,22 @@ def test_concurrent_clients_still_merge_into_one_call_per_round(ppca) -> None:
     assert [(s.rows, s.requests) for s in stats] == [(4, 4)] * 3 and b.reasons == {"all_here": 3}
 
 
+def test_a_forming_batch_waits_for_the_delay_even_when_arrivals_are_rare(ppca) -> None:
+    """Two submissions queued together (no ``expected``, an arrival rate of about one in 1000 s): a batch is
+    forming, so it waits the delay as Triton's does, where a lone one would have gone at once."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 2, seed=16)
+    stats: list[BatchStats] = []
+    b = ppca_batcher(ppca, max_queue_delay_ms=300.0, observe=stats.append, memory_s=1000.0)
+
+    async def main():
+        await asyncio.gather(b.submit(rows_of(feeds, 0, 1)), b.submit(rows_of(feeds, 1, 2)))
+        await b.stop()
+
+    asyncio.run(main())
+    assert b.reasons == {"delay": 1} and [s.rows for s in stats] == [2] and min(stats[0].queue_waits) >= 0.29
+
+
 def test_after_a_burst_in_company_a_lone_request_waits_for_more(ppca) -> None:
     """Without ``expected``: 40 submissions that arrived together set an arrival rate (39 in company over the
     10 s memory, about 4 a second), so the next lone one waits most of the 1 s delay for the company that rate
