@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class Engine:
                                  f"{self.cfg.repo} does not have (it has: {', '.join(sorted(found)) or 'none'})")
             self._wanted = set(found) if "*" in names else names
         self._executor = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="genserve-ort")
+        _start_threads(self._executor, self.cfg.workers)
         self._started = True
         result = await self.reload()
         for e in result.errors:
@@ -499,6 +501,14 @@ class Engine:
             raise InvalidInput(f"z row {int(np.argmax(bad))} has NaN or infinite values; send finite latent "
                                "codes (e.g. draws from the prior N(0, I))")
         return z.astype(np.float32)
+
+
+def _start_threads(executor: ThreadPoolExecutor, n: int) -> None:
+    """Start the pool's ``n`` threads now (a pool starts them on demand): the first requests after start
+    would otherwise each pay for a thread's creation."""
+    barrier = threading.Barrier(n)
+    for f in [executor.submit(barrier.wait, 60) for _ in range(n)]:
+        f.result()
 
 
 def _check_operation(m: LoadedModel, op: str) -> None:
