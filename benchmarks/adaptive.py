@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default="1,8,64", help="concurrency levels, comma-separated")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--delay-ms", type=float, default=2.0, help="max_queue_delay_ms of the default (2)")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, help="max_batch_size of all (default: the server's, 512)")
     p.add_argument("--before", help="git revision whose server/batcher.py runs a third server")
     p.add_argument("--processes", type=int, default=2, help="load-generator processes per server and rows")
     p.add_argument("--warmup-s", type=float, default=0.5)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     clients = [int(c) for c in args.clients.split(",")]
     settings = SweepSettings(concurrency=tuple(clients), warmup_s=args.warmup_s, window_s=args.window_s,
                              stable_windows=args.windows, max_windows=args.windows)
-    base = {"max_batch_size": args.max_batch_size}
+    base = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
     configs = {"default": {**base, "max_queue_delay_ms": args.delay_ms},
                "delay0": {**base, "max_queue_delay_ms": 0.0}}
     if args.before:
