@@ -25,6 +25,12 @@ STATIONS = [
 ]
 
 
+ALTERNATE_HANDLERS = {("score", "engine", "ray"): "genserve.app.ray_score:run_score"}
+"""(subcommand, option, value) -> "module:function" that runs it instead of the station's handler: work that
+needs a station the subcommand's own must not import (the client's `score --engine ray` runs the server's
+engine in Ray actors)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genserve",
@@ -49,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    return guarded(args.handler, args)
+    handler = args.handler
+    for (command, option, value), target in ALTERNATE_HANDLERS.items():
+        if args.command == command and getattr(args, option, None) == value:
+            module, name = target.split(":")
+            handler = getattr(importlib.import_module(module), name)
+    return guarded(handler, args)
 
 
 if __name__ == "__main__":

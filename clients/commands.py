@@ -47,12 +47,18 @@ drawn and printed, so every run can be repeated exactly.
   genserve score digits-arcnn images.npz --key x --out scores.csv --quantile 0.05     # flag the lowest 5%
   genserve score moons-realnvp points.csv --out scores.csv --threshold -6.5          # flag log p < -6.5 nats
   genserve score digits-vae big.parquet --out scores.csv --chunk-size 8192         # Parquet needs pyarrow
+  genserve score digits-realnvp big.npy --out scores.csv --seed 1 --engine ray --repo /shared/models \
+      --address ray://head:10001 --concurrency 8       # Ray Data actors, no server: the same scores
 
 Input: .npy (memory-mapped), .npz, .csv (one example per line, optional header) or .parquet, with rows of
 the model's shape or flattened (64 values for 8x8 digits). Output: one line per input row,
   row,log_prob_nats,bits_per_dim[,outlier]
 in input order; bits_per_dim is empty for energy models (unnormalized scores). Rows stream to the server in
 chunks with several in flight: a file of any size is read in constant memory (only the scores are kept).
+
+--engine ray scores the file without a server, in Ray Data actors that run the model of the repository
+--repo in-process (pip install 'genserve[ray]'); the file and the repository must be at the same path on
+every Ray worker. With the same --seed and --chunk-size the scores are the server's, bit for bit.
 """,
     "encode": """examples:
   genserve encode digits-vae images.npy --out z.npy                 # posterior means E[z|x]
@@ -142,6 +148,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--importance-samples", type=int, metavar="K", help="VAE: importance samples K per row")
     p.add_argument("--version", type=int, default=0, help="model version (default 0: the highest)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("engine (--engine ray: Ray Data actors instead of a server)")
+    g.add_argument("--engine", choices=("grpc", "ray"), default="grpc",
+                   help="grpc: through a server (default); ray: Ray Data actors running the model in-process")
+    g.add_argument("--repo", metavar="DIR", help="--engine ray: the model repository, at this path on every worker")
+    g.add_argument("--address", metavar="ADDR",
+                   help="--engine ray: the Ray cluster (ray://HEAD:10001, or auto; default: $RAY_ADDRESS, else "
+                        "a local Ray)")
+    g.add_argument("--concurrency", type=int, metavar="N",
+                   help="--engine ray: scoring actors (default: the cluster's CPUs)")
 
     for name, what, verb in (("encode", "examples", "map examples to latent codes"),
                              ("decode", "latent codes", "map latent codes to examples")):
@@ -300,8 +315,9 @@ def run_score(args: argparse.Namespace) -> int:
 
     from genserve.clients.messages import concat_likelihoods
 
-    if args.quantile is not None and not 0 < args.quantile < 1:
-        raise ValueError(f"--quantile must be between 0 and 1, got {args.quantile}")
+    if args.engine != "grpc":  # genserve.app.cli runs --engine ray (it needs the server station, not a client)
+        raise ValueError(f"--engine {args.engine} runs through the genserve command (genserve.app.cli)")
+    check_score_args(args)
     out = _out(args.out, ".csv")
     seed = _seed(args.seed)
     started = time.perf_counter()
@@ -316,15 +332,32 @@ def run_score(args: argparse.Namespace) -> int:
     cut = args.threshold if args.quantile is None else float(np.quantile(log_prob, args.quantile))
     outlier = None if cut is None else log_prob < cut
     write_scores(out, log_prob, scores.bits_per_dim, outlier)
-    line = (f"scored {len(log_prob)} rows of {args.input} with {info.name} v{scores.version} ({scores.kind},"
+    print(score_summary(args, info.name, scores.version, scores.kind, seed, seconds, log_prob, scores.bits_per_dim,
+                        outlier, cut, out))
+    return 0
+
+
+def check_score_args(args: argparse.Namespace) -> None:
+    """The score options every engine checks the same way."""
+    if args.quantile is not None and not 0 < args.quantile < 1:
+        raise ValueError(f"--quantile must be between 0 and 1, got {args.quantile}")
+    if args.engine == "grpc":
+        given = [f"--{name}" for name in ("repo", "address", "concurrency") if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to --engine ray; a server (--server) has its own repository")
+
+
+def score_summary(args: argparse.Namespace, name: str, version: int, kind: str, seed: int, seconds: float,
+                  log_prob, bits_per_dim, outlier, cut, out) -> str:
+    """The line `genserve score` prints when done (every engine prints the same)."""
+    line = (f"scored {len(log_prob)} rows of {args.input} with {name} v{version} ({kind},"
             f" seed {seed}) in {seconds:.1f} s: mean log p {log_prob.mean():.4g} nats")
-    if scores.bits_per_dim is not None:
-        line += f", {scores.bits_per_dim.mean():.4g} bits/dim"
+    if bits_per_dim is not None:
+        line += f", {bits_per_dim.mean():.4g} bits/dim"
     if outlier is not None:
         rule = f"{args.quantile:g} quantile {cut:.4g}" if args.quantile is not None else f"threshold {cut:g}"
         line += f"; {int(outlier.sum())} outliers below the {rule} nats"
-    print(f"{line}; wrote {out}")
-    return 0
+    return f"{line}; wrote {out}"
 
 
 def write_scores(path, log_prob, bits_per_dim, outlier) -> None:

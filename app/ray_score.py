@@ -1,0 +1,92 @@
+"""`genserve score --engine ray`: a file scored by Ray Data actors that run the model in-process, no server.
+
+The subcommand and its options are the client's (genserve.clients.commands); this handler lives in the
+application shell because it needs the server station (genserve.server.ray_data runs the engine in the
+actors), which a client must not import. genserve.app.cli picks it for ``--engine ray``. It writes the CSV
+and prints the line the gRPC path does, with the same scores for the same --seed and --chunk-size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def run_score(args: argparse.Namespace) -> int:
+    import secrets
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from genserve.clients.commands import check_score_args, score_summary, write_scores
+
+    check_score_args(args)
+    if not args.repo:
+        raise ValueError("--engine ray reads the model repository itself: give --repo DIR (at that path on every "
+                         "Ray worker)")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    repo = Path(args.repo).expanduser().resolve()  # workers need not share this process's working folder
+    source = Path(args.input).expanduser().resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"no such input file: {source}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".csv":
+        raise ValueError(f"--out {args.out}: expected a .csv file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import ray
+
+        from genserve.server import ray_data
+        from genserve.server.errors import EngineError
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in ("ray", "pandas"):
+            raise ValueError("--engine ray needs Ray Data: pip install 'genserve[ray]'") from None
+        raise
+    seed = secrets.randbits(63) if args.seed is None else args.seed
+    started = time.perf_counter()
+    own = not ray.is_initialized()
+    if own:
+        ray.init(address=args.address, include_dashboard=False, logging_level="warning")
+    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
+    try:
+        scored = ray_data.score_dataset(
+            ray_data.read_dataset(source, key=args.key), repo, args.model, seed=seed, chunk_size=args.chunk_size,
+            importance_samples=args.importance_samples, version=args.version,
+            concurrency=args.concurrency or ray_data.cpus())
+        scores = ray_data.collect_scores(scored)
+    except ray.exceptions.RayError as e:
+        message = _engine_error(e, EngineError)
+        if message is None:
+            raise
+        raise ValueError(f"{args.model}: {message}") from None
+    finally:
+        if own:
+            ray.shutdown()
+    seconds = time.perf_counter() - started
+    log_prob = scores.log_prob
+    cut = args.threshold if args.quantile is None else float(np.quantile(log_prob, args.quantile))
+    outlier = None if cut is None else log_prob < cut
+    write_scores(out, log_prob, scores.bits_per_dim, outlier)
+    print(score_summary(args, args.model, scores.version, scores.kind, seed, seconds, log_prob, scores.bits_per_dim,
+                        outlier, cut, out) + f" (Ray Data, {repo})")
+    return 0
+
+
+def _engine_error(error: BaseException, kind: type) -> str | None:
+    """The message of the engine's error (a bad row, an unknown model) that an actor raised, found in what Ray
+    raised: the exception itself where Ray kept it, else its line in the remote traceback (Ray Data wraps a
+    failing actor's exception in a UserCodeException, and its cause arrives only as traceback text)."""
+    seen: set[int] = set()
+    at: BaseException | None = error
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        cause = getattr(at, "cause", None)  # a RayTaskError's original exception
+        if isinstance(cause, kind):
+            return str(cause)
+        at = cause if isinstance(cause, BaseException) else at.__cause__
+    found = re.findall(rf"^{re.escape(kind.__module__)}\.\w+: (.+)$", str(error), re.MULTILINE)
+    return found[-1] if found else None
