@@ -495,13 +495,13 @@ def test_a_forming_batch_waits_for_the_delay_even_when_arrivals_are_rare(ppca) -
 
 
 def test_after_a_burst_in_company_a_lone_request_waits_for_more(ppca) -> None:
-    """Without ``expected``: 40 submissions that arrived together set an arrival rate (39 in company over the
-    10 s memory, about 4 a second), so the next lone one waits most of the 1 s delay for the company that rate
-    promises: until fewer than COMPANY arrivals are expected in the rest of it (about 0.87 s)."""
+    """Without ``expected``: 40 submissions that arrived together set an arrival rate (39 in company over a
+    390 s memory, 0.1 a second), so the next lone one waits for the company that rate promises: until fewer
+    than COMPANY (0.1) arrivals are expected in the rest of the 2 s delay, about 1 s."""
     manifest, session = ppca
     feeds = graph_feeds(manifest, manifest.graphs[0], 41, seed=15)
     stats: list[BatchStats] = []
-    b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=1000.0, observe=stats.append, memory_s=10.0)
+    b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=2000.0, observe=stats.append, memory_s=390.0)
 
     async def main():
         await asyncio.gather(*(b.submit(rows_of(feeds, i, i + 1)) for i in range(40)))
