@@ -1,0 +1,44 @@
+"""Triton Inference Server through PyTriton running genserve's graph on ONNX Runtime (runs in the PyTriton venv).
+
+    python pytriton_server.py SPEC_JSON MODEL_NAME HTTP_PORT GRPC_PORT METRICS_PORT MAX_BATCH_SIZE DELAY_US
+
+PyTriton starts the Triton server binary shipped in its wheel; Triton's dynamic batcher merges requests up to
+``max_batch_size`` rows or ``max_queue_delay_microseconds``, then hands the batch to this Python callable
+(``@batch``: one array of the stacked rows), which runs one graph call. Triton's own ONNX Runtime backend is
+not in the wheel (only the Python backend is), so the graph runs in this process with genserve's session
+options (ort_graph.Graph).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from ort_graph import Graph
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+
+
+def main() -> None:
+    spec, name, http_port, grpc_port, metrics_port, max_batch_size, delay_us = sys.argv[1:8]
+    graph = Graph(spec)
+
+    @batch
+    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return graph(inputs[graph.input])
+
+    config = TritonConfig(http_port=int(http_port), grpc_port=int(grpc_port), metrics_port=int(metrics_port),
+                          log_verbose=0)
+    with Triton(config=config) as triton:
+        triton.bind(model_name=name, infer_func=infer,
+                    inputs=[Tensor(name=graph.input, dtype=np.float32, shape=graph.row_shape)],
+                    outputs=[Tensor(name=o, dtype=np.float32, shape=tuple(graph.output_row_shapes[o]))
+                             for o in graph.outputs],
+                    config=ModelConfig(max_batch_size=int(max_batch_size),
+                                       batcher=DynamicBatcher(max_queue_delay_microseconds=int(delay_us))))
+        triton.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Per-cell medians over rounds, genserve over the best peer, the issue's targets, and the markdown table.
+
+A cell is (rows per request, clients). Each round measures every server once per cell, so the ratio
+genserve / best peer is taken within each round (the servers saw the same machine within seconds) and its
+median over rounds reported. The best peer of a cell is the peer with the highest median requests/s there.
+
+Targets (issue 17, point 4): at 8 and 64 clients, genserve >= 1.5x the best peer's requests/s with a p99 no
+higher than that peer's; at 1 client, requests/s no lower than the best peer's.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+GENSERVE = "genserve"
+TARGET_RATIO = 1.5
+"""genserve / best peer requests/s wanted at 8 and 64 clients."""
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def cell_stats(samples: list[dict], server: str, rows: int, clients: int) -> dict | None:
+    """Medians over rounds of one server in one cell; None when it was not measured there."""
+    mine = [s for s in samples if (s["server"], s["rows"], s["clients"]) == (server, rows, clients)]
+    if not mine:
+        return None
+    return {"server": server, "rows": rows, "clients": clients, "rounds": len(mine),
+            "rps": _median([s["rps"] for s in mine]), "p50_ms": _median([s["p50_ms"] for s in mine]),
+            "p99_ms": _median([s["p99_ms"] for s in mine]),
+            "server_cores": _median([s.get("server_cores") for s in mine]),
+            "req_per_cpu_s": _median([s["rps"] / s["server_cores"] for s in mine if s.get("server_cores")]),
+            "errors": sum(sum(s["errors"].values()) for s in mine)}
+
+
+def verdict(clients: int, ratio: float, p99_ratio: float) -> str:
+    """The issue's target for a cell: met / missed (with what missed), or no target at this client count."""
+    if math.isnan(ratio):
+        return "no peer measured"
+    if clients == 1:
+        return "met" if ratio >= 1.0 else f"missed ({ratio:.2f}x < 1x)"
+    if clients in (8, 64):
+        misses = []
+        if ratio < TARGET_RATIO:
+            misses.append(f"{ratio:.2f}x < {TARGET_RATIO}x")
+        if p99_ratio > 1.0:
+            misses.append(f"p99 {p99_ratio:.2f}x of the peer's")
+        return "met" if not misses else "missed (" + "; ".join(misses) + ")"
+    return "no target"
+
+
+def summarise(samples: list[dict], servers: list[str], rows: list[int], clients: list[int]) -> list[dict]:
+    """One entry per cell: each server's medians, the best peer, the ratio and the verdict."""
+    out = []
+    for r in rows:
+        for c in clients:
+            stats = {name: st for name in servers if (st := cell_stats(samples, name, r, c)) is not None}
+            peers = {k: v for k, v in stats.items() if k != GENSERVE and v["rps"] > 0}
+            best = max(peers, key=lambda k: peers[k]["rps"]) if peers else None
+            ratios = []
+            for k in sorted({s["round"] for s in samples if (s["rows"], s["clients"]) == (r, c)}):
+                here = {s["server"]: s for s in samples if (s["rows"], s["clients"], s["round"]) == (r, c, k)}
+                top = max((s["rps"] for name, s in here.items() if name != GENSERVE), default=0.0)
+                if GENSERVE in here and top > 0:
+                    ratios.append(here[GENSERVE]["rps"] / top)
+            ratio = _median(ratios)
+            mine = stats.get(GENSERVE)
+            p99_ratio = mine["p99_ms"] / peers[best]["p99_ms"] if mine and best and peers[best]["p99_ms"] else math.nan
+            out.append({"rows": r, "clients": c, "servers": stats, "best_peer": best, "ratio": ratio,
+                        "ratio_of_medians": mine["rps"] / peers[best]["rps"] if mine and best else math.nan,
+                        "p99_ratio": p99_ratio, "verdict": verdict(c, ratio, p99_ratio)})
+    return out
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def markdown(table: list[dict], servers: list[str], status: dict[str, str]) -> str:
+    """The table of BENCHMARKS.md: a line per server and cell, then genserve / best peer with the verdict."""
+    lines = ["| rows | clients | server | req/s | p50 ms | p99 ms | server cores | req per server CPU-s | errors "
+             "| target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for cell in table:
+        r, c = cell["rows"], cell["clients"]
+        for name in servers:
+            st = cell["servers"].get(name)
+            if st is None:
+                lines.append(f"| {r} | {c} | {name} | not run: {status.get(name, 'not measured')} | | | | | | |")
+                continue
+            lines.append(f"| {r} | {c} | {name} | {st['rps']:.0f} | {st['p50_ms']:.2f} | {st['p99_ms']:.2f} | "
+                         f"{_num(st['server_cores'], '.2f')} | {_num(st['req_per_cpu_s'], '.0f')} | {st['errors']} | |")
+        lines.append(f"| {r} | {c} | **genserve / best peer ({cell['best_peer'] or 'none'})** | "
+                     f"**{_num(cell['ratio'], '.2f')}x** | | p99 {_num(cell['p99_ratio'], '.2f')}x | | | | "
+                     f"{cell['verdict']} |")
+    return "\n".join(lines)

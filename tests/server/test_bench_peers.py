@@ -1,0 +1,153 @@
+"""benchmarks/peers without the peers: the graph the peers would serve, the OIP client loop against a real
+genserve server, the ratio arithmetic, and the CLI with genserve alone and with a peer that cannot run.
+
+Functional checks only (answers equal, counts positive, arithmetic exact); speed is shown in BENCHMARKS.md,
+never asserted here. Nothing here installs a peer or needs the network.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of the repository, not an installed package
+
+from benchmarks.peers import __main__ as cli  # noqa: E402
+from benchmarks.peers import summary, treecpu  # noqa: E402
+from benchmarks.peers.graph import peer_graph  # noqa: E402
+from benchmarks.peers.launch import PeerServer, PeerUnavailable  # noqa: E402
+from benchmarks.peers.oipload import OipLoad, infer_once, infer_request  # noqa: E402
+from genserve.server.app import BackgroundServer  # noqa: E402
+from genserve.server.config import ServerConfig  # noqa: E402
+
+MODEL = "digits-realnvp"
+
+
+@pytest.fixture(scope="module")
+def server(repo_dir: Path):
+    cfg = ServerConfig(repo=repo_dir, host="127.0.0.1", port=0, metrics_port=0, provider="cpu", intra_op_threads=1,
+                       max_batch_size=64, max_queue_delay_ms=2.0, workers=2, grace_s=5.0)
+    with BackgroundServer(cfg) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """Eight real digits in raw units (integer levels 0..16), shape (8, 8, 8)."""
+    return np.random.default_rng(0).integers(0, 17, size=(8, 8, 8)).astype(np.float32)
+
+
+def test_peer_graph_answers_what_genserve_answers(server: BackgroundServer, repo_dir: Path, tmp_path: Path,
+                                                   digits: np.ndarray) -> None:
+    graph = peer_graph(repo_dir, MODEL, "encode", tmp_path)
+    assert (graph.input, graph.outputs, graph.row_shape) == ("x", ["z"], [8, 8])
+    assert graph.constants == {"u": (0.5, [64])}  # the centre of each cell, as genserve's encode feeds it
+    want = cli.reference(graph, tmp_path, digits)
+    target = f"127.0.0.1:{server.port}"
+    got = infer_once(target, infer_request(graph.oip_name, "x", digits))
+    np.testing.assert_allclose(got["z"], want["z"], atol=1e-5)
+    assert cli.check_answer(target, graph.oip_name, graph, digits, want, 1e-4) is None
+    wrong = cli.check_answer(target, "no-such-model.encode", graph, digits, want, 1e-4)
+    assert wrong is not None and "no-such-model" in wrong  # the server's message names what was missing
+    shifted = {"z": want["z"] + 1.0}
+    assert "differs" in cli.check_answer(target, graph.oip_name, graph, digits, shifted, 1e-4)
+
+
+def test_peer_graph_refuses_what_is_not_one_graph_call(repo_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not one graph call"):
+        peer_graph(repo_dir, MODEL, "log_likelihood", tmp_path)
+    with pytest.raises(ValueError, match="no version folder"):
+        peer_graph(repo_dir, "no-such-model", "encode", tmp_path)
+
+
+def test_oip_load_loop_against_genserve(server: BackgroundServer, digits: np.ndarray) -> None:
+    target = f"127.0.0.1:{server.port}"
+    edges: list[int] = []
+    with OipLoad(processes=2) as load:
+        m = load.measure(target, infer_request(f"{MODEL}.encode", "x", digits[:2]), clients=3, warmup_s=0.2,
+                         window_s=1.0, at_edges=edges.append)
+        assert edges == [0, 1]
+        assert m.errors == {} and m.empty_answers == 0
+        assert len(m.latencies_s) > 0 and m.rps > 0 and (m.latencies_s > 0).all()
+        assert m.percentile_ms(50) <= m.percentile_ms(99)
+        bad = load.measure(target, infer_request("no-such-model.encode", "x", digits[:1]), clients=1,
+                           warmup_s=0.0, window_s=0.5)
+    assert len(bad.latencies_s) == 0 and bad.errors.get("NOT_FOUND", 0) > 0
+
+
+def _sample(k: int, server: str, rows: int, clients: int, rps: float, p99: float) -> dict:
+    return {"round": k, "server": server, "rows": rows, "clients": clients, "rps": rps, "p50_ms": p99 / 2,
+            "p99_ms": p99, "errors": {}, "server_cores": 0.5, "load1": 0.1}
+
+
+def test_summary_takes_the_per_round_ratio_to_the_best_peer() -> None:
+    samples = []
+    for k, (g, a, b) in enumerate([(300.0, 100.0, 200.0), (330.0, 150.0, 100.0), (100.0, 120.0, 100.0)]):
+        samples += [_sample(k, "genserve", 1, 8, g, 10.0), _sample(k, "a", 1, 8, a, 20.0),
+                    _sample(k, "b", 1, 8, b, 5.0)]
+    (cell,) = summary.summarise(samples, ["genserve", "a", "b"], [1], [8])
+    # each round against that round's best peer: 300/200 = 1.5, 330/150 = 2.2, 100/120 = 0.83 -> median 1.5
+    assert cell["ratio"] == pytest.approx(1.5)
+    assert cell["best_peer"] == "a"  # median requests/s: a 120, b 100
+    assert cell["ratio_of_medians"] == pytest.approx(300.0 / 120.0)
+    assert cell["p99_ratio"] == pytest.approx(0.5)  # genserve's median p99 over a's
+    assert cell["servers"]["genserve"]["rps"] == 300.0
+    assert cell["servers"]["genserve"]["req_per_cpu_s"] == pytest.approx(600.0)
+
+
+def test_summary_verdicts_and_markdown_name_a_peer_that_did_not_run() -> None:
+    samples = [_sample(0, "genserve", 64, 64, 300.0, 10.0), _sample(0, "kserve", 64, 64, 100.0, 20.0),
+               _sample(0, "genserve", 64, 1, 90.0, 2.0), _sample(0, "kserve", 64, 1, 100.0, 1.0)]
+    table = summary.summarise(samples, ["genserve", "kserve", "pytriton"], [64], [1, 64])
+    one, many = table
+    assert one["verdict"].startswith("missed") and one["ratio"] == pytest.approx(0.9)
+    assert many["verdict"] == "met" and many["ratio"] == pytest.approx(3.0) and many["p99_ratio"] == 0.5
+    assert summary.verdict(8, 2.0, 1.2).startswith("missed (p99")
+    assert summary.verdict(8, 1.4, 0.5) == "missed (1.40x < 1.5x)"
+    assert summary.verdict(16, 9.0, 0.1) == "no target" and summary.verdict(8, math.nan, 1.0) == "no peer measured"
+    text = summary.markdown(table, ["genserve", "kserve", "pytriton"], {"pytriton": "install failed: no wheel"})
+    assert "| 64 | 64 | pytriton | not run: install failed: no wheel |" in text
+    assert "**genserve / best peer (kserve)** | **3.00x**" in text
+
+
+def test_tree_cpu_covers_the_process_and_its_children() -> None:
+    with OipLoad(processes=1) as load:
+        pids = treecpu.tree(os.getpid())
+        assert os.getpid() in pids and set(load.pids()) <= set(pids)
+    assert treecpu.cores_between({1: 1.0, 2: 5.0}, {1: 2.0, 3: 9.0}, 2.0) == 0.5  # only pids read twice
+
+
+def test_mlserver_models_get_their_limit_in_rows(repo_dir: Path, tmp_path: Path) -> None:
+    graph = peer_graph(repo_dir, MODEL, "encode", tmp_path)
+    ml = PeerServer("mlserver", graph, tmp_path / "ml", max_batch_size=512, delay_ms=2.0, rows=[1, 64])
+    assert ml.model_name(1) == f"{MODEL}.encode" and ml.model_name(64) == f"{MODEL}.encode.rows64"
+    assert PeerServer("kserve", graph, tmp_path / "ks", 512, 2.0, [1, 64]).model_name(64) == f"{MODEL}.encode"
+
+
+def test_cli_runs_genserve_alone_and_names_a_peer_that_cannot_run(repo_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    def unavailable(peer: str, log: object = None) -> Path:
+        raise PeerUnavailable("simulated: no virtualenv in this test")
+
+    monkeypatch.setattr(cli, "venv", unavailable)
+    out = tmp_path / "peers.json"
+    code = cli.main(["--repo", str(repo_dir), "--model", MODEL, "--operation", "encode", "--peers", "kserve",
+                     "--rows", "2", "--clients", "2", "--rounds", "1", "--processes", "1", "--warmup-s", "0.2",
+                     "--window-s", "0.5", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| 2 | 2 | kserve | not run: simulated: no virtualenv in this test |" in text
+    assert "no peer measured" in text
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["status"] == {"kserve": "simulated: no virtualenv in this test"}
+    (sample,) = result["samples"]
+    assert sample["server"] == "genserve" and sample["requests"] > 0 and sample["errors"] == {}
