@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if versions[GENSERVE].get("onnxruntime") != ORT.split("==")[1]:
         log(f"warning: this environment has onnxruntime {versions[GENSERVE].get('onnxruntime')}, the peers {ORT}")
     samples: list[dict] = []
-    started = time.time()
+    started, load_at_start = time.time(), procstat.loadavg()
+    log(f"load average at start: {load_at_start[0]:.2f} {load_at_start[1]:.2f} {load_at_start[2]:.2f}")
     with ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(
             prefix="genserve-peers-")))
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
         payloads = {(name, r): infer_request(h[2](r), graph.input, x_all[:r]) for name, h in handles.items()
                     for r in rows}
+        idle = _idle_cores({name: h[1] for name, h in handles.items()})
+        log("idle CPU of each server, cores: " + ", ".join(f"{k} {v:.3f}" for k, v in idle.items()))
         order = [s for s in servers if s in handles]
         load = stack.enter_context(OipLoad(args.processes))
         for k in range(args.rounds):
@@ -164,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"max_batch_size_rows": args.max_batch_size, "delay_ms": args.delay_ms,
                            "mlserver_workers": args.mlserver_workers, "processes": args.processes,
                            "warmup_s": args.warmup_s, "window_s": args.window_s, "rounds": args.rounds},
-              "pins": PINS, "versions": versions, "status": status, "load1_min_max": [min(loads), max(loads)],
+              "pins": PINS, "versions": versions, "status": status, "idle_server_cores": idle,
+              "load_at_start": load_at_start, "load1_min_max": [min(loads), max(loads)],
               "table": table, "samples": samples}
     print(summary.markdown(table, servers, status))
     print(f"\n1-minute load average during the run: {min(loads):.1f} to {max(loads):.1f}")
@@ -186,6 +190,14 @@ def _measure(load: OipLoad, name: str, handle: tuple, payload: bytes, k: int, r:
             "p99_ms": m.percentile_ms(99), "errors": {**m.errors, **({"EMPTY": m.empty_answers}
                                                                      if m.empty_answers else {})},
             "requests": len(m.latencies_s), "server_cores": cores, "load1": procstat.loadavg()[0]}
+
+
+def _idle_cores(pids: dict[str, int], wall_s: float = 2.0) -> dict[str, float]:
+    """Cores each server's process tree uses with no load (the others' background work while one is measured)."""
+    t0, before = time.monotonic(), {k: treecpu.tree_cpu_s(p) for k, p in pids.items()}
+    time.sleep(wall_s)  # an interval of idleness, not a wait for an event
+    t1, after = time.monotonic(), {k: treecpu.tree_cpu_s(p) for k, p in pids.items()}
+    return {k: treecpu.cores_between(before[k], after[k], t1 - t0) for k in pids}
 
 
 def _own_versions() -> dict[str, str]:

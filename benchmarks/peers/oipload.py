@@ -5,8 +5,8 @@ grpc.aio channel per server, each sending the same serialised ``ModelInferReques
 reading the answer as bytes, so that every server is driven by the same client at the same cost. A measurement
 is one command to every worker: start ``clients`` loops, keep the completions whose answer arrived in
 [t0, t1) (CLOCK_MONOTONIC, shared by all processes of the machine, so the caller can read CPU counters at the
-same edges), stop. Answers are parsed once per server and size by ``infer_once`` to check the numbers, never
-in the loop.
+same edges), then let the requests in flight finish and stop (no cancellations). Answers are parsed once per
+server and request size by ``infer_once`` to check the numbers, never in the loop.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ async def _worker_main(conn: Any) -> None:
         empty = [0]
 
         async def client() -> None:
-            while True:
+            while time.monotonic() < t1:
                 start = time.monotonic()
                 try:
                     answer = await call(payload, timeout=timeout_s)
@@ -118,8 +118,10 @@ async def _worker_main(conn: Any) -> None:
                         empty[0] += 1
 
         tasks = [asyncio.ensure_future(client()) for _ in range(clients)]
-        await asyncio.sleep(max(t1 - time.monotonic(), 0.0))
-        for t in tasks:
+        # After t1 each client lets its request in flight finish (cancelling would exercise the servers'
+        # cancellation paths between measurements), then stops.
+        _, late = await asyncio.wait(tasks, timeout=max(t1 - time.monotonic(), 0.0) + timeout_s)
+        for t in late:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return np.frombuffer(lats, dtype=np.float64).copy() if len(lats) else np.zeros(0), errors, empty[0]
