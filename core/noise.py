@@ -45,7 +45,15 @@ class Noise:
         if not 0 <= int(seed) <= MAX_SEED:
             raise ValueError(f"seed must be in 0..2**63-1, got {seed}")
         self.seed = int(seed)
-        self._rng = np.random.Generator(np.random.PCG64(self.seed))
+        self._generator: np.random.Generator | None = None
+
+    @property
+    def _rng(self) -> np.random.Generator:
+        # Made at the first draw: most requests of a deterministic operation (Encode, an exact likelihood)
+        # never draw, and a PCG64 costs ~15 us to seed.
+        if self._generator is None:
+            self._generator = np.random.Generator(np.random.PCG64(self.seed))
+        return self._generator
 
     def normal(self, *shape: int) -> np.ndarray:
         """Standard normal draws of the given shape, float32."""
