@@ -182,14 +182,20 @@ def _measure(load: OipLoad, name: str, handle: tuple, payload: bytes, k: int, r:
              args: argparse.Namespace) -> dict:
     """One cell on one server: requests/s, latency and the CPU of the server's process tree."""
     target, pid, _ = handle
-    cpu: list[tuple[float, dict[int, float]]] = []
+    cpu: list[tuple[float, dict[int, float], dict[str, float]]] = []
     m = load.measure(target, payload, c, args.warmup_s, args.window_s, timeout_s=30.0,
-                     at_edges=lambda edge: cpu.append((time.monotonic(), treecpu.tree_cpu_s(pid))))
-    cores = treecpu.cores_between(cpu[0][1], cpu[1][1], cpu[1][0] - cpu[0][0])
+                     at_edges=lambda edge: cpu.append((time.monotonic(), treecpu.tree_cpu_s(pid),
+                                                       procstat.thread_cpu_s(pid))))
+    wall = cpu[1][0] - cpu[0][0]
+    cores = treecpu.cores_between(cpu[0][1], cpu[1][1], wall)
+    # the busiest thread of the server's first process (genserve's: 'main', its asyncio event loop)
+    threads = {k: (v - cpu[0][2][k]) / wall for k, v in cpu[1][2].items() if k in cpu[0][2]}
+    top = max(threads, key=threads.get, default="?/0")
     return {"round": k, "server": name, "rows": r, "clients": c, "rps": m.rps, "p50_ms": m.percentile_ms(50),
             "p99_ms": m.percentile_ms(99), "errors": {**m.errors, **({"EMPTY": m.empty_answers}
                                                                      if m.empty_answers else {})},
-            "requests": len(m.latencies_s), "server_cores": cores, "load1": procstat.loadavg()[0]}
+            "requests": len(m.latencies_s), "server_cores": cores, "top_thread": top.split("/")[0],
+            "top_thread_cores": threads.get(top, 0.0), "load1": procstat.loadavg()[0]}
 
 
 def _idle_cores(pids: dict[str, int], wall_s: float = 2.0) -> dict[str, float]:
