@@ -151,3 +151,27 @@ def test_cli_runs_genserve_alone_and_names_a_peer_that_cannot_run(repo_dir: Path
     assert result["status"] == {"kserve": "simulated: no virtualenv in this test"}
     (sample,) = result["samples"]
     assert sample["server"] == "genserve" and sample["requests"] > 0 and sample["errors"] == {}
+
+
+def test_a_peer_venv_is_reused_while_its_pins_hold_and_a_failed_install_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from benchmarks.peers import launch
+
+    monkeypatch.setattr(launch, "CACHE", tmp_path)
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        calls.append(cmd)
+        raise subprocess.CalledProcessError(1, cmd, output="", stderr="ERROR: No matching distribution\n")
+
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    (tmp_path / "kserve" / "bin").mkdir(parents=True)
+    (tmp_path / "kserve" / "bin" / "python").touch()
+    (tmp_path / "kserve" / ".genserve-pins").write_text("\n".join(launch.PINS["kserve"]) + "\n")
+    assert launch.venv("kserve") == tmp_path / "kserve" and calls == []  # pins hold: nothing installed
+    (tmp_path / "kserve" / ".genserve-pins").write_text("kserve==0.1\n")  # other pins: install again
+    with pytest.raises(PeerUnavailable, match="No matching distribution"):
+        launch.venv("kserve")
+    assert calls and calls[0][-len(launch.PINS["kserve"]):] == launch.PINS["kserve"]
