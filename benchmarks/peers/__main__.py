@@ -22,6 +22,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                 server = stack.enter_context(PeerServer(peer, graph, work / peer, args.max_batch_size, args.delay_ms,
                                                         rows, mlserver_workers=args.mlserver_workers))
                 handles[peer] = (server.target, server.pid, server.model_name)
+                triton = re.search(r"server_version\s*\|\s*([\d.]+)", (work / peer / "server.log").read_text())
+                if triton:
+                    versions[peer]["tritonserver"] = triton.group(1)
             except PeerUnavailable as e:
                 status[peer] = str(e)
                 log(f"{peer}: NOT RUN: {e}")
@@ -206,8 +210,8 @@ def _idle_cores(pids: dict[str, int], wall_s: float = 2.0) -> dict[str, float]:
     return {k: treecpu.cores_between(before[k], after[k], t1 - t0) for k in pids}
 
 
-def _own_versions() -> dict[str, str]:
-    out = {}
+def _own_versions() -> dict[str, object]:
+    out: dict[str, object] = {}
     for d in ("onnxruntime", "grpcio", "numpy"):
         try:
             out[d] = importlib.metadata.version(d)
@@ -215,6 +219,9 @@ def _own_versions() -> dict[str, str]:
             out[d] = "missing"
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     out["genserve_revision"] = rev.stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "server", "core"], capture_output=True,
+                           text=True)
+    out["uncommitted_server_files"] = dirty.stdout.split()  # the working tree the server ran from
     return out
 
 
