@@ -9,6 +9,7 @@ and prints the line the gRPC path does, with the same scores for the same --seed
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 
 
@@ -52,6 +53,8 @@ def run_score(args: argparse.Namespace) -> int:
     if own:
         ray.init(address=args.address, include_dashboard=False, logging_level="warning")
     ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
+    if args.quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset progress lines
     try:
         scored = ray_data.score_dataset(
             ray_data.read_dataset(source, key=args.key), repo, args.model, seed=seed, chunk_size=args.chunk_size,
