@@ -11,7 +11,7 @@ sensitive to other processes' load than requests/s), and the median over rounds 
 delay-0 server.
 
     python -m benchmarks.adaptive --repo /tmp/bench/model_repository --model digits-realnvp --operation encode \\
-        --rows 1,64 --clients 1,8,64 --rounds 8 --before 68758aa^ --out docs/benchmarks/adaptive.json
+        --rows 1,64 --clients 1,8,64 --rounds 8 --before bb6c407 --out docs/benchmarks/issue17-adaptive.json
 
 Run from the repository root. Targets: at 1 client, p50 of the default within 1.2x of delay 0; at 8 and 64
 clients, requests/s of the default over delay 0 as before (the batching gain).
