@@ -3,7 +3,8 @@
 A queue of futures, in the manner of Triton's dynamic batcher and Ray Serve's ``@serve.batch``. Each
 ``submit(feeds)`` enqueues its rows and awaits a future. Workers (one per model instance) take up to
 ``max_batch_size`` rows as soon as that many are queued, or once the oldest waiting submission has waited
-``max_queue_delay_ms`` (Triton's rule), or earlier when no company is coming (``_due_reason``):
+``max_queue_delay_ms`` (Triton's rule), or, given the engine's count of requests in flight (``expected``),
+earlier when no company is coming (``_due_reason``):
 
 * every request in flight on the model has a submission queued (``expected``) and none of them is fresh: only
   later steps of programs wait (sampling loops, dequantisation draws, importance-sample chunks, submitted with
@@ -11,7 +12,7 @@ A queue of futures, in the manner of Triton's dynamic batcher and Ray Serve's ``
 * every request in flight is queued and no more have been in flight at once lately (the most seen at a fresh
   arrival in the last ``MEMORY_S``): with one client, or once all of C closed-loop clients have arrived, no one
   else can join;
-* a lone submission waits, it is every request in flight, and the rate at which new requests have been arriving
+* a lone submission waits, no other request is in flight, and the rate at which new requests have been arriving
   while others were in flight (a decaying count over ``MEMORY_S``) makes one within the rest of the delay
   unlikely (expected count below ``COMPANY``): a trickle of lone requests is not held back for company that
   arrives every few delays. Once two or more wait, a batch is forming under load, where fewer, bigger calls
@@ -112,6 +113,7 @@ class Batcher:
         expected: how many submissions could be waiting at most right now (the engine: operations in flight on
             the model version, counting the one submitting); once that many wait, the batch goes without the
             delay when none is fresh or when no other request is likely to arrive (see the module docstring).
+            None: nothing goes before it is full or its oldest waited the delay.
         memory_s: how long arrivals are remembered for that judgement (``MEMORY_S``).
 
     Example:
@@ -206,7 +208,7 @@ class Batcher:
         self.start()
         loop = asyncio.get_running_loop()
         sub = _Submission(feeds, rows, loop.create_future(), loop.time(), fresh)
-        if fresh:
+        if fresh and self.expected is not None:
             self._arrived(sub.enqueued)
         sub.future.add_done_callback(lambda _f, s=sub: self._settled(s))
         self._queue.append(sub)
@@ -261,9 +263,8 @@ class Batcher:
         return out, n
 
     def _arrived(self, now: float) -> None:
-        """A fresh submission is about to be queued: remember how many requests are in flight with it (with
-        ``expected`` unknown: what waits here, a running call, and itself)."""
-        in_flight = self.expected() if self.expected is not None else self._waiting + (self._running > 0) + 1
+        """A fresh submission is about to be queued: remember how many requests are in flight with it."""
+        in_flight = self.expected()
         if now - self._window_start >= self.memory_s:
             self._peak_before = self._peak_now if now - self._window_start < 2 * self.memory_s else 0
             self._peak_now, self._window_start = 0, now
@@ -283,12 +284,11 @@ class Batcher:
             return "full", due
         if now >= due:
             return "delay", due
-        all_here = self.expected is None or self._waiting >= self.expected()
-        if self.expected is not None and all_here and not self._fresh:
-            return "steps", due
-        if not all_here:
+        if self.expected is None or self._waiting < self.expected():  # someone in flight may still join
             return None, due
-        if self.expected is not None and self._waiting >= max(self._peak_now, self._peak_before):
+        if not self._fresh:
+            return "steps", due
+        if self._waiting >= max(self._peak_now, self._peak_before):
             return "all_here", due
         if self._waiting > 1:  # a batch is forming: under load, bigger calls are worth the delay (Triton's rule)
             return None, due

@@ -424,18 +424,20 @@ def test_a_lone_request_goes_at_once_when_nothing_else_is_in_flight(ppca) -> Non
     assert b.reasons == {"all_here": 5} and [s.rows for s in stats] == [1] * 5
 
 
-def test_a_lone_request_goes_at_once_without_an_engine_count_when_none_arrived_in_company(ppca) -> None:
-    """With no ``expected`` (in-process use), a first submission has seen no arrival rate: it goes at once."""
+def test_without_an_engine_count_a_lone_request_waits_the_delay(ppca) -> None:
+    """With no ``expected`` (in-process use, or a test that needs a request to stay queued) the batcher cannot
+    know that no one else is in flight: Triton's rule, the delay."""
     manifest, session = ppca
     feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=13)
-    b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=20000.0)
+    stats: list[BatchStats] = []
+    b = ppca_batcher(ppca, max_queue_delay_ms=300.0, observe=stats.append)
 
     async def main():
         await b.submit(feeds)
         await b.stop()
 
     asyncio.run(main())
-    assert b.reasons == {"no_company": 1} and b.calls == 1
+    assert b.reasons == {"delay": 1} and stats[0].queue_waits[0] >= 0.29
 
 
 def test_concurrent_clients_still_merge_into_one_call_per_round(ppca) -> None:
@@ -479,38 +481,47 @@ def test_concurrent_clients_still_merge_into_one_call_per_round(ppca) -> None:
 
 
 def test_a_forming_batch_waits_for_the_delay_even_when_arrivals_are_rare(ppca) -> None:
-    """Two submissions queued together (no ``expected``, an arrival rate of about one in 1000 s): a batch is
-    forming, so it waits the delay as Triton's does, where a lone one would have gone at once."""
+    """Three requests in flight merge at once (all here); then two, both queued, fewer than the three seen
+    lately, with arrivals in company rare (5 over a 1000 s memory): a lone one would go at once, but a batch
+    is forming, so it waits the delay as Triton's does."""
     manifest, session = ppca
-    feeds = graph_feeds(manifest, manifest.graphs[0], 2, seed=16)
+    feeds = graph_feeds(manifest, manifest.graphs[0], 3, seed=16)
     stats: list[BatchStats] = []
-    b = ppca_batcher(ppca, max_queue_delay_ms=300.0, observe=stats.append, memory_s=1000.0)
+    in_flight = [3]
+    b = ppca_batcher(ppca, max_queue_delay_ms=300.0, observe=stats.append, memory_s=1000.0,
+                     expected=lambda: in_flight[0])
 
     async def main():
+        await asyncio.gather(*(b.submit(rows_of(feeds, i, i + 1)) for i in range(3)))
+        in_flight[0] = 2
         await asyncio.gather(b.submit(rows_of(feeds, 0, 1)), b.submit(rows_of(feeds, 1, 2)))
         await b.stop()
 
     asyncio.run(main())
-    assert b.reasons == {"delay": 1} and [s.rows for s in stats] == [2] and min(stats[0].queue_waits) >= 0.29
+    assert b.reasons == {"all_here": 1, "delay": 1} and [s.rows for s in stats] == [3, 2]
+    assert min(stats[1].queue_waits) >= 0.29
 
 
 def test_after_a_burst_in_company_a_lone_request_waits_for_more(ppca) -> None:
-    """Without ``expected``: 40 submissions that arrived together set an arrival rate (39 in company over a
-    390 s memory, 0.1 a second), so the next lone one waits for the company that rate promises: until fewer
-    than COMPANY (0.1) arrivals are expected in the rest of the 2 s delay, about 1 s."""
+    """40 requests in flight together set an arrival rate (40 in company over a 390 s memory, about 0.1 a
+    second) and a peak of 40; the next lone one (nothing else in flight) waits for the company that rate
+    promises: until fewer than COMPANY (0.1) arrivals are expected in the rest of the 2 s delay, about 1 s."""
     manifest, session = ppca
     feeds = graph_feeds(manifest, manifest.graphs[0], 41, seed=15)
     stats: list[BatchStats] = []
-    b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=2000.0, observe=stats.append, memory_s=390.0)
+    in_flight = [40]
+    b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=2000.0, observe=stats.append, memory_s=390.0,
+                     expected=lambda: in_flight[0])
 
     async def main():
         await asyncio.gather(*(b.submit(rows_of(feeds, i, i + 1)) for i in range(40)))
+        in_flight[0] = 1
         await b.submit(rows_of(feeds, 40, 41))
         await b.stop()
 
     asyncio.run(main())
     assert [s.rows for s in stats] == [40, 1] and stats[1].queue_waits[0] >= 0.5
-    assert b.reasons["no_company"] >= 1
+    assert b.reasons == {"all_here": 1, "no_company": 1}
 
 
 def test_padding_gives_every_call_one_shape_and_changes_no_answer(ppca) -> None:
