@@ -22,6 +22,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         samples.append(_measure(load, name, handles[name], payloads[name, r], k, r, c, args))
                         s = samples[-1]
                         log(f"round {k} rows {r} clients {c} {name}: {s['rps']:.0f} req/s, p50 {s['p50_ms']:.2f} "
-                            f"ms, p99 {s['p99_ms']:.2f} ms, {s['server_cores']:.2f} cores, errors {s['errors']}, "
+                            f"ms, p99 {s['p99_ms']:.2f} ms, server {s['server_cores']:.2f} cores, load generator "
+                            f"{s['loadgen_cores']:.2f}, machine {s['machine_busy_cores']:.2f}, errors {s['errors']}, "
                             f"load {s['load1']:.1f}")
             order = order[1:] + order[:1]  # rotate: no server always measured first
     table = summary.summarise(samples, servers, rows, clients)
@@ -186,12 +188,16 @@ def _measure(load: OipLoad, name: str, handle: tuple, payload: bytes, k: int, r:
              args: argparse.Namespace) -> dict:
     """One cell on one server: requests/s, latency and the CPU of the server's process tree."""
     target, pid, _ = handle
-    cpu: list[tuple[float, dict[int, float], dict[str, float]]] = []
+    cpu: list[tuple] = []
     m = load.measure(target, payload, c, args.warmup_s, args.window_s, timeout_s=30.0,
                      at_edges=lambda edge: cpu.append((time.monotonic(), treecpu.tree_cpu_s(pid),
-                                                       procstat.thread_cpu_s(pid))))
+                                                       procstat.thread_cpu_s(pid),
+                                                       sum(procstat.process_cpu_s(p) or 0.0 for p in load.pids()),
+                                                       procstat.machine_cpu_s())))
     wall = cpu[1][0] - cpu[0][0]
     cores = treecpu.cores_between(cpu[0][1], cpu[1][1], wall)
+    (busy0, total0), (busy1, total1) = cpu[0][4], cpu[1][4]
+    machine = (busy1 - busy0) / max(total1 - total0, 1e-9) * (os.cpu_count() or 1)
     # the busiest thread of the server's first process (genserve's: 'main', its asyncio event loop)
     threads = {k: (v - cpu[0][2][k]) / wall for k, v in cpu[1][2].items() if k in cpu[0][2]}
     top = max(threads, key=threads.get, default="?/0")
@@ -199,7 +205,8 @@ def _measure(load: OipLoad, name: str, handle: tuple, payload: bytes, k: int, r:
             "p99_ms": m.percentile_ms(99), "errors": {**m.errors, **({"EMPTY": m.empty_answers}
                                                                      if m.empty_answers else {})},
             "requests": len(m.latencies_s), "server_cores": cores, "top_thread": top.split("/")[0],
-            "top_thread_cores": threads.get(top, 0.0), "load1": procstat.loadavg()[0]}
+            "top_thread_cores": threads.get(top, 0.0), "loadgen_cores": (cpu[1][3] - cpu[0][3]) / wall,
+            "machine_busy_cores": machine, "load1": procstat.loadavg()[0]}
 
 
 def _idle_cores(pids: dict[str, int], wall_s: float = 2.0) -> dict[str, float]:

@@ -35,6 +35,8 @@ def cell_stats(samples: list[dict], server: str, rows: int, clients: int) -> dic
             "req_per_cpu_s": _median([s["rps"] / s["server_cores"] for s in mine if s.get("server_cores")]),
             "top_thread": statistics.mode([s.get("top_thread", "?") for s in mine]),
             "top_thread_cores": _median([s.get("top_thread_cores") for s in mine]),
+            "loadgen_cores": _median([s.get("loadgen_cores") for s in mine]),
+            "machine_busy_cores": _median([s.get("machine_busy_cores") for s in mine]),
             "errors": sum(sum(s["errors"].values()) for s in mine)}
 
 
@@ -84,20 +86,21 @@ def _num(v: float | None, fmt: str) -> str:
 def markdown(table: list[dict], servers: list[str], status: dict[str, str]) -> str:
     """The table of BENCHMARKS.md: a line per server and cell, then genserve / best peer with the verdict."""
     lines = ["| rows | clients | server | req/s | p50 ms | p99 ms | server cores | busiest thread, cores | "
-             "req per server CPU-s | errors | target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "req per server CPU-s | load generator cores | machine cores | errors | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in table:
         r, c = cell["rows"], cell["clients"]
         for name in servers:
             st = cell["servers"].get(name)
             if st is None:
-                lines.append(f"| {r} | {c} | {name} | not run: {status.get(name, 'not measured')} | | | | | | | |")
+                lines.append(f"| {r} | {c} | {name} | not run: {status.get(name, 'not measured')} | | | | | | | | | |")
                 continue
             lines.append(f"| {r} | {c} | {name} | {st['rps']:.0f} | {st['p50_ms']:.2f} | {st['p99_ms']:.2f} | "
                          f"{_num(st['server_cores'], '.2f')} | {st['top_thread']} "
                          f"{_num(st['top_thread_cores'], '.2f')} | {_num(st['req_per_cpu_s'], '.0f')} | "
+                         f"{_num(st.get('loadgen_cores'), '.2f')} | {_num(st.get('machine_busy_cores'), '.2f')} | "
                          f"{st['errors']} | |")
         lines.append(f"| {r} | {c} | **genserve / best peer ({cell['best_peer'] or 'none'})** | "
-                     f"**{_num(cell['ratio'], '.2f')}x** | | p99 {_num(cell['p99_ratio'], '.2f')}x | | | | | "
+                     f"**{_num(cell['ratio'], '.2f')}x** | | p99 {_num(cell['p99_ratio'], '.2f')}x | | | | | | | "
                      f"{cell['verdict']} |")
     return "\n".join(lines)
