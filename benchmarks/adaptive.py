@@ -1,9 +1,10 @@
 """`python -m benchmarks.adaptive`: does the batcher still wait for company that is not coming? (issue 17, point 1)
 
-Starts, side by side on private copies of one model, genserve with its default batching (``max_queue_delay_ms``
-2), genserve that never waits (``max_queue_delay_ms`` 0: the no-batching reference on the same graph and stack)
-and, with ``--before REF``, genserve with the batcher of git revision REF (same settings as the default; the
-server process loads that ``server/batcher.py`` in place of the working tree's). Then measures each
+Starts, side by side on private copies of one model: genserve with its default batching (``max_queue_delay_ms``
+2) and the batcher's early sends on (``Batcher(early=True)``, forced in the server process until the server's
+settings pass it); genserve that never waits (``max_queue_delay_ms`` 0: the no-batching reference on the same
+graph and stack); and, with ``--before REF``, genserve with the batcher of git revision REF (same settings as
+the default; the server process loads that ``server/batcher.py`` in place of the working tree's). Then measures each
 (rows, clients) level on every server in turn, rotating the order each round, for ``--rounds`` rounds, so that
 a machine shared with others loads all servers alike; per level it reports the median over rounds of
 requests/s, p50, p99, rows per ONNX Runtime call and requests per CPU-second of the server process (less
@@ -34,28 +35,32 @@ from benchmarks import procstat
 from benchmarks.loadgen import METHODS, LoadGenerator, LoadSpec, SweepSettings
 from benchmarks.serverproc import ServerProcess, repo_variant
 
-# Loads the batcher module of another revision under the working tree's name, then runs the server CLI.
+# Runs the server CLI after a prelude: REVISION loads the batcher module of another revision under the working
+# tree's name; EARLY turns the batcher's early sends on where the server's settings do not pass ``early``.
 BOOT = """import importlib.util, runpy, sys
 import genserve.server.errors, genserve.server.metrics
-spec = importlib.util.spec_from_file_location("genserve.server.batcher", {path!r})
-module = importlib.util.module_from_spec(spec)
-sys.modules["genserve.server.batcher"] = module
-spec.loader.exec_module(module)
+{prelude}
 runpy.run_module("genserve.server.cli", run_name="__main__", alter_sys=True)
 """
+REVISION = """spec = importlib.util.spec_from_file_location("genserve.server.batcher", {path!r})
+module = importlib.util.module_from_spec(spec)
+sys.modules["genserve.server.batcher"] = module
+spec.loader.exec_module(module)"""
+EARLY = """import genserve.server.batcher as batcher
+batcher.Batcher.__init__.__kwdefaults__["early"] = True"""
 
 
-class RevisionServer(ServerProcess):
-    """A genserve server whose batcher is ``server/batcher.py`` as of a git revision."""
+class PreludeServer(ServerProcess):
+    """A genserve server whose process runs ``prelude`` (Python) before the server CLI."""
 
-    def __init__(self, repo: Path, batcher: Path, flags: dict[str, Any] | None = None) -> None:
+    def __init__(self, repo: Path, prelude: str, flags: dict[str, Any] | None = None) -> None:
         super().__init__(repo, flags)
-        self.batcher = batcher
+        self.prelude = prelude
 
     def command(self) -> list[str]:
         cmd = super().command()
         assert cmd[1:3] == ["-m", "genserve.server.cli"]
-        return [cmd[0], "-c", BOOT.format(path=str(self.batcher)), *cmd[3:]]
+        return [cmd[0], "-c", BOOT.format(prelude=self.prelude), *cmd[3:]]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 old = Path(tmp) / "batcher_before.py"
                 old.write_text(subprocess.run(["git", "show", f"{args.before}:server/batcher.py"], check=True,
                                               capture_output=True, text=True).stdout)
-                servers[name] = stack.enter_context(RevisionServer(variant, old))
+                servers[name] = stack.enter_context(PreludeServer(variant, REVISION.format(path=str(old))))
             else:
-                servers[name] = stack.enter_context(ServerProcess(variant))
+                servers[name] = stack.enter_context(PreludeServer(variant, EARLY))
         gens = {(name, r): stack.enter_context(LoadGenerator(
                     LoadSpec(target=s.target, model=args.model, operation=args.operation, rows=r),
                     args.processes, s.pid))

@@ -4,7 +4,7 @@ A queue of futures, in the manner of Triton's dynamic batcher and Ray Serve's ``
 ``submit(feeds)`` enqueues its rows and awaits a future. Workers (one per model instance) take up to
 ``max_batch_size`` rows as soon as that many are queued, or once the oldest waiting submission has waited
 ``max_queue_delay_ms`` (Triton's rule), or, given the engine's count of requests in flight (``expected``),
-earlier when no company is coming (``_due_reason``):
+earlier when no company is coming (``_due_reason``; the last two rules only with ``early``):
 
 * every request in flight on the model has a submission queued (``expected``) and none of them is fresh: only
   later steps of programs wait (sampling loops, dequantisation draws, importance-sample chunks, submitted with
@@ -114,6 +114,9 @@ class Batcher:
             the model version, counting the one submitting); once that many wait, the batch goes without the
             delay when none is fresh or when no other request is likely to arrive (see the module docstring).
             None: nothing goes before it is full or its oldest waited the delay.
+        early: send a fresh batch before the delay when no company is coming (the "all_here" and "no_company"
+            rules of the module docstring); off, a lone request waits the delay (tests that hold requests in
+            a batching window rely on that).
         memory_s: how long arrivals are remembered for that judgement (``MEMORY_S``).
 
     Example:
@@ -133,7 +136,7 @@ class Batcher:
                  input_shapes: dict[str, Sequence[int | None]] | None = None, model: str = "",
                  observe: Callable[[BatchStats], None] | None = None,
                  on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None,
-                 pad_to: int = 0, memory_s: float = MEMORY_S) -> None:
+                 pad_to: int = 0, early: bool = False, memory_s: float = MEMORY_S) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0 or memory_s <= 0:
             raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0, "
                              f"memory_s > 0, got {max_batch_size}, {max_queue_size}, {instances}, "
@@ -146,6 +149,7 @@ class Batcher:
         self.instances = instances
         self.executor = executor
         self.pad_to = pad_to
+        self.early = early
         self.memory_s = memory_s
         self.input_shapes = None if input_shapes is None else {k: tuple(v) for k, v in input_shapes.items()}
         self.observe = observe
@@ -208,7 +212,7 @@ class Batcher:
         self.start()
         loop = asyncio.get_running_loop()
         sub = _Submission(feeds, rows, loop.create_future(), loop.time(), fresh)
-        if fresh and self.expected is not None:
+        if fresh and self.early and self.expected is not None:
             self._arrived(sub.enqueued)
         sub.future.add_done_callback(lambda _f, s=sub: self._settled(s))
         self._queue.append(sub)
@@ -288,6 +292,8 @@ class Batcher:
             return None, due
         if not self._fresh:
             return "steps", due
+        if not self.early:
+            return None, due
         if self._waiting >= max(self._peak_now, self._peak_before):
             return "all_here", due
         if self._waiting > 1:  # a batch is forming: under load, bigger calls are worth the delay (Triton's rule)

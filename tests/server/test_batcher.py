@@ -411,7 +411,7 @@ def test_a_lone_request_goes_at_once_when_nothing_else_is_in_flight(ppca) -> Non
     stats: list[BatchStats] = []
     in_flight = [0]
     b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=20000.0,
-                expected=lambda: in_flight[0], observe=stats.append)
+                expected=lambda: in_flight[0], observe=stats.append, early=True)
 
     async def main():
         for _ in range(5):  # the engine's enter / leave around each request of one closed-loop client
@@ -430,7 +430,22 @@ def test_without_an_engine_count_a_lone_request_waits_the_delay(ppca) -> None:
     manifest, session = ppca
     feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=13)
     stats: list[BatchStats] = []
-    b = ppca_batcher(ppca, max_queue_delay_ms=300.0, observe=stats.append)
+    b = ppca_batcher(ppca, max_queue_delay_ms=300.0, observe=stats.append, early=True)
+
+    async def main():
+        await b.submit(feeds)
+        await b.stop()
+
+    asyncio.run(main())
+    assert b.reasons == {"delay": 1} and stats[0].queue_waits[0] >= 0.29
+
+
+def test_with_early_sends_off_a_lone_request_waits_the_delay(ppca) -> None:
+    """``early=False`` (the default until the server's settings turn it on): Triton's rule, even alone."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=17)
+    stats: list[BatchStats] = []
+    b = ppca_batcher(ppca, max_queue_delay_ms=300.0, observe=stats.append, expected=lambda: 1)
 
     async def main():
         await b.submit(feeds)
@@ -452,7 +467,7 @@ def test_concurrent_clients_still_merge_into_one_call_per_round(ppca) -> None:
     stats: list[BatchStats] = []
     in_flight = [0]
     b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=20000.0,
-                expected=lambda: in_flight[0], observe=stats.append, memory_s=10.0)
+                expected=lambda: in_flight[0], observe=stats.append, memory_s=10.0, early=True)
 
     async def one(k: int) -> bool:
         in_flight[0] += 1
@@ -489,7 +504,7 @@ def test_a_forming_batch_waits_for_the_delay_even_when_arrivals_are_rare(ppca) -
     stats: list[BatchStats] = []
     in_flight = [3]
     b = ppca_batcher(ppca, max_queue_delay_ms=300.0, observe=stats.append, memory_s=1000.0,
-                     expected=lambda: in_flight[0])
+                     expected=lambda: in_flight[0], early=True)
 
     async def main():
         await asyncio.gather(*(b.submit(rows_of(feeds, i, i + 1)) for i in range(3)))
@@ -511,7 +526,7 @@ def test_after_a_burst_in_company_a_lone_request_waits_for_more(ppca) -> None:
     stats: list[BatchStats] = []
     in_flight = [40]
     b = ppca_batcher(ppca, max_batch_size=64, max_queue_delay_ms=2000.0, observe=stats.append, memory_s=390.0,
-                     expected=lambda: in_flight[0])
+                     expected=lambda: in_flight[0], early=True)
 
     async def main():
         await asyncio.gather(*(b.submit(rows_of(feeds, i, i + 1)) for i in range(40)))
