@@ -280,6 +280,8 @@ class ServingSettings:
     warmup: bool = True
     """Run a small batch through every graph before the version serves (the first request then costs what
     the next ones do)."""
+    adaptive_batching: bool = True
+    """Send a lone request at once when no company is in flight or expected within the delay."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue_size", "instances"):

@@ -204,6 +204,7 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
                          fingerprint=fingerprint(repo, name, version), warmup_calls=warmup_calls)
     for b in batchers.values():  # no request in flight can join a batch beyond the version's active ones
         b.expected = lambda: loaded.active
+        b.early = settings.adaptive_batching
     return loaded
 
 

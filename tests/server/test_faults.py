@@ -173,7 +173,7 @@ def test_an_onnx_runtime_failure_fails_its_batch_with_internal_and_the_server_go
         return real(session, feeds, *cached)
 
     monkeypatch.setattr(repository, "run_session", flaky)
-    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 200}')
+    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 200, "adaptive_batching": false}')
     caplog.set_level(logging.ERROR)
     with BackgroundServer(config(repo)) as srv:
         def z(poisoned: bool) -> pb.Tensor:

@@ -110,7 +110,8 @@ def test_rows_held_server_wide(repo: Path) -> None:
     """Two 500-row requests wait in a long batching window and hold the whole budget of 1000 rows: any further
     request is RESOURCE_EXHAUSTED naming max_queued_rows; once they are answered the budget is free again,
     also after a client gave up on its request."""
-    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 600, "max_batch_size": 4096}')
+    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 600, "max_batch_size": 4096, '
+                                                 '"adaptive_batching": false}')
     cfg = config(repo, max_queued_rows=1000, max_rows_per_request=500, max_sample_n=500)
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
     with BackgroundServer(cfg) as srv:
@@ -196,7 +197,7 @@ async def _batchers(srv: BackgroundServer) -> list:
 def test_deadline_ceiling(repo: Path) -> None:
     """max_deadline_s = 0.3 and a batching window of 2 s: a request without a deadline, or with a longer one,
     ends after the ceiling with DEADLINE_EXCEEDED naming it, and its rows never run."""
-    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 2000}')
+    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 2000, "adaptive_batching": false}')
     with BackgroundServer(config(repo, max_deadline_s=0.3)) as srv, \
             grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         stub = service_pb2_grpc.GenerativeServiceStub(channel)
@@ -227,7 +228,8 @@ def test_deadline_ceiling(repo: Path) -> None:
 def test_concurrent_rpcs(repo: Path) -> None:
     """max_concurrent_rpcs = 2: while two requests wait in a long batching window, a third is refused at once
     with RESOURCE_EXHAUSTED; once they are answered, requests are served again."""
-    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 600, "max_batch_size": 4096}')
+    (repo / MODEL / "config.json").write_text('{"max_queue_delay_ms": 600, "max_batch_size": 4096, '
+                                                 '"adaptive_batching": false}')
     with BackgroundServer(config(repo, max_concurrent_rpcs=2)) as srv:
         async def scenario() -> tuple:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:

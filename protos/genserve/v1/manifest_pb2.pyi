@@ -142,7 +142,7 @@ class Provenance(_message.Message):
     def __init__(self, training_config_json: _Optional[str] = ..., code_revision: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., file_sha256: _Optional[_Mapping[str, str]] = ..., tool_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "provider", "intra_op_threads", "fp16", "version_policy", "warmup")
+    __slots__ = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "instances", "provider", "intra_op_threads", "fp16", "version_policy", "warmup", "adaptive_batching")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class ServingConfig(_message.Message):
     FP16_FIELD_NUMBER: _ClassVar[int]
     VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     WARMUP_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_BATCHING_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int
@@ -161,7 +162,8 @@ class ServingConfig(_message.Message):
     fp16: bool
     version_policy: VersionPolicy
     warmup: bool
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., provider: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., fp16: _Optional[bool] = ..., version_policy: _Optional[_Union[VersionPolicy, _Mapping]] = ..., warmup: _Optional[bool] = ...) -> None: ...
+    adaptive_batching: bool
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., instances: _Optional[int] = ..., provider: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., fp16: _Optional[bool] = ..., version_policy: _Optional[_Union[VersionPolicy, _Mapping]] = ..., warmup: _Optional[bool] = ..., adaptive_batching: _Optional[bool] = ...) -> None: ...
 
 class VersionPolicy(_message.Message):
     __slots__ = ("latest", "specific", "all")
