@@ -110,6 +110,8 @@ class Batcher:
         on_depth: receives the number of queued rows whenever it changes.
         pad_to: when > 0, every call is padded to this many rows (copies of its first row, outputs cut back), so
             each call has the same shape; for providers whose kernels depend on the batch shape (CUDA).
+        pad_sizes: row counts a call is padded up to (the smallest one that holds it; ``pad_buckets``): a few
+            shapes per graph instead of one, so a small call does not pay for max_batch_size rows.
         expected: how many submissions could be waiting at most right now (the engine: operations in flight on
             the model version, counting the one submitting); once that many wait, the batch goes without the
             delay when none is fresh or when no other request is likely to arrive (see the module docstring).
@@ -136,7 +138,8 @@ class Batcher:
                  input_shapes: dict[str, Sequence[int | None]] | None = None, model: str = "",
                  observe: Callable[[BatchStats], None] | None = None,
                  on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None,
-                 pad_to: int = 0, early: bool = False, memory_s: float = MEMORY_S) -> None:
+                 pad_to: int = 0, early: bool = False, memory_s: float = MEMORY_S,
+                 pad_sizes: tuple[int, ...] = ()) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0 or memory_s <= 0:
             raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0, "
                              f"memory_s > 0, got {max_batch_size}, {max_queue_size}, {instances}, "
@@ -149,6 +152,7 @@ class Batcher:
         self.instances = instances
         self.executor = executor
         self.pad_to = pad_to
+        self.pad_sizes = tuple(sorted(pad_sizes)) or ((pad_to,) if pad_to > 0 else ())
         self.early = early
         self.memory_s = memory_s
         self.input_shapes = None if input_shapes is None else {k: tuple(v) for k, v in input_shapes.items()}
@@ -453,8 +457,9 @@ class Batcher:
     def _call(self, instance: int, feeds: Feeds) -> tuple[Feeds, float]:
         t = time.perf_counter()
         rows = next(iter(feeds.values())).shape[0]
-        if rows < self.pad_to:
-            feeds = {k: np.concatenate([v, np.repeat(v[:1], self.pad_to - rows, axis=0)]) for k, v in feeds.items()}
+        size = next((n for n in self.pad_sizes if n >= rows), rows)
+        if rows < size:
+            feeds = {k: np.concatenate([v, np.repeat(v[:1], size - rows, axis=0)]) for k, v in feeds.items()}
             out = {k: v[:rows] for k, v in self.run(instance, feeds).items()}
         else:
             out = self.run(instance, feeds)
@@ -475,3 +480,19 @@ class Batcher:
         sub.parts.sort(key=lambda p: p[0])
         names = sub.parts[0][1].keys()
         sub.future.set_result({k: np.concatenate([p[1][k] for p in sub.parts]) for k in names})
+
+
+def pad_buckets(max_batch_size: int, smallest: int = 16, step: int = 4) -> tuple[int, ...]:
+    """A few padded call sizes up to ``max_batch_size``: ``smallest``, then times ``step`` (16, 64, 256, 512 for
+    512). A call is padded to the smallest that holds it, so at most ``step`` times its rows run (a 1-row call
+    runs 16, not 512) while a graph sees at most a handful of shapes.
+
+    Example:
+        >>> pad_buckets(512), pad_buckets(100), pad_buckets(8)
+        ((16, 64, 256, 512), (16, 64, 100), (8,))
+    """
+    sizes, n = [], smallest
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= step
+    return (*sizes, max_batch_size)

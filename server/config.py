@@ -119,9 +119,11 @@ class ServerConfig:
     """glibc malloc arenas of the server process (0: glibc's default, 8 per core). Threads that allocate under
     load each grow an arena that glibc keeps after the peak; 2 keeps resident memory flat (MALLOC_ARENA_MAX)."""
     pad_batches: str = "auto"
-    """Pad every ONNX Runtime call to max_batch_size rows: ``on``, ``off``, or ``auto`` (on for CUDA sessions,
-    whose kernels may pick a different algorithm per batch shape; CPU kernels give each row the same bits at
-    any batch size, so padding there only costs time)."""
+    """Pad ONNX Runtime calls: ``buckets`` (to the smallest of a few sizes that holds the call: 16, 64, 256, ...
+    up to max_batch_size), ``on`` (every call to max_batch_size: one shape, so a row's answer never depends on
+    its batch, at the cost of running max_batch_size rows for a 1-row call), ``off``, or ``auto`` (buckets for
+    CUDA sessions, whose kernels may pick another algorithm per shape; off on the CPU, whose kernels give each
+    row the same bits at any batch size)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repo", Path(self.repo))
@@ -143,8 +145,8 @@ class ServerConfig:
         if self.load_models and self.model_control != "explicit":
             raise ValueError(f"load_models ({self.load_models!r}) chooses the models of model_control = "
                              f"\"explicit\" (it is {self.model_control!r}); the other modes load every model")
-        if self.pad_batches not in ("auto", "on", "off"):
-            raise ValueError(f"pad_batches must be auto, on or off, got {self.pad_batches!r}")
+        if self.pad_batches not in ("auto", "buckets", "on", "off"):
+            raise ValueError(f"pad_batches must be auto, buckets, on or off, got {self.pad_batches!r}")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError(f"thread counts must be >= 0 (0: ORT default), got intra_op_threads="
                              f"{self.intra_op_threads}, inter_op_threads={self.inter_op_threads}")

@@ -30,7 +30,7 @@ from genserve.core.manifest import (
     spec_from_proto,
 )
 from genserve.core.spec import DataSpec
-from genserve.server.batcher import Batcher, Feeds
+from genserve.server.batcher import Batcher, Feeds, pad_buckets
 from genserve.server.config import ServingSettings
 from genserve.server.metrics import BatchStats
 from genserve.server.programs import program_from_manifest
@@ -196,8 +196,9 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
             max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
             instances=settings.instances, executor=executor, input_shapes=shapes, model=name, observe=observe,
             on_depth=None if on_depth is None else (lambda rows, g=g.name: on_depth(name, g, rows)),
-            pad_to=settings.max_batch_size if pad_batches == "on" or (pad_batches == "auto"
-                                                                      and uses_cuda(sessions[0])) else 0)
+            pad_to=settings.max_batch_size if pad_batches == "on" else 0,
+            pad_sizes=pad_buckets(settings.max_batch_size) if pad_batches == "buckets" or (
+                pad_batches == "auto" and uses_cuda(sessions[0])) else ())
     warmup_calls = warm_up(program, manifest, spec, operations, runners, settings, where) if settings.warmup else {}
     loaded = LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
                          providers=providers, program=program, batchers=batchers, operations=operations,

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from genserve.core.manifest import read_manifest, spec_from_proto
-from genserve.server.batcher import Batcher, BatchFailed
+from genserve.server.batcher import Batcher, BatchFailed, pad_buckets
 from genserve.server.errors import QueueFull
 from genserve.server.metrics import BatchStats
 from genserve.server.sessions import SessionOptions, make_session, run_session
@@ -558,5 +558,30 @@ def test_padding_gives_every_call_one_shape_and_changes_no_answer(ppca) -> None:
 
     one, twenty = asyncio.run(main())
     assert set(shapes) == {16} and len(shapes) == 2
+    assert same_bits(one, run_session(session, rows_of(feeds, 0, 1)))
+    assert same_bits(twenty, run_session(session, rows_of(feeds, 1, 21)))
+
+
+def test_bucket_padding_pads_each_call_to_the_smallest_size_that_holds_it(ppca) -> None:
+    """pad_sizes (CUDA's default, ``pad_batches = "auto"``): a 1-row call runs 16 rows, 21 rows run 64, never the
+    whole max_batch_size; the answers are the unpadded ones."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 21, seed=11)
+    shapes: list[int] = []
+
+    def run(instance, f):
+        shapes.append(f["x"].shape[0])
+        return run_session(session, f)
+
+    b = Batcher("log_prob", run, max_batch_size=512, max_queue_delay_ms=0.0, pad_sizes=pad_buckets(512))
+
+    async def main():
+        one = await b.submit(rows_of(feeds, 0, 1))
+        twenty = await b.submit(rows_of(feeds, 1, 21))
+        await b.stop()
+        return one, twenty
+
+    one, twenty = asyncio.run(main())
+    assert shapes == [16, 64]
     assert same_bits(one, run_session(session, rows_of(feeds, 0, 1)))
     assert same_bits(twenty, run_session(session, rows_of(feeds, 1, 21)))

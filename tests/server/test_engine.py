@@ -486,7 +486,9 @@ def test_padded_batches_and_the_metrics_endpoint(engine_config) -> None:
     plain = running(engine_config, body)
     metrics = Metrics()
     padded = running(replace(engine_config, pad_batches="on"), body, metrics)
+    buckets = running(replace(engine_config, pad_batches="buckets"), body)
     assert equal(plain[0], padded[0]) and equal(plain[1], padded[1])
+    assert equal(plain[0], buckets[0]) and equal(plain[1], buckets[1])
     server, port = metrics.serve_http("127.0.0.1", 0)
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
