@@ -122,23 +122,26 @@ def build_request(spec: LoadSpec) -> bytes:
 
 
 # ---- worker process ------------------------------------------------------------------------------------------
-def _worker(conn: Any, target: str, method: str, payload: bytes, timeout_s: float) -> None:
+def _worker(conn: Any, target: str, method: str, payload: bytes, timeout_s: float, connections: int = 1) -> None:
     """Entry point of a load-generator process: serves commands from ``conn`` until ``exit``."""
-    asyncio.run(_worker_main(conn, target, method, payload, timeout_s))
+    asyncio.run(_worker_main(conn, target, method, payload, timeout_s, connections))
 
 
-async def _worker_main(conn: Any, target: str, method: str, payload: bytes, timeout_s: float) -> None:
+async def _worker_main(conn: Any, target: str, method: str, payload: bytes, timeout_s: float,
+                       connections: int = 1) -> None:
     import grpc
 
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    channel = grpc.aio.insecure_channel(target, options=options)
+    if connections > 1:  # each channel its own TCP connection (gRPC shares one between channels otherwise)
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
     # No (de)serialisers: the request goes out as the prepared bytes and the answer stays bytes.
-    call = channel.unary_unary(SERVICE + method)
+    calls = [channel.unary_unary(SERVICE + method) for channel in channels]
     ends, lats = array("d"), array("d")
     errors: list[tuple[float, str]] = []
     tasks: list[asyncio.Task] = []
 
-    async def client() -> None:
+    async def client(call: Any) -> None:
         while True:
             t0 = time.monotonic()
             try:
@@ -158,7 +161,7 @@ async def _worker_main(conn: Any, target: str, method: str, payload: bytes, time
         while True:
             command, *args = await loop.run_in_executor(None, conn.recv)
             if command == "start":
-                tasks = [asyncio.ensure_future(client()) for _ in range(args[0])]
+                tasks = [asyncio.ensure_future(client(calls[i % connections])) for i in range(args[0])]
                 conn.send(("started", len(tasks)))
             elif command == "collect":  # completions in [t0, t1); older records are dropped
                 t0, t1 = args
@@ -187,7 +190,8 @@ async def _worker_main(conn: Any, target: str, method: str, payload: bytes, time
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await channel.close()
+        for channel in channels:
+            await channel.close()
 
 
 # ---- measurement ---------------------------------------------------------------------------------------------
@@ -316,9 +320,12 @@ class LoadGenerator:
         spec: what each virtual client sends.
         processes: load-generator processes; a level's clients are dealt round-robin over them.
         server_pid: the server's pid on this machine, for its CPU figures (None: not reported).
+        connections: TCP connections per process, its clients dealt round-robin over them (several: a server of
+            ``--processes N`` gets connections to spread over its processes).
     """
 
-    def __init__(self, spec: LoadSpec, processes: int = 2, server_pid: int | None = None) -> None:
+    def __init__(self, spec: LoadSpec, processes: int = 2, server_pid: int | None = None,
+                 connections: int = 1) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         self.spec = spec
@@ -330,7 +337,7 @@ class LoadGenerator:
         for _ in range(processes):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(child, spec.target, METHODS[spec.operation], self.payload,
-                                                  spec.timeout_s), daemon=True)
+                                                  spec.timeout_s, connections), daemon=True)
             p.start()
             self.workers.append((p, parent))
 
