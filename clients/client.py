@@ -66,9 +66,14 @@ Samples = np.ndarray | tuple[np.ndarray, np.ndarray | None]
 
 
 def _progress(total: int | None, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    import sys
 
-    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=not enabled, leave=False)
+    from tqdm.auto import tqdm
+    from tqdm.std import tqdm as terminal
+
+    # A terminal bar only on a terminal (a log file would fill with redraws); a notebook's widget always.
+    hidden = not enabled or (tqdm is terminal and not sys.stderr.isatty())
+    return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=hidden, leave=False)
 
 
 class _Base:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EPILOG = """examples:
   genserve train vae --dataset digits --out runs/vae.pt
@@ -41,7 +42,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="override a setting, e.g. --set epochs=50 --set arch.hidden=128 (repeatable)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run stored at --out")
+    p.add_argument("--force", action="store_true", help="overwrite the checkpoint at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+CHOSEN_ELSEWHERE = {"model": "the first argument (genserve train MODEL) or --factory",
+                    "profile": "chosen with --profile quick|full", "dataset": "chosen with --dataset"}
+"""Keys that --set may not change: a config built from one and overridden by another would be a mix."""
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -50,7 +57,10 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set lr=3e-4")
-        out[key.strip()] = value.strip()
+        key = key.strip()
+        if key in CHOSEN_ELSEWHERE:
+            raise ValueError(f"--set {item!r}: the {key} is {CHOSEN_ELSEWHERE[key]}, not a setting to override")
+        out[key] = value.strip()
     return out
 
 
@@ -68,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     if main_rank:
         for message in refused():
             print(f"genserve: warning: {message}", file=sys.stderr)
+    out = Path(args.out)
+    if out.exists() and not (args.resume or args.force):
+        raise ValueError(f"{out} exists; pass --force to overwrite it, --resume to continue its run, or another "
+                         "--out")
     overrides = parse_overrides(args.set)
     if args.seed is not None:
         overrides["seed"] = str(args.seed)

@@ -164,7 +164,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
                             generator=g, drop_last=len(dataset) > cfg.batch_size * max(ddp.world, 1))
         model.train()
         bar = tqdm(loader, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (progress and ddp.main), file=sys.stderr, dynamic_ncols=True)
+                   # None: no bar when stderr is not a terminal (a log file would fill with redraws)
+                   disable=None if progress and ddp.main else True, file=sys.stderr, dynamic_ncols=True)
         running: dict[str, float] = {}
         t0 = time.perf_counter()
         for i, (xb,) in enumerate(bar):

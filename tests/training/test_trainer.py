@@ -72,12 +72,24 @@ def test_cli_trains_end_to_end_and_reports_json(tmp_path):
         (["train", "vae", "--dataset", "cifar", "--out", "x.pt"], "unknown dataset 'cifar'"),
         (["train", "vae", "--set", "lr", "--out", "x.pt"], "write KEY=VALUE"),
         (["train", "vae", "--set", "arch.wings=2", "--out", "x.pt"], "no architecture setting"),
+        (["train", "vae", "--set", "model=gan", "--out", "x.pt"], "the model is the first argument"),
+        (["train", "vae", "--set", "profile=full", "--out", "x.pt"], "chosen with --profile"),
     ],
 )
 def test_cli_bad_input_is_one_line(args, msg, tmp_path):
     r = run_cli(*args)
     assert r.returncode == 2
     assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refuses_to_overwrite_a_checkpoint_without_force(tmp_path):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"an earlier run")
+    r = run_cli("train", MODEL, "--out", str(out), "--set", "epochs=1")
+    assert r.returncode == 2 and "exists; pass --force" in r.stderr and out.read_bytes() == b"an earlier run"
+    r = run_cli("train", MODEL, "--out", str(out), "--set", "epochs=1", "--force", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert read_checkpoint(out)["metrics"]
 
 
 def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
