@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="genserve",
         description="Train, export and serve deep generative models: sample, score, encode and decode over gRPC.",
     )
+    parser.add_argument("--version", action="version", version=f"genserve {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in STATIONS:
         try:
@@ -46,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         mod.add_parser(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genserve")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,3 +38,16 @@ def test_quickstart_runs_end_to_end_and_reuses_its_work(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     assert "ppca: reusing" in second.stderr and "training ppca" not in second.stderr
     assert json.loads((work / "summary.json").read_text())[0]["nll_nats"] == row["nll_nats"]
+
+
+def test_genserve_version_names_the_installed_package(capsys) -> None:
+    import importlib.metadata
+
+    import pytest
+
+    from genserve.app.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"genserve {importlib.metadata.version('genserve')}"
