@@ -256,6 +256,10 @@ def run_unload(args: argparse.Namespace) -> int:
     return 0
 
 
+NO_METRICS = ("none recorded (export with --metrics EVAL.json from `genserve evaluate CHECKPOINT --json`, or "
+              "evaluate before exporting)")
+
+
 def run_info(args: argparse.Namespace) -> int:
     import json
 
@@ -274,7 +278,7 @@ def run_info(args: argparse.Namespace) -> int:
         f"  operations: {', '.join(info.operations)}",
         f"  likelihood: {info.likelihood}",
         f"  parameters: {', '.join(f'{k}={v:g}' for k, v in sorted(info.parameters.items())) or '-'}",
-        f"  test metrics: {', '.join(f'{k}={v:.4g}' for k, v in sorted(info.test_metrics.items())) or '-'}",
+        f"  test metrics: {', '.join(f'{k}={v:.4g}' for k, v in sorted(info.test_metrics.items())) or NO_METRICS}",
         f"  serving: {', '.join(f'{k}={v}' for k, v in sorted(info.serving.items())) or '-'}",
         f"  providers: {', '.join(info.providers) or '-'}",
     ]

@@ -1,9 +1,10 @@
 """`genserve repo check DIR`: validate a model repository, one line per model saying OK or what is wrong.
 
 Per version it checks what the server relies on: the manifest parses (the folders, not the manifest, name the
-model and version), the data spec and operations are valid, a serving program exists for the model, every graph file (and fp16
-variant) exists with the manifest's sha256, loads and passes onnx.checker, and declares exactly the inputs
-and outputs (names, dtypes, shapes) the manifest lists; every file listed in the provenance has its sha256.
+model and version), the data spec and operations are valid, a serving program exists for the model, every
+graph file (and fp16 variant) exists with the manifest's sha256, loads and passes onnx.checker, and declares
+exactly the inputs and outputs (names, dtypes, shapes) the manifest lists; every file listed in the provenance
+has its sha256.
 Needs onnx (and onnxruntime, when installed, to open each graph as the server would); never torch.
 """
 

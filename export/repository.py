@@ -85,11 +85,13 @@ def tool_versions() -> dict[str, str]:
 
 
 def numeric_metrics(ckpt: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, float]:
-    """Finite numbers from the checkpoint's metrics, its evaluation results and ``extra``, by key.
+    """Finite test-set numbers of the checkpoint's evaluation results and ``extra``, by key (the manifest's
+    test_metrics: held-out numbers only, never training ones under that name).
 
     Evaluation results (``genserve evaluate --json``) may sit in ``ckpt["evaluation"]`` or under
-    ``metrics["test"]`` / ``metrics["evaluation"]``; their keys (``nll_nats``, ``bits_per_dim``, ...) are
-    kept unprefixed. Other nested dicts are flattened as ``outer.inner``; booleans and strings are dropped.
+    ``ckpt["metrics"]["test"]`` / ``["evaluation"]``; their keys (``nll_nats``, ``bits_per_dim``, ...) are
+    kept unprefixed. Other nested dicts are flattened as ``outer.inner``; booleans and strings are dropped. The
+    training numbers of ``ckpt["metrics"]`` (losses, best validation) stay in the checkpoint.
     """
     out: dict[str, float] = {}
 
@@ -98,14 +100,20 @@ def numeric_metrics(ckpt: dict[str, Any], extra: dict[str, Any] | None = None) -
             return
         for k, v in d.items():
             if isinstance(v, dict):
-                add(v, "" if k in ("test", "evaluation", "eval") else f"{prefix}{k}.")
+                add(v, "" if k in EVALUATION_KEYS else f"{prefix}{k}.")
             elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
                 out[f"{prefix}{k}"] = float(v)
 
-    add(ckpt.get("metrics"))
+    training = ckpt.get("metrics")
+    if isinstance(training, dict):
+        for key in EVALUATION_KEYS:
+            add(training.get(key))
     add(ckpt.get("evaluation"))
     add(extra)
     return out
+
+
+EVALUATION_KEYS = ("test", "evaluation", "eval")
 
 
 def _test_rows(ckpt: dict[str, Any], spec: Any) -> np.ndarray | None:
