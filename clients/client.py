@@ -135,6 +135,31 @@ class Client(_Base):
     def close(self) -> None:
         self._channel.close()
 
+    def connect(self, timeout: float = 10.0) -> Client:
+        """Connect now, or fail fast: UnavailableError naming the address as soon as the first connection
+        attempt fails (a wrong address, nothing listening), instead of after the retries with backoff that
+        calls make (seconds). A server still starting up and answering within ``timeout`` is fine."""
+        ready = threading.Event()
+        state: list[grpc.ChannelConnectivity] = []
+
+        def watch(s: grpc.ChannelConnectivity) -> None:
+            if s in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+                state.append(s)
+                ready.set()
+
+        self._channel.subscribe(watch, try_to_connect=True)
+        try:
+            ready.wait(timeout)
+        finally:
+            self._channel.unsubscribe(watch)
+        if not state or state[0] != grpc.ChannelConnectivity.READY:
+            why = "the connection failed" if state else f"no connection within {timeout:g} s"
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                   f"cannot reach a genserve server at {self.settings.display}: {why}; check the "
+                                   "address (--server / GENSERVE_SERVER), that the server runs, and TLS (--tls)",
+                                   "connect")
+        return self
+
     def __enter__(self) -> Client:
         return self
 

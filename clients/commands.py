@@ -185,8 +185,13 @@ def _client(args: argparse.Namespace):  # -> genserve.clients.client.Client
 
     server = args.server or os.environ.get("GENSERVE_SERVER") or "localhost:8500"
     token = args.token or (None if args.token_file else os.environ.get("GENSERVE_TOKEN"))
-    return Client(server, timeout=args.timeout, tls=True if args.tls else None, tls_ca=args.tls_ca,
-                  tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, token_file=args.token_file)
+    client = Client(server, timeout=args.timeout, tls=True if args.tls else None, tls_ca=args.tls_ca,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, token_file=args.token_file)
+    try:
+        return client.connect(min(args.timeout, 10.0))  # a wrong address fails at once, with what to check
+    except BaseException:
+        client.close()
+        raise
 
 
 def _seed(seed: int | None) -> int:

@@ -152,3 +152,11 @@ def test_health_command_for_docker_and_probes(target: str, capsys: pytest.Captur
     assert (code, out) == (0, "SERVING\n")
     code, out, _ = run(capsys, "health", "no-such-model", "--server", target)
     assert code != 0 and "SERVING\n" != out
+
+
+def test_a_wrong_address_fails_at_the_first_failed_connection(capsys: pytest.CaptureFixture) -> None:
+    """Nothing listens on port 1: the command fails on the first refused connection, saying what to check,
+    not after the retries with backoff that calls make."""
+    code, out, err = run(capsys, "models", "--server", "127.0.0.1:1")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "cannot reach a genserve server at 127.0.0.1:1: the connection failed; check the address" in err
