@@ -9,10 +9,24 @@ vs inference count do.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+
+# No `..._created` series beside every counter and histogram: they double the series count and no dashboard
+# reads them (process-wide in prometheus_client; this module is the server's).
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -78,6 +92,11 @@ class Metrics:
                                   ["model", "version"], registry=r, multiprocess_mode="livemin")
         self.unauthenticated = Counter("genserve_unauthenticated",
                                        "RPCs refused for missing or bad credentials", registry=r)
+        # The process's CPU seconds, resident memory and open files (process_*), as Prometheus' own clients
+        # export them (one process only: in --processes N mode the workers' values live in files, see
+        # server/workers.py, and the process collector does not apply).
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            ProcessCollector(registry=r)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
