@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EPILOG = """examples:
@@ -16,6 +17,9 @@ EPILOG = """examples:
   python -m genserve.server.cli --repo model_repository --port 0     # any free port, printed when ready
   genserve serve --repo /models --tls-cert srv.pem --tls-key srv.key --token-file /etc/genserve/tokens
   genserve serve --repo /models --tls-cert srv.pem --tls-key srv.key --tls-client-ca clients-ca.pem
+
+settings: defaults < --config TOML < GENSERVE_<SETTING> environment variables (GENSERVE_PORT=8500,
+GENSERVE_REPO=/models, GENSERVE_HTTP_PORT=8503, GENSERVE_OPEN_HEALTH=false, ...) < flags.
 
 signals: SIGTERM/SIGINT drain accepted requests (up to --grace-s) and exit; SIGHUP reloads the repository
 (and re-reads --token-file).
@@ -103,7 +107,7 @@ def build_config(args: argparse.Namespace):  # -> ServerConfig (imported lazily)
         overrides["repo"] = args.repo
     if args.load_models:
         overrides["load_models"] = ",".join(args.load_models)
-    return ServerConfig.from_toml(args.config, overrides)
+    return ServerConfig.from_toml(args.config, overrides, environ=dict(os.environ))
 
 
 def run(args: argparse.Namespace) -> int:

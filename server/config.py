@@ -198,8 +198,10 @@ class ServerConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                  **kwargs: Any) -> ServerConfig:
-        """Defaults, then the TOML file (flat keys or a ``[server]`` table), then overrides and kwargs."""
+                  environ: dict[str, str] | None = None, **kwargs: Any) -> ServerConfig:
+        """Defaults, then the TOML file (flat keys or a ``[server]`` table), then ``GENSERVE_<KEY>`` variables of
+        ``environ`` (as containers are configured; e.g. GENSERVE_PORT=8500, GENSERVE_REPO=/models), then
+        overrides (the command line's flags) and kwargs. A GENSERVE_ variable that names no setting is refused."""
         values: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
@@ -212,6 +214,8 @@ class ServerConfig:
             if set(data) == {"server"} and isinstance(data["server"], dict):
                 data = data["server"]
             values.update(_checked(data, str(path)))
+        token_env = str((overrides or {}).get("token_env") or kwargs.get("token_env") or values.get("token_env") or "")
+        values.update(_checked(from_environment(environ or {}, skip={token_env}), "environment"))
         values.update(_checked({**(overrides or {}), **kwargs}, "override"))
         if "repo" not in values:
             raise ValueError("repo is not set; give --repo DIR or `repo = \"DIR\"` in the config file")
@@ -228,6 +232,41 @@ class ServerConfig:
             if isinstance(v, Path):
                 d[k] = str(v)
         return d
+
+
+ENV_PREFIX = "GENSERVE_"
+ENV_IGNORED = {"GENSERVE_SERVER", "GENSERVE_TOKEN"}
+"""Client-side variables (the CLI's default server and token), not server settings."""
+
+
+def from_environment(environ: dict[str, str], skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The ServerConfig settings of ``GENSERVE_<KEY>`` variables, typed by their fields (true/false for flags);
+    ValueError naming a variable that is not a setting (a typo) or does not parse. ``skip``: variables that are
+    not settings by design (the one ``token_env`` names)."""
+    kinds = {f.name: f.type for f in fields(ServerConfig)}
+    out: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_IGNORED or name in skip:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in kinds:
+            raise ValueError(f"environment: {name} is not a server setting; known: "
+                             f"{', '.join(ENV_PREFIX + k.upper() for k in sorted(kinds))}")
+        kind = kinds[key]
+        try:
+            if kind == "bool":
+                if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(text)
+                out[key] = text.strip().lower() in ("true", "1", "yes", "on")
+            elif kind == "int":
+                out[key] = int(text)
+            elif kind == "float":
+                out[key] = float(text)
+            else:
+                out[key] = text
+        except ValueError:
+            raise ValueError(f"environment: {name}={text!r} is not a valid {kind}") from None
+    return out
 
 
 def _checked(values: dict[str, Any], where: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@ explicit load/unload over genserve.v1, OIP gRPC and HTTP, the modes that refuse 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import threading
@@ -255,3 +256,24 @@ def test_warm_up_runs_every_graph_before_a_version_serves(engine_config, repo_co
             assert calls[name] == {} and serving["warmup"] is False
         else:  # every graph ran at least once (the operations, then a full batch where shapes are fixed)
             assert set(calls[name]) == graphs[name] and min(calls[name].values()) >= 1, (name, calls[name])
+
+
+def test_settings_come_from_the_environment_between_the_file_and_the_flags(tmp_path: Path, monkeypatch) -> None:
+    """Containers configure with GENSERVE_<SETTING>: over the TOML file, under the flags; typed; typos refused."""
+    from genserve.server.cli import _arguments, build_config
+
+    toml = tmp_path / "server.toml"
+    toml.write_text('repo = "from-file"\nport = 1111\nhttp_port = 2222\n')
+    env = {"GENSERVE_PORT": "3333", "GENSERVE_OPEN_HEALTH": "false", "GENSERVE_MAX_QUEUE_DELAY_MS": "0.5",
+           "GENSERVE_SERVER": "client-side:8500", "GENSERVE_MY_TOKENS": "abc"}
+    cfg = ServerConfig.from_toml(toml, {"http_port": 4444}, environ=env, token_env="GENSERVE_MY_TOKENS")
+    assert (cfg.port, cfg.http_port, cfg.open_health, cfg.max_queue_delay_ms) == (3333, 4444, False, 0.5)
+    assert str(cfg.repo) == "from-file"
+    with pytest.raises(ValueError, match="GENSERVE_PROT is not a server setting"):
+        ServerConfig.from_toml(toml, environ={"GENSERVE_PROT": "1"})
+    with pytest.raises(ValueError, match="GENSERVE_PORT='eighty' is not a valid int"):
+        ServerConfig.from_toml(toml, environ={"GENSERVE_PORT": "eighty"})
+    parser = argparse.ArgumentParser()
+    _arguments(parser)
+    monkeypatch.setenv("GENSERVE_REPO", str(tmp_path))
+    assert build_config(parser.parse_args([])).repo == tmp_path  # `genserve serve` with no flags
