@@ -70,6 +70,7 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--token-env", "token_env", str, "VAR", "environment variable holding bearer tokens (comma-separated)"),
     ("--open-health", "open_health", bool, "", "health checks need no token (default on; --no-open-health)"),
     ("--open-reflection", "open_reflection", bool, "", "server reflection needs no token (default off)"),
+    ("--access-log", "access_log", bool, "", "one log line per finished request (default off)"),
 ]
 """flag, ServerConfig field, type, metavar, help. Model-level batching settings (batch size, delay, queue,
 instances) are defaults: a model's manifest and its config.json override them."""
@@ -96,6 +97,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="with --model-control-mode explicit: load this model at start (repeatable; '*' = all)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="server log level on stderr (default INFO)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="stderr log lines as text, or one JSON object per line (default text)")
 
 
 def build_config(args: argparse.Namespace):  # -> ServerConfig (imported lazily)
@@ -112,17 +115,17 @@ def build_config(args: argparse.Namespace):  # -> ServerConfig (imported lazily)
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from genserve.server.app import serve
+    from genserve.server.logs import configure
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(args.log_level, args.log_format)
     cfg = build_config(args)
     if cfg.processes > 1:
         from genserve.server.workers import supervise
 
-        return supervise(cfg, announce=lambda line: print(line, flush=True), log_level=args.log_level)
+        return supervise(cfg, announce=lambda line: print(line, flush=True), log_level=args.log_level,
+                         log_format=args.log_format)
     return asyncio.run(serve(cfg, announce=lambda line: print(line, flush=True)))
 
 

@@ -110,6 +110,7 @@ from genserve.server.transport import (
     abort,
     check_answer_size,
     invalid,
+    note_rows,
     pipelined,
     status_of,
     within_deadline,
@@ -143,7 +144,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_message_bytes = cfg.max_message_mb * 2**20
         self.max_deadline_s = cfg.max_deadline_s
         self.rows = rows if rows is not None else RowBudget(cfg.max_queued_rows)
-        self.accounting = Accounting(engine, observe)
+        self.accounting = Accounting(engine, observe, access_log=cfg.access_log)
         self.stats: dict[tuple[str, int, str], OpStats] = {}
         try:
             self.version = importlib.metadata.version("genserve")
@@ -374,6 +375,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 decoded = time.perf_counter_ns()
                 engine_request, rows = self._engine_request(loaded, operation, inputs, params, seed, wanted)
                 self.engine.admit(engine_request)
+                note_rows(rows)
                 with self.rows.hold(rows):
                     results, version, extra = await within_deadline(self._run(engine_request), remaining,
                                                                     self.max_deadline_s)

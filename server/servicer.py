@@ -53,6 +53,7 @@ from genserve.server.transport import (
     check_shape,
     discard,
     invalid,
+    note_rows,
     pipelined,
     seed_or_draw,
     within_deadline,
@@ -154,7 +155,7 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         self.max_message_bytes = cfg.max_message_mb * 2**20
         self.max_deadline_s = cfg.max_deadline_s
         self.rows = rows if rows is not None else RowBudget(cfg.max_queued_rows)
-        self.accounting = Accounting(engine, observe)
+        self.accounting = Accounting(engine, observe, access_log=cfg.access_log)
         self.control = control or engine
         self.reload = reload or self.control.reload
 
@@ -174,6 +175,7 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
                    work: Callable[[], Awaitable[T]], prefix: str = "") -> T:
         """The engine's part of a request: its limits, its rows held, under the call's deadline."""
         self._admit(request, prefix)
+        note_rows(rows)
         with self.rows.hold(rows):
             return await within_deadline(work(), context.time_remaining(), self.max_deadline_s)
 

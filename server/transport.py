@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import time
@@ -34,6 +35,7 @@ from genserve.server.errors import EngineError
 from genserve.server.interface import EngineInterface
 from genserve.server.limits import Expired, within
 
+ACCESS = logging.getLogger("genserve.access")
 log = logging.getLogger("genserve.server")
 
 T = TypeVar("T")
@@ -262,12 +264,14 @@ async def pipelined(requests: AsyncIterator[R], run: Callable[[R], Awaitable[T]]
 
 @dataclass
 class Tracked:
-    """One request being accounted: the handler may name its model and method once it knows them."""
+    """One request being accounted: the handler may name its model and method once it knows them, and its
+    rows (``note_rows``, for the access log)."""
 
     method: str
     model: str
     started: float
     code: grpc.StatusCode = grpc.StatusCode.OK
+    rows: int = 0
 
     @property
     def what(self) -> str:
@@ -277,12 +281,24 @@ class Tracked:
         return time.perf_counter() - self.started
 
 
-class Accounting:
-    """Every finished request once, whichever face took it: method, model label, status code, seconds."""
+_current: contextvars.ContextVar[Tracked | None] = contextvars.ContextVar("genserve_tracked", default=None)
 
-    def __init__(self, engine: EngineInterface, observe: Observe | None = None) -> None:
+
+def note_rows(rows: int) -> None:
+    """The rows of the request being accounted in this task (for its access-log line)."""
+    tracked = _current.get()
+    if tracked is not None:
+        tracked.rows = int(rows)
+
+
+class Accounting:
+    """Every finished request once, whichever face took it: method, model label, status code, seconds; and,
+    with ``access_log``, one line on the ``genserve.access`` logger (server/logs.py)."""
+
+    def __init__(self, engine: EngineInterface, observe: Observe | None = None, access_log: bool = False) -> None:
         self.engine = engine
         self.observe = observe
+        self.access_log = access_log
         self._known: set[str] = set()
         self._known_at = -float("inf")
 
@@ -302,6 +318,7 @@ class Accounting:
     def track(self, method: str, model: str = "") -> Iterator[Tracked]:
         """Account the block as one request; what it raises leaves as a ``Failure`` (CANCELLED re-raised)."""
         tracked = Tracked(method, model, time.perf_counter())
+        token = _current.set(tracked)
         try:
             yield tracked
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream closed at a yield
@@ -315,13 +332,20 @@ class Accounting:
                 failure.metadata.setdefault("model", tracked.model)
             raise failure from None
         finally:
+            _current.reset(token)
             self._record(tracked)
 
     def _record(self, t: Tracked) -> None:
+        seconds = t.elapsed()
+        if self.access_log:
+            ms = round(seconds * 1e3, 3)
+            ACCESS.info("%s %s rows=%d %s %.3f ms", t.method, t.model or "-", t.rows, t.code.name, ms,
+                        extra={"method": t.method, "model": t.model, "rows": t.rows, "code": t.code.name,
+                               "latency_ms": ms, "request_id": uuid.uuid4().hex[:16]})
         if self.observe is None:
             return
         try:
-            self.observe(t.method, self.label(t.model), t.code.name, t.elapsed())
+            self.observe(t.method, self.label(t.model), t.code.name, seconds)
         except Exception:  # noqa: BLE001 - metrics must never fail a request
             log.exception("metrics: recording %s failed", t.method)
 

@@ -85,15 +85,17 @@ class Peers:
         loop.add_reader(self.conn.fileno(), readable)
 
 
-def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str, metrics_dir: str) -> None:
+def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str, metrics_dir: str,
+                log_format: str = "text") -> None:
     """One worker: the whole server on the shared ports, its ready line and changes sent over ``conn``."""
     # Before prometheus_client is imported: its values then live in files the supervisor reads.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     import asyncio
 
     from genserve.server.app import serve
+    from genserve.server.logs import configure
 
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
+    configure(log_level, log_format, worker=index)
     # Ctrl-C and a hangup reach the whole process group; the supervisor forwards them (SIGTERM, a reload).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -110,9 +112,10 @@ def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str,
 class Supervisor:
     """Starts, watches and stops the workers of ``cfg`` (``cfg.processes`` of them)."""
 
-    def __init__(self, cfg: ServerConfig, log_level: str = "INFO") -> None:
+    def __init__(self, cfg: ServerConfig, log_level: str = "INFO", log_format: str = "text") -> None:
         self.cfg = cfg
         self.log_level = log_level
+        self.log_format = log_format
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[tuple[Any, Connection]] = []
         self._reserved: list[socket.socket] = []
@@ -146,7 +149,7 @@ class Supervisor:
     def _spawn(self, index: int) -> tuple[Any, Connection]:
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=worker_main, args=(self.worker_cfg, index, child, self.log_level,
-                                                                 self._metrics_dir),
+                                                                 self._metrics_dir, self.log_format),
                                     name=f"genserve-worker-{index}", daemon=False)
         process.start()
         child.close()
@@ -298,8 +301,9 @@ class Supervisor:
         return 0 if all(code == 0 for code in codes) else 1
 
 
-def supervise(cfg: ServerConfig, announce: Callable[[str], None] = print, log_level: str = "INFO") -> int:
+def supervise(cfg: ServerConfig, announce: Callable[[str], None] = print, log_level: str = "INFO",
+              log_format: str = "text") -> int:
     """Run ``cfg.processes`` workers until SIGTERM/SIGINT; the exit code (0 when every worker drained)."""
-    supervisor = Supervisor(cfg, log_level)
+    supervisor = Supervisor(cfg, log_level, log_format)
     announce(supervisor.start())
     return supervisor.run()
