@@ -83,7 +83,7 @@ def split(before: Series, after: Series, model: str, method: str, wall_s: float)
     wait_s = d("genserve_queue_wait_seconds_sum", model=model)
     calls = d("genserve_inference_duration_seconds_count", model=model)
     infer_s = d("genserve_inference_duration_seconds_sum", model=model)
-    rows = d("genserve_batch_size_sum", model=model)
+    rows = d("genserve_batch_size_rows_sum", model=model)
     carried = d("genserve_batch_requests_sum", model=model)  # sum over calls of the submissions each carried
     per_graph_calls = {g: after_v - by_label(before, "genserve_inference_duration_seconds_count", "graph",
                                              model=model).get(g, 0.0)

@@ -73,7 +73,7 @@ class Metrics:
         self.queue_wait = Histogram("genserve_queue_wait_seconds",
                                     "Wait of a submission in a graph's batch queue until its first rows ran",
                                     ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("genserve_batch_size", "Rows per ONNX Runtime call (dynamic batching)",
+        self.batch_size = Histogram("genserve_batch_size_rows", "Rows per ONNX Runtime call (dynamic batching)",
                                     ["model", "graph"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("genserve_batch_requests",
                                         "Submissions merged into one ONNX Runtime call", ["model", "graph"],
@@ -82,7 +82,7 @@ class Metrics:
                                    ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_failures = Counter("genserve_batch_failures", "ONNX Runtime calls that raised",
                                       ["model", "graph"], registry=r)
-        self.queue_depth = Gauge("genserve_queue_depth", "Rows waiting in a graph's batch queue",
+        self.queue_depth = Gauge("genserve_queue_depth_rows", "Rows waiting in a graph's batch queue",
                                  ["model", "graph"], registry=r, multiprocess_mode="livesum")
         self.samples = Counter("genserve_samples_generated", "Samples returned by Sample", ["model"],
                                registry=r)
@@ -155,7 +155,7 @@ class Metrics:
         return generate_latest(self.registry).decode()
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
-        """One sample's value by its full name (e.g. ``genserve_batch_size_count``); for tests and tools."""
+        """One sample's value by its full name (e.g. ``genserve_batch_size_rows_count``); for tests and tools."""
         return self.registry.get_sample_value(name, labels or {})
 
     def serve_http(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None,

@@ -332,7 +332,8 @@ class Accounting:
                 failure.metadata.setdefault("model", tracked.model)
             raise failure from None
         finally:
-            _current.reset(token)
+            with contextlib.suppress(ValueError):  # a stream's generator closed from another context
+                _current.reset(token)
             self._record(tracked)
 
     def _record(self, t: Tracked) -> None:

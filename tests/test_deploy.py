@@ -519,3 +519,15 @@ def test_grafana_dashboard_parses():
     for path in (DEPLOY / "grafana").glob("*.json"):
         dashboard = json.loads(path.read_text())
         assert dashboard["panels"] and "genserve_" in path.read_text(), path
+
+
+def test_the_dashboard_has_a_panel_for_every_metric_family() -> None:
+    from genserve.server.metrics import Metrics
+
+    families = {m.name for m in Metrics().registry.collect() if m.name.startswith("genserve_")}
+    exprs = " ".join(t["expr"] for path in (DEPLOY / "grafana").glob("*.json")
+                     for p in json.loads(path.read_text())["panels"] for t in p.get("targets", []))
+    assert {"genserve_batch_size_rows", "genserve_queue_depth_rows"} <= families  # units in the names
+    missing = sorted(f for f in families if f not in exprs)
+    assert not missing, f"metric families without a Grafana panel: {missing}"
+    assert "process_resident_memory_bytes" in exprs

@@ -115,9 +115,9 @@ def test_server_split_from_metrics() -> None:
                          'genserve_queue_wait_seconds_sum{model="m",graph="g"} 0.4\n'
                          'genserve_inference_duration_seconds_count{model="m",graph="g"} 5\n'
                          'genserve_inference_duration_seconds_sum{model="m",graph="g"} 0.5\n'
-                         'genserve_batch_size_sum{model="m",graph="g"} 20\n'
+                         'genserve_batch_size_rows_sum{model="m",graph="g"} 20\n'
                          'genserve_batch_requests_sum{model="m",graph="g"} 20\n'
-                         'genserve_batch_size_sum{model="other",graph="g"} 999\n')
+                         'genserve_batch_size_rows_sum{model="other",graph="g"} 999\n')
     s = scrape.split(before, after, "m", "LogLikelihood", wall_s=2.0)
     assert s["requests"] == 20 and s["server_request_s"] == pytest.approx(0.1)
     assert s["queue_s"] == pytest.approx(0.02)  # 0.4 s of waits over 20 requests

@@ -162,8 +162,8 @@ def test_64_concurrent_samples_merge_their_steps_and_each_equals_its_solo_run(en
         merged = await asyncio.gather(*(sample(engine, name, 1, seed)
                                         for seed in range(64)))
         graphs = list(engine.get_model(name).batchers)
-        count = sum(metrics.value("genserve_batch_size_count", {"model": name, "graph": g}) or 0 for g in graphs)
-        total = sum(metrics.value("genserve_batch_size_sum", {"model": name, "graph": g}) or 0 for g in graphs)
+        count = sum(metrics.value("genserve_batch_size_rows_count", {"model": name, "graph": g}) or 0 for g in graphs)
+        total = sum(metrics.value("genserve_batch_size_rows_sum", {"model": name, "graph": g}) or 0 for g in graphs)
         alone = [await sample(engine, name, 1, seed) for seed in (0, 17, 63)]
         return merged, alone, count, total
 
@@ -465,10 +465,10 @@ def test_metrics_count_batches_samples_rows_and_loaded_versions(engine_config) -
     assert metrics.value("genserve_samples_generated_total", {"model": "digits-ppca"}) == 5
     assert metrics.value("genserve_rows_scored_total", {"model": "digits-ppca"}) == 3
     assert metrics.value("genserve_model_loaded", {"model": "digits-ppca", "version": "1"}) == 1
-    assert metrics.value("genserve_batch_size_sum", {"model": "digits-ppca", "graph": "generator"}) == 5
+    assert metrics.value("genserve_batch_size_rows_sum", {"model": "digits-ppca", "graph": "generator"}) == 5
     assert metrics.value("genserve_inflight_requests", {"model": "digits-ppca", "method": "Sample"}) == 0
     for name in ("genserve_inference_duration_seconds_bucket", "genserve_queue_wait_seconds_count",
-                 "genserve_queue_depth", "genserve_batch_size_bucket"):
+                 "genserve_queue_depth_rows", "genserve_batch_size_rows_bucket"):
         assert name in text
 
 

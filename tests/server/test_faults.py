@@ -56,7 +56,7 @@ def settled(srv: BackgroundServer, model: str = MODEL, timeout: float = 120.0) -
     deadline = time.monotonic() + timeout
     while True:
         inflight = sum(s.value for fam in srv.server.metrics.registry.collect() for s in fam.samples
-                       if s.name in ("genserve_inflight_requests", "genserve_queue_depth"))
+                       if s.name in ("genserve_inflight_requests", "genserve_queue_depth_rows"))
         if inflight == 0 and srv.server.servicer.rows.held == 0:
             return
         assert time.monotonic() < deadline, f"still busy: gauges {inflight}, rows {srv.server.servicer.rows.held}"

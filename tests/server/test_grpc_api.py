@@ -277,10 +277,10 @@ def test_log_likelihood_stream_answers_each_chunk_in_order(server: BackgroundSer
 
 def batch_size_histogram(port: int) -> tuple[float, float]:
     """(number of graph calls, number of calls with one row) summed over models and graphs."""
-    samples = [s for s in metric_samples(port) if s.name.startswith("genserve_batch_size")]
-    count = sum(s.value for s in samples if s.name == "genserve_batch_size_count")
+    samples = [s for s in metric_samples(port) if s.name.startswith("genserve_batch_size_rows")]
+    count = sum(s.value for s in samples if s.name == "genserve_batch_size_rows_count")
     ones = sum(s.value for s in samples
-               if s.name == "genserve_batch_size_bucket" and float(s.labels["le"]) == 1.0)
+               if s.name == "genserve_batch_size_rows_bucket" and float(s.labels["le"]) == 1.0)
     return count, ones
 
 

@@ -269,7 +269,7 @@ def test_full_queue_is_resource_exhausted_and_deadlines_drop_rows(repo_copy: Pat
     big, small = np.zeros((20000, dim), np.float32), np.zeros((1, dim), np.float32)
     cfg = ServerConfig(repo=repo_copy, port=0, metrics_port=free_port(), provider="cpu", workers=1)
     with BackgroundServer(cfg) as srv:
-        rows_run = lambda: metric(srv.metrics_port, "genserve_batch_size_sum")  # noqa: E731
+        rows_run = lambda: metric(srv.metrics_port, "genserve_batch_size_rows_sum")  # noqa: E731
 
         async def scenario() -> tuple:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}", options=grpc_options(64)) as channel:

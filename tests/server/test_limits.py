@@ -202,7 +202,7 @@ def test_deadline_ceiling(repo: Path) -> None:
             grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         stub = service_pb2_grpc.GenerativeServiceStub(channel)
         z = to_proto(np.zeros((3, LATENT), np.float32))
-        ran = total(srv, "genserve_batch_size_sum")
+        ran = total(srv, "genserve_batch_size_rows_sum")
         for timeout in (None, 30.0):
             started = time.monotonic()
             message = refused(lambda t=timeout: stub.Decode(pb.DecodeRequest(model=MODEL, z=z), timeout=t),
@@ -219,7 +219,7 @@ def test_deadline_ceiling(repo: Path) -> None:
         # Expired requests left nothing queued (the 2 s window has not passed: had they stayed, they would wait)
         batchers = srv.call(_batchers(srv))
         assert all(b.queued_rows == 0 for b in batchers), "rows of expired requests stayed queued"
-        assert total(srv, "genserve_batch_size_sum") == ran, "rows of expired requests ran"
+        assert total(srv, "genserve_batch_size_rows_sum") == ran, "rows of expired requests ran"
         assert srv.server.servicer.rows.held == 0
     with pytest.raises(ValueError, match="max_deadline_s"):
         config(repo, max_deadline_s=0)
