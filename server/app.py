@@ -44,7 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from genserve.server import auth, oip
+from genserve.server import auth, oip, tracing
 from genserve.server.config import ServerConfig
 from genserve.server.interface import EngineInterface, ModelStatus, ReloadResult
 from genserve.server.message_parsing import SafeParsing
@@ -207,6 +207,8 @@ class Server:
         self.peers: Peers | None = None
         """The other processes of ``--processes N`` (set before ``start``); None: this process is the server."""
         self.servicer: GenerativeServicer | None = None
+        self.tracing: tracing.Tracing | None = None
+        """OpenTelemetry (``cfg.otlp_endpoint``; server/tracing.py); None: off."""
 
     async def start(self, cfg: ServerConfig, engine: EngineInterface | None = None) -> None:
         """Load the repository, bind ``cfg.host:cfg.port`` and serve; ``engine`` replaces the default one."""
@@ -228,6 +230,9 @@ class Server:
         # Order: the token check first (refusals parse nothing), then safe parsing, then the drain's door.
         parsing = SafeParsing(max_bytes=cfg.max_message_mb * 2**20)
         interceptors = [parsing, self.drain] if self.auth is None else [self.auth, parsing, self.drain]
+        self.tracing = tracing.setup_tracing(cfg)
+        if self.tracing is not None:  # outermost: refusals (tokens, parsing, the drain) get their span too
+            interceptors.insert(0, self.tracing.interceptor)
         options = grpc_options(cfg.max_message_mb, RECEIVE_SLACK, reuse_port=cfg.processes > 1,
                                max_connection_age_s=cfg.max_connection_age_s,
                                max_connection_age_grace_s=cfg.max_connection_age_grace_s or cfg.max_deadline_s)
@@ -427,6 +432,8 @@ class Server:
         except TimeoutError:
             log.warning("engine did not stop within the grace period")
         self._close_metrics_http()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # flushes the spans still buffered
 
     def _close_metrics_http(self) -> None:
         if self._http is not None:

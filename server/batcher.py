@@ -52,6 +52,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
+from genserve.server import tracing
 from genserve.server.errors import EngineError, NotReady, QueueFull
 from genserve.server.metrics import BatchStats
 
@@ -78,7 +79,7 @@ class BatchFailed(EngineError):
 class _Submission:
     """One ``submit`` call: its rows, how many were handed to calls, and the parts that came back."""
 
-    __slots__ = ("feeds", "rows", "key", "taken", "done", "parts", "future", "enqueued", "fresh")
+    __slots__ = ("feeds", "rows", "key", "taken", "done", "parts", "future", "enqueued", "fresh", "trace")
 
     def __init__(self, feeds: Feeds, rows: int, future: asyncio.Future, now: float, fresh: bool) -> None:
         self.feeds = feeds
@@ -90,6 +91,7 @@ class _Submission:
         self.future = future
         self.enqueued = now
         self.fresh = fresh  # a request's first submission: waits up to the delay for company
+        self.trace = None  # with tracing on: the request's span context and when it was queued (tracing.py)
 
 
 class Batcher:
@@ -216,6 +218,8 @@ class Batcher:
         self.start()
         loop = asyncio.get_running_loop()
         sub = _Submission(feeds, rows, loop.create_future(), loop.time(), fresh)
+        if tracing.tracer is not None:
+            sub.trace = tracing.submitted()
         if fresh and self.early and self.expected is not None:
             self._arrived(sub.enqueued)
         sub.future.add_done_callback(lambda _f, s=sub: self._settled(s))
@@ -414,6 +418,11 @@ class Batcher:
         waits = tuple(now - sub.enqueued for sub, start, _ in parts if start == 0)
         rows = sum(stop - start for _, start, stop in parts)
         seconds, ok = 0.0, False
+        span = None
+        if tracing.tracer is not None:
+            span = tracing.start_call(self.model, self.graph, instance, rows,
+                                      next((n for n in self.pad_sizes if n >= rows), rows),
+                                      [(sub.trace, b - a, a == 0) for sub, a, b in parts])
         try:
             if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == parts[0][0].rows:
                 feeds = parts[0][0].feeds  # a whole submission alone: no copy
@@ -432,6 +441,8 @@ class Batcher:
                                                       "request; retry"))
             raise
         except Exception as e:  # noqa: BLE001 - the call's failure is every one of its submissions' failure
+            if span is not None:
+                tracing.failed(span, e)
             for sub, _, _ in parts:
                 if not sub.future.done():
                     err = BatchFailed(f"graph {self.graph!r} of model {self.model!r} failed on a batch of "
@@ -448,6 +459,8 @@ class Batcher:
             self._running -= 1
             self.calls += 1
             self._check_idle()
+            if span is not None:
+                tracing.end_call(span, seconds, ok)
             if self.observe is not None:
                 try:
                     self.observe(BatchStats(self.model, self.graph, rows, len(parts), waits, seconds, ok))

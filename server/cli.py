@@ -71,6 +71,8 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--open-health", "open_health", bool, "", "health checks need no token (default on; --no-open-health)"),
     ("--open-reflection", "open_reflection", bool, "", "server reflection needs no token (default off)"),
     ("--access-log", "access_log", bool, "", "one log line per finished request (default off)"),
+    ("--otlp-endpoint", "otlp_endpoint", str, "URL",
+     "send OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://collector:4317 (default off)"),
 ]
 """flag, ServerConfig field, type, metavar, help. Model-level batching settings (batch size, delay, queue,
 instances) are defaults: a model's manifest and its config.json override them."""

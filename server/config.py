@@ -122,6 +122,10 @@ class ServerConfig:
     """Log one line per finished request (logger ``genserve.access``: method, model, rows, status code,
     latency, request id; JSON fields with ``--log-format json``). Off by default: a log line costs the event
     loop tens of microseconds per request."""
+    otlp_endpoint: str = ""
+    """OpenTelemetry: send traces (a span per RPC, per queue wait and per ONNX Runtime call; server/tracing.py) to
+    this OTLP/gRPC collector, e.g. ``http://collector:4317`` (``https://`` for TLS); empty: tracing off (the
+    default; nothing of OpenTelemetry is loaded). Needs ``pip install 'genserve[otel]'``."""
     pad_batches: str = "auto"
     """Pad ONNX Runtime calls: ``buckets`` (to the smallest of a few sizes that holds the call: 16, 64, 256, ...
     up to max_batch_size), ``on`` (every call to max_batch_size: one shape, so a row's answer never depends on
@@ -186,6 +190,9 @@ class ServerConfig:
         if self.token_env and not self.token_env.replace("_", "").isalnum():
             raise ValueError(f"token_env must name an environment variable (letters, digits, _), got "
                              f"{self.token_env!r}")
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_endpoint must be an http:// or https:// URL (e.g. http://collector:4317), got "
+                             f"{self.otlp_endpoint!r}")
         if self.metrics_port and self.metrics_port == self.port:
             raise ValueError(f"metrics_port and port must differ, both are {self.port}")
         if self.http_port and self.http_port in (self.port, self.metrics_port):
