@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import sys
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -34,10 +35,16 @@ def run_score(args: argparse.Namespace) -> int:
     source = Path(args.input).expanduser().resolve()
     if not source.exists():
         raise FileNotFoundError(f"no such input file: {source}")
-    out = Path(args.out)
-    if out.suffix.lower() != ".csv":
-        raise ValueError(f"--out {args.out}: expected a .csv file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.columns or args.id_column:
+        raise ValueError("--columns and --id-column work with a server (--engine grpc); with --engine ray, give the "
+                         "example columns only")
+    if args.out in (None, "-"):
+        out: Path | str = "-"
+    else:
+        out = Path(args.out)
+        if out.suffix.lower() != ".csv":
+            raise ValueError(f"--out {args.out}: expected a .csv file name")
+        out.parent.mkdir(parents=True, exist_ok=True)
     try:
         import ray
 
@@ -75,7 +82,8 @@ def run_score(args: argparse.Namespace) -> int:
     outlier = None if cut is None else log_prob < cut
     write_scores(out, log_prob, scores.bits_per_dim, outlier)
     print(score_summary(args, args.model, scores.version, scores.kind, seed, seconds, log_prob, scores.bits_per_dim,
-                        outlier, cut, out) + f" (Ray Data, {repo})")
+                        outlier, cut, "stdout" if out == "-" else out) + f" (Ray Data, {repo})",
+          file=sys.stderr if out == "-" else sys.stdout)
     return 0
 
 

@@ -7,6 +7,8 @@ Only argparse is imported here; the client (grpc, numpy) is imported when a subc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 
 CONNECTION = """server connection:
   --server defaults to $GENSERVE_SERVER, else localhost:8500; a comma-separated list of HOST:PORT (or a
@@ -47,12 +49,13 @@ drawn and printed, so every run can be repeated exactly.
   genserve score digits-arcnn images.npz --key x --out scores.csv --quantile 0.05     # flag the lowest 5%
   genserve score moons-realnvp points.csv --out scores.csv --threshold -6.5          # flag log p < -6.5 nats
   genserve score digits-vae big.parquet --out scores.csv --chunk-size 8192         # Parquet needs pyarrow
+  genserve score wine-flow records.parquet --id-column id --columns a,b,c > scores.csv   # ids kept, CSV on stdout
   genserve score digits-realnvp big.npy --out scores.csv --seed 1 --engine ray --repo /shared/models \
       --address ray://head:10001 --concurrency 8       # Ray Data actors, no server: the same scores
 
 Input: .npy (memory-mapped), .npz, .csv (one example per line, optional header) or .parquet, with rows of
-the model's shape or flattened (64 values for 8x8 digits). Output: one line per input row,
-  row,log_prob_nats,bits_per_dim[,outlier]
+the model's shape or flattened (64 values for 8x8 digits). Output (--out, or stdout): one line per input row,
+  [id columns,]row,log_prob_nats,bits_per_dim[,outlier]
 in input order; bits_per_dim is empty for energy models (unnormalized scores). Rows stream to the server in
 chunks with several in flight: a file of any size is read in constant memory (only the scores are kept).
 
@@ -134,7 +137,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = command("score", "score every row of a file by log-likelihood; write one score per row")
     p.add_argument("model", help="model name")
     p.add_argument("input", help=".npy, .npz, .csv or .parquet file of examples")
-    p.add_argument("--out", required=True, help="CSV to write: row,log_prob_nats,bits_per_dim[,outlier]")
+    p.add_argument("--out", help="CSV to write: [ids,]row,log_prob_nats,bits_per_dim[,outlier] (default: stdout)")
+    p.add_argument("--columns", help="CSV/Parquet: comma-separated columns that make an example (default: all but "
+                   "the id columns)")
+    p.add_argument("--id-column", action="append", default=[], metavar="NAME",
+                   help="CSV/Parquet: a column to keep beside the scores, e.g. a record id (repeatable)")
     flag = p.add_mutually_exclusive_group()
     flag.add_argument("--threshold", type=float, metavar="NATS", help="flag rows whose log p is below this")
     flag.add_argument("--quantile", type=float, metavar="Q",
@@ -326,23 +333,30 @@ def run_score(args: argparse.Namespace) -> int:
 
     if args.engine != "grpc":  # genserve.app.cli runs --engine ray (it needs the server station, not a client)
         raise ValueError(f"--engine {args.engine} runs through the genserve command (genserve.app.cli)")
+    from genserve.clients.datafiles import open_rows
+
     check_score_args(args)
-    out = _out(args.out, ".csv")
+    out = "-" if args.out in (None, "-") else _out(args.out, ".csv")
     seed = _seed(args.seed)
     started = time.perf_counter()
     with _client(args) as client:
         info = client.info(args.model, args.version)
+        rows = open_rows(args.input, shape=info.spec.shape, key=args.key, id_columns=args.id_column,
+                         columns=[c.strip() for c in args.columns.split(",")] if args.columns else None)
         parts = [part for _, part in client.iter_scores(
-            args.model, args.input, args.chunk_size, progress=not args.quiet, max_in_flight=args.in_flight,
-            seed=seed, importance_samples=args.importance_samples, version=info.version, key=args.key)]
+            args.model, rows, args.chunk_size, progress=not args.quiet and out != "-",
+            max_in_flight=args.in_flight, seed=seed, importance_samples=args.importance_samples,
+            version=info.version)]
     scores = concat_likelihoods(parts, seed)
     seconds = time.perf_counter() - started
     log_prob = scores.log_prob
     cut = args.threshold if args.quantile is None else float(np.quantile(log_prob, args.quantile))
     outlier = None if cut is None else log_prob < cut
-    write_scores(out, log_prob, scores.bits_per_dim, outlier)
-    print(score_summary(args, info.name, scores.version, scores.kind, seed, seconds, log_prob, scores.bits_per_dim,
-                        outlier, cut, out))
+    ids = {c: np.concatenate(v) if v else np.zeros(0, str) for c, v in rows.ids.items()}
+    write_scores(out, log_prob, scores.bits_per_dim, outlier, ids)
+    summary = score_summary(args, info.name, scores.version, scores.kind, seed, seconds, log_prob,
+                            scores.bits_per_dim, outlier, cut, "stdout" if out == "-" else out)
+    print(summary, file=sys.stderr if out == "-" else sys.stdout)  # stdout holds the CSV
     return 0
 
 
@@ -369,18 +383,30 @@ def score_summary(args: argparse.Namespace, name: str, version: int, kind: str, 
     return f"{line}; wrote {out}"
 
 
-def write_scores(path, log_prob, bits_per_dim, outlier) -> None:
-    """CSV of one line per row: row, log_prob_nats, bits_per_dim (empty when None), outlier (0/1) if given."""
+def write_scores(path, log_prob, bits_per_dim, outlier, ids: dict | None = None) -> None:
+    """CSV of one line per row: the id columns (as read, CSV-quoted where needed), row, log_prob_nats,
+    bits_per_dim (empty when None), outlier (0/1) if given; ``path`` "-" writes to stdout."""
+    import csv
+    import io
+
     import numpy as np
 
     n = len(log_prob)
     columns = [np.arange(n).astype(str), np.char.mod("%.9g", log_prob),
                np.char.mod("%.9g", bits_per_dim) if bits_per_dim is not None else np.full(n, "", dtype="<U1")]
     header = "row,log_prob_nats,bits_per_dim"
+    if ids:
+        def quoted(values) -> list[str]:
+            text = io.StringIO()
+            csv.writer(text, lineterminator="\n").writerows([v] for v in values)
+            return text.getvalue().splitlines()
+
+        columns = [np.asarray(quoted(v), dtype=str) for v in ids.values()] + columns
+        header = ",".join(quoted(list(ids))) + "," + header
     if outlier is not None:
         columns.append(np.where(outlier, "1", "0"))
         header += ",outlier"
-    with open(path, "w") as f:
+    with contextlib.nullcontext(sys.stdout) if str(path) == "-" else open(path, "w") as f:
         f.write(header + "\n")
         for start in range(0, n, 65536):
             block = [c[start:start + 65536] for c in columns]

@@ -8,11 +8,12 @@ the exception: .npz members cannot be memory-mapped). With ``shape`` given, flat
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ class Rows:
     total: int | None
     _chunks: Callable[[int], Iterator[np.ndarray]]
     shape: tuple[int, ...] | None = None
+    id_columns: tuple[str, ...] = ()
+    """Columns read as they are (ids, labels, any text), kept beside the rows rather than scored."""
+    ids: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    """The id columns' values, one array per chunk read so far (str), in row order."""
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
         """float32 arrays of at most ``size`` rows, in order; reshaped to (rows, *shape) when shape is set."""
@@ -62,12 +67,21 @@ class Rows:
         return chunk.reshape(len(chunk), *self.shape)
 
 
-def open_rows(source: Any, shape: tuple[int, ...] | None = None, key: str | None = None) -> Rows:
+def open_rows(source: Any, shape: tuple[int, ...] | None = None, key: str | None = None,
+              columns: list[str] | None = None, id_columns: list[str] | None = None) -> Rows:
     """A Rows source for an array (or array-like) or a path to a .npy, .npz, .csv or .parquet file.
 
-    ``key`` picks the .npz member (default: ``x`` when present, else the only member).
+    ``key`` picks the .npz member (default: ``x`` when present, else the only member). For a CSV with a header
+    or a Parquet file, ``columns`` names the columns that make an example (default: all but the id columns) and
+    ``id_columns`` the ones kept as they are (``Rows.ids``), e.g. a record id or a text label.
     """
     shape = tuple(shape) if shape is not None else None
+    if columns or id_columns:
+        suffix = Path(source).suffix.lower() if isinstance(source, str | Path) else ""
+        if suffix not in (".csv", ".parquet"):
+            raise ValueError("choosing columns (--columns, --id-column) needs a .csv file with a header or a "
+                             f".parquet file, not {source if suffix else 'an array'}")
+        return _named(Path(source).expanduser(), shape, list(columns or []), list(id_columns or []))
     if not isinstance(source, str | Path):
         array = np.asarray(source)
         if array.ndim == 0:
@@ -145,6 +159,8 @@ def _csv(path: Path, shape: tuple[int, ...] | None) -> Rows:
             last = block[-1:]
     lines += last != b"\n"
     total = max(0, lines - header)
+    hint = ("; keep text columns (ids, labels) beside the scores with --id-column NAME, or pick the example's "
+            "columns with --columns") if header else ""
 
     def chunks(size: int) -> Iterator[np.ndarray]:
         with path.open() as f:
@@ -159,7 +175,7 @@ def _csv(path: Path, shape: tuple[int, ...] | None) -> Rows:
                         try:
                             _parse([line])
                         except ValueError as e:
-                            raise ValueError(f"{path} line {number}: {e}") from None
+                            raise ValueError(f"{path} line {number}: {e}{hint}") from None
                     raise ValueError(f"{path} lines {batch[0][0]}..{batch[-1][0]}: {error}") from None
 
     return Rows(str(path), total, chunks, shape)
@@ -185,3 +201,65 @@ def _parquet(path: Path, shape: tuple[int, ...] | None) -> Rows:
             yield columns(batch)
 
     return Rows(str(path), table.metadata.num_rows, chunks, shape)
+
+
+def _named(path: Path, shape: tuple[int, ...] | None, columns: list[str], id_columns: list[str]) -> Rows:
+    """Rows of the named ``columns`` of a CSV with a header or a Parquet file, ``id_columns`` kept as text."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such input file: {path}")
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ModuleNotFoundError:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        table = pq.ParquetFile(path)
+        names, total = list(table.schema_arrow.names), table.metadata.num_rows
+    else:
+        with path.open(newline="") as f:
+            names = next(csv.reader(f), [])
+        if not names or not _is_header(",".join(names)):
+            raise ValueError(f"{path}: choosing columns needs a header line naming them")
+        total = _csv(path, None).total
+    unknown = [c for c in [*columns, *id_columns] if c not in names]
+    if unknown:
+        raise ValueError(f"{path} has no column {', '.join(map(repr, unknown))}; it has: {', '.join(names)}")
+    features = columns or [n for n in names if n not in id_columns]
+    rows = Rows(str(path), total, lambda size: iter(()), shape, tuple(id_columns))
+    rows.ids = {c: [] for c in id_columns}
+
+    def parquet_chunks(size: int) -> Iterator[np.ndarray]:
+        for batch in table.iter_batches(batch_size=size, columns=[*features, *id_columns]):
+            for c in id_columns:
+                rows.ids[c].append(np.asarray(batch.column(c).to_pylist(), dtype=str))
+            cols = []
+            for c in features:
+                values = batch.column(c).to_numpy(zero_copy_only=False)
+                if values.dtype == object and len(values) and not isinstance(values[0], np.ndarray | list):
+                    raise ValueError(f"{path}: column {c!r} is not numeric; name it with --id-column to keep it, "
+                                     "or leave it out with --columns")
+                cols.append(np.stack(values) if values.dtype == object else values[:, None])
+            yield np.concatenate(cols, axis=1).astype(np.float32)
+
+    feature_at = [names.index(c) for c in features]
+    id_at = [names.index(c) for c in id_columns]
+
+    def csv_chunks(size: int) -> Iterator[np.ndarray]:
+        with path.open(newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            number = 1
+            while batch := list(itertools.islice(reader, size)):
+                batch = [record for record in batch if record]  # blank lines
+                values = np.empty((len(batch), len(feature_at)), np.float32)
+                for i, record in enumerate(batch):
+                    number += 1
+                    try:
+                        values[i] = [float(record[j]) for j in feature_at]
+                    except (ValueError, IndexError) as e:
+                        raise ValueError(f"{path} line {number}: {e}; name text columns with --id-column") from None
+                for c, j in zip(id_columns, id_at, strict=True):
+                    rows.ids[c].append(np.asarray([record[j] for record in batch], dtype=str))
+                yield values
+
+    rows._chunks = parquet_chunks if path.suffix.lower() == ".parquet" else csv_chunks
+    return rows

@@ -160,3 +160,35 @@ def test_a_wrong_address_fails_at_the_first_failed_connection(capsys: pytest.Cap
     code, out, err = run(capsys, "models", "--server", "127.0.0.1:1")
     assert code == 1 and out == "" and err.count("\n") == 1
     assert "cannot reach a genserve server at 127.0.0.1:1: the connection failed; check the address" in err
+
+
+def test_score_keeps_id_columns_and_writes_to_stdout(target: str, client: Client, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """A record id and a text label beside the features (CSV and Parquet): --id-column keeps them in the output,
+    --columns picks the features; without --out the CSV goes to stdout and the summary to stderr."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = np.random.default_rng(2).normal(0.5, 1.0, size=(50, 2)).astype(np.float32)
+    ids = [f"rec-{i:03d}" for i in range(50)]
+    labels = ["a, quoted" if i % 2 else "plain" for i in range(50)]
+    with open(tmp_path / "records.csv", "w") as f:
+        f.write("id,x,label,y\n")
+        f.writelines(f'{i},{a:.9g},"{lab}",{b:.9g}\n' for i, (a, b), lab in zip(ids, x, labels, strict=True))
+    pq.write_table(pa.table({"id": ids, "x": x[:, 0], "y": x[:, 1], "label": labels}), tmp_path / "records.parquet")
+    expected = client.log_likelihood(MOONS, x).log_prob
+    for name in ("records.csv", "records.parquet"):
+        code, out, err = run(capsys, "score", MOONS, tmp_path / name, "--id-column", "id", "--id-column", "label",
+                             "--columns", "x,y", "--server", target, "--quiet")
+        assert code == 0 and "50 rows" in err and "wrote stdout" in err, err
+        lines = out.splitlines()
+        assert lines[0] == "id,label,row,log_prob_nats,bits_per_dim"
+        import csv
+
+        table = list(csv.DictReader(lines))
+        assert [r["id"] for r in table] == ids and [r["label"] for r in table] == labels
+        assert np.allclose([float(r["log_prob_nats"]) for r in table], expected, rtol=1e-7)
+    code, _, err = run(capsys, "score", MOONS, tmp_path / "records.csv", "--server", target, "--quiet")
+    assert code == 2 and "line 2" in err and "--id-column" in err  # a text column, not named: what to do
+    code, _, err = run(capsys, "score", MOONS, tmp_path / "records.csv", "--id-column", "nope", "--server", target)
+    assert code == 2 and "no column 'nope'" in err and "id, x, label, y" in err
