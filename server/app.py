@@ -433,7 +433,8 @@ class Server:
             log.warning("engine did not stop within the grace period")
         self._close_metrics_http()
         if self.tracing is not None:
-            self.tracing.shutdown()  # flushes the spans still buffered
+            # Flushes the spans still buffered; off the loop, as an unreachable collector takes its export timeout.
+            await asyncio.to_thread(self.tracing.shutdown)
 
     def _close_metrics_http(self) -> None:
         if self._http is not None:

@@ -62,6 +62,10 @@ def test_rpcs_queue_waits_and_graph_calls_are_traced(engine_config, monkeypatch:
         with Client(f"127.0.0.1:{srv.port}") as client:
             client.log_likelihood("digits-ppca", x, seed=1)
             client.sample("digits-ppca", 5, seed=2)
+            # Streams (server- and bidirectional) pass the instrumentation's wrapper too.
+            assert sum(len(c[1]) for c in client.sample_chunks("digits-ppca", 4, seed=3, chunk_size=2)) == 4
+            assert client.score_stream("digits-ppca", np.zeros((5, 8, 8), np.float32), chunk_size=2,
+                                       progress=False, seed=4).log_prob.shape == (5,)
             with pytest.raises(Exception):  # noqa: B017 - NOT_FOUND: its RPC span carries the code
                 client.log_likelihood("no-such-model", x, seed=1)
     finally:
@@ -99,6 +103,8 @@ def test_rpcs_queue_waits_and_graph_calls_are_traced(engine_config, monkeypatch:
         assert all(any(link.context.span_id in call_ids for link in w.links) for w in waits)
     # NOT_FOUND: the caller's fault, so not an error of the server's span (OpenTelemetry's gRPC conventions).
     refused = rpc("LogLikelihood", code=5)
+    rpc("SampleStream")
+    rpc("LogLikelihoodStream")
     assert not [s for s in spans if s.context.trace_id == refused.context.trace_id and s is not refused]
 
 
