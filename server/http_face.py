@@ -353,18 +353,24 @@ class HttpFace:
                                                 _Context())
         return JSONResponse(plain(answer))
 
-    async def index(self, request: Request) -> Response:
+    async def _small_json(self, request: Request, example: str) -> dict[str, Any]:
+        """The JSON object of a small request body (empty: {}); INVALID_ARGUMENT showing ``example`` otherwise."""
         body = await self._body(request)
-        ready = False
-        if body.strip():
-            try:
-                document = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-                raise invalid(f"the request body is not JSON ({e}); send {{}} or {{\"ready\": true}}",
-                              reason="MALFORMED_JSON") from None
-            if not isinstance(document, dict) or not isinstance(document.get("ready", False), bool):
-                raise invalid("the repository index request is {\"ready\": true|false}")
-            ready = document.get("ready", False)
+        if not body.strip():
+            return {}
+        try:
+            document = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise invalid(f"the request body is not JSON ({e}); send {example}", reason="MALFORMED_JSON") from None
+        if not isinstance(document, dict):
+            raise invalid(f"the request body is a JSON object, e.g. {example}")
+        return document
+
+    async def index(self, request: Request) -> Response:
+        document = await self._small_json(request, '{} or {"ready": true}')
+        ready = document.get("ready", False)
+        if not isinstance(ready, bool):
+            raise invalid("the repository index request is {\"ready\": true|false}")
         answer = await self.oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=ready), _Context())
         return JSONResponse([plain(m) for m in answer.models])
 
@@ -379,17 +385,10 @@ class HttpFace:
 
     async def _control_name(self, request: Request) -> str:
         """The model folder of a load/unload path; its body is ``{}`` or ``{"parameters": {...}}``."""
-        body = await self._body(request)
-        parameters: list[str] = []
-        if body.strip():
-            try:
-                document = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-                raise invalid(f"the request body is not JSON ({e}); send {{}} or nothing",
-                              reason="MALFORMED_JSON") from None
-            if not isinstance(document, dict) or not isinstance(document.get("parameters", {}), dict):
-                raise invalid('a repository load or unload body is {} or {"parameters": {...}}')
-            parameters = list(document.get("parameters", {}))
+        document = await self._small_json(request, '{} or {"parameters": {...}}')
+        if not isinstance(document.get("parameters", {}), dict):
+            raise invalid('a repository load or unload body is {} or {"parameters": {...}}')
+        parameters = list(document.get("parameters", {}))
         return control_name(request.path_params["model"], parameters, {s.name for s in self.engine.list_models()})
 
     # -- inference ------------------------------------------------------------------------------------------
