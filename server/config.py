@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import tomllib
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from genserve.v1 import manifest_pb2 as pb
 
@@ -227,7 +232,7 @@ class ServerConfig:
             values.update(_checked(data, str(path)))
         token_env = str((overrides or {}).get("token_env") or kwargs.get("token_env") or values.get("token_env") or "")
         values.update(_checked(from_environment(environ or {}, skip={token_env}), "environment"))
-        values.update(_checked({**(overrides or {}), **kwargs}, "override"))
+        values.update(_checked({**(overrides or {}), **kwargs}, "override", parse_text=False))
         if "repo" not in values:
             raise ValueError("repo is not set; give --repo DIR or `repo = \"DIR\"` in the config file")
         return cls(**values)
@@ -251,60 +256,61 @@ ENV_IGNORED = {"GENSERVE_SERVER", "GENSERVE_TOKEN"}
 
 
 def from_environment(environ: dict[str, str], skip: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The ServerConfig settings of ``GENSERVE_<KEY>`` variables, typed by their fields (true/false for flags);
-    ValueError naming a variable that is not a setting (a typo) or does not parse. ``skip``: variables that are
-    not settings by design (the one ``token_env`` names)."""
-    kinds = {f.name: f.type for f in fields(ServerConfig)}
+    """The ServerConfig settings of ``GENSERVE_<KEY>`` variables, typed by their fields (``true``/``false``,
+    ``1``/``0``, ``yes``/``no`` for flags); ValueError naming a variable that is not a setting (a typo) or does not
+    parse. ``skip``: variables that are not settings by design (the one ``token_env`` names)."""
+    adapters = _adapters()
     out: dict[str, Any] = {}
     for name, text in environ.items():
         if not name.startswith(ENV_PREFIX) or name in ENV_IGNORED or name in skip:
             continue
         key = name[len(ENV_PREFIX):].lower()
-        if key not in kinds:
+        if key not in adapters:
             raise ValueError(f"environment: {name} is not a server setting; known: "
-                             f"{', '.join(ENV_PREFIX + k.upper() for k in sorted(kinds))}")
-        kind = kinds[key]
-        try:
-            if kind == "bool":
-                if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                    raise ValueError(text)
-                out[key] = text.strip().lower() in ("true", "1", "yes", "on")
-            elif kind == "int":
-                out[key] = int(text)
-            elif kind == "float":
-                out[key] = float(text)
-            else:
-                out[key] = text
-        except ValueError:
-            raise ValueError(f"environment: {name}={text!r} is not a valid {kind}") from None
+                             f"{', '.join(ENV_PREFIX + k.upper() for k in sorted(adapters))}")
+        out[key] = _typed(key, text, f"environment: {name}={text!r}")
     return out
 
 
-def _checked(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Type-check keys and values against the ServerConfig fields; ints are accepted for floats."""
-    kinds = {f.name: f.type for f in fields(ServerConfig)}
+@functools.cache
+def _adapters() -> dict[str, TypeAdapter]:
+    """A pydantic validator per ServerConfig field, from its type annotation."""
+    hints = typing.get_type_hints(ServerConfig)
+    return {f.name: TypeAdapter(hints[f.name]) for f in fields(ServerConfig)}
+
+
+def _typed(key: str, value: Any, where: str, parse_text: bool = True) -> Any:
+    """``value`` as the type of field ``key``: with ``parse_text``, text (the environment, a quoted TOML value)
+    is parsed ("8500" is 8500, "false" False, "maybe" no flag); other values must have the type already (strict:
+    2 is 2.0, but True is no worker count, 2.5 no port and, from Python, "64" no batch size); an empty string is
+    None where the field allows None (an unset path)."""
+    adapter = _adapters()[key]
+    if value == "":
+        with contextlib.suppress(ValidationError):
+            return adapter.validate_python(None)
+    try:
+        return adapter.validate_python(value, strict=not (parse_text and isinstance(value, str))
+                                       and not (isinstance(value, str) and _is_path(key)))
+    except ValidationError as e:
+        error = e.errors()[0]
+        raise ValueError(f"{where}: {key}: {error['msg'].lower()}, got {value!r}") from None
+
+
+def _is_path(key: str) -> bool:
+    """A path setting: a string is its natural form everywhere."""
+    return Path in typing.get_args(typing.get_type_hints(ServerConfig)[key]) or \
+        typing.get_type_hints(ServerConfig)[key] is Path
+
+
+def _checked(values: dict[str, Any], where: str, parse_text: bool = True) -> dict[str, Any]:
+    """Keys and values checked against the ServerConfig fields: unknown keys refused, values typed by pydantic
+    from the fields' annotations (server/config.py's one source of the types); ``parse_text``: see _typed."""
+    known = _adapters()
     out = {}
     for key, value in values.items():
-        if key not in kinds:
-            raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(kinds))}")
-        kind = kinds[key]
-        if kind in ("Path", "Path | None"):
-            if not isinstance(value, str | Path) or (kind == "Path" and value == ""):
-                raise ValueError(f"{where}: {key} must be a path, got {value!r}")
-            value = Path(value) if value != "" else None
-        elif kind == "bool":
-            if not isinstance(value, bool):
-                raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
-        elif kind == "float":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{where}: {key} must be a number, got {value!r}")
-            value = float(value)
-        elif kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{where}: {key} must be a whole number, got {value!r}")
-        elif kind == "str" and not isinstance(value, str):
-            raise ValueError(f"{where}: {key} must be a string, got {value!r}")
-        out[key] = value
+        if key not in known:
+            raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        out[key] = _typed(key, value, where, parse_text)
     return out
 
 

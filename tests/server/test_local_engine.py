@@ -158,7 +158,7 @@ def test_queries_and_errors_are_the_engines(local: LocalEngine) -> None:
 def test_settings_are_checked_and_a_closed_engine_refuses(repo_dir: Path) -> None:
     with pytest.raises(ValueError, match="unknown setting"):
         LocalEngine(repo_dir, max_batch=3)
-    with pytest.raises(ValueError, match="whole number"):
+    with pytest.raises(ValueError, match="max_batch_size: input should be a valid integer"):
         LocalEngine(repo_dir, max_batch_size="64")
     engine = LocalEngine(repo_dir, models=["moons-ppca"], provider="cpu", max_batch_size=8)
     assert engine.config.max_batch_size == 8

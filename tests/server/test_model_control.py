@@ -269,9 +269,11 @@ def test_settings_come_from_the_environment_between_the_file_and_the_flags(tmp_p
     cfg = ServerConfig.from_toml(toml, {"http_port": 4444}, environ=env, token_env="GENSERVE_MY_TOKENS")
     assert (cfg.port, cfg.http_port, cfg.open_health, cfg.max_queue_delay_ms) == (3333, 4444, False, 0.5)
     assert str(cfg.repo) == "from-file"
+    with pytest.raises(ValueError, match="workers: input should be a valid integer, got True"):
+        ServerConfig.from_toml(toml, {"workers": True})  # typed values must have the type already
     with pytest.raises(ValueError, match="GENSERVE_PROT is not a server setting"):
         ServerConfig.from_toml(toml, environ={"GENSERVE_PROT": "1"})
-    with pytest.raises(ValueError, match="GENSERVE_PORT='eighty' is not a valid int"):
+    with pytest.raises(ValueError, match="GENSERVE_PORT='eighty': port: input should be a valid integer"):
         ServerConfig.from_toml(toml, environ={"GENSERVE_PORT": "eighty"})
     parser = argparse.ArgumentParser()
     _arguments(parser)
