@@ -45,7 +45,7 @@ def verdict(clients: int, ratio: float, p99_ratio: float) -> str:
     if math.isnan(ratio):
         return "no peer measured"
     if clients == 1:
-        return "met" if ratio >= 1.0 else f"missed ({ratio:.2f}x < 1x)"
+        return "met" if ratio >= 1.0 else f"missed ({ratio:.3f}x < 1x)"
     if clients in (8, 64):
         misses = []
         if ratio < TARGET_RATIO:
@@ -104,3 +104,18 @@ def markdown(table: list[dict], servers: list[str], status: dict[str, str]) -> s
                      f"**{_num(cell['ratio'], '.2f')}x** | | p99 {_num(cell['p99_ratio'], '.2f')}x | | | | | | | "
                      f"{cell['verdict']} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # redraw the table of a result: python -m benchmarks.peers.summary RESULT.json
+    import json
+    import sys
+    from pathlib import Path
+
+    result = json.loads(Path(sys.argv[1]).read_text())
+    names = [GENSERVE, *result["pins"]]
+    names = [n for n in names if n in result["versions"] or n in result["status"]]
+    table = summarise(result["samples"], names, sorted({s["rows"] for s in result["samples"]}),
+                      sorted({s["clients"] for s in result["samples"]}))
+    print(markdown(table, names, result["status"]))
+    print(f"\n1-minute load average during the run: {result['load1_min_max'][0]:.1f} to "
+          f"{result['load1_min_max'][1]:.1f}")
