@@ -298,8 +298,13 @@ def _typed(key: str, value: Any, where: str, parse_text: bool = True) -> Any:
 
 def _is_path(key: str) -> bool:
     """A path setting: a string is its natural form everywhere."""
-    return Path in typing.get_args(typing.get_type_hints(ServerConfig)[key]) or \
-        typing.get_type_hints(ServerConfig)[key] is Path
+    return key in _path_fields()
+
+
+@functools.cache
+def _path_fields() -> frozenset[str]:
+    hints = typing.get_type_hints(ServerConfig)
+    return frozenset(k for k, t in hints.items() if t is Path or Path in typing.get_args(t))
 
 
 def _checked(values: dict[str, Any], where: str, parse_text: bool = True) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from genserve.server.interface import (
     LikelihoodRequest,
     ModelControl,
     ModelStatus,
-    ReloadResult,
     Request,
     SampleRequest,
     SampleResult,
@@ -143,13 +142,12 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
 
     ``cfg`` gives the limits (max_message_mb, max_deadline_s, max_queued_rows); ``rows`` the server-wide row
     budget (None: one of its own); ``control`` loads, unloads and reloads models for LoadModel, UnloadModel and
-    ReloadRepository (the app's, which also refreshes health; default the engine), ``reload`` overrides its
-    reload; ``observe(method, model, code, seconds)`` records
+    ReloadRepository (the app's, which also refreshes health; default the engine); ``observe(method, model, code,
+    seconds)`` records
     each finished request for metrics.
     """
 
     def __init__(self, engine: EngineInterface, cfg: ServerConfig, observe: Observe | None = None,
-                 reload: Callable[[], Awaitable[ReloadResult]] | None = None,
                  rows: RowBudget | None = None, control: ModelControl | None = None) -> None:
         self.engine = engine
         self.max_message_bytes = cfg.max_message_mb * 2**20
@@ -157,7 +155,6 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         self.rows = rows if rows is not None else RowBudget(cfg.max_queued_rows)
         self.accounting = Accounting(engine, observe, access_log=cfg.access_log)
         self.control = control or engine
-        self.reload = reload or self.control.reload
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
@@ -216,7 +213,7 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
     async def ReloadRepository(self, request: service_pb2.ReloadRequest,
                                context: grpc.aio.ServicerContext) -> service_pb2.ReloadResponse:
         async def handle() -> service_pb2.ReloadResponse:
-            result = await self.reload()
+            result = await self.control.reload()
             statuses = sorted(self.engine.list_models(), key=lambda s: s.name)
             return service_pb2.ReloadResponse(
                 models=[summary(s) for s in statuses],

@@ -34,8 +34,8 @@ from genserve.core.noise import MAX_SEED
 from genserve.server.errors import EngineError
 from genserve.server.interface import EngineInterface
 from genserve.server.limits import Expired, within
+from genserve.server.logs import ACCESS
 
-ACCESS = logging.getLogger("genserve.access")
 log = logging.getLogger("genserve.server")
 
 T = TypeVar("T")
