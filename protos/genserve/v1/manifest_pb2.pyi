@@ -189,7 +189,7 @@ class VersionPolicy(_message.Message):
     def __init__(self, latest: _Optional[_Union[VersionPolicy.Latest, _Mapping]] = ..., specific: _Optional[_Union[VersionPolicy.Specific, _Mapping]] = ..., all: _Optional[_Union[VersionPolicy.All, _Mapping]] = ...) -> None: ...
 
 class ModelManifest(_message.Message):
-    __slots__ = ("format_version", "name", "version", "family", "model", "description", "data", "graphs", "capabilities", "operations", "parameters", "test_metrics", "provenance", "serving")
+    __slots__ = ("format_version", "name", "version", "family", "model", "description", "data", "graphs", "capabilities", "operations", "parameters", "test_metrics", "provenance", "serving", "members", "score_kinds", "calibration")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,9 @@ class ModelManifest(_message.Message):
     TEST_METRICS_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_KINDS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     name: str
     version: int
@@ -232,4 +235,62 @@ class ModelManifest(_message.Message):
     test_metrics: _containers.ScalarMap[str, float]
     provenance: Provenance
     serving: ServingConfig
-    def __init__(self, format_version: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., family: _Optional[str] = ..., model: _Optional[str] = ..., description: _Optional[str] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., graphs: _Optional[_Iterable[_Union[GraphSpec, _Mapping]]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., operations: _Optional[_Iterable[_Union[Operation, str]]] = ..., parameters: _Optional[_Mapping[str, float]] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[MixtureMember]
+    score_kinds: _containers.RepeatedCompositeFieldContainer[ScoreKind]
+    calibration: _containers.RepeatedCompositeFieldContainer[ScoreCalibration]
+    def __init__(self, format_version: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., family: _Optional[str] = ..., model: _Optional[str] = ..., description: _Optional[str] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., graphs: _Optional[_Iterable[_Union[GraphSpec, _Mapping]]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., operations: _Optional[_Iterable[_Union[Operation, str]]] = ..., parameters: _Optional[_Mapping[str, float]] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., members: _Optional[_Iterable[_Union[MixtureMember, _Mapping]]] = ..., score_kinds: _Optional[_Iterable[_Union[ScoreKind, _Mapping]]] = ..., calibration: _Optional[_Iterable[_Union[ScoreCalibration, _Mapping]]] = ...) -> None: ...
+
+class MixtureMember(_message.Message):
+    __slots__ = ("prefix", "family", "model", "weight", "parameters", "likelihood", "source")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    family: str
+    model: str
+    weight: float
+    parameters: _containers.ScalarMap[str, float]
+    likelihood: LikelihoodKind
+    source: str
+    def __init__(self, prefix: _Optional[str] = ..., family: _Optional[str] = ..., model: _Optional[str] = ..., weight: _Optional[float] = ..., parameters: _Optional[_Mapping[str, float]] = ..., likelihood: _Optional[_Union[LikelihoodKind, str]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ScoreKind(_message.Message):
+    __slots__ = ("name", "description", "higher_is_normal", "per_batch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_NORMAL_FIELD_NUMBER: _ClassVar[int]
+    PER_BATCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    higher_is_normal: bool
+    per_batch: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., higher_is_normal: _Optional[bool] = ..., per_batch: _Optional[bool] = ...) -> None: ...
+
+class ScoreCalibration(_message.Message):
+    __slots__ = ("score", "probabilities", "quantiles", "rows", "data", "seed", "noise")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    score: str
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    quantiles: _containers.RepeatedScalarFieldContainer[float]
+    rows: int
+    data: str
+    seed: int
+    noise: str
+    def __init__(self, score: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., quantiles: _Optional[_Iterable[float]] = ..., rows: _Optional[int] = ..., data: _Optional[str] = ..., seed: _Optional[int] = ..., noise: _Optional[str] = ...) -> None: ...

@@ -25,15 +25,19 @@ _sym_db = _symbol_database.Default()
 from genserve.v1 import manifest_pb2 as genserve_dot_v1_dot_manifest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19genserve/v1/service.proto\x12\x0bgenserve.v1\x1a\x1agenserve/v1/manifest.proto\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xcb\x01\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12*\n\noperations\x18\x06 \x03(\x0e\x32\x16.genserve.v1.Operation\x12&\n\x05state\x18\x07 \x01(\x0e\x32\x17.genserve.v1.ModelState\x12\x0f\n\x07message\x18\x08 \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.genserve.v1.ModelSummary\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xeb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x03\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.genserve.v1.ModelState\x12,\n\x08manifest\x18\x06 \x01(\x0b\x32\x1a.genserve.v1.ModelManifest\x12+\n\x07serving\x18\x07 \x01(\x0b\x32\x1a.genserve.v1.ServingConfig\x12\x11\n\tproviders\x18\x08 \x03(\t\"\x80\x02\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\t\n\x01n\x18\x03 \x01(\x03\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0elangevin_steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12langevin_step_size\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\x0ereturn_latents\x18\x08 \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x11\n\x0f_langevin_stepsB\x15\n\x13_langevin_step_size\"U\n\x13SampleStreamRequest\x12*\n\x06sample\x18\x01 \x01(\x0b\x32\x1a.genserve.v1.SampleRequest\x12\x12\n\nchunk_size\x18\x02 \x01(\x03\"\x91\x01\n\x0eSampleResponse\x12$\n\x07samples\x18\x01 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x03\"\xbc\x01\n\x14LogLikelihoodRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x01x\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x1f\n\x12importance_samples\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x10\n\x08\x63hunk_id\x18\x06 \x01(\x03\x42\x15\n\x13_importance_samplesB\x07\n\x05_seed\"\xcb\x01\n\x15LogLikelihoodResponse\x12%\n\x08log_prob\x18\x01 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12)\n\x0c\x62its_per_dim\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.genserve.v1.LikelihoodKind\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x10\n\x08\x63hunk_id\x18\x05 \x01(\x03\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"{\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x01x\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x42\x07\n\x05_seed\"U\n\x0e\x45ncodeResponse\x12\x1e\n\x01z\x18\x01 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"{\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x42\x07\n\x05_seed\"U\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x01x\x18\x01 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x0f\n\rReloadRequest\"<\n\tLoadError\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"c\n\x0eReloadResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.genserve.v1.ModelSummary\x12&\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x16.genserve.v1.LoadError\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x11LoadModelResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.genserve.v1.ModelSummary\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"?\n\x13UnloadModelResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.genserve.v1.ModelSummary*\x8e\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x04\x32\xe3\x06\n\x11GenerativeService\x12M\n\nListModels\x12\x1e.genserve.v1.ListModelsRequest\x1a\x1f.genserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.genserve.v1.GetModelRequest\x1a\x16.genserve.v1.ModelInfo\x12\x41\n\x06Sample\x12\x1a.genserve.v1.SampleRequest\x1a\x1b.genserve.v1.SampleResponse\x12O\n\x0cSampleStream\x12 .genserve.v1.SampleStreamRequest\x1a\x1b.genserve.v1.SampleResponse0\x01\x12V\n\rLogLikelihood\x12!.genserve.v1.LogLikelihoodRequest\x1a\".genserve.v1.LogLikelihoodResponse\x12`\n\x13LogLikelihoodStream\x12!.genserve.v1.LogLikelihoodRequest\x1a\".genserve.v1.LogLikelihoodResponse(\x01\x30\x01\x12\x41\n\x06\x45ncode\x12\x1a.genserve.v1.EncodeRequest\x1a\x1b.genserve.v1.EncodeResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.genserve.v1.DecodeRequest\x1a\x1b.genserve.v1.DecodeResponse\x12K\n\x10ReloadRepository\x12\x1a.genserve.v1.ReloadRequest\x1a\x1b.genserve.v1.ReloadResponse\x12J\n\tLoadModel\x12\x1d.genserve.v1.LoadModelRequest\x1a\x1e.genserve.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.genserve.v1.UnloadModelRequest\x1a .genserve.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19genserve/v1/service.proto\x12\x0bgenserve.v1\x1a\x1agenserve/v1/manifest.proto\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xcb\x01\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61mily\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12*\n\noperations\x18\x06 \x03(\x0e\x32\x16.genserve.v1.Operation\x12&\n\x05state\x18\x07 \x01(\x0e\x32\x17.genserve.v1.ModelState\x12\x0f\n\x07message\x18\x08 \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.genserve.v1.ModelSummary\"1\n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xeb\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x03\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.genserve.v1.ModelState\x12,\n\x08manifest\x18\x06 \x01(\x0b\x32\x1a.genserve.v1.ModelManifest\x12+\n\x07serving\x18\x07 \x01(\x0b\x32\x1a.genserve.v1.ServingConfig\x12\x11\n\tproviders\x18\x08 \x03(\t\"\x80\x02\n\rSampleRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\t\n\x01n\x18\x03 \x01(\x03\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0elangevin_steps\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12langevin_step_size\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\x0ereturn_latents\x18\x08 \x01(\x08\x42\x07\n\x05_seedB\x0e\n\x0c_temperatureB\x11\n\x0f_langevin_stepsB\x15\n\x13_langevin_step_size\"U\n\x13SampleStreamRequest\x12*\n\x06sample\x18\x01 \x01(\x0b\x32\x1a.genserve.v1.SampleRequest\x12\x12\n\nchunk_size\x18\x02 \x01(\x03\"\x91\x01\n\x0eSampleResponse\x12$\n\x07samples\x18\x01 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12$\n\x07latents\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x03\"\x95\x02\n\x14LogLikelihoodRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x01x\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x1f\n\x12importance_samples\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x10\n\x08\x63hunk_id\x18\x06 \x01(\x03\x12\x0e\n\x06scores\x18\x07 \x03(\t\x12\x12\n\npercentile\x18\x08 \x01(\x08\x12\x15\n\rper_dimension\x18\t \x01(\x08\x12\x12\n\x05\x64raws\x18\n \x01(\x05H\x02\x88\x01\x01\x42\x15\n\x13_importance_samplesB\x07\n\x05_seedB\x08\n\x06_draws\"\x8e\x04\n\x15LogLikelihoodResponse\x12%\n\x08log_prob\x18\x01 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12)\n\x0c\x62its_per_dim\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.genserve.v1.LikelihoodKind\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x10\n\x08\x63hunk_id\x18\x05 \x01(\x03\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12*\n\rper_dimension\x18\x07 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12>\n\x06scores\x18\x08 \x03(\x0b\x32..genserve.v1.LogLikelihoodResponse.ScoresEntry\x12H\n\x0bpercentiles\x18\t \x03(\x0b\x32\x33.genserve.v1.LogLikelihoodResponse.PercentilesEntry\x1a\x42\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor:\x02\x38\x01\x1aG\n\x10PercentilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.genserve.v1.Tensor:\x02\x38\x01\"{\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x01x\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x42\x07\n\x05_seed\"U\n\x0e\x45ncodeResponse\x12\x1e\n\x01z\x18\x01 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"{\n\rDecodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x42\x07\n\x05_seed\"U\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x01x\x18\x01 \x01(\x0b\x32\x13.genserve.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x0f\n\rReloadRequest\"<\n\tLoadError\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"c\n\x0eReloadResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.genserve.v1.ModelSummary\x12&\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x16.genserve.v1.LoadError\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x11LoadModelResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.genserve.v1.ModelSummary\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"?\n\x13UnloadModelResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.genserve.v1.ModelSummary*\x8e\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x04\x32\xe3\x06\n\x11GenerativeService\x12M\n\nListModels\x12\x1e.genserve.v1.ListModelsRequest\x1a\x1f.genserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.genserve.v1.GetModelRequest\x1a\x16.genserve.v1.ModelInfo\x12\x41\n\x06Sample\x12\x1a.genserve.v1.SampleRequest\x1a\x1b.genserve.v1.SampleResponse\x12O\n\x0cSampleStream\x12 .genserve.v1.SampleStreamRequest\x1a\x1b.genserve.v1.SampleResponse0\x01\x12V\n\rLogLikelihood\x12!.genserve.v1.LogLikelihoodRequest\x1a\".genserve.v1.LogLikelihoodResponse\x12`\n\x13LogLikelihoodStream\x12!.genserve.v1.LogLikelihoodRequest\x1a\".genserve.v1.LogLikelihoodResponse(\x01\x30\x01\x12\x41\n\x06\x45ncode\x12\x1a.genserve.v1.EncodeRequest\x1a\x1b.genserve.v1.EncodeResponse\x12\x41\n\x06\x44\x65\x63ode\x12\x1a.genserve.v1.DecodeRequest\x1a\x1b.genserve.v1.DecodeResponse\x12K\n\x10ReloadRepository\x12\x1a.genserve.v1.ReloadRequest\x1a\x1b.genserve.v1.ReloadResponse\x12J\n\tLoadModel\x12\x1d.genserve.v1.LoadModelRequest\x1a\x1e.genserve.v1.LoadModelResponse\x12P\n\x0bUnloadModel\x12\x1f.genserve.v1.UnloadModelRequest\x1a .genserve.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'genserve.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=2401
-  _globals['_MODELSTATE']._serialized_end=2543
+  _globals['_LOGLIKELIHOODRESPONSE_SCORESENTRY']._loaded_options = None
+  _globals['_LOGLIKELIHOODRESPONSE_SCORESENTRY']._serialized_options = b'8\001'
+  _globals['_LOGLIKELIHOODRESPONSE_PERCENTILESENTRY']._loaded_options = None
+  _globals['_LOGLIKELIHOODRESPONSE_PERCENTILESENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSTATE']._serialized_start=2813
+  _globals['_MODELSTATE']._serialized_end=2955
   _globals['_TENSOR']._serialized_start=70
   _globals['_TENSOR']._serialized_end=122
   _globals['_LISTMODELSREQUEST']._serialized_start=124
@@ -53,31 +57,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLERESPONSE']._serialized_start=1052
   _globals['_SAMPLERESPONSE']._serialized_end=1197
   _globals['_LOGLIKELIHOODREQUEST']._serialized_start=1200
-  _globals['_LOGLIKELIHOODREQUEST']._serialized_end=1388
-  _globals['_LOGLIKELIHOODRESPONSE']._serialized_start=1391
-  _globals['_LOGLIKELIHOODRESPONSE']._serialized_end=1594
-  _globals['_ENCODEREQUEST']._serialized_start=1596
-  _globals['_ENCODEREQUEST']._serialized_end=1719
-  _globals['_ENCODERESPONSE']._serialized_start=1721
-  _globals['_ENCODERESPONSE']._serialized_end=1806
-  _globals['_DECODEREQUEST']._serialized_start=1808
-  _globals['_DECODEREQUEST']._serialized_end=1931
-  _globals['_DECODERESPONSE']._serialized_start=1933
-  _globals['_DECODERESPONSE']._serialized_end=2018
-  _globals['_RELOADREQUEST']._serialized_start=2020
-  _globals['_RELOADREQUEST']._serialized_end=2035
-  _globals['_LOADERROR']._serialized_start=2037
-  _globals['_LOADERROR']._serialized_end=2097
-  _globals['_RELOADRESPONSE']._serialized_start=2099
-  _globals['_RELOADRESPONSE']._serialized_end=2198
-  _globals['_LOADMODELREQUEST']._serialized_start=2200
-  _globals['_LOADMODELREQUEST']._serialized_end=2233
-  _globals['_LOADMODELRESPONSE']._serialized_start=2235
-  _globals['_LOADMODELRESPONSE']._serialized_end=2296
-  _globals['_UNLOADMODELREQUEST']._serialized_start=2298
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2333
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2335
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=2398
-  _globals['_GENERATIVESERVICE']._serialized_start=2546
-  _globals['_GENERATIVESERVICE']._serialized_end=3413
+  _globals['_LOGLIKELIHOODREQUEST']._serialized_end=1477
+  _globals['_LOGLIKELIHOODRESPONSE']._serialized_start=1480
+  _globals['_LOGLIKELIHOODRESPONSE']._serialized_end=2006
+  _globals['_LOGLIKELIHOODRESPONSE_SCORESENTRY']._serialized_start=1867
+  _globals['_LOGLIKELIHOODRESPONSE_SCORESENTRY']._serialized_end=1933
+  _globals['_LOGLIKELIHOODRESPONSE_PERCENTILESENTRY']._serialized_start=1935
+  _globals['_LOGLIKELIHOODRESPONSE_PERCENTILESENTRY']._serialized_end=2006
+  _globals['_ENCODEREQUEST']._serialized_start=2008
+  _globals['_ENCODEREQUEST']._serialized_end=2131
+  _globals['_ENCODERESPONSE']._serialized_start=2133
+  _globals['_ENCODERESPONSE']._serialized_end=2218
+  _globals['_DECODEREQUEST']._serialized_start=2220
+  _globals['_DECODEREQUEST']._serialized_end=2343
+  _globals['_DECODERESPONSE']._serialized_start=2345
+  _globals['_DECODERESPONSE']._serialized_end=2430
+  _globals['_RELOADREQUEST']._serialized_start=2432
+  _globals['_RELOADREQUEST']._serialized_end=2447
+  _globals['_LOADERROR']._serialized_start=2449
+  _globals['_LOADERROR']._serialized_end=2509
+  _globals['_RELOADRESPONSE']._serialized_start=2511
+  _globals['_RELOADRESPONSE']._serialized_end=2610
+  _globals['_LOADMODELREQUEST']._serialized_start=2612
+  _globals['_LOADMODELREQUEST']._serialized_end=2645
+  _globals['_LOADMODELRESPONSE']._serialized_start=2647
+  _globals['_LOADMODELRESPONSE']._serialized_end=2708
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2710
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2745
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2747
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2810
+  _globals['_GENERATIVESERVICE']._serialized_start=2958
+  _globals['_GENERATIVESERVICE']._serialized_end=3825
 # @@protoc_insertion_point(module_scope)

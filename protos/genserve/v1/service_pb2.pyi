@@ -132,36 +132,64 @@ class SampleResponse(_message.Message):
     def __init__(self, samples: _Optional[_Union[Tensor, _Mapping]] = ..., latents: _Optional[_Union[Tensor, _Mapping]] = ..., model_version: _Optional[int] = ..., seed: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class LogLikelihoodRequest(_message.Message):
-    __slots__ = ("model", "version", "x", "importance_samples", "seed", "chunk_id")
+    __slots__ = ("model", "version", "x", "importance_samples", "seed", "chunk_id", "scores", "percentile", "per_dimension", "draws")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    PER_DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    DRAWS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     x: Tensor
     importance_samples: int
     seed: int
     chunk_id: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ..., chunk_id: _Optional[int] = ...) -> None: ...
+    scores: _containers.RepeatedScalarFieldContainer[str]
+    percentile: bool
+    per_dimension: bool
+    draws: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., importance_samples: _Optional[int] = ..., seed: _Optional[int] = ..., chunk_id: _Optional[int] = ..., scores: _Optional[_Iterable[str]] = ..., percentile: _Optional[bool] = ..., per_dimension: _Optional[bool] = ..., draws: _Optional[int] = ...) -> None: ...
 
 class LogLikelihoodResponse(_message.Message):
-    __slots__ = ("log_prob", "bits_per_dim", "kind", "model_version", "chunk_id", "seed")
+    __slots__ = ("log_prob", "bits_per_dim", "kind", "model_version", "chunk_id", "seed", "per_dimension", "scores", "percentiles")
+    class ScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class PercentilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     BITS_PER_DIM_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PER_DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    PERCENTILES_FIELD_NUMBER: _ClassVar[int]
     log_prob: Tensor
     bits_per_dim: Tensor
     kind: _manifest_pb2.LikelihoodKind
     model_version: int
     chunk_id: int
     seed: int
-    def __init__(self, log_prob: _Optional[_Union[Tensor, _Mapping]] = ..., bits_per_dim: _Optional[_Union[Tensor, _Mapping]] = ..., kind: _Optional[_Union[_manifest_pb2.LikelihoodKind, str]] = ..., model_version: _Optional[int] = ..., chunk_id: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    per_dimension: Tensor
+    scores: _containers.MessageMap[str, Tensor]
+    percentiles: _containers.MessageMap[str, Tensor]
+    def __init__(self, log_prob: _Optional[_Union[Tensor, _Mapping]] = ..., bits_per_dim: _Optional[_Union[Tensor, _Mapping]] = ..., kind: _Optional[_Union[_manifest_pb2.LikelihoodKind, str]] = ..., model_version: _Optional[int] = ..., chunk_id: _Optional[int] = ..., seed: _Optional[int] = ..., per_dimension: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Mapping[str, Tensor]] = ..., percentiles: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("model", "version", "x", "seed", "sample")
