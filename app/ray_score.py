@@ -2,8 +2,10 @@
 
 The subcommand and its options are the client's (genserve.clients.commands); this handler lives in the
 application shell because it needs the server station (genserve.server.ray_data runs the engine in the
-actors), which a client must not import. genserve.app.cli picks it for ``--engine ray``. It writes the CSV
-and prints the line the gRPC path does, with the same scores for the same --seed and --chunk-size.
+actors), which a client must not import. genserve.app.cli picks it for ``--engine ray``. It writes the table
+(CSV or Parquet, by the --out suffix) with the gRPC path's writer and the same scores for the same --seed and
+--chunk-size. Score kinds, percentiles and explanations are the server's (it holds the calibration and the
+reference models): asked for here, they are refused with what to use instead.
 """
 
 from __future__ import annotations
@@ -21,14 +23,20 @@ def run_score(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from genserve.clients.commands import check_score_args, score_summary, write_scores
+    from genserve.clients.commands import check_score_args
+    from genserve.clients.score_tables import TableWriter, table_format
 
     check_score_args(args)
+    server_only = [name for name, given in (("--score-kind", args.score_kind),
+                                            ("--below-percentile", args.below_percentile is not None),
+                                            ("--explain", args.explain)) if given]
+    if server_only:
+        raise ValueError(f"{', '.join(server_only)} need a server (--engine grpc): score kinds, calibrated "
+                         "percentiles and per-dimension terms are computed by genserve serve; with --engine ray, "
+                         "flag by log p with --threshold NATS or --quantile Q")
     if not args.repo:
         raise ValueError("--engine ray reads the model repository itself: give --repo DIR (at that path on every "
                          "Ray worker)")
-    if args.chunk_size < 1:
-        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.concurrency is not None and args.concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     repo = Path(args.repo).expanduser().resolve()  # workers need not share this process's working folder
@@ -38,13 +46,8 @@ def run_score(args: argparse.Namespace) -> int:
     if args.columns or args.id_column:
         raise ValueError("--columns and --id-column work with a server (--engine grpc); with --engine ray, give the "
                          "example columns only")
-    if args.out in (None, "-"):
-        out: Path | str = "-"
-    else:
-        out = Path(args.out)
-        if out.suffix.lower() != ".csv":
-            raise ValueError(f"--out {args.out}: expected a .csv file name")
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out = "-" if args.out in (None, "-") else args.out
+    table_format(out)
     try:
         import ray
 
@@ -78,11 +81,24 @@ def run_score(args: argparse.Namespace) -> int:
             ray.shutdown()
     seconds = time.perf_counter() - started
     log_prob = scores.log_prob
+    if not len(log_prob):
+        raise ValueError(f"{args.input} has no rows to score")
     cut = args.threshold if args.quantile is None else float(np.quantile(log_prob, args.quantile))
-    outlier = None if cut is None else log_prob < cut
-    write_scores(out, log_prob, scores.bits_per_dim, outlier)
-    print(score_summary(args, args.model, scores.version, scores.kind, seed, seconds, log_prob, scores.bits_per_dim,
-                        outlier, cut, "stdout" if out == "-" else out) + f" (Ray Data, {repo})",
+    n = len(log_prob)
+    columns = {"row": np.arange(n, dtype=np.int64), "log_prob_nats": np.asarray(log_prob, dtype=np.float64),
+               "bits_per_dim": np.full(n, np.nan) if scores.bits_per_dim is None else scores.bits_per_dim}
+    line = f"mean log p {log_prob.mean():.4g} nats"
+    if scores.bits_per_dim is not None:
+        line += f", {scores.bits_per_dim.mean():.4g} bits/dim"
+    if cut is not None:
+        columns["outlier"] = log_prob < cut
+        rule = f"{args.quantile:g} quantile {cut:.4g}" if args.quantile is not None else f"threshold {cut:g}"
+        line += f"; {int(columns['outlier'].sum())} outliers below the {rule} nats"
+    with TableWriter(out) as table:
+        for start in range(0, n, 65536):
+            table.write({k: v[start:start + 65536] for k, v in columns.items()})
+    print(f"scored {n} rows of {args.input} with {args.model} v{scores.version} ({scores.kind}, seed {seed}) in "
+          f"{seconds:.1f} s: {line}; wrote {'stdout' if out == '-' else out} (Ray Data, {repo})",
           file=sys.stderr if out == "-" else sys.stdout)
     return 0
 

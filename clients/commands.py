@@ -46,22 +46,44 @@ drawn and printed, so every run can be repeated exactly.
 """,
     "score": """examples:
   genserve score digits-vae test.npy --out scores.csv
-  genserve score digits-arcnn images.npz --key x --out scores.csv --quantile 0.05     # flag the lowest 5%
+  genserve score wine-flow records.parquet --id-column id --below-percentile 5 --out scored.parquet
+  genserve score digits-arcnn images.npz --score-kind complexity_ratio --below-percentile 1 --out flags.csv
+  genserve score digits-arcnn images.npy --explain worst.png --explain-rows 16 --out scores.csv
   genserve score moons-realnvp points.csv --out scores.csv --threshold -6.5          # flag log p < -6.5 nats
-  genserve score digits-vae big.parquet --out scores.csv --chunk-size 8192         # Parquet needs pyarrow
+  genserve score digits-arcnn images.npz --key x --out scores.csv --quantile 0.05     # lowest 5% OF THIS FILE
   genserve score wine-flow records.parquet --id-column id --columns a,b,c > scores.csv   # ids kept, CSV on stdout
   genserve score digits-realnvp big.npy --out scores.csv --seed 1 --engine ray --repo /shared/models \
       --address ray://head:10001 --concurrency 8       # Ray Data actors, no server: the same scores
 
 Input: .npy (memory-mapped), .npz, .csv (one example per line, optional header) or .parquet, with rows of
-the model's shape or flattened (64 values for 8x8 digits). Output (--out, or stdout): one line per input row,
-  [id columns,]row,log_prob_nats,bits_per_dim[,outlier]
-in input order; bits_per_dim is empty for energy models (unnormalized scores). Rows stream to the server in
-chunks with several in flight: a file of any size is read in constant memory (only the scores are kept).
+the model's shape or flattened (64 values for 8x8 digits). Output: --out FILE.csv or FILE.parquet (the suffix
+chooses), or CSV on stdout (no --out, or -). One row per input row, in input order:
+  [id columns,] row, log_prob_nats, bits_per_dim, [score kinds,] [percentile[, percentile_<kind>...],]
+  [flag | outlier]
+bits_per_dim is empty (null) for energy models (unnormalized scores). Rows stream to the server in chunks
+with several in flight and the table is written as the answers come: a file of any size is scored in
+constant memory. The file appears at --out only when complete (a failed run leaves none); a progress bar is
+drawn on a terminal.
+
+Flags. --below-percentile P flags rows whose percentile is below P, a FIXED threshold: the percentile
+places each row's score among held-out in-distribution data scored when the model was exported (its
+calibration; `genserve info NAME --json` shows it), so the flag rate follows the data. --quantile Q is
+relative to the batch being scored: it always flags a fraction Q of the file, whatever the data (it keeps
+the scores, 8 bytes a row, and writes the table twice). --threshold flags log p below a fixed value.
+
+Score kinds (--score-kind, repeatable; `genserve info NAME` lists what a model serves) are computed by the
+server beside log_prob, e.g. a likelihood ratio to a simple reference model that corrects the raw
+likelihood's preference for simple inputs. The first kind is the one `percentile`, `flag` and --explain go
+by. A per-batch kind (a typicality test) is computed over each chunk of --chunk-size rows.
+
+--explain OUT.png (image models) asks for the per-dimension terms of -log p and draws the --explain-rows
+most anomalous rows (lowest percentile, else lowest score) beside their heat maps. Families whose
+likelihood has no exact per-dimension terms are refused by the server, saying why.
 
 --engine ray scores the file without a server, in Ray Data actors that run the model of the repository
 --repo in-process (pip install 'genserve[ray]'); the file and the repository must be at the same path on
-every Ray worker. With the same --seed and --chunk-size the scores are the server's, bit for bit.
+every Ray worker. With the same --seed and --chunk-size the scores are the server's, bit for bit. It writes
+log p only (no score kinds, percentiles or explanations: those are the server's).
 """,
     "encode": """examples:
   genserve encode digits-vae images.npy --out z.npy                 # posterior means E[z|x]
@@ -134,18 +156,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=0, help="model version (default 0: the highest)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = command("score", "score every row of a file by log-likelihood; write one score per row")
+    p = command("score", "score every row of a file by log-likelihood (and score kinds); write one row per row")
     p.add_argument("model", help="model name")
     p.add_argument("input", help=".npy, .npz, .csv or .parquet file of examples")
-    p.add_argument("--out", help="CSV to write: [ids,]row,log_prob_nats,bits_per_dim[,outlier] (default: stdout)")
+    p.add_argument("--out", help="table to write: FILE.csv or FILE.parquet (default, or -: CSV on stdout)")
     p.add_argument("--columns", help="CSV/Parquet: comma-separated columns that make an example (default: all but "
                    "the id columns)")
     p.add_argument("--id-column", action="append", default=[], metavar="NAME",
                    help="CSV/Parquet: a column to keep beside the scores, e.g. a record id (repeatable)")
+    p.add_argument("--score-kind", action="append", metavar="KIND",
+                   help="a score to write beside log p, as the model serves it (repeatable; default log_prob); "
+                        "the first decides percentile, flag and --explain")
     flag = p.add_mutually_exclusive_group()
+    flag.add_argument("--below-percentile", type=float, metavar="P",
+                      help="flag rows whose percentile among the model's calibration data (fixed at export) is "
+                           "below P, 0 < P < 100")
     flag.add_argument("--threshold", type=float, metavar="NATS", help="flag rows whose log p is below this")
     flag.add_argument("--quantile", type=float, metavar="Q",
-                      help="flag rows whose log p is below this quantile of all scores, 0 < Q < 1")
+                      help="flag rows whose log p is below this quantile of THIS BATCH's scores, 0 < Q < 1 "
+                           "(a constant flag rate; for a fixed threshold use --below-percentile)")
+    p.add_argument("--explain", metavar="PNG",
+                   help="image models: draw the most anomalous rows beside their per-pixel -log p heat maps")
+    p.add_argument("--explain-rows", type=int, default=16, metavar="N",
+                   help="rows drawn by --explain (default 16)")
     p.add_argument("--key", help=".npz: the array to read (default x, or the only one)")
     p.add_argument("--chunk-size", type=int, default=4096, metavar="N",
                    help="rows per streamed chunk (default 4096)")
@@ -325,92 +358,127 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    import tempfile
     import time
+    from pathlib import Path
 
-    import numpy as np
-
-    from genserve.clients.messages import concat_likelihoods
+    from genserve.clients.datafiles import open_rows
+    from genserve.clients.score_columns import ScoreColumns, WorstRows
+    from genserve.clients.score_tables import TableWriter, table_format
 
     if args.engine != "grpc":  # genserve.app.cli runs --engine ray (it needs the server station, not a client)
         raise ValueError(f"--engine {args.engine} runs through the genserve command (genserve.app.cli)")
-    from genserve.clients.datafiles import open_rows
-
     check_score_args(args)
-    out = "-" if args.out in (None, "-") else _out(args.out, ".csv")
+    out = "-" if args.out in (None, "-") else args.out
+    table_format(out)
+    if args.explain:
+        _out(args.explain, ".png")
     seed = _seed(args.seed)
     started = time.perf_counter()
     with _client(args) as client:
         info = client.info(args.model, args.version)
+        plan = ScoreColumns.plan(args, info.name, info.version, info.manifest)
+        if args.explain and len(info.spec.shape) not in (2, 3):
+            raise ValueError(f"--explain draws images; {info.name}'s examples have shape {info.spec.shape}")
         rows = open_rows(args.input, shape=info.spec.shape, key=args.key, id_columns=args.id_column,
                          columns=[c.strip() for c in args.columns.split(",")] if args.columns else None)
-        parts = [part for _, part in client.iter_scores(
-            args.model, rows, args.chunk_size, progress=not args.quiet and out != "-",
-            max_in_flight=args.in_flight, seed=seed, importance_samples=args.importance_samples,
-            version=info.version)]
-    scores = concat_likelihoods(parts, seed)
+        sent: dict[int, object] = {}
+        worst = WorstRows(args.explain_rows) if args.explain else None
+        if worst is not None:
+            rows.watch(sent.__setitem__)  # the examples of chunks in flight, to draw the worst beside their maps
+        stream = client.iter_scores(args.model, rows, args.chunk_size, progress=not args.quiet,
+                                    max_in_flight=args.in_flight, seed=seed,
+                                    importance_samples=args.importance_samples, version=info.version,
+                                    **plan.request(explain=worst is not None))
+        with contextlib.ExitStack() as stack:
+            if args.quantile is not None:  # two passes: the batch's quantile is known once every row is scored
+                folder = None if out == "-" else Path(out).parent
+                if folder is not None:
+                    folder.mkdir(parents=True, exist_ok=True)
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=folder, prefix=".genserve-")))
+                first = scratch / ("pass1.csv" if out == "-" else "pass1" + Path(out).suffix.lower())
+            else:
+                first = out
+            log_probs = []
+            version = info.version
+            with TableWriter(first) as table:
+                for offset, part in stream:
+                    cols = plan.columns(offset, part, rows.take_ids(len(part)))
+                    table.write(cols)
+                    version = part.version
+                    if args.quantile is not None:
+                        log_probs.append(cols["log_prob_nats"])
+                    if worst is not None:
+                        worst.add(sent.pop(offset), part.per_dimension, cols, plan.badness(cols))
+                if not table.rows:
+                    raise ValueError(f"{args.input} has no rows to score")
+            cut = None
+            if args.quantile is not None:
+                import numpy as np
+
+                log_prob = np.concatenate(log_probs)
+                cut = float(np.quantile(log_prob, args.quantile))
+                _add_outliers(first, out, log_prob < cut)
+                plan.flagged = int((log_prob < cut).sum())
     seconds = time.perf_counter() - started
-    log_prob = scores.log_prob
-    cut = args.threshold if args.quantile is None else float(np.quantile(log_prob, args.quantile))
-    outlier = None if cut is None else log_prob < cut
-    ids = {c: np.concatenate(v) if v else np.zeros(0, str) for c, v in rows.ids.items()}
-    write_scores(out, log_prob, scores.bits_per_dim, outlier, ids)
-    summary = score_summary(args, info.name, scores.version, scores.kind, seed, seconds, log_prob,
-                            scores.bits_per_dim, outlier, cut, "stdout" if out == "-" else out)
-    print(summary, file=sys.stderr if out == "-" else sys.stdout)  # stdout holds the CSV
+    line = (f"scored {plan.rows} rows of {args.input} with {info.name} v{version} ({info.likelihood}, seed {seed}) "
+            f"in {seconds:.1f} s: {plan.summary()}")
+    if cut is not None:
+        line += f"; {plan.flagged} outliers below the {args.quantile:g} quantile {cut:.4g} nats of this batch"
+    line += f"; wrote {'stdout' if out == '-' else out}"
+    if worst is not None:
+        line += _draw_worst(args.explain, worst, plan, info, args.id_column)
+    print(line, file=sys.stderr if out == "-" else sys.stdout)  # stdout holds the CSV
     return 0
+
+
+def _add_outliers(first, out, outlier) -> None:
+    """The second pass of --quantile: copy the first pass's table, adding the outlier column."""
+    from genserve.clients.score_tables import TableWriter, read_table_chunks
+
+    start = 0
+    with TableWriter(out) as table:
+        for chunk in read_table_chunks(first):
+            n = len(next(iter(chunk.values())))
+            table.write({**chunk, "outlier": outlier[start:start + n]})
+            start += n
+
+
+def _draw_worst(path: str, worst, plan, info, id_columns: list[str]) -> str:
+    from genserve.clients.images import write_explanation
+
+    rows = worst.rows
+    if not rows:
+        return ""
+    primary = plan.kinds[0].name
+    titles = []
+    for i in range(len(rows["x"])):
+        who = f"row {rows['row'][i]}" + "".join(f" {c}={rows[c][i]}" for c in id_columns[:1])
+        value = rows["log_prob_nats"][i] if primary == "log_prob" else rows[primary][i]
+        what = f"{'log p' if primary == 'log_prob' else primary} {float(value):.4g}"
+        if plan.percentile:
+            what += f", pct {float(rows['percentile'][i]):.3g}"
+        titles.append(f"{who}\n{what}")
+    spec = info.spec
+    low, high = (0, spec.levels - 1) if spec.discrete else (None, None)
+    write_explanation(_out(path, ".png"), rows["x"], rows["per_dimension"], titles, low, high)
+    return f" and {path} ({len(titles)} most anomalous rows explained)"
 
 
 def check_score_args(args: argparse.Namespace) -> None:
     """The score options every engine checks the same way."""
     if args.quantile is not None and not 0 < args.quantile < 1:
         raise ValueError(f"--quantile must be between 0 and 1, got {args.quantile}")
+    if args.below_percentile is not None and not 0 < args.below_percentile < 100:
+        raise ValueError(f"--below-percentile must be between 0 and 100, got {args.below_percentile:g}")
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.explain_rows < 1:
+        raise ValueError(f"--explain-rows must be >= 1, got {args.explain_rows}")
     if args.engine == "grpc":
         given = [f"--{name}" for name in ("repo", "address", "concurrency") if getattr(args, name) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} apply to --engine ray; a server (--server) has its own repository")
-
-
-def score_summary(args: argparse.Namespace, name: str, version: int, kind: str, seed: int, seconds: float,
-                  log_prob, bits_per_dim, outlier, cut, out) -> str:
-    """The line `genserve score` prints when done (every engine prints the same)."""
-    line = (f"scored {len(log_prob)} rows of {args.input} with {name} v{version} ({kind},"
-            f" seed {seed}) in {seconds:.1f} s: mean log p {log_prob.mean():.4g} nats")
-    if bits_per_dim is not None:
-        line += f", {bits_per_dim.mean():.4g} bits/dim"
-    if outlier is not None:
-        rule = f"{args.quantile:g} quantile {cut:.4g}" if args.quantile is not None else f"threshold {cut:g}"
-        line += f"; {int(outlier.sum())} outliers below the {rule} nats"
-    return f"{line}; wrote {out}"
-
-
-def write_scores(path, log_prob, bits_per_dim, outlier, ids: dict | None = None) -> None:
-    """CSV of one line per row: the id columns (as read, CSV-quoted where needed), row, log_prob_nats,
-    bits_per_dim (empty when None), outlier (0/1) if given; ``path`` "-" writes to stdout."""
-    import csv
-    import io
-
-    import numpy as np
-
-    n = len(log_prob)
-    columns = [np.arange(n).astype(str), np.char.mod("%.9g", log_prob),
-               np.char.mod("%.9g", bits_per_dim) if bits_per_dim is not None else np.full(n, "", dtype="<U1")]
-    header = "row,log_prob_nats,bits_per_dim"
-    if ids:
-        def quoted(values) -> list[str]:
-            text = io.StringIO()
-            csv.writer(text, lineterminator="\n").writerows([v] for v in values)
-            return text.getvalue().splitlines()
-
-        columns = [np.asarray(quoted(v), dtype=str) for v in ids.values()] + columns
-        header = ",".join(quoted(list(ids))) + "," + header
-    if outlier is not None:
-        columns.append(np.where(outlier, "1", "0"))
-        header += ",outlier"
-    with contextlib.nullcontext(sys.stdout) if str(path) == "-" else open(path, "w") as f:
-        f.write(header + "\n")
-        for start in range(0, n, 65536):
-            block = [c[start:start + 65536] for c in columns]
-            f.writelines(",".join(fields) + "\n" for fields in zip(*block, strict=True))
 
 
 def _latent_map(args: argparse.Namespace, method: str) -> int:

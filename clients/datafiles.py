@@ -33,8 +33,10 @@ class Rows:
     shape: tuple[int, ...] | None = None
     id_columns: tuple[str, ...] = ()
     """Columns read as they are (ids, labels, any text), kept beside the rows rather than scored."""
-    ids: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    """The id columns' values, one array per chunk read so far (str), in row order."""
+    ids: dict[str, list[Any]] = field(default_factory=dict)
+    """The id columns' values, one array per chunk read and not yet taken (take_ids), in row order: numpy str
+    arrays from a CSV, pyarrow arrays of the column's own type from Parquet (an int64 id stays int64)."""
+    _watchers: list[Callable[[int, np.ndarray], None]] = field(default_factory=list)
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
         """float32 arrays of at most ``size`` rows, in order; reshaped to (rows, *shape) when shape is set."""
@@ -43,8 +45,38 @@ class Rows:
         offset = 0
         for chunk in self._chunks(size):
             if len(chunk):
-                yield self._fit(np.asarray(chunk, dtype=np.float32), offset)
+                chunk = self._fit(np.asarray(chunk, dtype=np.float32), offset)
+                for watch in self._watchers:
+                    watch(offset, chunk)
+                yield chunk
                 offset += len(chunk)
+
+    def watch(self, callback: Callable[[int, np.ndarray], None]) -> None:
+        """Call ``callback(offset, chunk)`` with every chunk as it is read (e.g. to keep the rows an answer
+        will refer to: a scoring stream sends chunks on gRPC's thread and hands back scores only)."""
+        self._watchers.append(callback)
+
+    def take_ids(self, count: int) -> dict[str, Any]:
+        """The id columns' values of the next ``count`` rows not yet taken, removed from ``ids``.
+
+        A scoring stream reads (and so records ids) a few chunks ahead of its answers; taking them answer by
+        answer keeps only those few chunks' ids in memory, whatever the file's size.
+        """
+        out = {}
+        for name, parts in self.ids.items():
+            taken, have = [], 0
+            while have < count:
+                if not parts:
+                    raise ValueError(f"{self.name}: {count} rows asked of the id column {name!r}, {have} read")
+                part = parts.pop(0)
+                need = count - have
+                if len(part) > need:
+                    parts.insert(0, part[need:])
+                    part = part[:need]
+                taken.append(part)
+                have += len(part)
+            out[name] = _concat(taken)
+        return out
 
     def read(self) -> np.ndarray:
         """All rows at once (for sources small enough to hold)."""
@@ -188,17 +220,9 @@ def _parquet(path: Path, shape: tuple[int, ...] | None) -> Rows:
         raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
     table = pq.ParquetFile(path)
 
-    def columns(batch: Any) -> np.ndarray:
-        cols = []
-        for column in batch.columns:
-            values = column.to_numpy(zero_copy_only=False)
-            # A list column holds one whole example per row (e.g. 64 pixels).
-            cols.append(np.stack(values) if values.dtype == object else values[:, None])
-        return np.concatenate(cols, axis=1)
-
     def chunks(size: int) -> Iterator[np.ndarray]:
         for batch in table.iter_batches(batch_size=size):
-            yield columns(batch)
+            yield _parquet_values(path, batch, batch.schema.names)
 
     return Rows(str(path), table.metadata.num_rows, chunks, shape)
 
@@ -230,15 +254,8 @@ def _named(path: Path, shape: tuple[int, ...] | None, columns: list[str], id_col
     def parquet_chunks(size: int) -> Iterator[np.ndarray]:
         for batch in table.iter_batches(batch_size=size, columns=[*features, *id_columns]):
             for c in id_columns:
-                rows.ids[c].append(np.asarray(batch.column(c).to_pylist(), dtype=str))
-            cols = []
-            for c in features:
-                values = batch.column(c).to_numpy(zero_copy_only=False)
-                if values.dtype == object and len(values) and not isinstance(values[0], np.ndarray | list):
-                    raise ValueError(f"{path}: column {c!r} is not numeric; name it with --id-column to keep it, "
-                                     "or leave it out with --columns")
-                cols.append(np.stack(values) if values.dtype == object else values[:, None])
-            yield np.concatenate(cols, axis=1).astype(np.float32)
+                rows.ids[c].append(batch.column(c))
+            yield _parquet_values(path, batch, features)
 
     feature_at = [names.index(c) for c in features]
     id_at = [names.index(c) for c in id_columns]
@@ -253,13 +270,65 @@ def _named(path: Path, shape: tuple[int, ...] | None, columns: list[str], id_col
                 values = np.empty((len(batch), len(feature_at)), np.float32)
                 for i, record in enumerate(batch):
                     number += 1
+                    if len(record) != len(names):
+                        raise ValueError(f"{path} line {number}: {len(record)} fields where the header names "
+                                         f"{len(names)} ({', '.join(names)})")
                     try:
                         values[i] = [float(record[j]) for j in feature_at]
-                    except (ValueError, IndexError) as e:
-                        raise ValueError(f"{path} line {number}: {e}; name text columns with --id-column") from None
+                    except ValueError:
+                        bad = next(j for j in feature_at if not _is_number(record[j]))
+                        raise ValueError(f"{path} line {number}, column {names[bad]!r}: {record[bad]!r} is not a "
+                                         "number; name text columns with --id-column to keep them, or pick the "
+                                         "example's columns with --columns") from None
                 for c, j in zip(id_columns, id_at, strict=True):
                     rows.ids[c].append(np.asarray([record[j] for record in batch], dtype=str))
                 yield values
 
     rows._chunks = parquet_chunks if path.suffix.lower() == ".parquet" else csv_chunks
     return rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parquet_values(path: Path, batch: Any, features: list[str]) -> np.ndarray:
+    """The ``features`` columns of a Parquet record batch side by side as float32 (rows, values).
+
+    A list column holds one whole example per row (e.g. 64 pixels); a text column is refused, naming it.
+    """
+    import pyarrow as pa
+
+    cols = []
+    for c in features:
+        column = batch.column(c)
+        kind = column.type
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            values = column.to_numpy(zero_copy_only=False)
+            if column.null_count:
+                raise ValueError(f"{path}: column {c!r} has empty (null) rows; every row needs its values")
+            lengths = {len(v) for v in values}
+            if len(lengths) > 1:
+                raise ValueError(f"{path}: the lists of column {c!r} have {sorted(lengths)} values; every row "
+                                 "needs the same number")
+            cols.append(np.stack(values) if len(values) else np.zeros((0, 0), np.float32))
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind):
+            cols.append(column.to_numpy(zero_copy_only=False)[:, None])
+        else:
+            raise ValueError(f"{path}: column {c!r} holds {kind}, not numbers; name it with --id-column to keep it "
+                             "beside the scores, or pick the example's columns with --columns")
+    return np.concatenate(cols, axis=1).astype(np.float32)
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Consecutive pieces of an id column as one: numpy arrays, or pyarrow arrays / chunked arrays."""
+    if parts and not isinstance(parts[0], np.ndarray):
+        import pyarrow as pa
+
+        chunks = [c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]
+        return pa.concat_arrays(chunks) if chunks else pa.array([], type=parts[0].type)
+    return np.concatenate(parts) if parts else np.zeros(0, str)

@@ -1,4 +1,4 @@
-"""Image grids as PNG files, written with numpy and zlib alone (no matplotlib, no Pillow)."""
+"""Image grids as PNG files, written with numpy and zlib alone (no Pillow); explanation grids with matplotlib."""
 
 from __future__ import annotations
 
@@ -79,3 +79,65 @@ def write_grid(
 ) -> Path:
     """Write (N, H, W) images as one PNG grid; returns the path."""
     return write_png(path, grid(images, low, high, scale))
+
+
+def write_explanation(
+    path: str | Path,
+    images: np.ndarray,
+    maps: np.ndarray,
+    titles: list[str],
+    low: float | None = None,
+    high: float | None = None,
+    columns: int = 4,
+) -> Path:
+    """A PNG grid of rows to explain: each image (grey) beside its heat map of per-dimension -log p terms.
+
+    ``images`` (N, H, W) or (N, H, W, C) in data units, shown on [low, high] (default: their own range);
+    ``maps`` the same shape in nats per dimension (channels are summed: one term per pixel); ``titles`` one
+    line or two per row (e.g. its id and score). The maps share one colour scale and one colour bar, so the
+    rows can be compared. Drawn with matplotlib (an optional dependency of the client: pip install matplotlib).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise ValueError("drawing explanations (--explain) needs matplotlib: pip install matplotlib") from None
+    images, maps = np.asarray(images, dtype=np.float64), np.asarray(maps, dtype=np.float64)
+    if images.shape != maps.shape or images.ndim not in (3, 4) or not len(images):
+        raise ValueError(f"images {images.shape} and per-dimension maps {maps.shape}: expected the same non-empty "
+                         "(N, H, W) or (N, H, W, C) shape")
+    if len(titles) != len(images):
+        raise ValueError(f"{len(titles)} titles for {len(images)} images")
+    if images.ndim == 4:
+        maps = maps.sum(axis=3)
+        images = images.mean(axis=3) if images.shape[3] != 3 else images
+    lo = float(images.min()) if low is None else float(low)
+    hi = float(images.max()) if high is None else float(high)
+    shown = np.clip((images - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    vmin, vmax = float(np.nanmin(maps)), float(np.nanmax(maps))
+    n = len(images)
+    cols = max(1, min(columns, n))
+    rows = math.ceil(n / cols)
+    figure = Figure(figsize=(2.6 * cols + 0.9, 1.55 * rows + 0.4), dpi=110)
+    FigureCanvasAgg(figure)
+    grid_spec = figure.add_gridspec(rows, 2 * cols, left=0.02, right=0.88, top=1 - 0.35 / (1.55 * rows + 0.4),
+                                    bottom=0.03, wspace=0.08, hspace=0.55)
+    heat = None
+    for i in range(n):
+        r, c = divmod(i, cols)
+        left = figure.add_subplot(grid_spec[r, 2 * c])
+        left.imshow(shown[i], cmap=None if shown[i].ndim == 3 else "gray", vmin=0, vmax=1,
+                    interpolation="nearest")
+        right = figure.add_subplot(grid_spec[r, 2 * c + 1])
+        heat = right.imshow(maps[i], cmap="inferno", vmin=vmin, vmax=vmax, interpolation="nearest")
+        for axis in (left, right):
+            axis.set_xticks([])
+            axis.set_yticks([])
+        left.set_title(titles[i], fontsize=6.5, loc="left", x=0.0)
+    bar = figure.add_axes((0.9, 0.1, 0.02, 0.8))
+    figure.colorbar(heat, cax=bar).set_label("-log p per pixel (nats)", fontsize=8)
+    bar.tick_params(labelsize=7)
+    figure.suptitle("most anomalous rows: input | where its -log p comes from", fontsize=9)
+    path = Path(path)
+    figure.savefig(path, format="png")
+    return path
