@@ -43,7 +43,7 @@ of the server."""
 
 CLIENT_THIRD_PARTY = {"grpc", "google", "numpy", "tqdm"}
 """What a bare `pip install genserve` brings (grpcio, protobuf, numpy, tqdm)."""
-CLIENT_OPTIONAL = {"pyarrow", "grpc_health"}
+CLIENT_OPTIONAL = {"pyarrow", "grpc_health", "matplotlib"}
 """Optional in a client install: imported inside the function that needs them, never at module level."""
 
 ALLOWED: dict[tuple[str, str], str] = {}
