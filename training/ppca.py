@@ -2,7 +2,8 @@
 
 x = W z + mu + sigma * eps with z ~ N(0, I_q), eps ~ N(0, I_D), so p(x) = N(mu, W W^T + sigma^2 I).
 Discrete data are modelled dequantised (y = x + u, u ~ U[0,1)^D): E_u[log p(x + u)] <= log P(x), a bound on
-the probability of the integer example. Continuous data are modelled after normalisation, and the density
+the probability of the integer example; scoring uses the tighter log (1/K) sum_k p(x + u_k) over K draws
+(genserve.core.bounds). Continuous data are modelled after normalisation, and the density
 is reported in raw units (Jacobian of the normalisation included).
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from genserve.core.bounds import LogMeanExp
 from genserve.core.noise import Noise
 from genserve.training.base import LOG2PI, Capabilities, GenerativeModel
 
@@ -110,15 +112,18 @@ class PPCA(GenerativeModel):
 
     # ---- operations -------------------------------------------------------------------------------
     def log_prob(self, x: Tensor, noise: Noise, draws: int | None = None, **options: Any) -> Tensor:
-        """Exact log-density (continuous); discrete: mean over ``draws`` uniform dequantisations of
-        log p(x + u), noise order: ``draws`` times ``noise.uniform(B, D)``."""
+        """Exact log-density (continuous); discrete: the log-mean-exp bound log (1/K) sum_k p(x + u_k) over
+        K = ``draws`` uniform dequantisations (default ``dequant_draws``), a lower bound on log P(x) that
+        tightens with K (genserve.core.bounds). Noise order: K times ``noise.uniform(B, D)``; draws are added
+        one by one in float64 as the server adds them."""
         if not self.spec.discrete:
             return self.log_density(x)
-        draws = draws or self.dequant_draws
-        total = torch.zeros(x.shape[0])
+        draws = int(draws or self.dequant_draws)
+        bound = LogMeanExp(x.shape[0])
         for _ in range(draws):
-            total += self.log_density(x, torch.from_numpy(noise.uniform(x.shape[0], self.dim)))
-        return total / draws
+            u = torch.from_numpy(noise.uniform(x.shape[0], self.dim))
+            bound.add(self.log_density(x, u).detach().double().numpy())
+        return torch.from_numpy(bound.value()).float()
 
     def sample(self, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> Tensor:
         """Noise order: z = noise.normal(n, q), eps = noise.normal(n, D); both scaled by temperature."""

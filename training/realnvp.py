@@ -4,7 +4,8 @@ The flow f maps data to z ~ N(0, I), log p(x) = log N(f(x); 0, I) + log|det df/d
 uniformly, y = x + u with u ~ U[0, 1)^D, then mapped into the real line by a fixed logit transform
 t = logit(alpha + (1 - 2 alpha) y / levels) whose Jacobian is included, so the density is per unit integer cell
 and E_u[log p(x + u)] <= log P(x) is a bound on the probability of the integer image (whatever mass the flow puts
-beyond [0, levels), where the logit's support reaches, is simply lost, which keeps it a bound). Continuous rows are
+beyond [0, levels), where the logit's support reaches, is simply lost, which keeps it a bound); training uses one
+draw, scoring the tighter log (1/K) sum_k p(x + u_k) over K draws (genserve.core.bounds). Continuous rows are
 normalised with the spec's mean and std (Jacobian included), so densities are in raw units.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from genserve.core.bounds import LogMeanExp
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.training.base import LOG2PI, Capabilities, GenerativeModel
@@ -170,8 +172,8 @@ class RealNVP(GenerativeModel):
     hidden layers of ``hidden`` units (channels) and ``dropout``, each coupling followed by a normalisation layer
     (``norm``: batchnorm, actnorm or none).
 
-    ``logit_alpha`` sets the logit preprocessing of discrete data; ``dequant_draws`` uniform draws average the
-    dequantisation bound in ``log_prob``.
+    ``logit_alpha`` sets the logit preprocessing of discrete data; ``dequant_draws`` is the default number of
+    uniform draws K of the log-mean-exp dequantisation bound in ``log_prob``.
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -219,7 +221,7 @@ class RealNVP(GenerativeModel):
         if spec.dim < 2:
             raise ValueError("RealNVP needs at least 2 features to split between coupling halves")
         if spec.discrete:
-            self.likelihood_kind = "lower_bound"  # E_u log p(x+u) bounds log P(x) from below
+            self.likelihood_kind = "lower_bound"  # log-mean-exp of p(x+u) bounds log P(x) from below
         self.dequant_draws, self.logit_alpha = dequant_draws, logit_alpha
         D = spec.dim
         image = spec.shape if net == "cnn" else None
@@ -294,16 +296,19 @@ class RealNVP(GenerativeModel):
 
     # ---- operations -------------------------------------------------------------------------------
     def log_prob(self, x: Tensor, noise: Noise, draws: int | None = None, **options: Any) -> Tensor:
-        """Exact log-density (continuous); discrete: mean over ``draws`` dequantisations of log p(x + u),
-        noise order: ``draws`` times ``noise.uniform(B, D)``."""
+        """Exact log-density (continuous); discrete: the log-mean-exp bound log (1/K) sum_k p(x + u_k) over
+        K = ``draws`` dequantisations (default ``dequant_draws``), a lower bound on log P(x) that tightens with
+        K (genserve.core.bounds; evaluate and serve at the same K to compare). Noise order: K times
+        ``noise.uniform(B, D)``; draws are added one by one in float64 as the server adds them. Not
+        differentiable (evaluation only; ``loss`` trains on one draw)."""
         if not self.spec.discrete:
             return self.transform(x)[1]
         draws = int(draws or self.dequant_draws)
-        total = torch.zeros(x.shape[0], dtype=torch.float64)
+        bound = LogMeanExp(x.shape[0])
         for _ in range(draws):
-            u = torch.from_numpy(noise.uniform(x.shape[0], self.dim))
-            total += self.transform(x, u)[1].double()
-        return (total / draws).float()
+            u = torch.from_numpy(noise.uniform(x.shape[0], self.dim)).to(x.device)
+            bound.add(self.transform(x, u)[1].detach().double().cpu().numpy())
+        return torch.from_numpy(bound.value()).float().to(x.device)
 
     def sample(self, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> Tensor:
         """Noise order: z = noise.normal(n, D) * temperature, then x = postprocess(f^-1(z))."""

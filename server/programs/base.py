@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from genserve.core.bounds import LogMeanExp
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 
@@ -165,22 +166,25 @@ DEQUANT_ROWS = 4096
 
 async def dequantised_log_prob(run: Run, graph: str, x: np.ndarray, noise: Noise, dim: int, draws: int
                                ) -> np.ndarray:
-    """Mean over ``draws`` of log p(x + u), u = noise.uniform(N, dim) per draw, in nats per row (N,).
+    """log (1/K) sum_k p(x + u_k) over K = ``draws`` uniform draws u_k = noise.uniform(N, dim), nats per row (N,).
 
-    The draws of one request go to the graph together, as rows d*N + n of as few submissions as fit in
-    DEQUANT_ROWS rows: one batcher submission per request instead of one per draw, so a request costs the
-    batcher (and the event loop) one round trip. Consecutive draws are one ``uniform(k*N, dim)`` call, which
-    yields the same numbers as k calls of (N, dim), and the sum runs draw by draw in float64, so the result is
-    the same as scoring the draws one at a time (training.realnvp / training.ppca ``log_prob``).
+    The log-mean-exp (genserve.core.bounds), a lower bound on log P(x) of the integer x that tightens with K,
+    where the mean of log p(x + u_k) stays where it is. The draws of one request go to the graph together, as
+    rows d*N + n of as few submissions as fit in DEQUANT_ROWS rows: one batcher submission per request instead
+    of one per draw, so a request costs the batcher (and the event loop) one round trip; memory stays bounded
+    for any K (a submission's rows plus O(N) running sums). Consecutive draws are one ``uniform(k*N, dim)``
+    call, which yields the same numbers as k calls of (N, dim), and the draws are added one by one in float64,
+    so the result is the same as scoring the draws one at a time (training.realnvp / training.ppca
+    ``log_prob``).
     """
     n = x.shape[0]
     per_call = max(1, DEQUANT_ROWS // n)
-    total = np.zeros(n, dtype=np.float64)
+    bound = LogMeanExp(n)
     for first in range(0, draws, per_call):
         k = min(per_call, draws - first)
         u = noise.uniform(k * n, dim)
         xs = np.broadcast_to(x, (k, *x.shape)).reshape(k * n, *x.shape[1:])
         log_prob = (await run(graph, {"x": xs, "u": u}))["log_prob"].reshape(k, n)
         for row in log_prob:  # draw by draw, as the one-draw-at-a-time loop adds them
-            total += row
-    return (total / draws).astype(np.float32)
+            bound.add(row)
+    return bound.value().astype(np.float32)

@@ -27,7 +27,8 @@ class FlowProgram(Program):
 
     operations = FAMILIES["flow"].operations
     options = (Option("draws", "log_likelihood", int, 1, 4096, "dequant_draws",
-                      "uniform dequantisation draws averaged in the bound (discrete data only)"),)
+                      "uniform dequantisation draws K of the log-mean-exp bound (discrete data only; more: "
+                      "tighter and slower)"),)
 
     def __init__(self, spec: DataSpec, params: dict[str, float], graphs: dict[str, GraphSignature] | None = None
                  ) -> None:
@@ -37,8 +38,8 @@ class FlowProgram(Program):
 
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, draws: int | None = None,
                              **options: Any) -> np.ndarray:
-        """Continuous: exact log p(x). Discrete: mean over ``draws`` of log p(x + u), u = noise.uniform(N, D)
-        per draw (a lower bound on log P(x)); nats per row, shape (N,)."""
+        """Continuous: exact log p(x). Discrete: log (1/K) sum_k p(x + u_k), K = ``draws``, u_k =
+        noise.uniform(N, D) per draw (a lower bound on log P(x) that tightens with K); nats per row, (N,)."""
         x = x.astype(np.float32)
         if not self.spec.discrete:
             return (await run("forward", {"x": x}))["log_prob"]
