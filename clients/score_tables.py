@@ -163,10 +163,14 @@ class TableWriter:
         return self
 
     def __exit__(self, kind: type | None, *rest: object) -> None:
-        if kind is None:
-            self.close()
-        else:
+        if kind is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
 
 
 def read_table_chunks(path: Path, size: int = 65536) -> Iterator[dict[str, Any]]:
