@@ -224,27 +224,45 @@ class Client(_Base):
                 call.cancel()  # a no-op once finished; stops the server's work when the caller stops early
 
     def log_likelihood(self, model: str, x: Any, importance_samples: int | None = None,
-                       seed: int | None = None, version: int = 0) -> Likelihood:
-        """Scores of a batch x (N, *shape) in one call: log_prob nats (N,), bits_per_dim, kind."""
-        request = msg.log_likelihood_request(model, x, seed, importance_samples, version)
+                       seed: int | None = None, version: int = 0, *, scores: Sequence[str] | str = (),
+                       percentile: bool = False, per_dimension: bool = False, draws: int | None = None
+                       ) -> Likelihood:
+        """Scores of a batch x (N, *shape) in one call: log_prob nats (N,), bits_per_dim, kind.
+
+        ``scores``: score kinds to compute beside log_prob (``info(model).score_kinds`` lists them), returned in
+        ``Likelihood.scores``; ``percentile``: each row's percentile among the model's calibration data for
+        log_prob and each requested kind (``Likelihood.percentiles``, low = anomalous); ``per_dimension``: the
+        terms of -log p(x) per dimension (``Likelihood.per_dimension``); ``draws``: dequantisation draws of a
+        flow's or pPCA's bound on discrete data (unset: the model's default, which its calibration used).
+        """
+        request = msg.log_likelihood_request(model, x, seed, importance_samples, version, scores=scores,
+                                             percentile=percentile, per_dimension=per_dimension, draws=draws)
         return msg.read_likelihood(self._unary("LogLikelihood", request))
 
     def score_stream(self, model: str, source: Any, chunk_size: int = 4096, progress: bool = True,
                      max_in_flight: int = 4, seed: int | None = None, importance_samples: int | None = None,
-                     version: int = 0, key: str | None = None) -> Likelihood:
+                     version: int = 0, key: str | None = None, *, scores: Sequence[str] | str = (),
+                     percentile: bool = False, per_dimension: bool = False, draws: int | None = None
+                     ) -> Likelihood:
         """Score an array or a file (.npy, .npz, .csv, .parquet) of any size; one score per row, in row order.
 
         Rows go through LogLikelihoodStream in chunks of ``chunk_size`` rows, with up to ``max_in_flight``
         chunks sent ahead of their answers. The chunk starting at row r is seeded ``chunk_seed(seed, r)``.
+        ``scores``, ``percentile``, ``per_dimension`` and ``draws`` as in ``log_likelihood``; a per-batch score
+        kind (typicality) is computed over each chunk as its batch.
         """
         chunks = self.iter_scores(model, source, chunk_size, progress, max_in_flight, seed,
-                                  importance_samples, version, key)
+                                  importance_samples, version, key, scores=scores, percentile=percentile,
+                                  per_dimension=per_dimension, draws=draws)
         return msg.concat_likelihoods([part for _, part in chunks], seed)
 
     def iter_scores(self, model: str, source: Any, chunk_size: int = 4096, progress: bool = True,
                     max_in_flight: int = 4, seed: int | None = None, importance_samples: int | None = None,
-                    version: int = 0, key: str | None = None) -> Iterator[tuple[int, Likelihood]]:
+                    version: int = 0, key: str | None = None, *, scores: Sequence[str] | str = (),
+                    percentile: bool = False, per_dimension: bool = False, draws: int | None = None
+                    ) -> Iterator[tuple[int, Likelihood]]:
         """score_stream chunk by chunk: (offset of the chunk's first row, its Likelihood), in row order."""
+        extra = {"scores": scores, "percentile": percentile, "per_dimension": per_dimension, "draws": draws}
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         rows = self._rows(model, version, source, key)
@@ -265,7 +283,7 @@ class Client(_Base):
                         return
                     sent.append((offset, len(chunk)))
                     yield msg.log_likelihood_request(model, chunk, None if seed is None else chunk_seed(seed, offset),
-                                         importance_samples, version, chunk_id=offset)
+                                                     importance_samples, version, chunk_id=offset, **extra)
                     offset += len(chunk)
             except Exception as e:  # noqa: BLE001 - a bad row of the file ends the stream; re-raised below
                 failure.append(e)
@@ -399,22 +417,31 @@ class AsyncClient(_Base):
                 call.cancel()
 
     async def log_likelihood(self, model: str, x: Any, importance_samples: int | None = None,
-                             seed: int | None = None, version: int = 0) -> Likelihood:
-        request = msg.log_likelihood_request(model, x, seed, importance_samples, version)
+                             seed: int | None = None, version: int = 0, *, scores: Sequence[str] | str = (),
+                             percentile: bool = False, per_dimension: bool = False, draws: int | None = None
+                             ) -> Likelihood:
+        """Client.log_likelihood, awaited."""
+        request = msg.log_likelihood_request(model, x, seed, importance_samples, version, scores=scores,
+                                             percentile=percentile, per_dimension=per_dimension, draws=draws)
         return msg.read_likelihood(await self._unary("LogLikelihood", request))
 
     async def score_stream(self, model: str, source: Any, chunk_size: int = 4096, progress: bool = True,
                            max_in_flight: int = 4, seed: int | None = None,
                            importance_samples: int | None = None, version: int = 0,
-                           key: str | None = None) -> Likelihood:
+                           key: str | None = None, *, scores: Sequence[str] | str = (), percentile: bool = False,
+                           per_dimension: bool = False, draws: int | None = None) -> Likelihood:
         chunks = self.iter_scores(model, source, chunk_size, progress, max_in_flight, seed,
-                                  importance_samples, version, key)
+                                  importance_samples, version, key, scores=scores, percentile=percentile,
+                                  per_dimension=per_dimension, draws=draws)
         return msg.concat_likelihoods([part async for _, part in chunks], seed)
 
     async def iter_scores(self, model: str, source: Any, chunk_size: int = 4096, progress: bool = True,
                           max_in_flight: int = 4, seed: int | None = None,
                           importance_samples: int | None = None, version: int = 0,
-                          key: str | None = None) -> AsyncIterator[tuple[int, Likelihood]]:
+                          key: str | None = None, *, scores: Sequence[str] | str = (), percentile: bool = False,
+                          per_dimension: bool = False, draws: int | None = None
+                          ) -> AsyncIterator[tuple[int, Likelihood]]:
+        extra = {"scores": scores, "percentile": percentile, "per_dimension": per_dimension, "draws": draws}
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if not isinstance(source, Rows):
@@ -435,7 +462,7 @@ class AsyncClient(_Base):
                         return
                     sent.append((offset, len(chunk)))
                     yield msg.log_likelihood_request(model, chunk, None if seed is None else chunk_seed(seed, offset),
-                                         importance_samples, version, chunk_id=offset)
+                                                     importance_samples, version, chunk_id=offset, **extra)
                     offset += len(chunk)
             except Exception as e:  # noqa: BLE001 - a bad row of the file ends the stream; re-raised below
                 failure.append(e)

@@ -48,6 +48,57 @@ class ModelSummary:
 
 
 @dataclass(frozen=True)
+class ScoreKindInfo:
+    """One score kind a model serves (ModelManifest.score_kinds), with its calibration when it has one."""
+
+    name: str
+    description: str
+    """What the number means, its units, and how it was fitted."""
+    higher_is_normal: bool
+    """True when higher means more in-distribution (as for log_prob); its percentile is then the plain one,
+    otherwise 100 minus it, so a low percentile is anomalous for every kind."""
+    per_batch: bool
+    """True when a row's score depends on the other rows of its request (a test over the batch)."""
+    calibration_rows: int = 0
+    """Rows of in-distribution data its calibration holds; 0: no calibration (no percentiles)."""
+    calibration_data: str = ""
+    calibration_noise: str = ""
+    """How the noise of a stochastic score (a bound) enters the calibration."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def describe(self) -> str:
+        """One line for a listing: name, meaning and calibration."""
+        where = (f"; calibrated on {self.calibration_rows} rows of {self.calibration_data}"
+                 if self.calibration_rows else "; not calibrated")
+        sense = "higher = more normal" if self.higher_is_normal else "higher = more anomalous"
+        batch = ", per batch" if self.per_batch else ""
+        return f"{self.name}: {self.description} ({sense}{batch}{where})"
+
+
+LOG_PROB_KIND = "log_prob"
+
+
+def score_kinds(manifest: manifest_pb2.ModelManifest) -> dict[str, ScoreKindInfo]:
+    """``log_prob`` (when the model has a likelihood) and the manifest's score kinds, with their calibration."""
+    calibration = {c.score: c for c in manifest.calibration}
+    kinds = []
+    if manifest.capabilities.likelihood not in (manifest_pb2.LIKELIHOOD_KIND_UNSPECIFIED,
+                                                manifest_pb2.LIKELIHOOD_KIND_NONE):
+        likelihood = LIKELIHOOD_NAME.get(manifest.capabilities.likelihood, "exact")
+        kinds.append((LOG_PROB_KIND, f"the model's log-likelihood in nats ({likelihood})", True, False))
+    kinds += [(k.name, k.description, k.higher_is_normal, k.per_batch) for k in manifest.score_kinds]
+    out = {}
+    for name, description, higher, per_batch in kinds:
+        c = calibration.get(name)
+        out[name] = ScoreKindInfo(name, description, higher, per_batch,
+                                  int(c.rows) if c is not None else 0, c.data if c is not None else "",
+                                  c.noise if c is not None else "")
+    return out
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """One model version in full (GetModel); ``manifest`` is the raw genserve.v1.ModelManifest."""
 
@@ -70,11 +121,23 @@ class ModelInfo:
     providers: tuple[str, ...]
     manifest: manifest_pb2.ModelManifest = field(repr=False)
 
+    @property
+    def score_kinds(self) -> dict[str, ScoreKindInfo]:
+        """The score kinds this model serves beside log_prob (``scores=`` names), by name, with their meaning."""
+        return score_kinds(self.manifest)
+
+    @property
+    def calibrated(self) -> tuple[str, ...]:
+        """The scores with a calibration (``percentile=True`` works for them); empty: exported without one."""
+        return tuple(c.score for c in self.manifest.calibration)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (the manifest as protobuf JSON)."""
         keys = ("name", "version", "versions", "default_version", "state", "family", "model", "description",
                 "operations", "likelihood", "parameters", "test_metrics", "serving", "providers")
         out = {k: getattr(self, k) for k in keys}
+        out["score_kinds"] = {k: v.to_dict() for k, v in self.score_kinds.items()}
+        out["calibrated"] = list(self.calibrated)
         out["data"] = self.spec.to_dict()
         out["manifest"] = json_format.MessageToDict(self.manifest, preserving_proto_field_name=True)
         return out
@@ -92,6 +155,15 @@ class Likelihood:
     """The model version that answered."""
     seed: int | None
     """The seed used (for a stream: the seed its chunk seeds derive from; None when the server drew them)."""
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    """The requested score kinds (``scores=``), each (N,) float64, by name (ModelInfo.score_kinds says what
+    each means); empty when none were asked for."""
+    percentiles: dict[str, np.ndarray] = field(default_factory=dict)
+    """With ``percentile=True``: for "log_prob" and each requested kind, (N,) float64 in [0, 100], the row's
+    percentile among the model's calibration data, oriented so that low = anomalous; empty otherwise."""
+    per_dimension: np.ndarray | None = None
+    """With ``per_dimension=True``: (N, *shape) float64 nats, the terms of -log p(x) per dimension (docs/scoring.md
+    says what each family gives); None otherwise."""
 
     def __len__(self) -> int:
         return len(self.log_prob)
@@ -113,14 +185,27 @@ def sample_request(model: str, n: int, seed: int | None, temperature: float | No
                                      **{k: v for k, v in fields.items() if v is not None})
 
 
+def score_names(scores: Any) -> list[str]:
+    """The ``scores=`` argument as a list of kind names: a name, a comma-separated string or a sequence."""
+    if isinstance(scores, str):
+        scores = scores.split(",")
+    names = [str(s).strip() for s in scores or ()]
+    return [s for s in names if s]
+
+
 def log_likelihood_request(model: str, x: Any, seed: int | None, importance_samples: int | None, version: int,
-               chunk_id: int = 0) -> service_pb2.LogLikelihoodRequest:
+                           chunk_id: int = 0, *, scores: Any = (), percentile: bool = False,
+                           per_dimension: bool = False, draws: int | None = None
+                           ) -> service_pb2.LogLikelihoodRequest:
     request = service_pb2.LogLikelihoodRequest(model=model, version=version, x=to_proto(floats(x)),
-                                               chunk_id=chunk_id)
+                                               chunk_id=chunk_id, scores=score_names(scores),
+                                               percentile=bool(percentile), per_dimension=bool(per_dimension))
     if seed is not None:
         request.seed = int(seed)
     if importance_samples is not None:
         request.importance_samples = int(importance_samples)
+    if draws is not None:
+        request.draws = int(draws)
     return request
 
 
@@ -142,16 +227,24 @@ def decode_request(model: str, z: Any, seed: int | None, sample: bool,
 
 def read_likelihood(response: service_pb2.LogLikelihoodResponse, seed: int | None = None) -> Likelihood:
     bpd = from_proto(response.bits_per_dim) if response.HasField("bits_per_dim") else None
+    per_dim = from_proto(response.per_dimension).astype(np.float64) if response.HasField("per_dimension") else None
     return Likelihood(from_proto(response.log_prob), bpd, LIKELIHOOD_NAME.get(response.kind, "unspecified"),
-                      int(response.model_version), int(response.seed) if seed is None else seed)
+                      int(response.model_version), int(response.seed) if seed is None else seed,
+                      scores={k: from_proto(v).astype(np.float64) for k, v in response.scores.items()},
+                      percentiles={k: from_proto(v).astype(np.float64) for k, v in response.percentiles.items()},
+                      per_dimension=per_dim)
 
 
 def concat_likelihoods(parts: list[Likelihood], seed: int | None) -> Likelihood:
-    """The scores of consecutive chunks as one Likelihood."""
+    """The scores of consecutive chunks as one Likelihood (scores, percentiles and per-dimension terms too)."""
     if not parts:
         raise ValueError("no rows to score")
     bpd = None if parts[0].bits_per_dim is None else np.concatenate([p.bits_per_dim for p in parts])
-    return Likelihood(np.concatenate([p.log_prob for p in parts]), bpd, parts[0].kind, parts[0].version, seed)
+    per_dim = None if parts[0].per_dimension is None else np.concatenate([p.per_dimension for p in parts])
+    return Likelihood(np.concatenate([p.log_prob for p in parts]), bpd, parts[0].kind, parts[0].version, seed,
+                      scores={k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores},
+                      percentiles={k: np.concatenate([p.percentiles[k] for p in parts]) for k in parts[0].percentiles},
+                      per_dimension=per_dim)
 
 
 def read_stream_chunk(response: service_pb2.LogLikelihoodResponse, seed: int | None, offset: int,

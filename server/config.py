@@ -62,6 +62,8 @@ class ServerConfig:
     """Most Langevin steps one Sample request may ask for."""
     max_importance_samples: int = 5000
     """Most importance samples K one LogLikelihood request may ask for."""
+    max_dequant_draws: int = 256
+    """Most dequantisation draws (``draws``) one LogLikelihood request may ask for (flows, pPCA on discrete data)."""
     grace_s: float = 10.0
     """Seconds SIGTERM waits for accepted requests to finish before the server exits."""
     max_connection_age_s: float = 0.0
@@ -164,7 +166,7 @@ class ServerConfig:
             raise ValueError(f"thread counts must be >= 0 (0: ORT default), got intra_op_threads="
                              f"{self.intra_op_threads}, inter_op_threads={self.inter_op_threads}")
         for name in ("max_batch_size", "max_queue_size", "instances", "max_rows_per_request", "max_sample_n",
-                     "max_message_mb", "max_langevin_steps", "max_importance_samples", "workers",
+                     "max_message_mb", "max_langevin_steps", "max_importance_samples", "max_dequant_draws", "workers",
                      "max_queued_rows", "max_concurrent_rpcs", "processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

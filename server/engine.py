@@ -27,6 +27,7 @@ import numpy as np
 
 from genserve.core.manifest import LIKELIHOOD_NAME, SERVING_CONFIG, read_serving_config
 from genserve.core.noise import Noise
+from genserve.server import scoring
 from genserve.server.config import ServerConfig
 from genserve.server.errors import EngineError, InvalidInput, NotFound, NotReady, Unsupported
 from genserve.server.interface import (
@@ -367,6 +368,8 @@ class Engine:
             self._check_rows("x", request.x, "split it into requests of at most that many rows")
         else:
             self._check_rows("x", request.x, "split it, or use LogLikelihoodStream to score a data set in chunks")
+            if request.scores or request.percentile or request.per_dimension:
+                scoring.check(request.model, tuple(request.scores), request.percentile, request.per_dimension)
         self.options(request)
 
     def options(self, request: Request) -> dict[str, Any]:
@@ -381,13 +384,15 @@ class Engine:
         elif isinstance(request, LikelihoodRequest):
             if request.importance_samples is not None:
                 given["importance_samples"] = request.importance_samples
+            if request.draws is not None:
+                given["draws"] = request.draws
         elif request.sample:
             given["sample"] = True
         if not given:
             return given
         m = request.model
         caps = {"importance_samples": self.cfg.max_importance_samples, "langevin_steps": self.cfg.max_langevin_steps,
-                "langevin_step_size": MAX_LANGEVIN_STEP_SIZE}
+                "langevin_step_size": MAX_LANGEVIN_STEP_SIZE, "draws": self.cfg.max_dequant_draws}
         try:
             return m.program.check_options(request.operation, given, caps, f"{m.name}, a {m.model} model ({m.family})")
         except InvalidOption as e:
@@ -439,12 +444,19 @@ class Engine:
             return SampleResult(x, latents, m.version)
 
     async def log_likelihood(self, request: LikelihoodRequest) -> LikelihoodResult:
-        """log p(x) in nats, bits/dim (None when unnormalized), the likelihood kind, served version."""
+        """log p(x) in nats, bits/dim (None when unnormalized), the likelihood kind, served version; and,
+        when asked, score kinds, percentiles among the calibration data and per-dimension terms."""
         async with self._hold(request) as m:
             x = self._check_x(m, request.x)
             noise = _noise(request.seed)
             options = self.options(request)
-            lp = np.asarray(await m.program.log_likelihood(m.runner(), x, noise, **options), dtype=np.float64)
+            terms = None
+            if request.per_dimension:  # admitted: the program has log_likelihood_terms
+                lp, terms = await m.program.log_likelihood_terms(m.runner(), x, noise, **options)
+                terms = np.asarray(terms, dtype=np.float64).reshape(x.shape)
+            else:
+                lp = await m.program.log_likelihood(m.runner(), x, noise, **options)
+            lp = np.asarray(lp, dtype=np.float64)
             if lp.shape != (x.shape[0],):
                 raise RuntimeError(f"the {m.model} program returned log-likelihoods of shape {lp.shape} for "
                                    f"{x.shape[0]} rows")
@@ -452,7 +464,11 @@ class Engine:
             bpd = None if kind in ("unnormalized", "none") else -lp / (m.spec.dim * math.log(2))
             if self.metrics is not None:
                 self.metrics.add_rows_scored(m.name, x.shape[0])
-            return LikelihoodResult(lp, bpd, kind, m.version)
+            if not (request.scores or request.percentile or terms is not None):
+                return LikelihoodResult(lp, bpd, kind, m.version)
+            scores = scoring.compute_scores(m, x, lp, tuple(request.scores)) if request.scores else {}
+            pct = scoring.percentiles(m.manifest, {scoring.LOG_PROB: lp, **scores}) if request.percentile else {}
+            return LikelihoodResult(lp, bpd, kind, m.version, scores, pct, terms)
 
     async def encode(self, request: EncodeRequest) -> EncodeResult:
         """z (N, latent) float32: the posterior mean, or a draw from q(z|x) with ``sample``; served version."""

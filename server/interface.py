@@ -52,6 +52,14 @@ class LikelihoodRequest:
     seed: int
     importance_samples: int | None = None
     """VAE only: K of the importance-weighted bound; None: the program's default."""
+    scores: tuple[str, ...] = ()
+    """Score kinds to compute beside log_prob (the manifest's ``score_kinds``), by name."""
+    percentile: bool = False
+    """Also the percentile of log_prob and of each requested kind among the manifest's calibration."""
+    per_dimension: bool = False
+    """Also the per-dimension terms of -log p(x), where the family has them."""
+    draws: int | None = None
+    """Flows and pPCA on discrete data: dequantisation draws of the bound; None: the manifest's default."""
 
     operation = "log_likelihood"
 
@@ -93,7 +101,7 @@ class SampleResult(NamedTuple):
     version: int
 
 
-class LikelihoodResult(NamedTuple):
+class _Likelihood(NamedTuple):
     log_prob: np.ndarray
     """(N,) float64, nats."""
     bits_per_dim: np.ndarray | None
@@ -101,6 +109,26 @@ class LikelihoodResult(NamedTuple):
     kind: str
     """exact, lower_bound or unnormalized."""
     version: int
+
+
+class LikelihoodResult(_Likelihood):
+    """log_prob, bits_per_dim, kind, version (it unpacks as those four), and what the request asked for
+    beside them as attributes: ``scores`` and ``percentiles`` (by name, each (N,) float64; empty when not
+    asked for; percentiles in [0, 100], low = anomalous) and ``per_dimension`` ((N, *shape) float64 nats of
+    -log p per dimension, or None)."""
+
+    scores: dict[str, np.ndarray]
+    percentiles: dict[str, np.ndarray]
+    per_dimension: np.ndarray | None
+
+    def __new__(cls, log_prob: np.ndarray, bits_per_dim: np.ndarray | None, kind: str, version: int,
+                scores: dict[str, np.ndarray] | None = None, percentiles: dict[str, np.ndarray] | None = None,
+                per_dimension: np.ndarray | None = None) -> LikelihoodResult:
+        self = super().__new__(cls, log_prob, bits_per_dim, kind, version)
+        self.scores = scores or {}
+        self.percentiles = percentiles or {}
+        self.per_dimension = per_dimension
+        return self
 
 
 class EncodeResult(NamedTuple):

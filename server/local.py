@@ -187,16 +187,21 @@ class LocalEngine:
         return SampleResult(np.concatenate([p.x for p in parts]), latents, parts[0].version)
 
     def log_likelihood(self, model: str, x: Any, seed: int | None = None, *, importance_samples: int | None = None,
-                       version: int = 0) -> LikelihoodResult:
+                       version: int = 0, scores: Sequence[str] | str = (), percentile: bool = False,
+                       per_dimension: bool = False, draws: int | None = None) -> LikelihoodResult:
         """Scores of the rows of x (N, *shape), raw data units, as the LogLikelihood RPC with ``seed``:
-        log_prob (N,) float64 nats, bits_per_dim (None for unnormalized models), kind, version."""
+        log_prob (N,) float64 nats, bits_per_dim (None for unnormalized models), kind, version; and the score
+        kinds, percentiles and per-dimension terms asked for (docs/scoring.md)."""
         self._open()
         m = self._engine.resolve(model, version, "log_likelihood")
-        request = LikelihoodRequest(m, np.asarray(x), _seed(seed), importance_samples)
+        names = tuple(s.strip() for s in (scores.split(",") if isinstance(scores, str) else scores) if s.strip())
+        request = LikelihoodRequest(m, np.asarray(x), _seed(seed), importance_samples, names, bool(percentile),
+                                    bool(per_dimension), draws)
         return self._call(self._engine.log_likelihood(request))
 
     def score(self, model: str, rows: Any, seed: int, *, chunk_size: int = 4096,
-              importance_samples: int | None = None, version: int = 0) -> LikelihoodResult:
+              importance_samples: int | None = None, version: int = 0, scores: Sequence[str] | str = (),
+              percentile: bool = False, per_dimension: bool = False, draws: int | None = None) -> LikelihoodResult:
         """Scores of many rows, chunk by chunk as ``genserve score --seed S --chunk-size C`` sends them: the
         chunk starting at row r is scored with seed ``derived_seed(seed, r)``. ``rows``: an array (N, *shape)
         (flat rows of the right size are reshaped), or an iterable of such arrays of any lengths (a file read
@@ -208,7 +213,9 @@ class LocalEngine:
         for chunk in _chunks(rows, chunk_size):
             chunk = fit_rows(chunk, spec.shape)
             parts.append(self.log_likelihood(model, chunk, derived_seed(seed, offset),
-                                             importance_samples=importance_samples, version=version))
+                                             importance_samples=importance_samples, version=version,
+                                             scores=scores, percentile=percentile, per_dimension=per_dimension,
+                                             draws=draws))
             offset += len(chunk)
         return concat_likelihoods(parts)
 
@@ -256,7 +263,11 @@ def concat_likelihoods(parts: Sequence[LikelihoodResult]) -> LikelihoodResult:
     if not parts:
         raise ValueError("no rows to score")
     bpd = None if parts[0].bits_per_dim is None else np.concatenate([p.bits_per_dim for p in parts])
-    return LikelihoodResult(np.concatenate([p.log_prob for p in parts]), bpd, parts[0].kind, parts[0].version)
+    per_dim = None if parts[0].per_dimension is None else np.concatenate([p.per_dimension for p in parts])
+    return LikelihoodResult(np.concatenate([p.log_prob for p in parts]), bpd, parts[0].kind, parts[0].version,
+                            {k: np.concatenate([p.scores[k] for p in parts]) for k in parts[0].scores},
+                            {k: np.concatenate([p.percentiles[k] for p in parts]) for k in parts[0].percentiles},
+                            per_dim)
 
 
 def _chunks(rows: Any, size: int) -> Iterable[np.ndarray]:

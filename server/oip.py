@@ -65,7 +65,7 @@ import asyncio
 import importlib.metadata
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -90,13 +90,17 @@ from genserve.server.limits import RowBudget
 from genserve.server.oip_models import (
     OPERATIONS,
     PLATFORM,
+    SCORE_PARAMETERS,
     OpStats,
     Params,
     duration,
+    extra_outputs,
+    likelihood_request,
     model_config,
     oip_name,
     parse_version,
     sample_count,
+    score_arrays,
     split_name,
     wanted_outputs,
 )
@@ -373,7 +377,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                     remaining = timeout / 1e6 if remaining is None else min(remaining, timeout / 1e6)
                 seed = params.seed()
                 decoded = time.perf_counter_ns()
-                engine_request, rows = self._engine_request(loaded, operation, inputs, params, seed, wanted)
+                engine_request, rows = self._engine_request(loaded, operation, inputs, params, seed, wanted,
+                                                            request.outputs)
                 self.engine.admit(engine_request)
                 note_rows(rows)
                 with self.rows.hold(rows):
@@ -402,7 +407,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise
 
     def _engine_request(self, loaded: LoadedModel, operation: str, inputs: dict[str, np.ndarray], params: Params,
-                        seed: int, wanted: list[str]) -> tuple[Request, int]:
+                        seed: int, wanted: list[str], request_outputs: Sequence[pb.ModelInferRequest.
+                                                                            InferRequestedOutputTensor] = ()
+                        ) -> tuple[Request, int]:
         """(the engine's request for the operation, on the version resolved above; the rows it produces)."""
         if operation == "sample":
             n = sample_count(inputs, params)
@@ -416,7 +423,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             return request, n
         if operation == "log_likelihood":
             x = inputs["x"]
-            return LikelihoodRequest(loaded, x, seed, params.integer("importance_samples")), _rows(x)
+            k = params.integer("importance_samples")
+            named = [o.name for o in request_outputs]
+            if not params.values.keys() & SCORE_PARAMETERS and not extra_outputs(named):
+                return LikelihoodRequest(loaded, x, seed, k), _rows(x)  # the plain path: nothing else to read
+            return likelihood_request(loaded, x, seed, k, params, named, self.max_message_bytes), _rows(x)
         if operation == "encode":
             x = inputs["x"]
             return EncodeRequest(loaded, x, seed, params.flag("sample")), _rows(x)
@@ -430,8 +441,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             x, z, version = await engine.sample(request)
             return {"samples": x, "latents": z if request.return_latents else None}, version, {}
         if isinstance(request, LikelihoodRequest):
-            lp, bpd, kind, version = await engine.log_likelihood(request)
-            return {"log_prob": lp, "bits_per_dim": bpd}, version, {"likelihood_kind": kind}
+            result = await engine.log_likelihood(request)
+            outputs = {"log_prob": result.log_prob, "bits_per_dim": result.bits_per_dim}
+            if request.scores or request.percentile or request.per_dimension:
+                outputs.update(score_arrays(result))
+            return outputs, result.version, {"likelihood_kind": result.kind}
         if isinstance(request, EncodeRequest):
             z, version = await engine.encode(request)
             return {"z": z}, version, {}

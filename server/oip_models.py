@@ -15,21 +15,32 @@ from genserve.core.manifest import LIKELIHOOD_NAME
 from genserve.oip import POOL as OIP_POOL
 from genserve.oip import grpc_service_pb2 as pb
 from genserve.oip import model_config_pb2 as mc
-from genserve.server.interface import OPERATIONS
-from genserve.server.oip_tensors import DATATYPES, TensorSpec, tensor_specs
+from genserve.server.interface import OPERATIONS, LikelihoodRequest, LikelihoodResult
+from genserve.server.oip_tensors import (
+    DATATYPES,
+    PER_DIMENSION,
+    PERCENTILE,
+    PERCENTILE_PREFIX,
+    SCORE_PREFIX,
+    TensorSpec,
+    tensor_specs,
+)
 from genserve.server.repository import LoadedModel
-from genserve.server.transport import Failure, invalid, seed_or_draw
+from genserve.server.transport import Failure, check_answer_size, invalid, seed_or_draw
 
 PLATFORM = "genserve"
 BACKEND = "onnxruntime"
 
 PARAMETERS = {
     "sample": ("seed", "n", "temperature", "langevin_steps", "langevin_step_size", "return_latents", "timeout"),
-    "log_likelihood": ("seed", "importance_samples", "timeout"),
+    "log_likelihood": ("seed", "importance_samples", "scores", "percentile", "per_dimension", "draws", "timeout"),
     "encode": ("seed", "sample", "timeout"),
     "decode": ("seed", "sample", "timeout"),
 }
 """Request parameters each operation accepts."""
+SCORE_PARAMETERS = frozenset({"scores", "percentile", "per_dimension", "draws"})
+"""log_likelihood's parameters beyond log_prob: score kinds (comma-separated names), percentiles, per-dimension
+terms, dequantisation draws."""
 IGNORED_PARAMETERS = ("priority",)
 """Triton request parameters accepted and ignored (genserve has one priority level)."""
 
@@ -102,6 +113,14 @@ class Params:
             return False
         if not isinstance(value, bool):
             raise invalid(f"parameter {key!r} must be a bool (bool_param), got {value!r}")
+        return value
+
+    def text(self, key: str) -> str | None:
+        value = self.values.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise invalid(f"parameter {key!r} must be a string (string_param), got {value!r}")
         return value
 
     def seed(self) -> int:
@@ -206,6 +225,49 @@ def sample_count(inputs: dict[str, np.ndarray], params: Params) -> int:
         raise invalid("sample needs the number of samples: the input 'N' (INT64, shape [1]) or the request "
                       "parameter 'n'")
     return n_param
+
+
+def extra_outputs(named: list[str]) -> list[str]:
+    """Of the outputs a request names, those beyond log_prob and bits_per_dim (score kinds, percentiles,
+    per-dimension terms): naming one asks for it, as the matching request parameter does."""
+    return [n for n in named if n not in ("log_prob", "bits_per_dim")]
+
+
+def likelihood_request(loaded: LoadedModel, x: np.ndarray, seed: int, importance_samples: int | None,
+                       params: Params, named: list[str], max_message_bytes: int) -> LikelihoodRequest:
+    """A log_likelihood request with what its parameters (``scores`` comma-separated, ``percentile``,
+    ``per_dimension``, ``draws``) and its named outputs (``score_<kind>``, ``percentile``,
+    ``percentile_<kind>``, ``per_dimension``) ask for beside log_prob."""
+    text = params.text("scores")
+    scores = [s.strip() for s in (text or "").split(",") if s.strip()]
+    percentile = params.flag("percentile")
+    per_dimension = params.flag("per_dimension")
+    for name in extra_outputs(named):  # unknown names were refused by wanted_outputs
+        if name == PER_DIMENSION:
+            per_dimension = True
+        elif name == PERCENTILE:
+            percentile = True
+        elif name.startswith(PERCENTILE_PREFIX):
+            percentile = True
+            scores.append(name.removeprefix(PERCENTILE_PREFIX))
+        elif name.startswith(SCORE_PREFIX):
+            scores.append(name.removeprefix(SCORE_PREFIX))
+    scores = list(dict.fromkeys(scores))
+    if per_dimension:
+        row = 8 * max(1, int(np.prod(x.shape[1:]))) if x.ndim > 1 else 8
+        check_answer_size(int(x.shape[0]) if x.ndim else 1, row, max_message_bytes, "x",
+                          "send fewer rows per request when asking for per_dimension")
+    return LikelihoodRequest(loaded, x, seed, importance_samples, tuple(scores), percentile, per_dimension,
+                             params.integer("draws"))
+
+
+def score_arrays(result: LikelihoodResult) -> dict[str, np.ndarray | None]:
+    """A log_likelihood result's extras as OIP outputs by name."""
+    out: dict[str, np.ndarray | None] = {SCORE_PREFIX + k: v for k, v in result.scores.items()}
+    for k, v in result.percentiles.items():
+        out[PERCENTILE if k == "log_prob" else PERCENTILE_PREFIX + k] = v
+    out[PER_DIMENSION] = result.per_dimension
+    return out
 
 
 class ChainedPool:

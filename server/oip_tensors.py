@@ -77,10 +77,33 @@ def tensor_specs(loaded: LoadedModel, operation: str) -> tuple[list[TensorSpec],
         outputs = [TensorSpec("log_prob", "FP64", (-1,))]
         if LIKELIHOOD_NAME.get(loaded.likelihood_kind, "exact") not in ("unnormalized", "none"):
             outputs.append(TensorSpec("bits_per_dim", "FP64", (-1,)))
-        return [TensorSpec("x", "FP32", (-1, *data))], outputs
+        return [TensorSpec("x", "FP32", (-1, *data))], outputs + score_outputs(loaded)
     if operation == "encode":
         return [TensorSpec("x", "FP32", (-1, *data))], [TensorSpec("z", "FP32", (-1, *latent))]
     return [TensorSpec("z", "FP32", (-1, *latent))], [TensorSpec("x", "FP32", (-1, *data))]
+
+
+PERCENTILE = "percentile"
+"""The output holding log_prob's percentile; ``percentile_<kind>`` a score kind's."""
+SCORE_PREFIX, PERCENTILE_PREFIX = "score_", "percentile_"
+PER_DIMENSION = "per_dimension"
+
+
+def score_outputs(loaded: LoadedModel) -> list[TensorSpec]:
+    """log_likelihood's outputs beside log_prob, produced when asked for (by request parameter or by naming
+    them): ``score_<kind>`` per score kind, ``percentile`` and ``percentile_<kind>`` when calibrated,
+    ``per_dimension`` [-1, *data] when the family gives it."""
+    data = tuple(int(d) for d in loaded.spec.shape)
+    manifest = loaded.manifest
+    calibrated = {c.score for c in manifest.calibration}
+    out = [TensorSpec(SCORE_PREFIX + k.name, "FP64", (-1,), optional=True) for k in manifest.score_kinds]
+    if "log_prob" in calibrated:
+        out.append(TensorSpec(PERCENTILE, "FP64", (-1,), optional=True))
+    out += [TensorSpec(PERCENTILE_PREFIX + k.name, "FP64", (-1,), optional=True)
+            for k in manifest.score_kinds if k.name in calibrated]
+    if hasattr(loaded.program, "log_likelihood_terms"):
+        out.append(TensorSpec(PER_DIMENSION, "FP64", (-1, *data), optional=True))
+    return out
 
 
 def decode_inputs(request: pb.ModelInferRequest, specs: list[TensorSpec], model: str) -> dict[str, np.ndarray]:

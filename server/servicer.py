@@ -33,6 +33,7 @@ from genserve.server.interface import (
     EncodeRequest,
     EngineInterface,
     LikelihoodRequest,
+    LikelihoodResult,
     ModelControl,
     ModelStatus,
     Request,
@@ -128,6 +129,16 @@ def summary(status: ModelStatus) -> service_pb2.ModelSummary:
         name=status.name, versions=list(status.versions), default_version=status.default_version,
         family=status.family, model=status.model, operations=[OPERATION[op] for op in status.operations],
         state=STATE.get(status.state, service_pb2.MODEL_STATE_UNSPECIFIED), message=status.message)
+
+
+def add_scores(response: service_pb2.LogLikelihoodResponse, result: LikelihoodResult) -> None:
+    """The score kinds, percentiles and per-dimension terms of ``result`` into ``response`` (float64)."""
+    for name, value in result.scores.items():
+        response.scores[name].CopyFrom(to_proto(np.asarray(value, dtype=np.float64)))
+    for name, value in result.percentiles.items():
+        response.percentiles[name].CopyFrom(to_proto(np.asarray(value, dtype=np.float64)))
+    if result.per_dimension is not None:
+        response.per_dimension.CopyFrom(to_proto(np.asarray(result.per_dimension, dtype=np.float64)))
 
 
 def row_bytes(m: LoadedModel, latents: bool) -> int:
@@ -355,15 +366,24 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
         seed = request_seed(request)
         m = self.engine.resolve(request.model, int(request.version), "log_likelihood")
         k = request.importance_samples if request.HasField("importance_samples") else None
-        req = LikelihoodRequest(m, x, seed, k)
-        log_prob, bpd, kind, version = await self._run(context, req, len(x),
-                                                       lambda: self.engine.log_likelihood(req))
+        if request.scores or request.percentile or request.per_dimension or request.HasField("draws"):
+            req = LikelihoodRequest(m, x, seed, k, tuple(request.scores), request.percentile, request.per_dimension,
+                                    request.draws if request.HasField("draws") else None)
+        else:
+            req = LikelihoodRequest(m, x, seed, k)
+        if req.per_dimension:  # 8 bytes per dimension per row come back
+            check_answer_size(len(x), 8 * max(1, math.prod(x.shape[1:])), self.max_message_bytes, "x",
+                              "send fewer rows per request when asking for per_dimension")
+        result = await self._run(context, req, len(x), lambda: self.engine.log_likelihood(req))
+        log_prob, bpd, kind, version = result
         response = service_pb2.LogLikelihoodResponse(
             log_prob=to_proto(np.asarray(log_prob, dtype=np.float64)),
             kind=LIKELIHOOD.get(kind, manifest_pb2.LIKELIHOOD_KIND_UNSPECIFIED),
             model_version=version, chunk_id=request.chunk_id, seed=seed)
         if bpd is not None:
             response.bits_per_dim.CopyFrom(to_proto(np.asarray(bpd, dtype=np.float64)))
+        if req.scores or req.percentile or req.per_dimension:
+            add_scores(response, result)
         return response
 
     async def LogLikelihood(self, request: service_pb2.LogLikelihoodRequest,

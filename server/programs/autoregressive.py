@@ -55,6 +55,22 @@ def conditional_log_prob(spec: DataSpec, x: np.ndarray, params: list[np.ndarray]
     return lse.sum(-1) - np.log(std).sum()
 
 
+def conditional_terms(spec: DataSpec, x: np.ndarray, params: list[np.ndarray]) -> np.ndarray:
+    """log p(x_i | x_<i) in nats per position, (N, D) float64, for flat x (N, D) in raw units: the terms
+    ``conditional_log_prob`` sums (continuous data in raw units: each term includes -log std_i)."""
+    if spec.discrete:
+        logp = _log_softmax(params[0])
+        return np.take_along_axis(logp, x.astype(np.int64)[..., None], axis=-1)[..., 0]
+    logits, means, log_scales = (p.astype(np.float64) for p in params)
+    mean, std = np.asarray(spec.mean or 0.0), np.asarray(spec.std or 1.0)
+    y = ((x.astype(np.float64) - mean) / std)[..., None]
+    z = (y - means) * np.exp(-log_scales)
+    comp = _log_softmax(logits) - 0.5 * z * z - log_scales - 0.5 * LOG2PI
+    top = comp.max(axis=-1, keepdims=True)
+    lse = (top + np.log(np.exp(comp - top).sum(axis=-1, keepdims=True)))[..., 0]
+    return lse - np.log(std) * np.ones(x.shape[1])
+
+
 def draw_position(spec: DataSpec, i: int, params: list[np.ndarray], noise: Noise, temperature: float) -> np.ndarray:
     """x_i (n,) float32 in raw units from the conditional parameters of position i, each (n, P)."""
     n = params[0].shape[0]
@@ -90,6 +106,17 @@ class AutoregressiveProgram(Program):
         x = x.astype(np.float32)
         out = await run("logits", {"x": x})
         return conditional_log_prob(self.spec, flat(x), [out[k] for k in _names(self.spec)]).astype(np.float32)
+
+    async def log_likelihood_terms(self, run: Run, x: np.ndarray, noise: Noise, **options: Any
+                                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(log p(x) (N,), -log p(x_i | x_<i) (N, D) nats) from one ``logits`` call: the chain rule's exact
+        terms in the model's order (row-major over the data shape), summing to -log p(x)."""
+        x = x.astype(np.float32)
+        out = await run("logits", {"x": x})
+        params = [out[k] for k in _names(self.spec)]
+        # log p(x) as log_likelihood computes it, so asking for the terms does not change the score
+        lp = conditional_log_prob(self.spec, flat(x), params).astype(np.float32)
+        return lp, -conditional_terms(self.spec, flat(x), params)
 
     async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, recompute: bool = False,
                      **options: Any) -> SampleResult:

@@ -45,6 +45,32 @@ class VAEProgram(Program):
         m = w.max(axis=0)
         return (m + np.log(np.exp(w - m).sum(axis=0)) - math.log(K)).astype(np.float32)
 
+    async def log_likelihood_terms(self, run: Run, x: np.ndarray, noise: Noise, **options: Any
+                                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(the bound log_likelihood serves (N,), -log p(x_i | z) (N, D) nats at z = the posterior mean).
+
+        The terms explain the reconstruction term of the bound: where the decoder, given the code of x,
+        finds x unlikely. They do not sum to -log p(x) (nor to the bound: the KL / prior terms of the code
+        are not per dimension). Discrete data: -log softmax(logits)[x_i]; continuous: the Gaussian -log
+        N(x_i | mean_i, std_i), raw units. The bound's own noise is drawn first, as without the terms.
+        """
+        lp = await self.log_likelihood(run, x, noise, **options)
+        x = x.astype(np.float32)
+        n = x.shape[0]
+        z = (await run("encoder", {"x": x}))["mu"]
+        out = await run("decoder", {"z": z})
+        flat_x = x.reshape(n, -1).astype(np.float64)
+        if self.spec.discrete:
+            logits = out["logits"].astype(np.float64)
+            logits = logits - logits.max(axis=-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            terms = -np.take_along_axis(logp, flat_x.astype(np.int64)[..., None], axis=-1)[..., 0]
+        else:
+            mean = out["mean"].reshape(n, -1).astype(np.float64)
+            std = out["std"].reshape(n, -1).astype(np.float64)
+            terms = 0.5 * math.log(2 * math.pi) + np.log(std) + 0.5 * ((flat_x - mean) / std) ** 2
+        return lp, terms
+
     async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
         """z = noise.normal(n, q) * temperature; discrete: per-pixel inverse-CDF draws with
         u = noise.uniform(n, D); continuous: mean + std * noise.normal(n, D) * temperature."""
