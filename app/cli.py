@@ -19,6 +19,7 @@ STATIONS = [
     "genserve.training.cli",
     "genserve.training.evaluate",
     "genserve.export.cli",
+    "genserve.export.mixture_cli",
     "genserve.server.cli",
     "genserve.clients.commands",
     "genserve.app.quickstart",

@@ -18,6 +18,9 @@ PROGRAMS: dict[str, str] = {
     "implicit": "genserve.server.programs.gan:GANProgram",
     "energy": "genserve.server.programs.energy:EnergyProgram",
 }
+COMPOSITES: dict[str, str] = {"mixture": "genserve.server.programs.mixture:MixtureProgram"}
+"""Programs over other families' programs (not a family a module implements, so not in the family contract):
+their manifests list members, built by ``program_from_manifest``."""
 LEGACY = {("latent_variable", "ppca"): "linear_gaussian"}
 """Manifests written before the shared family table called pPCA ``latent_variable``: (family, model) -> family."""
 
@@ -25,13 +28,15 @@ LEGACY = {("latent_variable", "ppca"): "linear_gaussian"}
 def program_class(family: str, model: str = "") -> type[Program]:
     """The program class for a manifest's family (and, for old manifests, its model name)."""
     family = LEGACY.get((family, model), family)
-    if family not in PROGRAMS:
-        raise ValueError(f"no serving program for family {family!r}; known: {', '.join(PROGRAMS)}")
-    module, cls = PROGRAMS[family].split(":")
+    known = {**PROGRAMS, **COMPOSITES}
+    if family not in known:
+        raise ValueError(f"no serving program for family {family!r}; known: {', '.join(known)}")
+    module, cls = known[family].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["GraphSignature", "PROGRAMS", "Program", "program_class", "program_from_manifest", "signatures"]
+__all__ = ["COMPOSITES", "GraphSignature", "PROGRAMS", "Program", "program_class", "program_from_manifest",
+           "signatures"]
 
 
 def signatures(graphs) -> dict[str, GraphSignature]:
@@ -41,8 +46,14 @@ def signatures(graphs) -> dict[str, GraphSignature]:
 
 
 def program_from_manifest(manifest) -> Program:
-    """The family program of a ModelManifest, over its data spec, parameters and graph signatures."""
+    """The family program of a ModelManifest, over its data spec, parameters and graph signatures (a mixture's:
+    over its members' programs, genserve.server.programs.mixture)."""
     from genserve.core.manifest import spec_from_proto
+
+    if manifest.family in COMPOSITES:
+        from genserve.server.programs.mixture import mixture_from_manifest
+
+        return mixture_from_manifest(manifest)
 
     cls = program_class(manifest.family, manifest.model)
     return cls(spec_from_proto(manifest.data), dict(manifest.parameters), signatures(manifest.graphs))
