@@ -391,6 +391,7 @@ def run_score(args: argparse.Namespace) -> int:
                                     importance_samples=args.importance_samples, version=info.version,
                                     **plan.request(explain=worst is not None))
         with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.closing(stream))  # a failure half way cancels the stream at once
             if args.quantile is not None:  # two passes: the batch's quantile is known once every row is scored
                 folder = None if out == "-" else Path(out).parent
                 if folder is not None:
@@ -462,7 +463,8 @@ def _draw_worst(path: str, worst, plan, info, id_columns: list[str]) -> str:
     spec = info.spec
     low, high = (0, spec.levels - 1) if spec.discrete else (None, None)
     write_explanation(_out(path, ".png"), rows["x"], rows["per_dimension"], titles, low, high)
-    return f" and {path} ({len(titles)} most anomalous rows explained)"
+    drawn = ", ".join(str(r) for r in rows["row"])
+    return f" and {path} ({len(titles)} most anomalous rows explained: rows {drawn})"
 
 
 def check_score_args(args: argparse.Namespace) -> None:

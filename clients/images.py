@@ -118,10 +118,11 @@ def write_explanation(
     n = len(images)
     cols = max(1, min(columns, n))
     rows = math.ceil(n / cols)
-    figure = Figure(figsize=(2.6 * cols + 0.9, 1.55 * rows + 0.4), dpi=110)
+    height = 1.6 * rows + 0.7
+    figure = Figure(figsize=(2.6 * cols + 0.9, height), dpi=110)
     FigureCanvasAgg(figure)
-    grid_spec = figure.add_gridspec(rows, 2 * cols, left=0.02, right=0.88, top=1 - 0.35 / (1.55 * rows + 0.4),
-                                    bottom=0.03, wspace=0.08, hspace=0.55)
+    grid_spec = figure.add_gridspec(rows, 2 * cols, left=0.02, right=0.88, top=1 - 0.62 / height,
+                                    bottom=0.03, wspace=0.08, hspace=0.6)
     heat = None
     for i in range(n):
         r, c = divmod(i, cols)
@@ -137,7 +138,7 @@ def write_explanation(
     bar = figure.add_axes((0.9, 0.1, 0.02, 0.8))
     figure.colorbar(heat, cax=bar).set_label("-log p per pixel (nats)", fontsize=8)
     bar.tick_params(labelsize=7)
-    figure.suptitle("most anomalous rows: input | where its -log p comes from", fontsize=9)
+    figure.suptitle("most anomalous rows: input | where its -log p comes from", fontsize=9, y=1 - 0.08 / height)
     path = Path(path)
     figure.savefig(path, format="png")
     return path

@@ -162,3 +162,31 @@ def test_option_checks(target: str, records, tmp_path: Path, capsys: pytest.Capt
     assert e.value.code == 2
     code, _, err = run(capsys, "score", MOONS, path, "--below-percentile", 5, "--engine", "ray", "--repo", tmp_path)
     assert code == 2 and "--below-percentile need a server (--engine grpc)" in err and "--threshold" in err
+
+
+def test_explain_draws_the_lowest_rows_and_flows_are_refused(target: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """pPCA has exact per-dimension terms (its Gaussian's chain rule): --explain draws the rows of lowest log p;
+    a flow has none, and the server's refusal ends the run in one line with no table left behind."""
+    import matplotlib.image
+
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 17, size=(300, 8, 8)).astype(np.float32)
+    images[:250] = np.round(images[:250] * 0.2)  # dim images score higher; the bright ones are the worst
+    np.save(tmp_path / "x.npy", images)
+    code, text, _ = run(capsys, "score", "digits-ppca", tmp_path / "x.npy", "--explain", tmp_path / "why.png",
+                        "--explain-rows", 5, "--chunk-size", 64, "--seed", 1, "--out", tmp_path / "s.csv",
+                        "--server", target, "--quiet")
+    assert code == 0 and "5 most anomalous rows explained" in text, text
+    picture = matplotlib.image.imread(tmp_path / "why.png")
+    assert picture.shape[0] > 100 and np.abs(picture[..., 0] - picture[..., 2]).max() > 0.3
+    table = np.genfromtxt(tmp_path / "s.csv", delimiter=",", names=True)
+    worst = set(np.argsort(table["log_prob_nats"])[:5].tolist())
+    assert worst <= set(range(250, 300))
+    drawn = {int(r) for r in text.split("explained: rows ")[1].split(")")[0].split(", ")}
+    assert drawn == worst  # the five of lowest log p, whichever chunk they came in
+
+    code, text, err = run(capsys, "score", "digits-realnvp", tmp_path / "x.npy", "--explain", tmp_path / "f.png",
+                          "--out", tmp_path / "f.csv", "--server", target, "--quiet")
+    assert code == 1 and err.startswith("genserve: error: FAILED_PRECONDITION") and err.count("\n") == 1, err
+    assert not (tmp_path / "f.csv").exists() and not (tmp_path / "f.png").exists()
