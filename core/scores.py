@@ -73,7 +73,8 @@ KINDS: dict[str, ScoreKindDef] = {k.name: k for k in (
         "residual distribution per local-activity context, as in lossless image compressors; other discrete rows: "
         "independent per-feature categoricals; continuous rows: a Gaussian). Simple inputs (blank, constant) are "
         "likely under both, so only structure the model learnt beyond local smoothness scores high (Serra et al. "
-        "2020). Higher is more normal.",
+        "2020). Higher is more normal. Alone it forgives inputs the reference finds even harder than the model "
+        "does (dense noise patterns); min_z guards against that.",
         higher_is_normal=True, per_batch=False),
     ScoreKindDef(
         "min_z",
