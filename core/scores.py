@@ -10,7 +10,8 @@ take the second part out, each fitted on in-distribution rows only and never on 
   low-capacity reference model fitted on the same in-distribution data. For images the reference is a causal
   local predictor (the LOCO-I / JPEG-LS median edge predictor) with a fitted residual distribution per local
   activity context, the statistical core of a lossless image compressor; for discrete rows that are not images
-  it is independent per-feature categoricals; for continuous rows a Gaussian. Inputs that are merely simple get
+  it is independent per-feature categoricals (the local predictor along the row when they would need more than
+  CATEGORICAL_MAX_NUMBERS numbers); for continuous rows a Gaussian. Inputs that are merely simple get
   a high p_ref too, so their ratio stays low; only structure the model learnt beyond local smoothness raises it.
 - ``min_z``: the smaller of two in-distribution z-scores, that of log p(x) and that of the complexity ratio. The
   ratio alone forgives inputs that are complex and unlikely alike (30% of pixels replaced by noise: the model and
@@ -71,7 +72,8 @@ KINDS: dict[str, ScoreKindDef] = {k.name: k for k in (
         "log p_model(x) - log p_ref(x) in nats: the model's log-likelihood minus that of a low-capacity reference "
         "model fitted at export on in-distribution rows (images: a causal median-edge predictor with a fitted "
         "residual distribution per local-activity context, as in lossless image compressors; other discrete rows: "
-        "independent per-feature categoricals; continuous rows: a Gaussian). Simple inputs (blank, constant) are "
+        "independent per-feature categoricals, or that predictor along the row when long; continuous rows: a "
+        "Gaussian). Simple inputs (blank, constant) are "
         "likely under both, so only structure the model learnt beyond local smoothness scores high (Serra et al. "
         "2020). Higher is more normal. Alone it forgives inputs the reference finds even harder than the model "
         "does (dense noise patterns); min_z guards against that.",
@@ -106,7 +108,10 @@ PREFIX = "score."
 """Every fitted number's key in ModelManifest.parameters starts with this, then the kind's name."""
 
 # Reference models of complexity_ratio, stored as a number under "score.complexity_ratio.reference".
-REF_IMAGE, REF_CATEGORICAL, REF_GAUSSIAN, REF_GAUSSIAN_DIAG = 1.0, 2.0, 3.0, 4.0
+REF_LOCAL, REF_CATEGORICAL, REF_GAUSSIAN, REF_GAUSSIAN_DIAG = 1.0, 2.0, 3.0, 4.0
+CATEGORICAL_MAX_NUMBERS = 4096
+"""Discrete rows that are not images get per-feature categoricals (D x levels numbers in the manifest) up to this
+many numbers; longer rows are read as a one-row image by the local predictor, whose size does not grow with D."""
 FULL_COVARIANCE_MAX_DIM = 64
 """Continuous rows up to this many features get a full-covariance Gaussian reference (D(D+1)/2 numbers in the
 manifest); wider rows a diagonal one."""
@@ -193,7 +198,7 @@ def reference_log_prob(spec: DataSpec, x: np.ndarray, params: Mapping[str, float
     """log p_ref(x) (N,) float64 nats under the complexity_ratio's fitted reference model."""
     x = np.asarray(x, dtype=np.float64).reshape(-1, *spec.shape)
     ref = _param(params, "complexity_ratio", "reference")
-    if ref == REF_IMAGE:
+    if ref == REF_LOCAL:
         return _image_log_prob(spec, x, params)
     if ref == REF_CATEGORICAL:
         return _categorical_log_prob(spec, x, params)
@@ -230,9 +235,9 @@ def _param(params: Mapping[str, float], kind: str, name: str) -> float:
 
 def _fit_reference(spec: DataSpec, x: np.ndarray) -> dict[str, float]:
     key = PREFIX + "complexity_ratio."
-    if spec.discrete and spec.is_image:
+    if spec.discrete and (spec.is_image or spec.dim * spec.levels > CATEGORICAL_MAX_NUMBERS):
         logq = _image_tables(spec, x)
-        out = {key + "reference": REF_IMAGE, key + "levels": float(spec.levels)}
+        out = {key + "reference": REF_LOCAL, key + "levels": float(spec.levels)}
         out.update({f"{key}logq.{k}.{j}": float(v) for (k, j), v in np.ndenumerate(logq)})
         return out
     if spec.discrete:
@@ -299,8 +304,11 @@ def _check_levels(spec: DataSpec, params: Mapping[str, float]) -> None:
 
 
 def _planes(spec: DataSpec, x: np.ndarray) -> np.ndarray:
-    """(N, H, W[, C]) -> (N*C, H, W) integer planes: each channel is predicted from its own neighbours."""
+    """(N, H, W[, C]) -> (N*C, H, W) integer planes, each channel predicted from its own neighbours; rows that
+    are not images -> (N, 1, D), one row of pixels."""
     x = np.clip(np.rint(x), 0, spec.levels - 1).astype(np.int64)
+    if not spec.is_image:
+        return x.reshape(len(x), 1, -1)
     if x.ndim == 4:
         x = np.moveaxis(x, -1, 1).reshape(-1, x.shape[1], x.shape[2])
     return x

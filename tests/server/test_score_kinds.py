@@ -32,6 +32,7 @@ SPECS = [
     DataSpec("counts", (6,), "discrete", levels=4),
     DataSpec("wine", (5,), "continuous"),
     DataSpec("wide", (80,), "continuous"),
+    DataSpec("long", (3000,), "discrete", levels=2),
 ]
 
 
@@ -58,13 +59,20 @@ def test_every_kind_gives_one_finite_float64_per_row_even_for_blank_and_single_r
             assert np.isfinite(out).all(), (kind, out)
 
 
-@pytest.mark.parametrize("spec", [DataSpec("tiny", (2, 2), "discrete", levels=3),
-                                  DataSpec("rgb", (1, 2, 2), "discrete", levels=3),
-                                  DataSpec("rows", (4,), "discrete", levels=3)], ids=lambda s: s.name)
-def test_the_discrete_reference_is_a_normalised_distribution_over_every_possible_input(spec):
+@pytest.mark.parametrize(("spec", "long_rows"), [
+    (DataSpec("tiny", (2, 2), "discrete", levels=3), False),
+    (DataSpec("rgb", (1, 2, 2), "discrete", levels=3), False),
+    (DataSpec("rows", (4,), "discrete", levels=3), False),
+    (DataSpec("rows", (4,), "discrete", levels=3), True),
+], ids=["image", "channels", "rows", "long-rows"])
+def test_the_discrete_reference_is_a_normalised_distribution_over_every_possible_input(spec, long_rows, monkeypatch):
+    if long_rows:  # rows too long for per-feature tables take the local predictor along the row
+        monkeypatch.setattr(scores, "CATEGORICAL_MAX_NUMBERS", 0)
     rng = np.random.default_rng(2)
     x = _rows(spec, 40, rng)
     params = scores.fit(spec, x, _fake_log_prob(x))
+    want = scores.REF_LOCAL if spec.is_image or long_rows else scores.REF_CATEGORICAL
+    assert params["score.complexity_ratio.reference"] == want
     every = np.array(list(itertools.product(range(spec.levels), repeat=spec.dim)), np.float32)
     log_p = scores.reference_log_prob(spec, every.reshape(-1, *spec.shape), params)
     assert np.exp(log_p).sum() == pytest.approx(1.0, abs=1e-9)
