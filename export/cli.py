@@ -35,6 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing version")
     p.add_argument("--fp16", action="store_true", help="also write float16 graphs (GPU serving)")
     p.add_argument("--metrics", help="JSON file of test metrics, e.g. from `genserve evaluate --json`")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="held-out in-distribution rows (.npy/.npz/.csv/.parquet) to calibrate score percentiles "
+                   "on (half of them fit the score kinds); default: the validation split of the data set")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="store no score calibration (the model then serves no score kinds or percentiles)")
     p.set_defaults(handler=run_export)
 
     r = sub.add_parser("repo", help="inspect a model repository")
@@ -71,8 +76,15 @@ def run_export(args: argparse.Namespace) -> int:
     if stray:
         raise ValueError(f"{', '.join(stray)} go with --factory; a checkpoint carries its own family and data spec")
     export_checkpoint(args.checkpoint, args.repo, name=args.name, version=args.version, fp16=args.fp16,
-                      force=args.force, metrics=metrics)
+                      force=args.force, metrics=metrics, calibration=_calibration_arg(args))
     return 0
+
+
+def _calibration_arg(args: argparse.Namespace) -> str | bool | None:
+    """--calibration FILE, --no-calibration (False) or neither (None: the data set's validation split)."""
+    if args.calibration and args.no_calibration:
+        raise ValueError("give --calibration FILE or --no-calibration, not both")
+    return False if args.no_calibration else args.calibration
 
 
 def _export_factory(args: argparse.Namespace, metrics: dict | None) -> None:
@@ -85,7 +97,9 @@ def _export_factory(args: argparse.Namespace, metrics: dict | None) -> None:
         raise ValueError("--factory needs --family: one of autoregressive, flow, latent_variable, linear_gaussian, "
                          "implicit, energy (docs/contract.md)")
     family(args.family)  # an unknown family is refused before anything is imported or built
-    rows = None
+    from genserve.export.calibration import file_data, split_data
+
+    rows = data = None
     spec = read_spec(args.spec) if args.spec else None
     if args.data:
         from genserve.training.data import load_dataset
@@ -97,12 +111,20 @@ def _export_factory(args: argparse.Namespace, metrics: dict | None) -> None:
     if spec is None:
         raise ValueError("--factory needs the data spec: --spec spec.json, or --data naming the data it was "
                          "trained on")
+    choice, calibration = _calibration_arg(args), None
+    if isinstance(choice, str):
+        calibration = file_data(choice, spec)
+    elif choice is None and data is not None:
+        calibration = split_data(data.train, data.val, f"{args.data} validation split (score kinds fitted on its "
+                                 "training split)")
+    elif choice is None:
+        print("  no calibration: give in-distribution rows with --calibration FILE (or --data) for percentiles")
     module = build_module(load_factory(args.factory), spec, args.factory)
     if args.weights:
         load_weights(module, args.weights)
     export_model(module.eval(), args.family, spec, args.repo, name=args.name, version=args.version, data=rows,
                  model_name=args.model_name, fp16=args.fp16, force=args.force, metrics=metrics,
-                 source=args.factory)
+                 source=args.factory, calibration=calibration)
 
 
 def run_check(args: argparse.Namespace) -> int:

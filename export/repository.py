@@ -148,11 +148,14 @@ def _tensor_specs(infos: list[Any]) -> list[pb.TensorSpec]:
 def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None = None,
                       version: int | None = None, fp16: bool = False, force: bool = False,
                       metrics: dict[str, Any] | None = None, log: Any = print,
-                      report: dict[str, Any] | None = None) -> Path:
+                      report: dict[str, Any] | None = None, calibration: str | Path | bool | None = None) -> Path:
     """Export a ``genserve train`` checkpoint to ``repo``/NAME/VERSION and return that folder.
 
     The model goes through ``export_model`` like any user module, with its test split for the checks and its
     own PyTorch operations as the reference for the served ones. NAME defaults to ``<dataset>-<model>``.
+    ``calibration``: None calibrates the scores on the validation split of the checkpoint's data set (score
+    kinds fitted on its training split; export/calibration.py); a file path on that file's rows; False not at
+    all.
     """
     from genserve.training.checkpoint import load_checkpoint
 
@@ -162,16 +165,27 @@ def export_checkpoint(checkpoint: str | Path, repo: str | Path, name: str | None
         detail = " ".join(str(e).split())[:300]
         raise ValueError(f"{checkpoint} does not fit the current model code ({detail}); retrain it or check out "
                          "the code it was trained with") from None
+    from genserve.export.calibration import builtin_data, file_data
+
+    if calibration is None:
+        cal = builtin_data(ckpt, model.spec)
+        if cal is None:
+            log("  no calibration: the checkpoint's data set cannot be loaded here; give in-distribution rows "
+                "with --calibration FILE for percentiles")
+    elif calibration is False:
+        cal = None
+    else:
+        cal = file_data(calibration, model.spec)
     return export_model(model, model.family, model.spec, repo, name=name or default_name(model), version=version,
                         data=_test_rows(ckpt, model.spec), fp16=fp16, force=force, metrics=metrics, log=log,
-                        report=report, reference=model, checkpoint=ckpt, source=str(checkpoint))
+                        report=report, reference=model, checkpoint=ckpt, source=str(checkpoint), calibration=cal)
 
 
 def export_model(module: Any, family: str, spec: Any, repo: str | Path, name: str | None = None,
                  version: int | None = None, *, data: np.ndarray | None = None, model_name: str | None = None,
                  fp16: bool = False, force: bool = False, metrics: dict[str, Any] | None = None, log: Any = print,
                  report: dict[str, Any] | None = None, reference: Any = None, checkpoint: dict[str, Any] | None = None,
-                 source: str = "") -> Path:
+                 source: str = "", calibration: Any = None) -> Path:
     """Export any ``nn.Module`` that meets ``family``'s contract to ``repo``/NAME/VERSION; returns that folder.
 
     ``spec`` is the DataSpec (or its dict) of one example; ``data`` real rows (N, *shape) for the contract
@@ -183,6 +197,9 @@ def export_model(module: Any, family: str, spec: Any, repo: str | Path, name: st
     raises ValueError (ContractError, ExportError, ParityError) before anything is written: the version is
     built in a hidden folder and renamed into place when complete. ``version`` defaults to the highest + 1;
     an existing version is refused unless ``force``. ``fp16`` adds float16 graphs (export/fp16.py).
+    ``calibration`` (export.calibration.CalibrationData): held-out in-distribution rows to fit the score kinds
+    and measure every score's quantiles on, through the program over the exported graphs; None: none (the
+    model then serves no score kinds and no percentiles).
     """
     from genserve.core.manifest import write_manifest
     from genserve.core.spec import DataSpec
@@ -227,13 +244,22 @@ def export_model(module: Any, family: str, spec: Any, repo: str | Path, name: st
 
         files = {s.name: tmp / s.file for s in graph_specs}
         ref = reference if reference is not None else ProgramModel(program, TorchRunner(bound.graphs), bound)
-        ops = check_operations(ref, program, DirectRunner.from_files(files), rows[:CHECK_ROWS])
+        onnx_run = DirectRunner.from_files(files)
+        ops = check_operations(ref, program, onnx_run, rows[:CHECK_ROWS])
         report["operations"] = ops
         against = "PyTorch" if reference is not None else "the same program over the PyTorch graphs"
         log(f"  operations over ONNX Runtime vs {against}: {ops.summary()}")
 
         exporters = {g: r["exporter"] for g, r in report["graphs"].items()}
         manifest = _manifest(bound, checkpoint or {}, model_dir.name, version, graph_specs, exporters, metrics)
+        if calibration is not None:
+            from genserve.export.calibration import calibrate
+
+            cal = calibrate(program, onnx_run, spec, bound.likelihood_kind, calibration, tuple(bound.operations))
+            cal.apply(manifest)
+            report["calibration"] = {"scores": [e.score for e in cal.entries], "seconds": cal.seconds,
+                                     "rows": cal.entries[0].rows if cal.entries else 0}
+            log(f"  calibration: {cal.summary()}")
         for p in sorted(tmp.iterdir()):
             manifest.provenance.file_sha256[p.name] = sha256_file(p)
         write_manifest(manifest, tmp / MANIFEST)
