@@ -81,7 +81,9 @@ def test_score_writes_one_line_per_row_and_flags_outliers(target: str, client: C
                        "--quantile", 0.1, "--chunk-size", 512, "--server", target, "--quiet")
     assert code == 0 and "3000 rows" in out and "300 outliers" in out
     table = np.genfromtxt(tmp_path / "scores.csv", delimiter=",", names=True)
-    assert table.dtype.names == ("row", "log_prob_nats", "bits_per_dim", "outlier")
+    # a model exported with calibration also gets each row's percentile among its calibration data
+    percentile = ("percentile",) if "log_prob" in client.info(MOONS).calibrated else ()
+    assert table.dtype.names == ("row", "log_prob_nats", "bits_per_dim", *percentile, "outlier")
     assert np.array_equal(table["row"], np.arange(3000))
     assert np.allclose(table["log_prob_nats"], expected, rtol=1e-7)
     assert np.allclose(table["bits_per_dim"], -expected / (2 * np.log(2)), rtol=1e-6)
@@ -101,7 +103,8 @@ def test_score_digits_npz_with_a_seed_matches_the_client(target: str, client: Cl
     code, _, _ = run(capsys, "score", DIGITS, tmp_path / "d.npz", "--key", "x", "--seed", 5, "--chunk-size", 400,
                      "--out", tmp_path / "d.csv", "--server", target, "--quiet")
     table = np.genfromtxt(tmp_path / "d.csv", delimiter=",", names=True)
-    assert code == 0 and table.dtype.names == ("row", "log_prob_nats", "bits_per_dim")
+    percentile = ("percentile",) if "log_prob" in client.info(DIGITS).calibrated else ()
+    assert code == 0 and table.dtype.names == ("row", "log_prob_nats", "bits_per_dim", *percentile)
     streamed = client.score_stream(DIGITS, images, chunk_size=400, seed=5, progress=False)
     assert np.allclose(table["log_prob_nats"], streamed.log_prob, rtol=1e-7)
 
@@ -182,7 +185,8 @@ def test_score_keeps_id_columns_and_writes_to_stdout(target: str, client: Client
                              "--columns", "x,y", "--server", target, "--quiet")
         assert code == 0 and "50 rows" in err and "wrote stdout" in err, err
         lines = out.splitlines()
-        assert lines[0] == "id,label,row,log_prob_nats,bits_per_dim"
+        percentile = ",percentile" if "log_prob" in client.info(MOONS).calibrated else ""
+        assert lines[0] == "id,label,row,log_prob_nats,bits_per_dim" + percentile
         import csv
 
         table = list(csv.DictReader(lines))

@@ -190,3 +190,38 @@ def test_explain_draws_the_lowest_rows_and_flows_are_refused(target: str, tmp_pa
                           "--out", tmp_path / "f.csv", "--server", target, "--quiet")
     assert code == 1 and err.startswith("genserve: error: FAILED_PRECONDITION") and err.count("\n") == 1, err
     assert not (tmp_path / "f.csv").exists() and not (tmp_path / "f.png").exists()
+
+
+def test_score_kinds_percentiles_and_a_fixed_flag(target: str, client: Client, records, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """A calibrated model: the chosen kinds as columns, each one's percentile among the calibration data (the
+    first kind's as `percentile`), and `flag` = percentile below P, the same whatever else the file holds."""
+    import pyarrow.parquet as pq
+
+    info = client.info(MOONS)
+    kind = next((k for k, v in info.score_kinds.items() if k != "log_prob" and not v.per_batch), None)
+    assert kind is not None and {"log_prob", kind} <= set(info.calibrated), info.score_kinds
+    path, x, ids = records
+    expected = client.log_likelihood(MOONS, x, scores=[kind], percentile=True)
+    out = tmp_path / "kinds.parquet"
+    code, text, _ = run(capsys, "score", MOONS, path, "--id-column", "id", "--columns", "x,y", "--score-kind", kind,
+                        "--score-kind", "log_prob", "--below-percentile", 10, "--out", out, "--chunk-size", 128,
+                        "--server", target, "--quiet")
+    table = pq.read_table(out).to_pydict()
+    assert code == 0 and list(table) == ["id", "row", "log_prob_nats", "bits_per_dim", kind, "percentile",
+                                         "percentile_log_prob", "flag"], list(table)
+    assert table["id"] == ids.tolist()
+    assert np.allclose(table[kind], expected.scores[kind], rtol=1e-7)
+    assert np.allclose(table["percentile"], expected.percentiles[kind], atol=1e-9)
+    assert np.allclose(table["percentile_log_prob"], expected.percentiles["log_prob"], atol=1e-9)
+    flags = np.asarray(table["flag"])
+    assert np.array_equal(flags, expected.percentiles[kind] < 10)
+    assert f"{int(flags.sum())} flagged below the 10th percentile of {kind}" in text, text
+    # a fixed threshold: the first 100 rows alone get the same flags (--quantile would flag 10% of any batch)
+    pq.write_table(pq.read_table(path).slice(0, 100), tmp_path / "few.parquet")
+    code, _, _ = run(capsys, "score", MOONS, tmp_path / "few.parquet", "--id-column", "id", "--columns", "x,y",
+                     "--score-kind", kind, "--below-percentile", 10, "--out", tmp_path / "few.csv", "--server",
+                     target, "--quiet")
+    with open(tmp_path / "few.csv", newline="") as f:
+        few = [r["flag"] == "1" for r in csv.DictReader(f)]
+    assert code == 0 and few == flags[:100].tolist()
