@@ -113,7 +113,7 @@ class Scorer:
             self.params = scores.fit(self.spec, x_train, train)
             self.fitted_on = f"{len(x_train)} rows of the digits training split, here"
         self.family = info.family
-        self.server_vs_local = 0.0
+        self.server_vs_local: float | None = None  # largest |server - local| of a served kind, once compared
         for k in self.kinds:
             self.higher[k] = scores.KINDS[k].higher_is_normal
 
@@ -126,7 +126,8 @@ class Scorer:
                 continue
             local = scores.compute(k, self.spec, x, answer.log_prob, self.params)
             if k in answer.scores:  # the server's number, checked against the same maths run here
-                self.server_vs_local = max(self.server_vs_local, float(np.abs(answer.scores[k] - local).max()))
+                gap = float(np.abs(answer.scores[k] - local).max())
+                self.server_vs_local = max(self.server_vs_local or 0.0, gap)
                 out[k] = answer.scores[k]
             else:
                 out[k] = local
