@@ -61,7 +61,8 @@ def fit_weights(scores: np.ndarray, iterations: int = 1000, tol: float = 1e-10) 
         raise ValueError(f"member scores must be a finite (members, rows) array, got shape {s.shape}")
     w = np.full(len(s), 1.0 / len(s))
     for _ in range(iterations):
-        a = np.log(w)[:, None] + s
+        with np.errstate(divide="ignore"):  # a weight that reached 0 stays 0
+            a = np.log(w)[:, None] + s
         r = np.exp(a - a.max(axis=0))
         new = (r / r.sum(axis=0)).mean(axis=1)
         done = np.abs(new - w).max() <= tol
@@ -209,9 +210,9 @@ def build_mixture(checkpoints: Sequence[str | Path], repo: str | Path, name: str
     val_scores = member_scores([s.model for s in sources], val, seed)
     keep = list(range(len(sources)))
     weights = fit_weights(val_scores)
-    while len(keep) > 1 and weights.min() < min_weight:
+    while len(keep) > 1 and (weights.min() < min_weight or weights.min() <= 0):
         drop = keep[int(weights.argmin())]
-        log(f"  {sources[drop].path}: weight {weights.min():.2g} < {min_weight:g}, left out")
+        log(f"  {sources[drop].path}: weight {weights.min():.2g} < {max(min_weight, 1e-300):g}, left out")
         keep.remove(drop)
         weights = fit_weights(val_scores[keep])
     kept = [sources[i] for i in keep]

@@ -167,6 +167,9 @@ def mixture_from_manifest(manifest: Any) -> MixtureProgram:
     from genserve.core.manifest import LIKELIHOOD_NAME, spec_from_proto
     from genserve.server.programs import program_class, signatures
 
+    if not manifest.members:
+        raise ValueError("a mixture needs at least one member (ModelManifest.members is empty); re-export it "
+                         "with `genserve mixture`")
     spec = spec_from_proto(manifest.data)
     sigs = signatures(manifest.graphs)
     members, owned = [], set()
