@@ -34,7 +34,7 @@ def available_models() -> list[str]:
 
 
 COMMON_SOURCES = ("core/*.py", "training/base.py", "export/onnx_export.py", "export/repository.py",
-                  "server/programs/*.py")
+                  "export/calibration.py", "server/programs/*.py")
 """Sources that shape every exported folder; with the model's own training module they key the
 cache. Other edits (trainer, parity checks) keep cached folders; delete .pytest_cache/d/genserve_models to
 force a rebuild (CI starts without a cache)."""
