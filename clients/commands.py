@@ -327,6 +327,10 @@ def run_info(args: argparse.Namespace) -> int:
         f"  serving: {', '.join(f'{k}={v}' for k, v in sorted(info.serving.items())) or '-'}",
         f"  providers: {', '.join(info.providers) or '-'}",
     ]
+    kinds = info.score_kinds
+    if kinds:  # what `genserve score --score-kind` can ask for, and whether --below-percentile works for it
+        lines.append("  scores (genserve score --score-kind; percentiles where calibrated):")
+        lines += [f"    {kind.describe()}" for kind in kinds.values()]
     print("\n".join(lines))
     return 0
 

@@ -201,6 +201,9 @@ def test_score_kinds_percentiles_and_a_fixed_flag(target: str, client: Client, r
     info = client.info(MOONS)
     kind = next((k for k, v in info.score_kinds.items() if k != "log_prob" and not v.per_batch), None)
     assert kind is not None and {"log_prob", kind} <= set(info.calibrated), info.score_kinds
+    code, text, _ = run(capsys, "info", MOONS, "--server", target)  # what --score-kind can ask of this model
+    listed = text.split("scores (genserve score --score-kind")[1]
+    assert code == 0 and f"\n    {kind}: " in listed and "\n    log_prob: " in listed and "calibrated on" in listed
     path, x, ids = records
     expected = client.log_likelihood(MOONS, x, scores=[kind], percentile=True)
     out = tmp_path / "kinds.parquet"
