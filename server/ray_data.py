@@ -40,7 +40,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ INDEX = "__genserve_row"
 LOG_PROB, BITS_PER_DIM, KIND, VERSION = "log_prob", "bits_per_dim", "kind", "version"
 """Output columns of a scoring job: nats (float64), bits/dim (float64, NaN for unnormalized models), the
 likelihood kind (exact, lower_bound, unnormalized) and the model version that answered."""
+SCORE_PREFIX, PERCENTILE, PERCENTILE_PREFIX = "score_", "percentile", "percentile_"
+"""Output columns with ``scores=`` / ``percentile=True``: ``score_<kind>``, ``percentile`` (log_prob's) and
+``percentile_<kind>``, float64 (the OIP output names)."""
 SAMPLES, LATENTS = "x", "latents"
 """Output columns of a sampling job: (rows, *shape) float32 samples and, when asked for, (rows, q) latents."""
 SAMPLE_THREADS = 4
@@ -76,6 +79,10 @@ class Scores:
     """(N,) float64; None for unnormalized models."""
     kind: str
     version: int
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    """The score kinds asked for (``scores=``), each (N,) float64, by name."""
+    percentiles: dict[str, np.ndarray] = field(default_factory=dict)
+    """With ``percentile=True``: "log_prob" and each kind asked for, (N,) float64 in [0, 100], low = anomalous."""
 
     def __len__(self) -> int:
         return len(self.log_prob)
@@ -125,7 +132,8 @@ def _csv_has_header(path: Path) -> bool:
 def score_dataset(ds: ray.data.Dataset, repo: str | Path, model: str, *, seed: int, chunk_size: int = 4096,
                   importance_samples: int | None = None, version: int = 0, concurrency: int = 1,
                   num_cpus: float = 1, row_column: str | None = None,
-                  settings: dict[str, Any] | None = None) -> ray.data.Dataset:
+                  settings: dict[str, Any] | None = None, scores: Sequence[str] = (), percentile: bool = False,
+                  draws: int | None = None) -> ray.data.Dataset:
     """Score every row of ``ds`` with ``model`` of the repository ``repo`` in ``concurrency`` Ray actors.
 
     ``ds``: rows in order; its columns, in order, make one example (one tensor column of (8, 8) images, one
@@ -136,9 +144,17 @@ def score_dataset(ds: ray.data.Dataset, repo: str | Path, model: str, *, seed: i
     Returns a lazy Dataset of the columns ``row``, ``log_prob``, ``bits_per_dim``, ``kind``, ``version``
     (``collect_scores`` gathers them in row order; ``write_parquet`` keeps them on the cluster). ``settings``:
     LocalEngine settings for each actor (ServerConfig fields: ``max_batch_size``, ``provider``, ...).
+    ``scores``, ``percentile``, ``draws``: as LogLikelihood takes them (docs/scoring.md); they add the columns
+    ``score_<kind>``, ``percentile`` (log_prob's) and ``percentile_<kind>``. Per-batch kinds (typicality) are
+    refused: where Ray cuts a chunk the actor fills in rows, which would change a per-batch statistic.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scores = [scores] if isinstance(scores, str) else list(scores)
+    per_batch = [k for k in scores if _per_batch(repo, model, version, k)]
+    if per_batch:
+        raise ValueError(f"score kind {', '.join(per_batch)} is computed over a request's rows as one batch, which "
+                         "a Ray job does not keep whole; use a per-row kind (e.g. typicality_row) or genserve score")
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     columns = list(ds.columns())
@@ -168,9 +184,24 @@ def score_dataset(ds: ray.data.Dataset, repo: str | Path, model: str, *, seed: i
         compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,
         fn_constructor_kwargs={"repo": str(repo), "model": model, "seed": int(seed), "chunk_size": chunk_size,
                                "total": total, "columns": columns, "importance_samples": importance_samples,
-                               "version": version, "settings": dict(settings or {})})
+                               "version": version, "settings": dict(settings or {}), "scores": tuple(scores),
+                               "percentile": bool(percentile), "draws": draws})
     scored.context.execution_options.preserve_order = True
     return scored
+
+
+def _per_batch(repo: str | Path, model: str, version: int, kind: str) -> bool:
+    """Whether ``kind`` is a per-batch score kind of the model version's manifest (False when it has no such
+    kind: the engine answers that with the kinds it has)."""
+    from genserve.core.manifest import MANIFEST, read_manifest
+    from genserve.server.repository import scan
+
+    found = scan(Path(repo)).get(model) or []
+    chosen = version or (max(found) if found else 0)
+    path = Path(repo) / model / str(chosen) / MANIFEST
+    if not path.is_file():
+        return False
+    return any(k.name == kind and k.per_batch for k in read_manifest(path).score_kinds)
 
 
 def aligned(ds: ray.data.MaterializedDataset, total: int, chunk_size: int, concurrency: int) -> ray.data.Dataset:
@@ -199,8 +230,10 @@ class ChunkScorer:
     """A Ray actor's work in ``score_dataset``: a LocalEngine, and the chunks of the rows of each batch."""
 
     def __init__(self, repo: str, model: str, seed: int, chunk_size: int, total: int, columns: Sequence[str],
-                 importance_samples: int | None, version: int, settings: dict[str, Any]) -> None:
+                 importance_samples: int | None, version: int, settings: dict[str, Any], scores: tuple[str, ...] = (),
+                 percentile: bool = False, draws: int | None = None) -> None:
         self.engine = LocalEngine(repo, models=[model], **settings)
+        self.asks = {"scores": tuple(scores), "percentile": percentile, "draws": draws}
         self.model, self.seed, self.chunk_size, self.total = model, seed, chunk_size, total
         self.columns, self.importance_samples = list(columns), importance_samples
         self.version = self.engine.version(model, version)
@@ -213,6 +246,7 @@ class ChunkScorer:
         x = fit_rows(examples(batch, self.columns), self.spec.shape)
         log_prob = np.empty(len(rows), np.float64)
         bpd = np.full(len(rows), np.nan, np.float64)
+        extra: dict[str, np.ndarray] = {}
         kind = "exact"
         chunk_of = rows // self.chunk_size
         for k in np.unique(chunk_of):
@@ -228,15 +262,20 @@ class ChunkScorer:
             try:
                 result = self.engine.log_likelihood(self.model, chunk, derived_seed(self.seed, start),
                                                     importance_samples=self.importance_samples,
-                                                    version=self.version)
+                                                    version=self.version, **self.asks)
             except EngineError as e:  # name the rows: the engine's message counts rows within the chunk
                 raise type(e)(f"chunk of rows {start}..{start + length - 1}: {e}") from None
             log_prob[mine] = result.log_prob[at]
             if result.bits_per_dim is not None:
                 bpd[mine] = result.bits_per_dim[at]
+            named = {SCORE_PREFIX + k: v for k, v in result.scores.items()}
+            named.update({PERCENTILE if k == LOG_PROB else PERCENTILE_PREFIX + k: v
+                          for k, v in result.percentiles.items()})
+            for name, values in named.items():
+                extra.setdefault(name, np.empty(len(rows), np.float64))[mine] = values[at]
             kind = result.kind
         return {ROW: rows, LOG_PROB: log_prob, BITS_PER_DIM: bpd, KIND: np.full(len(rows), kind),
-                VERSION: np.full(len(rows), self.version, np.int64)}
+                VERSION: np.full(len(rows), self.version, np.int64), **extra}
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
@@ -262,10 +301,14 @@ def examples(batch: dict[str, np.ndarray], columns: Sequence[str]) -> np.ndarray
 def collect_scores(scored: ray.data.Dataset) -> Scores:
     """The scores of a ``score_dataset`` job on this machine, in row order (one model version, one kind)."""
     rows, log_prob, bpd, kinds, versions = [], [], [], set(), set()
+    extra: dict[str, list[np.ndarray]] = {}
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
         rows.append(batch[ROW])
         log_prob.append(batch[LOG_PROB])
         bpd.append(batch[BITS_PER_DIM])
+        for name in batch:
+            if name.startswith((SCORE_PREFIX, PERCENTILE)):
+                extra.setdefault(name, []).append(batch[name])
         kinds.update(np.unique(batch[KIND]).tolist())
         versions.update(np.unique(batch[VERSION]).tolist())
     if not rows:
@@ -279,8 +322,12 @@ def collect_scores(scored: ray.data.Dataset) -> Scores:
         raise RuntimeError(f"the job answered {len(numbers)} rows that are not rows 0..{len(numbers) - 1} once each")
     bits = np.concatenate(bpd)[order]
     kind = kinds.pop()
+    columns = {name: np.concatenate(parts)[order] for name, parts in extra.items()}
     return Scores(np.concatenate(log_prob)[order], None if kind == "unnormalized" else bits, kind,
-                  int(versions.pop()))
+                  int(versions.pop()),
+                  scores={k.removeprefix(SCORE_PREFIX): v for k, v in columns.items() if k.startswith(SCORE_PREFIX)},
+                  percentiles={(LOG_PROB if k == PERCENTILE else k.removeprefix(PERCENTILE_PREFIX)): v
+                               for k, v in columns.items() if k.startswith(PERCENTILE)})
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------
