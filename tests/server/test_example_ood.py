@@ -37,6 +37,12 @@ def test_ood_example_reports_auroc_per_family_score_and_shift_with_a_plot(repo_d
             assert set(by_shift) == shifts, (model, score)
             assert all(0.0 <= v <= 1.0 for v in by_shift.values()), (model, score, by_shift)
         assert report["best_corrected"][model] in ("complexity_ratio", "min_z", "typicality_row")
+        # export fitted the kinds into the manifest and the server computes them: the example takes the server's
+        # values and finds them equal to genserve.core.scores run on the same log-likelihoods
+        meta = report["models"][model]
+        assert meta["fitted_on"].startswith("export"), meta
+        assert set(meta["served_kinds"]) == expected - {"log_prob", "typicality (batches of 5)"}, meta
+        assert meta["server_vs_local_max_abs"] is not None and meta["server_vs_local_max_abs"] < 1e-9, meta
     # Briefly trained test models are weak detectors, but the failure issue 16 is about shows and is corrected:
     # the PixelCNN rates a blank image above every test digit, the complexity correction ranks it below them all.
     arcnn = results["digits-arcnn"]
