@@ -74,7 +74,8 @@ def train_all(models: list[str], work: Path, profile: str, retrain: bool) -> dic
         metrics = None
         if eval_file.exists() and not retrain:
             cached = json.loads(eval_file.read_text())
-            if cached.get("checkpoint_sha") == _digest(ckpt):
+            # an evaluation from before the Frechet spread and floor were reported is done again
+            if cached.get("checkpoint_sha") == _digest(ckpt) and "frechet_distance_floor" in cached:
                 metrics = cached
         if metrics is None:
             say(f"({i}/{len(models)}) evaluating {name} on the digits test split ...")
@@ -152,7 +153,10 @@ def exercise(client: Any, records: dict[str, dict[str, Any]], work: Path) -> lis
             row["decode_ms"] = 1000 * (time.perf_counter() - t0)
         m = rec["metrics"]
         row.update(nll_nats=m.get("nll_nats"), bits_per_dim=m.get("bits_per_dim"), kind=m.get("likelihood_kind"),
-                   frechet_distance=m.get("frechet_distance"), train_seconds=rec["train_seconds"])
+                   mean_energy=m.get("mean_energy"), frechet_distance=m.get("frechet_distance"),
+                   frechet_distance_sd=m.get("frechet_distance_sd"), fd_seeds=len(m.get("fd_seeds") or []),
+                   frechet_distance_floor=m.get("frechet_distance_floor"), frechet_floor_n=m.get("frechet_floor_n"),
+                   train_seconds=rec["train_seconds"])
         rows.append(row)
     if grids:  # one picture of every family: a labelled row of 16 samples each, all drawn with seed 0
         from genserve.training.plots import family_rows
@@ -174,15 +178,27 @@ def table(rows: list[dict[str, Any]]) -> str:
     def f(v: Any, d: int = 1) -> str:
         return "—" if v is None else f"{v:.{d}f}"
 
-    head = ("| model | family | operations | test NLL (nats) | bits/dim | kind | Fréchet dist. | train s "
+    def fd(r: dict[str, Any]) -> str:
+        sd = r.get("frechet_distance_sd")
+        return f(r["frechet_distance"], 2) + (f" ± {sd:.2f}" if sd is not None else "")
+
+    head = ("| model | family | operations | test NLL (nats) | bits/dim | kind | Fréchet dist. (mean ± sd) | train s "
             "| sample 64 (ms) | score 64 (ms) |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         nll = r["nll_nats"] if r["kind"] in ("exact", "lower_bound") else None
+        kind = r["kind"]
+        if r.get("mean_energy") is not None:  # an energy is no NLL: shown beside the kind, not in the NLL column
+            kind += f" (mean energy {r['mean_energy']:.1f})"
         lines.append(f"| {r['model']} | {r['family']} | {', '.join(r['operations'])} | {f(nll)} "
-                     f"| {f(r['bits_per_dim'] if nll is not None else None, 3)} | {r['kind']} "
-                     f"| {f(r['frechet_distance'], 2)} | {f(r['train_seconds'], 0)} | {f(r['sample_ms'])} "
+                     f"| {f(r['bits_per_dim'] if nll is not None else None, 3)} | {kind} "
+                     f"| {fd(r)} | {f(r['train_seconds'], 0)} | {f(r['sample_ms'])} "
                      f"| {f(r.get('score_ms'))} |")
+    floor = next((r for r in rows if r.get("frechet_distance_floor") is not None), None)
+    if floor is not None:
+        lines.append(f"\nFréchet distances over {floor.get('fd_seeds') or 1} sample seeds; the floor, "
+                     f"{floor['frechet_floor_n']} real training images against the test split, is "
+                     f"{floor['frechet_distance_floor']:.2f}.")
     return "\n".join(lines)
 
 

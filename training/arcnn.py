@@ -86,6 +86,9 @@ class CausalConvAR(AutoregressiveModel):
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
         ema: decay per step of a moving average of the weights, used in eval mode (0: off).
+        shift_aug: training moves images by one pixel with this probability and tells the model the shift (a
+            learned bias per shift on the first layer's maps and on the output); scoring and sampling use the
+            identity's, so the exported graph is the same function of x (0: off).
 
     Example:
         >>> from genserve.core.noise import Noise
@@ -110,9 +113,11 @@ class CausalConvAR(AutoregressiveModel):
     }
 
     def __init__(self, spec: DataSpec, channels: int = 64, layers: int = 4, kernel: int = 3, first_kernel: int = 0,
-                 dropout: float = 0.2, components: int = 8, lr_half_life: int = 0, ema: float = 0.0) -> None:
+                 dropout: float = 0.2, components: int = 8, lr_half_life: int = 0, ema: float = 0.0,
+                 shift_aug: float = 0.0) -> None:
         super().__init__(spec, channels=channels, layers=layers, kernel=kernel, first_kernel=first_kernel,
-                         dropout=dropout, components=components, lr_half_life=lr_half_life, ema=ema)
+                         dropout=dropout, components=components, lr_half_life=lr_half_life, ema=ema,
+                         shift_aug=shift_aug)
         dims = 2 if spec.is_image else 1
         if len(spec.shape) > 1 and not spec.is_image:
             raise ValueError(f"arcnn models images (H, W) or (H, W, C) with C in 1..4, or rows (D,), not shape "
@@ -133,16 +138,28 @@ class CausalConvAR(AutoregressiveModel):
         self.out = MaskedConv(dims, channels, groups * self.out_per_position, 1, "B", groups=groups)
         # Per-position bias: digits' border pixels are almost always 0, which a convolution alone models poorly
         self.position_bias = nn.Parameter(torch.zeros(self.out_per_position, spec.dim))
+        if shift_aug:  # the shift as conditioning input: zero at first, so every shift starts as the identity
+            self.shift_maps = nn.Parameter(torch.zeros(len(self.shifts), channels))
+            self.shift_bias = nn.Parameter(torch.zeros(len(self.shifts), self.out_per_position, spec.dim))
         self._setup_averaging()
 
-    def conditionals(self, x: Tensor) -> tuple[Tensor, ...]:
-        """x (B, *shape) raw units -> conditional parameters of every position, (B, D, P) each."""
+    def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
+        """x (B, *shape) raw units -> conditional parameters of every position, (B, D, P) each; ``shift`` as in
+        ``AutoregressiveModel.conditionals``."""
         B, C, P = x.shape[0], self.groups, self.out_per_position
         if C == 1:
             h = self.model_input(x).reshape(B, 1, *self.spec.shape[:2] if self.dims == 2 else self.spec.shape)
         else:  # channels-last data to the (B, C, H, W) layout of convolutions
             h = self.model_input(x).reshape(B, *self.spec.shape).permute(0, 3, 1, 2)
         h = self.inp(h)
+        bias = self.position_bias
+        if self.shift_aug:
+            if shift is None:  # the identity: constants in the exported graph
+                h = h + self.shift_maps[0].reshape(1, -1, *(1,) * self.dims)
+                bias = bias + self.shift_bias[0]
+            else:
+                h = h + self.shift_maps[shift].reshape(B, -1, *(1,) * self.dims)
+                bias = bias + self.shift_bias[shift]
         for block in self.blocks:
             h = block(h)
         p = self.out(self.drop(F.relu(h)))
@@ -150,4 +167,4 @@ class CausalConvAR(AutoregressiveModel):
             p = p.reshape(B, P, self.dim)
         else:  # (B, C * P, H, W) -> (B, P, D) with D in the data's (H, W, C) order
             p = p.reshape(B, C, P, *self.spec.shape[:2]).permute(0, 2, 3, 4, 1).reshape(B, P, self.dim)
-        return self.split_params((p + self.position_bias).transpose(1, 2))
+        return self.split_params((p + bias).transpose(1, 2))

@@ -42,6 +42,9 @@ class RecurrentAR(AutoregressiveModel):
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
         ema: decay per step of a moving average of the weights, used in eval mode (0: off).
+        shift_aug: images only: training moves images by one pixel with this probability and tells the model the
+            shift (a learned vector per shift added to every step's input, a learned output bias per shift);
+            scoring, the step graph and sampling use the identity's (0: off).
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -67,10 +70,10 @@ class RecurrentAR(AutoregressiveModel):
 
     def __init__(self, spec: DataSpec, hidden: int = 256, layers: int = 1, embed: int = 64, dropout: float = 0.2,
                  weight_drop: float = 0.0, input_drop: float = 0.0, above: bool = False, components: int = 8,
-                 lr_half_life: int = 0, ema: float = 0.0) -> None:
+                 lr_half_life: int = 0, ema: float = 0.0, shift_aug: float = 0.0) -> None:
         super().__init__(spec, hidden=hidden, layers=layers, embed=embed, dropout=dropout, weight_drop=weight_drop,
                          input_drop=input_drop, above=above, components=components, lr_half_life=lr_half_life,
-                         ema=ema)
+                         ema=ema, shift_aug=shift_aug)
         self.hidden, self.layers, self.weight_drop, self.input_drop = hidden, layers, weight_drop, input_drop
         if above and not (spec.is_image and spec.discrete):
             raise ValueError(f"above=True reads the pixel above, so it needs discrete images, not shape {spec.shape}")
@@ -88,6 +91,9 @@ class RecurrentAR(AutoregressiveModel):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden, self.out_per_position)
         self.position_bias = nn.Parameter(torch.zeros(self.dim, self.out_per_position))
+        if shift_aug:  # the shift as conditioning input: zero at first, so every shift starts as the identity
+            self.shift_embed = nn.Parameter(torch.zeros(len(self.shifts), embed))
+            self.shift_bias = nn.Parameter(torch.zeros(len(self.shifts), self.dim, self.out_per_position))
         self._setup_averaging()
 
     @property
@@ -111,8 +117,9 @@ class RecurrentAR(AutoregressiveModel):
             e = torch.where(first.unsqueeze(-1), self.start, self.value_embed(y.unsqueeze(-1)))
         return self.drop(e + self.position_embed(t))
 
-    def conditionals(self, x: Tensor) -> tuple[Tensor, ...]:
-        """x (B, *shape) raw units -> conditional parameters of every position in one GRU pass, (B, D, P) each."""
+    def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
+        """x (B, *shape) raw units -> conditional parameters of every position in one GRU pass, (B, D, P) each;
+        ``shift`` as in ``AutoregressiveModel.conditionals``."""
         B, D = x.shape[0], self.dim
         flat = self.flat(x)
         prev = torch.cat([torch.zeros(B, 1, dtype=flat.dtype), flat[:, :-1]], dim=1)  # x_{t-1}; t=0 is masked
@@ -121,6 +128,10 @@ class RecurrentAR(AutoregressiveModel):
         # word dropout (Bowman et al., 2016): training reads some previous values as "unknown"
         blank = torch.rand(B, D) < self.input_drop if self.training and self.input_drop > 0 else None
         inp = self._embed(prev, t, above, blank)
+        bias = self.position_bias
+        if self.shift_aug:
+            k = torch.zeros(B, dtype=torch.long) if shift is None else shift
+            inp, bias = inp + self.shift_embed[k].unsqueeze(1), bias + self.shift_bias[k]
         if self.training and self.weight_drop > 0:
             # DropConnect on the recurrent weights (Merity et al., AWD-LSTM): one mask per batch, shared by all steps
             weights = {k: F.dropout(w, self.weight_drop) if k.startswith("weight_hh") else w
@@ -128,7 +139,7 @@ class RecurrentAR(AutoregressiveModel):
             o, _ = torch.func.functional_call(self.gru, weights, (inp,))
         else:
             o, _ = self.gru(inp)
-        return self.split_params(self.out(self.drop(o)) + self.position_bias)
+        return self.split_params(self.out(self.drop(o)) + bias)
 
     def step(self, x_prev: Tensor, h: Tensor, t: Tensor) -> tuple[Tensor, ...]:
         """One GRU step: x_prev (B, 1) raw value of position t-1 (ignored at t = 0), h (B, state_size) state after
@@ -137,13 +148,16 @@ class RecurrentAR(AutoregressiveModel):
         units = self.layers * self.hidden
         row = torch.cat([h[:, units:], x_prev], dim=1)  # x_{t-1-width} .. x_{t-1}; row[:, 1] is above x_t
         inp = self._embed(x_prev[:, 0], t, row[:, 1] if self.width else None)
+        bias = self.position_bias[t]
+        if self.shift_aug:  # the identity's conditioning, as scoring uses
+            inp, bias = inp + self.shift_embed[0], bias + self.shift_bias[0][t]
         states = []
         for layer in range(self.layers):
             hl = h[:, layer * self.hidden:(layer + 1) * self.hidden]
             hl = self._gru_cell(inp, hl, layer)
             states.append(hl)
             inp = self.drop(hl) if layer < self.layers - 1 else hl
-        p = self.out(self.drop(inp)) + self.position_bias[t]
+        p = self.out(self.drop(inp)) + bias
         return (*self.split_params(p), torch.cat([*states, row[:, 1:]], dim=1))
 
     def _gru_cell(self, x: Tensor, h: Tensor, layer: int) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
+from genserve.training.augment import SHIFTS, random_shifts, shift_images
 from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, categorical_from_uniform
 
 MIN_LOG_SCALE = -7.0  # floor on mixture log-scales (normalised units): keeps densities finite
@@ -46,13 +47,21 @@ class AutoregressiveModel(GenerativeModel):
         self._ema_names: dict[str, str] = {}
         if not spec.discrete and self.components < 1:
             raise ValueError(f"continuous data need components >= 1, got {self.components}")
+        self.shift_aug = float(arch.get("shift_aug", 0.0))
+        if not 0.0 <= self.shift_aug <= 1.0:
+            raise ValueError(f"shift_aug is a probability in [0, 1], got {self.shift_aug}")
+        if self.shift_aug and not (spec.is_image and spec.discrete):
+            raise ValueError(f"shift_aug shifts discrete images, not data of shape {spec.shape}")
+        self.shifts = SHIFTS
 
     @property
     def out_per_position(self) -> int:
         """Conditional parameters per position: levels logits, or 3K mixture parameters."""
         return self.spec.levels if self.spec.discrete else 3 * self.components
 
-    def conditionals(self, x: Tensor) -> tuple[Tensor, ...]:
+    def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
+        """``shift`` (B,) long: index into ``self.shifts`` of the shift each image was given in training (the
+        conditioning input of the augmentation); None is the identity, which every operation uses."""
         raise NotImplementedError
 
     def split_params(self, p: Tensor) -> tuple[Tensor, ...]:
@@ -70,7 +79,14 @@ class AutoregressiveModel(GenerativeModel):
 
     # ---- training -------------------------------------------------------------------------------
     def loss(self, x: Tensor) -> Tensor:
-        return -self.log_prob(x, Noise(0)).mean()
+        """Mean NLL in nats; with ``shift_aug`` = p > 0 in training, each image is moved by one of the 8 one-pixel
+        shifts with probability p and the model is told which (distribution augmentation, Jun et al. 2020):
+        shifted digits teach the shared filters without pulling the identity's distribution, the one scored."""
+        if not (self.training and self.shift_aug):
+            return -self.log_prob(x, Noise(0)).mean()
+        shift = random_shifts(x.shape[0], self.shift_aug)
+        xs = shift_images(x, shift)
+        return -conditional_log_prob(self.spec, self.flat(xs), self.conditionals(xs, shift)).mean()
 
     def forward(self, x: Tensor) -> Tensor:  # the trainer (and DDP) may call the model itself
         return self.loss(x)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
+from genserve.training.augment import SHIFTS, random_shifts, shift_images
 from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, categorical_from_uniform
 
 LOGVAR_BOUND = 10.0  # log-variances live in (-10, 10): no collapse onto a point, no overflow early in training
@@ -42,6 +43,9 @@ class VAE(GenerativeModel):
     Training maximises the ELBO (one reparameterised sample, analytic KL), or with ``train_samples`` = K > 1
     the importance-weighted bound; the KL (prior) terms are scaled by beta, rising linearly from 0 to 1 over
     ``kl_warmup_steps`` optimisation steps (KL warm-up). ``importance_samples`` is the default K of ``log_prob``.
+    ``shift_aug`` p > 0 (discrete images): training moves each image by one pixel with probability p and gives
+    encoder and decoder the shift (a learned vector per shift added to their first layer, a logit bias per
+    shift), ``training.augment``; every operation and exported graph uses the identity's.
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -75,10 +79,10 @@ class VAE(GenerativeModel):
 
     def __init__(self, spec: DataSpec, latent_dim: int = 16, hidden: int = 256, depth: int = 2, dropout: float = 0.0,
                  encoder_dropout: float = 0.0, logit_rank: int = 0, kl_warmup_steps: int = 0, train_samples: int = 1,
-                 importance_samples: int = 500) -> None:
+                 importance_samples: int = 500, shift_aug: float = 0.0) -> None:
         super().__init__(spec, latent_dim=latent_dim, hidden=hidden, depth=depth, dropout=dropout,
                          encoder_dropout=encoder_dropout, logit_rank=logit_rank, kl_warmup_steps=kl_warmup_steps,
-                         train_samples=train_samples, importance_samples=importance_samples)
+                         train_samples=train_samples, importance_samples=importance_samples, shift_aug=shift_aug)
         if latent_dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"latent_dim, hidden and depth must be >= 1, got {latent_dim}, {hidden}, {depth}")
         if importance_samples < 1 or train_samples < 1:
@@ -94,32 +98,57 @@ class VAE(GenerativeModel):
         if self.logit_rank:  # logits = per-pixel bias + (B, D, r) features times a basis shared by all pixels
             self.logit_basis = nn.Parameter(torch.randn(self.logit_rank, spec.levels) / math.sqrt(self.logit_rank))
             self.logit_bias = nn.Parameter(torch.zeros(D, spec.levels))
+        self.shift_aug = float(shift_aug)
+        if not 0.0 <= self.shift_aug <= 1.0:
+            raise ValueError(f"shift_aug is a probability in [0, 1], got {shift_aug}")
+        if self.shift_aug:
+            if not (spec.is_image and spec.discrete):
+                raise ValueError(f"shift_aug shifts discrete images, not data of shape {spec.shape}")
+            # the shift as conditioning input: zero at first, so every shift starts as the identity
+            self.enc_shift = nn.Parameter(torch.zeros(len(SHIFTS), hidden))
+            self.dec_shift = nn.Parameter(torch.zeros(len(SHIFTS), hidden))
+            self.shift_logit_bias = nn.Parameter(torch.zeros(len(SHIFTS), D, spec.levels))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimisation steps, for the warm-up
 
     # ---- deterministic graphs -------------------------------------------------------------------
-    def encoder(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior q(z|x) = N(mu, exp(logvar)), each (B, latent_dim)."""
+    def _run(self, net: nn.Sequential, h: Tensor, shifts: Tensor | None, shift: Tensor | None) -> Tensor:
+        """net(h), with the shift's learned vector added after the first layer (``shift_aug``; None: identity)."""
+        if shifts is None:
+            return net(h)
+        h = net[0](h) + shifts[0 if shift is None else shift]
+        for layer in net[1:]:
+            h = layer(h)
+        return h
+
+    def encoder(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Posterior q(z|x) = N(mu, exp(logvar)), each (B, latent_dim); ``shift`` (B,) indexes ``SHIFTS`` in
+        training with ``shift_aug`` (None: the identity)."""
         h = self.flat(x) / (self.spec.levels - 1) if self.spec.discrete else self.normalise(x)[0]
-        mu, raw = self.enc(h).chunk(2, dim=-1)
+        mu, raw = self._run(self.enc, h, getattr(self, "enc_shift", None), shift).chunk(2, dim=-1)
         return mu, LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
 
-    def decoder(self, z: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    def decoder(self, z: Tensor, shift: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Discrete: logits (B, D, levels). Continuous: (mean, std) of p(x|z), each (B, D), raw units (std rather
-        than a log-variance so that sampling, mean + std * eps, is the same float32 arithmetic everywhere)."""
-        out = self.dec(z)
-        if self.logit_rank:
-            return out.reshape(z.shape[0], self.dim, self.logit_rank) @ self.logit_basis + self.logit_bias
+        than a log-variance so that sampling, mean + std * eps, is the same float32 arithmetic everywhere).
+        ``shift`` as in ``encoder``."""
+        out = self._run(self.dec, z, getattr(self, "dec_shift", None), shift)
         if self.spec.discrete:
-            return out.reshape(z.shape[0], self.dim, self.spec.levels)
+            if self.logit_rank:
+                logits = out.reshape(z.shape[0], self.dim, self.logit_rank) @ self.logit_basis + self.logit_bias
+            else:
+                logits = out.reshape(z.shape[0], self.dim, self.spec.levels)
+            if self.shift_aug:
+                logits = logits + self.shift_logit_bias[0 if shift is None else shift]
+            return logits
         mean, raw = out.reshape(z.shape[0], self.dim, 2).unbind(-1)
         logvar = LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
         std = torch.tensor(self.spec.std, dtype=z.dtype)
         return mean * std + torch.tensor(self.spec.mean, dtype=z.dtype), torch.exp(0.5 * logvar) * std
 
-    def log_likelihood_given_z(self, x: Tensor, z: Tensor) -> Tensor:
+    def log_likelihood_given_z(self, x: Tensor, z: Tensor, shift: Tensor | None = None) -> Tensor:
         """log p(x|z) in nats (raw units for continuous data), shape (B,)."""
         if self.spec.discrete:
-            logp = torch.log_softmax(self.decoder(z), dim=-1)
+            logp = torch.log_softmax(self.decoder(z, shift), dim=-1)
             return logp.gather(-1, self.flat(x).long().unsqueeze(-1)).squeeze(-1).sum(-1)
         mean, std = self.decoder(z)
         return -(0.5 * LOG2PI + torch.log(std) + 0.5 * ((self.flat(x) - mean) / std).pow(2)).sum(-1)
@@ -129,20 +158,21 @@ class VAE(GenerativeModel):
         rec, prior_ratio = self._weight_terms(x, *self.encoder(x), eps)
         return rec + prior_ratio
 
-    def _weight_terms(self, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    def _weight_terms(self, x: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor,
+                      shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(log p(x|z), log p(z) - log q(z|x)) for z = mu + sigma * eps, each (B,)."""
         z = mu + torch.exp(0.5 * logvar) * eps
         log_prior = -0.5 * (z.pow(2) + LOG2PI).sum(-1)
         log_q = -0.5 * (eps.pow(2) + LOG2PI + logvar).sum(-1)
-        return self.log_likelihood_given_z(x, z), log_prior - log_q
+        return self.log_likelihood_given_z(x, z, shift), log_prior - log_q
 
     # ---- training -------------------------------------------------------------------------------
-    def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def elbo_terms(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One-sample reconstruction term E_q log p(x|z) and analytic KL(q || p), each (B,), nats."""
-        mu, logvar = self.encoder(x)
+        mu, logvar = self.encoder(x, shift)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         kl = 0.5 * (mu.pow(2) + torch.exp(logvar) - 1 - logvar).sum(-1)
-        return self.log_likelihood_given_z(x, z), kl
+        return self.log_likelihood_given_z(x, z, shift), kl
 
     def loss(self, x: Tensor) -> Tensor:
         """Negative ELBO (``train_samples`` = 1) or negative importance-weighted bound with K = ``train_samples``
@@ -152,14 +182,19 @@ class VAE(GenerativeModel):
             self.steps += 1
         else:
             beta = 1.0
+        shift = None
+        if self.training and self.shift_aug:
+            shift = random_shifts(x.shape[0], self.shift_aug)
+            x = shift_images(x, shift)
         if self.train_samples == 1:
-            rec, kl = self.elbo_terms(x)
+            rec, kl = self.elbo_terms(x, shift)
             return -(rec - beta * kl).mean()
         K, B = self.train_samples, x.shape[0]
-        mu, logvar = self.encoder(x)  # once per example: the K samples share one posterior
+        mu, logvar = self.encoder(x, shift)  # once per example: the K samples share one posterior
         rep = (K, *(1,) * (x.dim() - 1))
         rec, prior_ratio = self._weight_terms(x.repeat(rep), mu.repeat(K, 1), logvar.repeat(K, 1),
-                                              torch.randn(K * B, self.latent_dim, dtype=x.dtype, device=x.device))
+                                              torch.randn(K * B, self.latent_dim, dtype=x.dtype, device=x.device),
+                                              None if shift is None else shift.repeat(K))
         logw = (rec + beta * prior_ratio).reshape(K, B)
         return -(torch.logsumexp(logw, dim=0) - math.log(K)).mean()
 
