@@ -42,16 +42,17 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from genserve.server import auth, oip, tracing
 from genserve.server.config import ServerConfig
 from genserve.server.interface import EngineInterface, ModelStatus, ReloadResult
-from genserve.server.message_parsing import SafeParsing
+from genserve.server.message_parsing import Registrar, SafeParsing
 from genserve.server.metrics import Metrics
 from genserve.server.oip_models import reflection_pool
 from genserve.server.process import apply_process_settings
 from genserve.server.servicer import GenerativeServicer
+from genserve.server.transport import Failure
 from genserve.v1 import service_pb2, service_pb2_grpc
 
 if TYPE_CHECKING:
@@ -78,24 +79,25 @@ SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 """The message of UNAVAILABLE refusals during shutdown."""
 
 
-class Drain(grpc.aio.ServerInterceptor):
+class Drain:
     """When the last RPC other than a health check arrived or was answered, and the door of a shutdown.
 
-    ``hold()``: from then on new RPCs wait here without running until ``refuse()``, then get UNAVAILABLE. A
-    closed-loop client whose call is held sends nothing more, so arrivals pause and grpc's stop, which kills
-    calls that arrive after it began, finds none on the wire. An answer counts as activity too: its client
-    may send the next call at once.
+    Every RPC passes this door (message_parsing.SafeParsing wraps the handlers with it). ``hold()``: from then
+    on new RPCs wait at the door without running until ``refuse()``, then get UNAVAILABLE. A closed-loop client
+    whose call is held sends nothing more, so arrivals pause and grpc's stop, which kills calls that arrive
+    after it began, finds none on the wire. An answer counts as activity too: its client may send the next
+    call at once.
     """
 
     def __init__(self) -> None:
         self.last = -math.inf
         self.held = 0
         self.refused = 0
-        self._holding = False
+        self.holding = False
         self._open: asyncio.Event | None = None
 
     def hold(self) -> None:
-        self._holding = True
+        self.holding = True
         if self._open is None:
             self._open = asyncio.Event()
 
@@ -119,36 +121,23 @@ class Drain(grpc.aio.ServerInterceptor):
             elif now - self.last >= QUIET_S:
                 return
 
-    async def intercept_service(self, continuation: Callable[[Any], Any],
-                                details: grpc.HandlerCallDetails) -> Any:
-        if details.method.startswith("/grpc.health."):
-            return await continuation(details)  # probes are answered (NOT_SERVING) to the end
+    def passed(self, method: str) -> None:
+        """An RPC came through the open door (the per-call path: one clock read)."""
         self.last = time.monotonic()
-        if not self._holding:
-            return await continuation(details)
+
+    async def enter(self, method: str) -> None:
+        """An RPC at the door: through when open; held while holding, then refused (a Failure, UNAVAILABLE)."""
+        self.last = time.monotonic()
+        if not self.holding:
+            return
+        assert self._open is not None
         self.held += 1
         try:
             await self._open.wait()
         finally:
             self.held -= 1
         self.refused += 1
-        return _refusal(await continuation(details))
-
-
-def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers UNAVAILABLE (the request stays undecoded)."""
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-
-    streams_in = handler is not None and handler.request_streaming
-    streams_out = handler is not None and handler.response_streaming
-    if streams_in and streams_out:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if streams_in:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if streams_out:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        raise Failure(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, metadata={"method": method})
 
 
 RECEIVE_SLACK = 2
@@ -227,34 +216,37 @@ class Server:
         self.engine = engine
         await engine.start()
 
-        # Order: the token check first (refusals parse nothing), then safe parsing, then the drain's door.
-        parsing = SafeParsing(max_bytes=cfg.max_message_mb * 2**20)
-        interceptors = [parsing, self.drain] if self.auth is None else [self.auth, parsing, self.drain]
+        # The token check is an interceptor (refusals parse nothing); safe parsing and the drain's door wrap the
+        # handlers where the services are registered (``services``), so that a server without auth or tracing
+        # runs no interceptor chain per RPC.
+        parsing = SafeParsing(max_bytes=cfg.max_message_mb * 2**20, door=self.drain)
+        interceptors: list[Any] = [] if self.auth is None else [self.auth]
         self.tracing = tracing.setup_tracing(cfg)
         if self.tracing is not None:  # outermost: refusals (tokens, parsing, the drain) get their span too
             interceptors.insert(0, self.tracing.interceptor)
         options = grpc_options(cfg.max_message_mb, RECEIVE_SLACK, reuse_port=cfg.processes > 1,
                                max_connection_age_s=cfg.max_connection_age_s,
                                max_connection_age_grace_s=cfg.max_connection_age_grace_s or cfg.max_deadline_s)
-        self._grpc = grpc.aio.server(options=options, interceptors=interceptors,
+        self._grpc = grpc.aio.server(options=options, interceptors=interceptors or None,
                                      maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        services = Registrar(self._grpc, parsing)
         self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._answered, control=self)
-        service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, self._grpc)
+        service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, services)
         self.health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         # The Open Inference Protocol (KServe v2 / Triton GRPCInferenceService) beside GenerativeService, with one
         # row budget for both APIs: max_queued_rows bounds the server, whichever protocol the rows came by.
         # reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
-        oip_servicer = oip.register_oip(self._grpc, engine, cfg, observe=self._answered, rows=servicer.rows,
+        oip_servicer = oip.register_oip(services, engine, cfg, observe=self._answered, rows=servicer.rows,
                                         control=self)
         if cfg.http_port:  # the same OIP over HTTP/JSON: same row budget, statistics shared with the gRPC face
             from genserve.server.http_face import HttpFace  # starlette and uvicorn only when asked for
 
             self.http = HttpFace(engine, cfg, shared=oip_servicer, observe=self._observe, rows=servicer.rows,
                                  tokens=self.auth, control=self)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, HEALTH_NAME, oip.SERVICE_NAME, reflection.SERVICE_NAME], self._grpc,
-            pool=reflection_pool())
+        # What reflection.enable_server_reflection does for a grpc.aio server, added through ``services``.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+            [SERVICE_NAME, HEALTH_NAME, oip.SERVICE_NAME, reflection.SERVICE_NAME], pool=reflection_pool()), services)
         target = address(cfg.host, cfg.port)
         try:
             if credentials is None:

@@ -1,9 +1,10 @@
 """Parsing of request messages: one that is not valid protobuf answers INVALID_ARGUMENT, not gRPC's UNKNOWN.
 
 gRPC parses a request with the method's deserializer before any handler runs; a parse error there becomes
-status UNKNOWN and an ERROR with a traceback in the log, for every malformed message a client sends. This
-interceptor swaps in a deserializer that returns an ``Unparsed`` marker instead, and a handler wrapper that
-answers the marker with INVALID_ARGUMENT naming the message type.
+status UNKNOWN and an ERROR with a traceback in the log, for every malformed message a client sends. Every
+method handler is therefore wrapped where its service is registered: a deserializer that returns an
+``Unparsed`` marker instead, and a handler wrapper that answers the marker with INVALID_ARGUMENT naming the
+message type (and passes the drain's door, server/app.py).
 
 Size: gRPC itself refuses a message over its receive limit with a terse RESOURCE_EXHAUSTED. The server sets
 that limit above ``max_message_mb`` (server/app.py, ``RECEIVE_SLACK``) and this deserializer refuses a message over
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -55,9 +56,24 @@ def _what(method: str) -> str:
     return f"the request message of {method} is not valid protobuf; send a message built from the service's .proto"
 
 
-def _unary_request(behaviour: Callable[..., Any], method: str, streaming_response: bool) -> Callable[..., Any]:
+class Door(Protocol):
+    """What every RPC passes on its way in (server/app.py ``Drain``): ``holding`` is read on every call, so
+    an open door costs one attribute read; ``enter`` waits while the door holds and raises a Failure when the
+    call is refused."""
+
+    holding: bool
+
+    def passed(self, method: str) -> None: ...
+
+    async def enter(self, method: str) -> None: ...
+
+
+def _unary_request(behaviour: Callable[..., Any], method: str, streaming_response: bool,
+                   door: Door | None) -> Callable[..., Any]:
     if streaming_response and inspect.isasyncgenfunction(behaviour):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if door is not None:
+                await _through(door, method, context)
             if isinstance(request, Unparsed):
                 await abort(context, request.failure)
             async for response in behaviour(request, context):
@@ -66,11 +82,23 @@ def _unary_request(behaviour: Callable[..., Any], method: str, streaming_respons
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if door is not None:
+            if door.holding:
+                await _through(door, method, context)
+            else:
+                door.passed(method)
         if isinstance(request, Unparsed):
             await abort(context, request.failure)
         return await behaviour(request, context)
 
     return unary
+
+
+async def _through(door: Door, method: str, context: grpc.aio.ServicerContext) -> None:
+    try:
+        await door.enter(method)
+    except Failure as f:
+        await abort(context, f)
 
 
 def _checked_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
@@ -84,54 +112,89 @@ def _checked_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[
     return check()
 
 
-def _stream_request(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _stream_request(behaviour: Callable[..., Any], method: str, door: Door | None) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behaviour):
         async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if door is not None:
+                await _through(door, method, context)
             async for response in behaviour(_checked_stream(requests, method), context):
                 yield response
 
         return stream
 
     async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        if door is not None:
+            await _through(door, method, context)
         return await behaviour(_checked_stream(requests, method), context)
 
     return unary
 
 
-class SafeParsing(grpc.aio.ServerInterceptor):
-    """Wraps every handler so that an unparsable request is INVALID_ARGUMENT (see the module docstring).
+class Guarded(grpc.GenericRpcHandler):
+    """A service's generic handler whose method handlers are wrapped once, at first use, by ``SafeParsing``."""
 
-    The wrapped handler of a method is built once and reused while the service hands out the same handler
-    (building one costs tens of microseconds, which every RPC on the event loop would otherwise pay)."""
-
-    def __init__(self, max_bytes: int | None = None) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, inner: grpc.GenericRpcHandler, guard: SafeParsing) -> None:
+        self.inner, self.guard = inner, guard
         self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (service's handler, wrapped handler)
 
-    async def intercept_service(self, continuation: Callable[[Any], Any],
-                                details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
+    def service(self, details: grpc.HandlerCallDetails) -> Any:
+        handler = self.inner.service(details)
         if handler is None or handler.request_deserializer is None:
             return handler
         cached = self._wrapped.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler, details.method)
+        wrapped = self.guard.wrap(handler, details.method)
         if len(self._wrapped) < 1024:  # method names come from the server's own services; bound it anyway
             self._wrapped[details.method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: Any, method: str) -> Any:
+
+class Registrar:
+    """Stands in for the grpc.aio server where services are added (the generated ``add_*_to_server``, the
+    health and reflection services): every generic handler is added ``Guarded``; everything else goes to the
+    server itself."""
+
+    def __init__(self, server: grpc.aio.Server, guard: SafeParsing) -> None:
+        self._server, self._guard = server, guard
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(tuple(Guarded(h, self._guard) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._guard.wrap(h, f"/{service}/{name}") for name, h in handlers.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class SafeParsing:
+    """Wraps every method handler so that an unparsable request is INVALID_ARGUMENT (see the module docstring),
+    and so that every call but a health check passes the ``door`` (the drain's).
+
+    Handlers are wrapped where services are registered (``Registrar``), not by a server interceptor: grpc.aio
+    runs any interceptor chain as coroutines on every RPC (about 30 us each on the event loop here), and
+    without one it looks the handler up synchronously."""
+
+    def __init__(self, max_bytes: int | None = None, door: Door | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.door = door
+
+    def wrap(self, handler: Any, method: str) -> Any:
+        if handler is None or handler.request_deserializer is None:
+            return handler
         parse = _safe(handler.request_deserializer, method, self.max_bytes)
         out = handler.response_serializer
+        door = None if method.startswith("/grpc.health.") else self.door  # probes answer to the end
         if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(_stream_request(handler.stream_stream, method),
+            return grpc.stream_stream_rpc_method_handler(_stream_request(handler.stream_stream, method, door),
                                                          request_deserializer=parse, response_serializer=out)
         if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(_stream_request(handler.stream_unary, method),
+            return grpc.stream_unary_rpc_method_handler(_stream_request(handler.stream_unary, method, door),
                                                         request_deserializer=parse, response_serializer=out)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(_unary_request(handler.unary_stream, method, True),
+            return grpc.unary_stream_rpc_method_handler(_unary_request(handler.unary_stream, method, True, door),
                                                         request_deserializer=parse, response_serializer=out)
-        return grpc.unary_unary_rpc_method_handler(_unary_request(handler.unary_unary, method, False),
+        return grpc.unary_unary_rpc_method_handler(_unary_request(handler.unary_unary, method, False, door),
                                                    request_deserializer=parse, response_serializer=out)

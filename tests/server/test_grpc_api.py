@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from supervised import Supervised
 
 from genserve.core.manifest import OPERATION_NAME, read_manifest, spec_from_proto
 from genserve.core.noise import Noise
@@ -38,10 +39,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(repo_dir: Path):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1 process", "2 processes"])
+def server(repo_dir: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The same server in one process, and as `genserve serve --processes 2` (issue 17: every API test runs
+    against both; a channel's calls all reach one of the two workers)."""
     from genserve.server.config import ServerConfig
 
+    if request.param == 2:
+        log = tmp_path_factory.mktemp("processes") / "server.log"
+        with Supervised(repo_dir, log, "--max-batch-size", "64", "--max-queue-delay-ms", "2") as srv:
+            yield srv
+        return
     cfg = ServerConfig(repo=repo_dir, port=0, metrics_port=free_port(), provider="cpu", max_batch_size=64,
                        max_queue_delay_ms=2.0, workers=2, grace_s=5.0)
     with BackgroundServer(cfg) as srv:

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc  # noqa: E402  (the dev extra installs it)
+from supervised import Supervised
 from tritonclient.grpc import model_config_pb2 as triton_mc  # noqa: E402
 from tritonclient.grpc import service_pb2 as triton_pb  # noqa: E402
 from tritonclient.grpc import service_pb2_grpc as triton_grpc  # noqa: E402
@@ -31,8 +32,16 @@ VAE = "digits-vae"
 SEED = 20250131
 
 
-@pytest.fixture(scope="module")
-def server(repo_dir: Path):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1 process", "2 processes"])
+def server(repo_dir: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The same server in one process, and as `genserve serve --processes 2` (issue 17: every API test runs
+    against both)."""
+    if request.param == 2:
+        log = tmp_path_factory.mktemp("processes") / "server.log"
+        with Supervised(repo_dir, log, "--threads", "1", "--max-batch-size", "64", "--max-queue-delay-ms",
+                        "2") as srv:
+            yield srv
+        return
     cfg = ServerConfig(repo=repo_dir, host="127.0.0.1", port=0, metrics_port=0, provider="cpu",
                        intra_op_threads=1, max_batch_size=64, max_queue_delay_ms=2.0, workers=2, grace_s=5.0)
     with BackgroundServer(cfg) as srv:
