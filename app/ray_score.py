@@ -3,9 +3,9 @@
 The subcommand and its options are the client's (genserve.clients.commands); this handler lives in the
 application shell because it needs the server station (genserve.server.ray_data runs the engine in the
 actors), which a client must not import. genserve.app.cli picks it for ``--engine ray``. It writes the table
-(CSV or Parquet, by the --out suffix) with the gRPC path's writer and the same scores for the same --seed and
---chunk-size. Score kinds, percentiles and explanations are the server's (it holds the calibration and the
-reference models): asked for here, they are refused with what to use instead.
+(CSV or Parquet, by the --out suffix) with the gRPC path's writer and columns (score kinds, percentiles, flags),
+the same scores for the same --seed and --chunk-size. --explain needs a server (Ray Data jobs return no
+per-dimension terms), and per-batch score kinds are refused (a job's chunks are not the user's batches).
 """
 
 from __future__ import annotations
@@ -23,17 +23,13 @@ def run_score(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from genserve.clients.commands import check_score_args
+    from genserve.clients.commands import check_score_args, score_line
+    from genserve.clients.score_columns import ScoreColumns
     from genserve.clients.score_tables import TableWriter, table_format
 
     check_score_args(args)
-    server_only = [name for name, given in (("--score-kind", args.score_kind),
-                                            ("--below-percentile", args.below_percentile is not None),
-                                            ("--explain", args.explain)) if given]
-    if server_only:
-        raise ValueError(f"{', '.join(server_only)} need a server (--engine grpc): score kinds, calibrated "
-                         "percentiles and per-dimension terms are computed by genserve serve; with --engine ray, "
-                         "flag by log p with --threshold NATS or --quantile Q")
+    if args.explain:
+        raise ValueError("--explain needs a server (--engine grpc): Ray Data jobs return no per-dimension terms")
     if not args.repo:
         raise ValueError("--engine ray reads the model repository itself: give --repo DIR (at that path on every "
                          "Ray worker)")
@@ -57,6 +53,7 @@ def run_score(args: argparse.Namespace) -> int:
         if (e.name or "").split(".")[0] in ("ray", "pandas"):
             raise ValueError("--engine ray needs Ray Data: pip install 'genserve[ray]'") from None
         raise
+    plan = ScoreColumns.plan(args, args.model, args.version, _manifest(repo, args.model, args.version))
     seed = secrets.randbits(63) if args.seed is None else args.seed
     started = time.perf_counter()
     own = not ray.is_initialized()
@@ -69,7 +66,7 @@ def run_score(args: argparse.Namespace) -> int:
         scored = ray_data.score_dataset(
             ray_data.read_dataset(source, key=args.key), repo, args.model, seed=seed, chunk_size=args.chunk_size,
             importance_samples=args.importance_samples, version=args.version,
-            concurrency=args.concurrency or ray_data.cpus())
+            concurrency=args.concurrency or ray_data.cpus(), **plan.request())
         scores = ray_data.collect_scores(scored)
     except ray.exceptions.RayError as e:
         message = _engine_error(e, EngineError)
@@ -83,23 +80,17 @@ def run_score(args: argparse.Namespace) -> int:
     log_prob = scores.log_prob
     if not len(log_prob):
         raise ValueError(f"{args.input} has no rows to score")
-    cut = args.threshold if args.quantile is None else float(np.quantile(log_prob, args.quantile))
-    n = len(log_prob)
-    columns = {"row": np.arange(n, dtype=np.int64), "log_prob_nats": np.asarray(log_prob, dtype=np.float64),
-               "bits_per_dim": np.full(n, np.nan) if scores.bits_per_dim is None else scores.bits_per_dim}
-    line = f"mean log p {log_prob.mean():.4g} nats"
-    if scores.bits_per_dim is not None:
-        line += f", {scores.bits_per_dim.mean():.4g} bits/dim"
-    if cut is not None:
-        columns["outlier"] = log_prob < cut
-        rule = f"{args.quantile:g} quantile {cut:.4g}" if args.quantile is not None else f"threshold {cut:g}"
-        line += f"; {int(columns['outlier'].sum())} outliers below the {rule} nats"
+    cut = None if args.quantile is None else float(np.quantile(log_prob, args.quantile))
     with TableWriter(out) as table:
-        for start in range(0, n, 65536):
-            table.write({k: v[start:start + 65536] for k, v in columns.items()})
-    print(f"scored {n} rows of {args.input} with {args.model} v{scores.version} ({scores.kind}, seed {seed}) in "
-          f"{seconds:.1f} s: {line}; wrote {'stdout' if out == '-' else out} (Ray Data, {repo})",
-          file=sys.stderr if out == "-" else sys.stdout)
+        for start in range(0, len(log_prob), 65536):
+            part = _slice(scores, start, start + 65536)
+            columns = plan.columns(start, part, {})
+            if cut is not None:
+                columns["outlier"] = columns["log_prob_nats"] < cut
+                plan.flagged += int(columns["outlier"].sum())
+            table.write(columns)
+    line = score_line(args, args.model, scores.version, scores.kind, seed, seconds, plan, cut, out)
+    print(f"{line} (Ray Data, {repo})", file=sys.stderr if out == "-" else sys.stdout)
     return 0
 
 
@@ -117,3 +108,26 @@ def _engine_error(error: BaseException, kind: type) -> str | None:
         at = cause if isinstance(cause, BaseException) else at.__cause__
     found = re.findall(rf"^{re.escape(kind.__module__)}\.\w+: (.+)$", str(error), re.MULTILINE)
     return found[-1] if found else None
+
+
+def _manifest(repo, model: str, version: int):  # -> genserve.v1.ModelManifest
+    """The manifest of the model version the job will score (0: the highest), for the options' checks."""
+    from genserve.core.manifest import MANIFEST, read_manifest
+    from genserve.server.repository import scan
+
+    found = scan(repo).get(model)
+    if not found:
+        raise ValueError(f"--repo {repo} has no model {model!r}; it has: {', '.join(sorted(scan(repo))) or 'none'}")
+    if version and version not in found:
+        raise ValueError(f"{model} has no version {version} in {repo}; it has: {', '.join(map(str, found))}")
+    return read_manifest(repo / model / str(version or max(found)) / MANIFEST)
+
+
+def _slice(scores, start: int, stop: int):  # -> a Likelihood-like view of rows start..stop
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        log_prob=scores.log_prob[start:stop],
+        bits_per_dim=None if scores.bits_per_dim is None else scores.bits_per_dim[start:stop],
+        scores={k: v[start:stop] for k, v in scores.scores.items()},
+        percentiles={k: v[start:stop] for k, v in scores.percentiles.items()})

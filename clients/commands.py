@@ -405,12 +405,12 @@ def run_score(args: argparse.Namespace) -> int:
             else:
                 first = out
             log_probs = []
-            version = info.version
+            version, kind = info.version, info.likelihood
             with TableWriter(first) as table:
                 for offset, part in stream:
                     cols = plan.columns(offset, part, rows.take_ids(len(part)))
                     table.write(cols)
-                    version = part.version
+                    version, kind = part.version, part.kind
                     if args.quantile is not None:
                         log_probs.append(cols["log_prob_nats"])
                     if worst is not None:
@@ -425,16 +425,21 @@ def run_score(args: argparse.Namespace) -> int:
                 cut = float(np.quantile(log_prob, args.quantile))
                 _add_outliers(first, out, log_prob < cut)
                 plan.flagged = int((log_prob < cut).sum())
-    seconds = time.perf_counter() - started
-    line = (f"scored {plan.rows} rows of {args.input} with {info.name} v{version} ({info.likelihood}, seed {seed}) "
-            f"in {seconds:.1f} s: {plan.summary()}")
-    if cut is not None:
-        line += f"; {plan.flagged} outliers below the {args.quantile:g} quantile {cut:.4g} nats of this batch"
-    line += f"; wrote {'stdout' if out == '-' else out}"
+    line = score_line(args, info.name, version, kind, seed, time.perf_counter() - started, plan, cut, out)
     if worst is not None:
         line += _draw_worst(args.explain, worst, plan, info, args.id_column)
     print(line, file=sys.stderr if out == "-" else sys.stdout)  # stdout holds the CSV
     return 0
+
+
+def score_line(args: argparse.Namespace, name: str, version: int, kind: str, seed: int, seconds: float, plan,
+               cut: float | None, out: str) -> str:
+    """The line `genserve score` prints when done (every engine prints the same)."""
+    line = (f"scored {plan.rows} rows of {args.input} with {name} v{version} ({kind}, seed {seed}) in {seconds:.1f} s:"
+            f" {plan.summary()}")
+    if cut is not None:
+        line += f"; {plan.flagged} outliers below the {args.quantile:g} quantile {cut:.4g} nats of this batch"
+    return f"{line}; wrote {'stdout' if out == '-' else out}"
 
 
 def _add_outliers(first, out, outlier) -> None:

@@ -160,8 +160,9 @@ def test_option_checks(target: str, records, tmp_path: Path, capsys: pytest.Capt
     with pytest.raises(SystemExit) as e:
         main(["score", MOONS, "x.npy", "--below-percentile", "5", "--quantile", "0.1"])
     assert e.value.code == 2
-    code, _, err = run(capsys, "score", MOONS, path, "--below-percentile", 5, "--engine", "ray", "--repo", tmp_path)
-    assert code == 2 and "--below-percentile need a server (--engine grpc)" in err and "--threshold" in err
+    code, _, err = run(capsys, "score", MOONS, path, "--explain", tmp_path / "w.png", "--engine", "ray", "--repo",
+                       tmp_path)
+    assert code == 2 and "--explain needs a server (--engine grpc)" in err
 
 
 def test_explain_draws_the_lowest_rows_and_flows_are_refused(target: str, tmp_path: Path,
