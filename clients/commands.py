@@ -82,8 +82,8 @@ likelihood has no exact per-dimension terms are refused by the server, saying wh
 
 --engine ray scores the file without a server, in Ray Data actors that run the model of the repository
 --repo in-process (pip install 'genserve[ray]'); the file and the repository must be at the same path on
-every Ray worker. With the same --seed and --chunk-size the scores are the server's, bit for bit. It writes
-log p only (no score kinds, percentiles or explanations: those are the server's).
+every Ray worker. With the same --seed and --chunk-size the table is the server path's, bit for bit (per-batch
+score kinds and --explain need a server).
 """,
     "encode": """examples:
   genserve encode digits-vae images.npy --out z.npy                 # posterior means E[z|x]
