@@ -6,7 +6,8 @@ the digits test split. Out-of-distribution, the sets of issue 16: uniform noise,
 with 30% of pixels replaced by random levels, a blank (all-zero) image, constant images (every pixel one level,
 levels 1..16), and digits shifted by two pixels (left, right, up and down, zero fill). A second group of shifts was
 added after the score kinds were designed and was never used to choose them (mirrored, upside-down and transposed
-digits, half intensity, 5% salt, two digits overlaid, a checkerboard): it shows how the scores generalise.
+digits, half intensity, 5% salt, two digits overlaid, checkerboards, 8x8 patches of photographs): it shows how the
+scores generalise.
 
 The scores come from the server when the model's manifest serves them (export fitted them); otherwise they are
 computed here by genserve.core.scores, fitted on the served log-likelihoods of the digits training split, the same
@@ -86,7 +87,25 @@ def other_sets(x: np.ndarray, seed: int = 1) -> dict[str, np.ndarray]:
         "salt 5%": salt,
         "two digits": np.maximum(x, x[rng.permutation(len(x))]),
         "checkerboard": np.stack([check, 16.0 - check]),
+        "photo patches": photo_patches(len(x), rng),
     }
+
+
+def photo_patches(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n random 8x8 patches of scikit-learn's two sample photographs (grey, 4x4 block means, levels 0..16): another
+    data set altogether, smooth natural images."""
+    from sklearn.datasets import load_sample_images
+
+    patches = []
+    for image in load_sample_images().images:
+        grey = image.astype(np.float64).mean(axis=2)
+        h, w = (s // 4 * 4 for s in grey.shape)
+        small = grey[:h, :w].reshape(h // 4, 4, w // 4, 4).mean(axis=(1, 3))
+        rows = rng.integers(0, small.shape[0] - 8, size=n)
+        cols = rng.integers(0, small.shape[1] - 8, size=n)
+        patches.append(np.stack([small[r:r + 8, c:c + 8] for r, c in zip(rows, cols, strict=True)]))
+    both = np.concatenate(patches)[rng.permutation(2 * n)[:n]]
+    return np.rint(both / 255.0 * 16.0).astype(np.float32)
 
 
 def auroc(normal: np.ndarray, anomalous: np.ndarray, higher_is_normal: bool) -> float:
