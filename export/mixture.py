@@ -10,7 +10,8 @@ below ``min_weight`` are left out and the rest refitted, so none is served for n
 exported with export.repository's checked path (contract, ONNX parity, its own operations over ONNX Runtime vs
 PyTorch), its graphs renamed "m<k>/<graph>", and the mixture program (server/programs/mixture.py) over the ONNX
 graphs must reproduce the PyTorch mixture (log-likelihood within export.parity's tolerance, the same samples).
-The version folder appears only when all of that passed.
+Its served scores are calibrated on the validation split as any exported model's are (export/calibration.py),
+so percentiles and score kinds work. The version folder appears only when all of that passed.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def build_mixture(checkpoints: Sequence[str | Path], repo: str | Path, name: str
     the weights and the validation and test NLLs of the mixture and of each member (nats per row).
     """
     from genserve.core.manifest import write_manifest
+    from genserve.export.calibration import builtin_data, calibrate
     from genserve.export.parity import check_operations
     from genserve.export.repository import (
         CHECK_ROWS,
@@ -264,11 +266,19 @@ def build_mixture(checkpoints: Sequence[str | Path], repo: str | Path, name: str
                 compression="lossless" if kind == "exact" else "lossy", representation=False),
             operations=[OPERATION["sample"], OPERATION["log_likelihood"]])
         program = mixture_from_manifest(m)
+        for k, v in program.params.items():  # the served defaults of the options it forwards (dequant_draws, ...)
+            m.parameters[k] = float(v)
         runner = DirectRunner.from_files({g.name: stage / g.file for g in graphs})
 
         ref = MixtureReference([s.model for s in kept], weights)
         ops = check_operations(ref, program, runner, test[:CHECK_ROWS])
         log(f"  mixture operations over ONNX Runtime vs PyTorch: {ops.summary()}")
+
+        calibration = builtin_data(kept[0].ckpt, spec)  # the members share these splits (load_members)
+        if calibration is not None:
+            cal = calibrate(program, runner, spec, kind, calibration, tuple(program.operations))
+            cal.apply(m)
+            log(f"  calibration: {cal.summary()}")
 
         scores = run_sync(program.member_log_likelihoods(runner, test, Noise(seed)))
         test_lp = log_mix(program.log_weights, scores)

@@ -104,6 +104,13 @@ class MixtureProgram(Program):
                 if o.operation in self.operations:
                     seen.setdefault((o.operation, o.name), o)
         self.options = tuple(seen.values())
+        # An option's default names a program parameter ("dequant_draws"): the mixture's is the member's that
+        # declared the option, so whoever asks the mixture for the served default gets the member's.
+        for o in self.options:
+            if isinstance(o.default, str) and o.default not in self.params:
+                owner = next(m for m in members if o.name in m.program.declared(o.operation))
+                if o.default in owner.program.params:
+                    self.params[o.default] = owner.program.params[o.default]
 
     async def member_log_likelihoods(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
         """(K, N) float64: member k's own log-likelihood of each row (its stream ``member_noise(noise, k)``)."""

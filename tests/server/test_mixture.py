@@ -122,6 +122,19 @@ def test_sample_is_reproducible_and_each_row_comes_from_a_member_picked_by_weigh
                                                           derived_seed(seed, k + 1)))
 
 
+def test_percentiles_come_from_the_mixtures_own_calibration(stub, built: Path) -> None:
+    m = read_manifest(built / "repo" / MIX / "1" / "manifest.json")
+    log_prob = next(c for c in m.calibration if c.score == "log_prob")
+    assert log_prob.rows == 350 and "validation split" in log_prob.data
+    assert m.parameters["dequant_draws"] == 16  # the pPCA member's default, which the calibration used
+    x = digits_test_rows(20)
+    r = log_likelihood(stub, MIX, x, seed=3, percentile=True)
+    pct = from_proto(r.percentiles["log_prob"])
+    want = 100 * np.interp(from_proto(r.log_prob), np.array(log_prob.quantiles), np.array(log_prob.probabilities))
+    assert pct.shape == (20,) and ((pct >= 0) & (pct <= 100)).all()
+    np.testing.assert_allclose(pct, want, atol=1e-6)
+
+
 def batch_calls(port: int, graph: str) -> tuple[float, float]:
     """(ONNX Runtime calls, rows) of the mixture's ``graph`` so far."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
