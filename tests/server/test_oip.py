@@ -160,7 +160,8 @@ def test_model_metadata_describes_each_operation(client, catalog) -> None:
                        + ([("latents", "FP32", [-1, *latent])] if "latent_dim" in info.manifest.parameters
                           else [])),
             "log_likelihood": ([("x", "FP32", [-1, *data])], [("log_prob", "FP64", [-1])]
-                               + ([] if unnormalized else [("bits_per_dim", "FP64", [-1])])),
+                               + ([] if unnormalized else [("bits_per_dim", "FP64", [-1])])
+                               + score_outputs(info.manifest)),
             "encode": ([("x", "FP32", [-1, *data])], [("z", "FP32", [-1, *latent])]),
             "decode": ([("z", "FP32", [-1, *latent])], [("x", "FP32", [-1, *data])]),
         }
@@ -172,6 +173,19 @@ def test_model_metadata_describes_each_operation(client, catalog) -> None:
             got = ([(t.name, t.datatype, list(t.shape)) for t in meta.inputs],
                    [(t.name, t.datatype, list(t.shape)) for t in meta.outputs])
             assert got == expected[op], f"{name}.{op}"
+
+
+def score_outputs(manifest) -> list[tuple[str, str, list[int]]]:
+    """log_likelihood's outputs when asked for (docs/scoring.md): score kinds, percentiles of the calibrated
+    scores, and per-dimension terms for the families that have them."""
+    calibrated = {c.score for c in manifest.calibration}
+    kinds = [k.name for k in manifest.score_kinds]
+    out = [(f"score_{k}", "FP64", [-1]) for k in kinds]
+    out += [("percentile", "FP64", [-1])] if "log_prob" in calibrated else []
+    out += [(f"percentile_{k}", "FP64", [-1]) for k in kinds if k in calibrated]
+    if manifest.family in ("autoregressive", "linear_gaussian", "latent_variable"):
+        out.append(("per_dimension", "FP64", [-1, *manifest.data.shape]))
+    return out
 
 
 def test_model_config_is_tritons_message(client, catalog) -> None:
