@@ -27,7 +27,7 @@ def test_ood_example_reports_auroc_per_family_score_and_shift_with_a_plot(repo_d
     # every digits model with a likelihood is scored, none without one
     assert "digits-arcnn" in results and "digits-vae" in results and "digits-gan" not in results
     shifts = {"uniform noise", "inverted", "corrupted 30%", "blank", "constant", "shifted 2px", "mirrored",
-              "upside down", "transposed", "half intensity", "salt 5%", "two digits", "checkerboard"}
+              "upside down", "transposed", "half intensity", "salt 5%", "two digits", "checkerboard", "photo patches"}
     for model, by_score in results.items():
         expected = {"log_prob", "typicality_row", "typicality (batches of 5)"}
         if report["models"][model]["family"] != "energy":  # an energy's scale is arbitrary: no ratio kinds
