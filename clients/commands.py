@@ -156,7 +156,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", type=int, default=0, help="model version (default 0: the highest)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = command("score", "score every row of a file by log-likelihood (and score kinds); write one row per row")
+    p = command("score", "score every row of a file by log-likelihood (and score kinds): a table, a line per row")
     p.add_argument("model", help="model name")
     p.add_argument("input", help=".npy, .npz, .csv or .parquet file of examples")
     p.add_argument("--out", help="table to write: FILE.csv or FILE.parquet (default, or -: CSV on stdout)")
