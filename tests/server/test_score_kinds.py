@@ -234,3 +234,18 @@ def test_min_z_keeps_the_likelihoods_power_on_tabular_anomalies(cultivar):
     min_z = roc_auc_score(labels, -np.r_[scores.compute("min_z", spec, test, log_prob(test), params),
                                         scores.compute("min_z", spec, anomalies, log_prob(anomalies), params)])
     assert raw > 0.85 and min_z >= raw - 0.02, (raw, min_z)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_a_per_row_kind_of_a_row_does_not_depend_on_the_other_rows_of_its_request(spec):
+    rng = np.random.default_rng(6)
+    x = _rows(spec, 60, rng)
+    params = scores.fit(spec, x, _fake_log_prob(x))
+    batch, lp = x[:9], _fake_log_prob(x[:9], seed=1)
+    for name, kind in scores.KINDS.items():
+        together = scores.compute(name, spec, batch, lp, params)
+        alone = np.concatenate([scores.compute(name, spec, batch[i:i + 1], lp[i:i + 1], params) for i in range(9)])
+        if kind.per_batch:
+            assert len(set(together.tolist())) == 1 and not np.allclose(together, alone), name
+        else:
+            assert together == pytest.approx(alone, rel=1e-12, abs=1e-12), name
