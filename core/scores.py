@@ -145,8 +145,9 @@ def fit(spec: DataSpec, x_train: np.ndarray, log_prob_train: np.ndarray) -> dict
     """The numbers every kind needs, fitted on in-distribution rows only: ``{"score.<kind>.<name>": float}``.
 
     ``x_train`` (N, *spec.shape) in raw data units, ``log_prob_train`` (N,) the model's log-likelihood of those
-    rows in nats. Rows the model did not train on (a validation split) give the fairest H for the typicality
-    kinds: training rows' log-likelihood is biased high by whatever the model overfitted.
+    rows in nats. Training rows are fine (export fits on the training split): the reference model never saw
+    them, and the bias an overfitted model puts into H and the z-score moments (its training rows score higher
+    than unseen ones) is measured by the calibration, which export runs on held-out rows.
     """
     x, log_prob = _rows(spec, x_train, log_prob_train)
     if len(log_prob) < 2:
@@ -250,7 +251,9 @@ def _fit_reference(spec: DataSpec, x: np.ndarray) -> dict[str, float]:
     flat = x.reshape(len(x), -1)
     mean = flat.mean(axis=0)
     dim = flat.shape[1]
-    # Ledoit-Wolf-style shrinkage toward the diagonal keeps the covariance invertible with few rows.
+    # Shrinkage toward the diagonal, weight D/N (more with fewer rows per feature), keeps the covariance
+    # invertible and its inverse tame when rows are few; the tiny floor on the variances does so for a constant
+    # feature.
     var = flat.var(axis=0) + 1e-9 * (1.0 + flat.var(axis=0).max())
     out = {key + "dim": float(dim)}
     out.update({f"{key}mean.{i}": float(m) for i, m in enumerate(mean)})
