@@ -9,7 +9,9 @@ Results are named tuples: typed fields, and they still unpack as ``x, latents, v
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -117,17 +119,18 @@ class LikelihoodResult(_Likelihood):
     asked for; percentiles in [0, 100], low = anomalous) and ``per_dimension`` ((N, *shape) float64 nats of
     -log p per dimension, or None)."""
 
-    scores: dict[str, np.ndarray]
-    percentiles: dict[str, np.ndarray]
-    per_dimension: np.ndarray | None
+    scores: Mapping[str, np.ndarray] = MappingProxyType({})
+    percentiles: Mapping[str, np.ndarray] = MappingProxyType({})
+    per_dimension: np.ndarray | None = None
 
     def __new__(cls, log_prob: np.ndarray, bits_per_dim: np.ndarray | None, kind: str, version: int,
                 scores: dict[str, np.ndarray] | None = None, percentiles: dict[str, np.ndarray] | None = None,
                 per_dimension: np.ndarray | None = None) -> LikelihoodResult:
         self = super().__new__(cls, log_prob, bits_per_dim, kind, version)
-        self.scores = scores or {}
-        self.percentiles = percentiles or {}
-        self.per_dimension = per_dimension
+        if scores or percentiles or per_dimension is not None:  # the plain answer keeps the class's empty ones
+            self.scores = scores or {}
+            self.percentiles = percentiles or {}
+            self.per_dimension = per_dimension
         return self
 
 
