@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from genserve.core.manifest import (
     MANIFEST,
     OPERATION_NAME,
@@ -137,6 +139,7 @@ def check_version(model_dir: Path, version: int) -> tuple[list[str], list[str]]:
     if any(o.startswith("unknown") for o in ops):
         problems.append(f"{tag}: unknown operations {ops}")
     problems += _check_program(m.family, m.model, ops, tag)
+    problems += _check_calibration(m, tag)
     if not m.graphs:
         problems.append(f"{tag}: manifest lists no graphs")
     for g in m.graphs:
@@ -160,6 +163,28 @@ def check_version(model_dir: Path, version: int) -> tuple[list[str], list[str]]:
         elif _sha256(path) != digest and not any(rel in (g.file, g.fp16_file) for g in m.graphs):
             problems.append(f"{tag}: {rel} sha256 mismatch with provenance")
     return problems, ops
+
+
+def _check_calibration(m, tag: str) -> list[str]:
+    """Score kinds and calibration entries the server can use: every calibrated score is log_prob or a listed
+    kind; probabilities increase from 0 to 1; quantiles are finite, as many, and do not decrease."""
+    kinds = {k.name for k in m.score_kinds}
+    problems = []
+    for c in m.calibration:
+        where = f"{tag}: calibration of {c.score!r}"
+        p, q = np.asarray(c.probabilities, dtype=float), np.asarray(c.quantiles, dtype=float)
+        if c.score != "log_prob" and c.score not in kinds:
+            problems.append(f"{where} names no score kind of the manifest ({', '.join(sorted(kinds)) or 'none'})")
+        if len(p) < 2 or len(p) != len(q):
+            problems.append(f"{where} has {len(p)} probabilities and {len(q)} quantiles; it needs as many, >= 2")
+            continue
+        if p[0] != 0 or p[-1] != 1 or (np.diff(p) <= 0).any():
+            problems.append(f"{where}: probabilities must increase from 0 to 1")
+        if not np.isfinite(q).all() or (np.diff(q) < 0).any():
+            problems.append(f"{where}: quantiles must be finite and non-decreasing")
+    if m.score_kinds and "log_prob" not in {c.score for c in m.calibration} and m.calibration:
+        problems.append(f"{tag}: calibration lacks log_prob")
+    return problems
 
 
 def _check_program(family: str, model: str, ops: list[str], tag: str) -> list[str]:

@@ -87,3 +87,20 @@ def test_the_cli_takes_a_file_or_no_calibration_not_both(moons_ppca, rows, tmp_p
     assert main(["export", str(moons_ppca), "--repo", str(tmp_path / "repo"), "--calibration", str(path)]) == 0
     manifest = read_manifest(tmp_path / "repo" / "moons-ppca" / "1" / MANIFEST)
     assert manifest.calibration[0].rows == len(rows) // 2 and "cal.csv" in manifest.calibration[0].data
+
+
+def test_repo_check_verifies_the_calibration(moons_ppca, tmp_path) -> None:
+    from genserve.core.manifest import write_manifest
+    from genserve.export.check import check_model
+
+    vdir = export_checkpoint(moons_ppca, tmp_path / "repo", log=lambda *a: None)
+    assert check_model(vdir.parent).ok
+    manifest = read_manifest(vdir / MANIFEST)
+    manifest.calibration[0].quantiles[0] = manifest.calibration[0].quantiles[-1] + 1.0
+    manifest.calibration[1].score = "no_such_kind"
+    del manifest.calibration[2].probabilities[-1]
+    write_manifest(manifest, vdir / MANIFEST)
+    problems = " | ".join(check_model(vdir.parent).problems)
+    assert "quantiles must be finite and non-decreasing" in problems
+    assert "'no_such_kind' names no score kind" in problems
+    assert "probabilities and" in problems
