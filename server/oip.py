@@ -14,7 +14,10 @@ Tensors (ModelMetadata gives the exact shapes; -1 is the batch axis, any size):
 operation           inputs                                            outputs
 =================== ================================================= ==========================================
 sample              N INT64 [1] (or the request parameter ``n``)      samples FP32 [-1, *data], latents FP32 [-1, q]
-log_likelihood      x FP32 [-1, *data]                                log_prob FP64 [-1], bits_per_dim FP64 [-1]
+log_likelihood      x FP32 [-1, *data]                                log_prob FP64 [-1], bits_per_dim FP64 [-1];
+                                                                      when asked: score_<kind>, percentile,
+                                                                      percentile_<kind> FP64 [-1],
+                                                                      per_dimension FP64 [-1, *data]
 encode              x FP32 [-1, *data]                                z FP32 [-1, q]
 decode              z FP32 [-1, q]                                    x FP32 [-1, *data]
 =================== ================================================= ==========================================
@@ -28,10 +31,12 @@ outputs always as ``raw_output_contents``. No requested outputs: every output; o
 Request parameters (the request's ``parameters`` map): ``seed`` (int, 0..2**63-1; drawn when unset and
 returned as the response parameter ``seed``); sample: ``n``, ``temperature``, ``langevin_steps``,
 ``langevin_step_size`` (energy models), ``return_latents`` (bool); log_likelihood: ``importance_samples``
-(VAE); encode/decode: ``sample`` (bool: draw from q(z|x) / p(x|z) instead of the mean); ``timeout``
-(microseconds, Triton's) bounds the request like a gRPC deadline. Unknown parameters are refused, so a typo
-does not silently fall back to a default. log_likelihood answers the response parameter ``likelihood_kind``
-(exact, lower_bound, unnormalized).
+(VAE), ``scores`` (comma-separated score kinds), ``percentile`` (bool), ``per_dimension`` (bool), ``draws``
+(int; dequantisation draws of flows and pPCA on discrete data) — naming an output ``score_<kind>``,
+``percentile[_<kind>]`` or ``per_dimension`` asks for it too (docs/scoring.md); encode/decode: ``sample``
+(bool: draw from q(z|x) / p(x|z) instead of the mean); ``timeout`` (microseconds, Triton's) bounds the request
+like a gRPC deadline. Unknown parameters are refused, so a typo does not silently fall back to a default.
+log_likelihood answers the response parameter ``likelihood_kind`` (exact, lower_bound, unnormalized).
 
 The module is a thin adapter: tensors live in server/oip_tensors.py, names, parameters, ModelConfig and
 statistics in server/oip_models.py, and statuses, seeds, deadlines, the pipelined stream and accounting in
