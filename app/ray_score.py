@@ -59,7 +59,7 @@ def run_score(args: argparse.Namespace) -> int:
     own = not ray.is_initialized()
     if own:
         ray.init(address=args.address, include_dashboard=False, logging_level="warning")
-    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
+    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet and sys.stderr.isatty()
     if args.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset progress lines
     try:

@@ -390,7 +390,9 @@ def run_score(args: argparse.Namespace) -> int:
         worst = WorstRows(args.explain_rows) if args.explain else None
         if worst is not None:
             rows.watch(sent.__setitem__)  # the examples of chunks in flight, to draw the worst beside their maps
-        stream = client.iter_scores(args.model, rows, args.chunk_size, progress=not args.quiet,
+        # A bar on a terminal only: redraws in a pipe or a log file are noise (the client's own check lets
+        # tqdm.auto's class through, which draws anywhere).
+        stream = client.iter_scores(args.model, rows, args.chunk_size, progress=not args.quiet and sys.stderr.isatty(),
                                     max_in_flight=args.in_flight, seed=seed,
                                     importance_samples=args.importance_samples, version=info.version,
                                     **plan.request(explain=worst is not None))

@@ -229,3 +229,40 @@ def test_score_kinds_percentiles_and_a_fixed_flag(target: str, client: Client, r
     with open(tmp_path / "few.csv", newline="") as f:
         few = [r["flag"] == "1" for r in csv.DictReader(f)]
     assert code == 0 and few == flags[:100].tolist()
+
+
+def test_a_progress_bar_on_a_terminal_and_none_in_a_log(target: str, records, tmp_path: Path) -> None:
+    """The bar is drawn on stderr when it is a terminal (a pseudo-terminal here), never into a pipe or a file."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    path, _, _ = records
+    argv = [sys.executable, "-m", "genserve.app.cli", "score", MOONS, str(path), "--id-column", "id", "--columns",
+            "x,y", "--chunk-size", 50, "--server", target]
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    try:
+        process = subprocess.Popen([*map(str, argv), "--out", str(tmp_path / "tty.csv")], stderr=secondary,
+                                   stdout=subprocess.DEVNULL)
+        os.close(secondary)  # the child holds the terminal now; reads end (EIO) when it exits
+        drawn = b""
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            drawn += data
+        done = process.wait(timeout=120)
+    finally:
+        os.close(primary)
+    assert done == 0
+    assert b"score moons-ppca" in drawn and b"rows" in drawn and b"\r" in drawn, drawn[-400:]
+    piped = subprocess.run([*map(str, argv), "--out", str(tmp_path / "pipe.csv")], capture_output=True, timeout=120)
+    assert piped.returncode == 0 and b"score moons-ppca" not in piped.stderr and b"\r" not in piped.stderr
