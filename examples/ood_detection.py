@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 from genserve.clients.client import Client  # noqa: E402
 from genserve.core import scores  # noqa: E402
 
-TRAIN, TEST = slice(0, 1000), slice(1350, None)  # training/data.py's unshuffled digits split
+TRAIN, VAL, TEST = slice(0, 1000), slice(1000, 1350), slice(1350, None)  # training/data.py's digits split
 TARGET_SHIFTS = ("uniform noise", "inverted", "corrupted 30%", "blank", "constant", "shifted 2px")
 TARGETS = {"uniform noise": 0.99, "inverted": 0.99, "corrupted 30%": 0.99, "blank": 0.99, "constant": 0.99,
            "shifted 2px": 0.97}
@@ -118,19 +118,20 @@ def auroc(normal: np.ndarray, anomalous: np.ndarray, higher_is_normal: bool) -> 
 class Scorer:
     """Scores of one model: from the server when its manifest serves the kind, else computed here."""
 
-    def __init__(self, client: Client, name: str, x_train: np.ndarray) -> None:
+    def __init__(self, client: Client, name: str, x_fit: np.ndarray, fit_split: str, local: bool = False) -> None:
         self.client, self.name = client, name
         info = client.info(name)
         self.spec, self.higher = info.spec, {LOG_PROB: True}
         self.kinds = scores.applicable(self.spec, info.likelihood)
-        self.served = [k for k in info.score_kinds if k in self.kinds and not scores.KINDS[k].per_batch]
+        self.served = [] if local else [k for k in info.score_kinds
+                                        if k in self.kinds and not scores.KINDS[k].per_batch]
         fitted = {k: v for k, v in info.parameters.items() if k.startswith(scores.PREFIX)}
-        if fitted and all(_fitted(fitted, k) for k in self.kinds):
+        if not local and fitted and all(_fitted(fitted, k) for k in self.kinds):
             self.params, self.fitted_on = fitted, "export (the model's manifest)"
         else:
-            train = client.log_likelihood(name, x_train, seed=0).log_prob
-            self.params = scores.fit(self.spec, x_train, train)
-            self.fitted_on = f"{len(x_train)} rows of the digits training split, here"
+            log_prob = client.log_likelihood(name, x_fit, seed=0).log_prob
+            self.params = scores.fit(self.spec, x_fit, log_prob)
+            self.fitted_on = f"{len(x_fit)} rows of the digits {fit_split} split, here"
         self.family = info.family
         self.server_vs_local: float | None = None  # largest |server - local| of a served kind, once compared
         for k in self.kinds:
@@ -250,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--server", help="use a running server at HOST:PORT instead")
     p.add_argument("--out", default="ood", help="folder for ood_auroc.json, ood_table.md and ood_detection.png")
     p.add_argument("--rows", type=int, default=0, help="use the first ROWS test digits (0: all 447)")
+    p.add_argument("--local", action="store_true",
+                   help="fit and compute every score kind here even when the server serves them")
+    p.add_argument("--fit-split", choices=("train", "val"), default="train",
+                   help="digits split the local score kinds are fitted on (export fits on train)")
     p.add_argument("--fit-rows", type=int, default=0,
-                   help="fit the local score kinds on the first FIT_ROWS training digits (0: all 1000)")
+                   help="fit the local score kinds on the first FIT_ROWS digits of that split (0: all)")
     p.add_argument("--batch", type=int, default=5, help="rows per bootstrap batch of the per-batch typicality")
     p.add_argument("--draws", type=int, default=200, help="bootstrap batches per set")
     args = p.parse_args(argv)
@@ -266,11 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         server = BackgroundServer(ServerConfig(repo=Path(args.repo), port=0, metrics_port=0))
         target = f"127.0.0.1:{server.port}"
     images = load_digits().images.astype(np.float32)
-    x_train, x_in = images[TRAIN], images[TEST]
+    x_fit, x_in = images[TRAIN if args.fit_split == "train" else VAL], images[TEST]
     if args.rows:
         x_in = x_in[:args.rows]
     if args.fit_rows:
-        x_train = x_train[:args.fit_rows]
+        x_fit = x_fit[:args.fit_rows]
     sets = {**shifted_sets(x_in), **other_sets(x_in)}
     results: dict[str, dict[str, dict[str, float]]] = {}
     curves: dict[str, dict[str, dict[str, tuple]]] = {}
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             models = [m for m in client.models() if "log_likelihood" in m.operations and m.state == "READY"
                       and client.info(m.name).spec.shape == (8, 8)]
             for m in models:
-                scorer = Scorer(client, m.name, x_train)
+                scorer = Scorer(client, m.name, x_fit, args.fit_split, args.local)
                 results[m.name], curves[m.name] = evaluate(scorer, x_in, sets, args.batch, args.draws)
                 meta[m.name] = {"family": scorer.family, "fitted_on": scorer.fitted_on,
                                 "served_kinds": scorer.served, "server_vs_local_max_abs": scorer.server_vs_local}
