@@ -39,13 +39,18 @@ SEED = 20261202
 CHUNK_ROWS = 1024
 """Rows per scoring call, seeded ``derived_seed(SEED, offset)`` as the client's score_stream seeds chunks."""
 MAX_ROWS = 10000
-"""Most calibration rows (and fit rows) scored; a larger set is subsampled with SEED, to keep export fast."""
+"""Most calibration rows (and fit rows) scored; a larger set is subsampled with SEED, to keep export fast (fewer
+for a model whose score costs many graph rows: the budgets below)."""
 MIN_ROWS = 20
 """Fewer calibration rows than this give no calibration: the quantiles would be noise."""
-FIT_GRAPH_ROWS = 200_000
+FIT_GRAPH_ROWS = 100_000
 """Budget of graph rows (rows x draws or importance samples) for scoring the fit rows: a VAE scored with
-K = 500 fits its score kinds on 400 training rows, not all of them, so export stays fast."""
+K = 500 fits its score kinds on 256 training rows (MIN_FIT_ROWS), not all of them, so export stays fast."""
 MIN_FIT_ROWS = 256
+CALIBRATION_GRAPH_ROWS = 2_000_000
+"""Budget of graph rows for the calibration rows: at most this / (draws or K) rows, but at least
+MIN_CALIBRATION_ROWS (a VAE with K = 500 calibrates on up to 4000 rows of a large set)."""
+MIN_CALIBRATION_ROWS = 1000
 BATCH_ROWS = 64
 """Per-batch score kinds (typicality) are calibrated over random batches of this many rows."""
 BATCHES = 2000
@@ -151,12 +156,13 @@ def calibrate(program: Any, run: Callable, spec: DataSpec, likelihood_kind: str,
     start = time.perf_counter()
     if "log_likelihood" not in operations or likelihood_kind in ("none", ""):
         return Calibration()
-    rows = _subset(data.rows, 1)
+    cost = draws_per_row(program, spec)
+    rows = _subset(data.rows, 1, max(MIN_CALIBRATION_ROWS, CALIBRATION_GRAPH_ROWS // cost))
     if len(rows) < MIN_ROWS:
         return Calibration(note=f"no calibration: {len(rows)} rows of {data.data}, fewer than {MIN_ROWS}")
     fit_rows = rows
     if data.fit is not None and len(data.fit) >= 2:
-        fit_rows = _subset(data.fit, 2, max(MIN_FIT_ROWS, FIT_GRAPH_ROWS // draws_per_row(program, spec)))
+        fit_rows = _subset(data.fit, 2, max(MIN_FIT_ROWS, FIT_GRAPH_ROWS // cost))
     log_prob = score_rows(program, run, rows, SEED)
     fit_log_prob = log_prob if fit_rows is rows else score_rows(program, run, fit_rows, derived_seed(SEED, 1))
     names = scores.applicable(spec, likelihood_kind)
