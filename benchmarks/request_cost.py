@@ -64,13 +64,16 @@ def _client(target: str, method: str, payload: bytes, clients: int, conn, ) -> N
 
     async def main() -> None:
         done = [0]
+        latencies: list[float] = []
         stop = asyncio.Event()
         async with grpc.aio.insecure_channel(target) as channel:
             call = channel.unary_unary(method)
 
             async def loop() -> None:
                 while not stop.is_set():
+                    t = time.perf_counter()
                     await call(payload, timeout=60)
+                    latencies.append(time.perf_counter() - t)
                     done[0] += 1
 
             await call(payload, timeout=60)  # the channel is connected and the path warm
@@ -80,7 +83,8 @@ def _client(target: str, method: str, payload: bytes, clients: int, conn, ) -> N
             while True:
                 message = await loop_.run_in_executor(None, conn.recv)
                 if message == "mark":
-                    conn.send(done[0])
+                    conn.send((done[0], latencies[:]))
+                    latencies.clear()
                 else:
                     stop.set()
                     await asyncio.gather(*tasks)
@@ -101,10 +105,11 @@ def measure(server: ServerProcess, method: str, payload: bytes, clients: int, se
         raise RuntimeError("the load generator did not start")
     time.sleep(2.0)  # a benchmark's warm-up window, not synchronisation
     here.send("mark")
-    n0, cpu0, threads0, t0 = here.recv(), process_cpu_s(server.pid), thread_cpu_s(server.pid), time.monotonic()
+    (n0, _), cpu0, threads0, t0 = here.recv(), process_cpu_s(server.pid), thread_cpu_s(server.pid), time.monotonic()
     time.sleep(seconds)
     here.send("mark")
-    n1, cpu1, threads1, t1 = here.recv(), process_cpu_s(server.pid), thread_cpu_s(server.pid), time.monotonic()
+    (n1, latencies), cpu1, threads1, t1 = (here.recv(), process_cpu_s(server.pid), thread_cpu_s(server.pid),
+                                           time.monotonic())
     top = py_spy_top(server.pid, profile_s, native=native) if profile_s > 0 else None
     here.send("stop")
     here.recv()
@@ -117,7 +122,9 @@ def measure(server: ServerProcess, method: str, payload: bytes, clients: int, se
               "server_cpu_us_per_request": 1e6 * (cpu1 - cpu0) / max(requests, 1),
               "by_thread_us_per_request": {k: round(1e6 * v / max(requests, 1), 1)
                                             for k, v in by_thread.most_common() if v > 0},
-              "server_cores": (cpu1 - cpu0) / (t1 - t0), "loadavg": loadavg()[0]}
+              "server_cores": (cpu1 - cpu0) / (t1 - t0), "loadavg": loadavg()[0],
+              "p50_ms": 1e3 * float(np.percentile(latencies, 50)) if latencies else None,
+              "p99_ms": 1e3 * float(np.percentile(latencies, 99)) if latencies else None}
     if top is not None:
         result["profile"] = top
     return result
@@ -187,6 +194,7 @@ def _server(repo: Path, flags: dict[str, Any], tree: str | None) -> Iterator[Ser
 def _print(cell: dict[str, Any]) -> None:
     threads = ", ".join(f"{k} {v:.0f}" for k, v in list(cell["by_thread_us_per_request"].items())[:3])
     print(f"{cell['server']:>8} {cell['api']:>3} {cell['clients']:>3} clients: {cell['requests_per_s']:7.0f} req/s, "
+          f"p50 {cell['p50_ms']:.2f} ms, p99 {cell['p99_ms']:.2f} ms, "
           f"server CPU {cell['server_cpu_us_per_request']:6.0f} us/request ({threads}), load {cell['loadavg']:.1f}",
           flush=True)
     if "profile" in cell and "self" in cell["profile"]:
@@ -215,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", metavar="DIR", help="also serve from this checkout of genserve (e.g. a `git "
                    "worktree` of an older commit), interleaved with the current one, and print the ratios")
     p.add_argument("--tree", metavar="DIR", help="serve the current side from this checkout instead of this one")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=--FLAG:VALUE,...",
+                   help="also serve the current tree with these `genserve serve` flags (repeatable), e.g. "
+                   "'w1=--workers:1,--switch-interval-ms:5'")
     p.add_argument("--rounds", type=int, default=1, help="measurements of every cell (with --baseline: "
                    "alternating the two servers)")
     p.add_argument("--out", help="write the results as JSON here")
@@ -228,11 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         name, _, value = flag.partition("=")
         flags[name] = value or None
     trees = {"current": args.tree} if not args.baseline else {"baseline": args.baseline, "current": args.tree}
+    variants = {name: (tree, flags) for name, tree in trees.items()}
+    for spec in args.variant:  # NAME=--flag:value,--flag:value: the current tree with other serve flags
+        name, _, rest = spec.partition("=")
+        extra = dict(item.partition(":")[::2] for item in rest.split(",") if item)
+        variants[name] = (args.tree, {**flags, **{k: v or None for k, v in extra.items()}})
     results: dict[str, Any] = {"model": args.model, "operation": args.operation, "rows": args.rows,
                                "baseline": args.baseline, "cells": []}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repo = repo_variant(args.repo, Path(tmp) / "repo", models=[args.model])
-        servers = {name: stack.enter_context(_server(repo, flags, tree)) for name, tree in trees.items()}
+        servers = {name: stack.enter_context(_server(repo, f, tree)) for name, (tree, f) in variants.items()}
         for round_ in range(args.rounds):
             for api in args.apis.split(","):
                 method, payload = requests[api]
@@ -244,16 +260,22 @@ def main(argv: list[str] | None = None) -> int:
                         cell.update(api=api, clients=clients, server=name, round=round_)
                         results["cells"].append(cell)
                         _print(cell)
-    if len(trees) > 1:
-        print("\nbaseline / current server CPU per request (median over rounds):")
+    if len(servers) > 1:
+        first = next(iter(servers))
+        print(f"\nserver CPU per request and p50, median over rounds, against {first}:")
         for api in args.apis.split(","):
             for clients in (int(c) for c in args.clients.split(",")):
-                per = {name: float(np.median([c["server_cpu_us_per_request"] for c in results["cells"]
-                                              if c["api"] == api and c["clients"] == clients
-                                              and c["server"] == name])) for name in trees}
-                results.setdefault("summary", []).append({"api": api, "clients": clients, **per})
-                print(f"{api:>3} {clients:>3} clients: baseline {per['baseline']:.0f} us, current "
-                      f"{per['current']:.0f} us ({per['current'] / per['baseline']:.2f}x)")
+                row = {}
+                for name in servers:
+                    cells = [c for c in results["cells"]
+                             if c["api"] == api and c["clients"] == clients and c["server"] == name]
+                    row[name] = {k: float(np.median([c[k] for c in cells]))
+                                 for k in ("server_cpu_us_per_request", "p50_ms", "requests_per_s")}
+                results.setdefault("summary", []).append({"api": api, "clients": clients, **row})
+                base = row[first]["server_cpu_us_per_request"]
+                print(f"{api:>3} {clients:>3} clients: " + "; ".join(
+                    f"{name} {r['server_cpu_us_per_request']:.0f} us ({r['server_cpu_us_per_request'] / base:.2f}x), "
+                    f"p50 {r['p50_ms']:.2f} ms, {r['requests_per_s']:.0f} req/s" for name, r in row.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
