@@ -1,10 +1,12 @@
 """The model repository: scan folders, check manifests and graph hashes, open sessions, build batchers.
 
 Layout (genserve.core.manifest): ``REPO/NAME/config.json`` (optional ServingConfig) and
-``REPO/NAME/VERSION/manifest.json`` with one .onnx file per graph. The folder names decide a version's model
-name and number (the manifest's are informational, so a copied folder serves under its new number); which
-versions serve is config.json's version_policy (default all, see server/engine.py); a version that fails to
-load is reported with a message and the others load. A version is warmed up before it serves (``warm_up``).
+``REPO/NAME/VERSION/manifest.json`` with one .onnx file per graph (a mixture's members' graphs too, named
+"m<k>/<graph>", each with its own batcher; its program is built from the manifest's members,
+server/programs/mixture.py). The folder names decide a version's model name and number (the manifest's are
+informational, so a copied folder serves under its new number); which versions serve is config.json's
+version_policy (default all, see server/engine.py); a version that fails to load is reported with a message
+and the others load. A version is warmed up before it serves (``warm_up``).
 """
 
 from __future__ import annotations
