@@ -347,3 +347,13 @@ def test_async_client_and_local_engine_give_the_same_numbers(server, client, rep
         np.testing.assert_array_equal(other.scores["min_z"], want.scores["min_z"])
         np.testing.assert_array_equal(other.percentiles["min_z"], want.percentiles["min_z"])
         np.testing.assert_array_equal(other.per_dimension, want.per_dimension)
+
+
+def test_the_scoring_reasons_are_documented() -> None:
+    """docs/errors.md lists the reasons server/scoring.py sends (test_error_details checks the engine's)."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", (root / "docs" / "errors.md").read_text(), re.M))
+    used = set(re.findall(r'reason = "([A-Z_]+)"', (root / "server" / "scoring.py").read_text()))
+    assert used == {"NOT_CALIBRATED", "PER_DIMENSION_NOT_SUPPORTED"} and used <= documented
