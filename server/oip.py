@@ -71,7 +71,7 @@ import importlib.metadata
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -412,10 +412,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise
 
     def _engine_request(self, loaded: LoadedModel, operation: str, inputs: dict[str, np.ndarray], params: Params,
-                        seed: int, wanted: list[str], request_outputs: Sequence[pb.ModelInferRequest.
-                                                                            InferRequestedOutputTensor] = ()
-                        ) -> tuple[Request, int]:
-        """(the engine's request for the operation, on the version resolved above; the rows it produces)."""
+                        seed: int, wanted: list[str], request_outputs: Sequence[Any] = ()) -> tuple[Request, int]:
+        """(the engine's request for the operation, on the version resolved above; the rows it produces).
+        ``request_outputs``: the request's named outputs (InferRequestedOutputTensor); naming a score output
+        asks for it."""
         if operation == "sample":
             n = sample_count(inputs, params)
             latents = "latents" in wanted
