@@ -69,10 +69,11 @@ def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     import sys
 
     from tqdm.auto import tqdm
-    from tqdm.std import tqdm as terminal
 
     # A terminal bar only on a terminal (a log file would fill with redraws); a notebook's widget always.
-    hidden = not enabled or (tqdm is terminal and not sys.stderr.isatty())
+    # tqdm.auto gives tqdm.notebook's class in a notebook, else a terminal class (tqdm.asyncio's, not std's).
+    widget = tqdm.__module__.startswith("tqdm.notebook")
+    hidden = not enabled or (not widget and not sys.stderr.isatty())
     return tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=hidden, leave=False)
 
 
