@@ -102,8 +102,11 @@ class CausalConvAR(AutoregressiveModel):
     profiles = {
         "quick": {"epochs": 25, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
                   "patience": 5, "arch": {"channels": 32, "layers": 2, "dropout": 0.1}},
-        "full": {"epochs": 200, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
-                 "patience": 20, "arch": {"channels": 64, "layers": 4, "dropout": 0.3}},
+        # full (docs/results/quality.md): one-pixel shift augmentation given as input, 96 maps, an EMA of the
+        # weights and a halving learning rate; best validation epoch 46 (82.67 vs 84.45 for the 64-map profile)
+        "full": {"epochs": 300, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 5.0,
+                 "patience": 30, "arch": {"channels": 96, "layers": 4, "dropout": 0.3, "shift_aug": 0.5, "ema": 0.999,
+                                          "lr_half_life": 2000}},
     }
     tabular_profiles = {
         "quick": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 5.0,
