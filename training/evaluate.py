@@ -302,7 +302,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--importance-samples", type=int, default=DEFAULT_IMPORTANCE_SAMPLES, metavar="K",
                    help="importance samples per test example for VAE likelihoods "
                    f"(default {DEFAULT_IMPORTANCE_SAMPLES}, at most {MAX_IMPORTANCE_SAMPLES}; scored in chunks, so "
-                   "memory stays bounded: K = 5000 takes about a minute per split on one core)")
+                   "memory stays bounded: K = 5000 costs the full VAE about 2 CPU minutes per split)")
     p.add_argument("--dequant-draws", type=int, default=None, metavar="K",
                    help="uniform draws of the dequantisation bound (realnvp, ppca on discrete data; default: the "
                    "model's own); the log-mean-exp bound tightens as K grows")
