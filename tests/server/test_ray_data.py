@@ -4,7 +4,8 @@ One local Ray (num_cpus=2) for the module. Files of each kind `genserve score` r
 without a header, .parquet) scored by Ray actors equal the server's LogLikelihoodStream for the same seed and
 chunking; so do datasets whose blocks cut chunks (the VAE, whose importance-sample noise depends on a row's
 place in its chunk) and datasets that carry their own row numbers out of order; samples equal Client.sample;
-and `genserve score --engine ray` writes the file the gRPC path writes.
+`genserve score --engine ray` writes the file the gRPC path writes; score kinds and calibrated percentiles
+equal the server's, and a per-batch kind is refused (a Ray job does not keep a request's rows together).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from genserve.server.ray_data import (
     sample_dataset,
     score_dataset,
 )
+from genserve.training.data import load_dataset
 
 CHUNK = 128
 ROWS = 300  # chunks of 128, 128 and 44 rows
@@ -156,3 +158,32 @@ def test_cli_engine_ray_errors_end_in_one_line(digits: np.ndarray, repo_dir: Pat
                  "--repo", str(repo_dir), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "not an integer level" in err and "rows 0..2" in err
+
+
+# ---- score kinds and calibrated percentiles (issue 16) ----------------------------------------------------
+
+SCORE_CHUNK = 100
+SCORE_MODEL = "digits-realnvp"
+
+
+def test_ray_job_score_columns_equal_the_servers_stream(server, repo_dir: Path) -> None:
+    """score_<kind> / percentile[_<kind>] columns equal the server's LogLikelihoodStream answers (issue 16)."""
+    x = load_dataset("digits").test[:250]
+    asks = {"scores": ["min_z", "typicality_row"], "percentile": True}
+    with Client(f"127.0.0.1:{server.port}", timeout=120) as client:
+        want = client.score_stream(SCORE_MODEL, x, chunk_size=SCORE_CHUNK, progress=False, seed=3, **asks)
+    ds = ray.data.from_items([{"x": row} for row in x])
+    got = collect_scores(score_dataset(ds, repo_dir, SCORE_MODEL, seed=3, chunk_size=SCORE_CHUNK, **asks))
+    np.testing.assert_array_equal(got.log_prob, want.log_prob)
+    assert sorted(got.scores) == ["min_z", "typicality_row"]
+    assert sorted(got.percentiles) == ["log_prob", "min_z", "typicality_row"]
+    for name in got.scores:
+        np.testing.assert_array_equal(got.scores[name], want.scores[name])
+    for name in got.percentiles:
+        np.testing.assert_array_equal(got.percentiles[name], want.percentiles[name])
+
+
+def test_ray_job_refuses_a_per_batch_kind(repo_dir: Path) -> None:
+    ds = ray.data.from_items([{"x": row} for row in load_dataset("digits").test[:10]])
+    with pytest.raises(ValueError, match="typicality is computed over a request's rows"):
+        score_dataset(ds, repo_dir, SCORE_MODEL, seed=3, scores=["typicality"])
