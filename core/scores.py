@@ -19,9 +19,13 @@ take the second part out, each fitted on in-distribution rows only and never on 
   only when both tests call it normal (a union-intersection test), each test standardised on in-distribution
   rows so neither dominates by its units.
 - ``typicality`` (Nalisnick et al. 2019, "Detecting out-of-distribution inputs to deep generative models using
-  typicality"): |mean over the request's rows of -log p(x) - H|, H the in-distribution mean of -log p. A batch
+  typicality"): |mean over the request's n rows of -log p(x) - H|, H the in-distribution mean of -log p. A batch
   of in-distribution rows has an average code length near H; both unusually long (noise) and unusually short
-  (blank) averages are anomalous. Per batch: every row of a request gets its request's statistic.
+  (blank) averages are anomalous. Per batch: every row of a request gets its request's statistic. It is served
+  standardised, sqrt(n) |mean - H| / s (s the in-distribution sd of -log p): for in-distribution rows about
+  |N(0, 1)| whatever n (central limit), so one calibration, measured at export on batches of one size, gives
+  percentiles that hold for requests of any size (the plain gap shrinks as 1/sqrt(n)). Manifests exported
+  before the standardised form lack ``score.typicality.std`` and keep the plain gap their calibration measured.
 - ``typicality_row``: the same two-sided test for one row at a time, |-log p(x) - H| / s with s the
   in-distribution standard deviation of -log p, so it does not depend on how the server batched the rows.
 
@@ -88,11 +92,12 @@ KINDS: dict[str, ScoreKindDef] = {k.name: k for k in (
         higher_is_normal=True, per_batch=False),
     ScoreKindDef(
         "typicality",
-        "|mean over the request's rows of -log p(x) - H| in nats, H the mean -log p(x) of in-distribution rows "
-        "measured at export: the typicality test of Nalisnick et al. 2019. Two-sided, so unusually likely inputs "
-        "(blank images) are flagged as well as unlikely ones. Every row of a request gets its request's value; "
-        "its in-distribution spread shrinks as 1/sqrt(rows), so send rows that belong together in one request. "
-        "Higher is more anomalous.",
+        "sqrt(n) |mean over the request's n rows of -log p(x) - H| / s, H and s the mean and standard deviation of "
+        "-log p(x) over in-distribution rows measured at export: the typicality test of Nalisnick et al. 2019, "
+        "standardised so that in-distribution batches of any size score about |N(0, 1)| (unitless) and the "
+        "calibrated percentile holds whatever the request size. Two-sided, so unusually likely inputs (blank "
+        "images) are flagged as well as unlikely ones. Every row of a request gets its request's value; send rows "
+        "that belong together in one request. Higher is more anomalous.",
         higher_is_normal=False, per_batch=True),
     ScoreKindDef(
         "typicality_row",
@@ -158,7 +163,7 @@ def fit(spec: DataSpec, x_train: np.ndarray, log_prob_train: np.ndarray) -> dict
     nll = -log_prob
     entropy, std = float(nll.mean()), _std(nll)
     params = {
-        "score.typicality.entropy": entropy, "score.typicality.rows": float(len(nll)),
+        "score.typicality.entropy": entropy, "score.typicality.std": std, "score.typicality.rows": float(len(nll)),
         "score.typicality_row.entropy": entropy, "score.typicality_row.std": std,
     }
     params.update(_fit_reference(spec, x))
@@ -183,7 +188,11 @@ def compute(kind: str, spec: DataSpec, x: np.ndarray, log_prob: np.ndarray,
     x, log_prob = _rows(spec, x, log_prob)
     if kind == "typicality":
         h = _param(params, kind, "entropy")
-        return np.full(len(log_prob), abs(float(np.mean(-log_prob)) - h), dtype=np.float64)
+        gap = abs(float(np.mean(-log_prob)) - h)
+        s = params.get("score.typicality.std")
+        if s is not None:  # standardised (see the module docstring); older manifests calibrated the plain gap
+            gap *= math.sqrt(len(log_prob)) / s
+        return np.full(len(log_prob), gap, dtype=np.float64)
     if kind == "typicality_row":
         h, s = _param(params, kind, "entropy"), _param(params, kind, "std")
         return np.abs(-log_prob - h) / s

@@ -15,7 +15,7 @@ from genserve.server.programs.base import GraphSignature, Option, Program, Run, 
 class PPCAProgram(Program):
     operations = FAMILIES["linear_gaussian"].operations
     options = (Option("draws", "log_likelihood", int, 1, 4096, "dequant_draws",
-                      "uniform dequantisation draws averaged in the bound (discrete data only)"),
+                      "uniform dequantisation draws of the log-mean-exp bound (discrete data only)"),
                Option("sample", "decode", bool, default=False, doc="draw from p(x|z) instead of its mean"))
 
     def __init__(self, spec: DataSpec, params: dict[str, float], graphs: dict[str, GraphSignature] | None = None

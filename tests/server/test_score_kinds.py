@@ -122,19 +122,42 @@ def test_typicality_is_two_sided_and_per_batch(digits):
     train, _ = digits
     lp = _fake_log_prob(train)
     params = scores.fit(DIGITS, train, lp)
-    h = params["score.typicality.entropy"]
-    assert h == pytest.approx(-lp.mean())
+    h, s = params["score.typicality.entropy"], params["score.typicality.std"]
+    assert h == pytest.approx(-lp.mean()) and s == pytest.approx((-lp).std(ddof=1))
     x = train[:2]
     for d in (0.0, 3.0, 40.0):
         above = scores.compute("typicality", DIGITS, x[:1], np.array([-(h + d)]), params)
         below = scores.compute("typicality", DIGITS, x[:1], np.array([-(h - d)]), params)
-        assert above == pytest.approx([d]) and below == pytest.approx([d])
+        assert above == pytest.approx([d / s]) and below == pytest.approx([d / s])
     # one statistic for the whole request: a too-likely row and a too-unlikely one average out
     both = scores.compute("typicality", DIGITS, x, np.array([-(h + 10.0), -(h - 10.0)]), params)
     assert both == pytest.approx([0.0, 0.0])
     skewed = scores.compute("typicality", DIGITS, x, np.array([-(h + 10.0), -(h + 2.0)]), params)
-    assert skewed == pytest.approx([6.0, 6.0])
+    assert skewed == pytest.approx([np.sqrt(2) * 6.0 / s] * 2)
     assert scores.KINDS["typicality"].per_batch and not scores.KINDS["typicality"].higher_is_normal
+
+
+def test_typicality_of_in_distribution_batches_does_not_depend_on_their_size(digits):
+    """One calibration (export measures batches of one size) must hold for requests of any size: the served
+    statistic is standardised by sqrt(n) / s, so in-distribution batches of 4 and of 256 rows score alike."""
+    train, _ = digits
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(train))
+    fit_rows, held_out = train[order[:500]], train[order[500:]]  # the same distribution; unseen by the fit
+    params = scores.fit(DIGITS, fit_rows, _fake_log_prob(fit_rows))
+    lp = _fake_log_prob(held_out, seed=5)
+    medians = {}
+    for n in (4, 256):
+        stats = [scores.compute("typicality", DIGITS, np.zeros((n, 8, 8)), lp[rng.choice(len(lp), n)], params)[0]
+                 for _ in range(300)]
+        medians[n] = float(np.median(stats))
+    assert medians[256] == pytest.approx(medians[4], rel=0.6), medians  # the plain gap differs 8x between them
+    # A manifest exported before the standardised form has no score.typicality.std: its calibration is of the
+    # plain gap, which it keeps.
+    old = {k: v for k, v in params.items() if k != "score.typicality.std"}
+    h = params["score.typicality.entropy"]
+    assert scores.compute("typicality", DIGITS, train[:2], np.array([-(h + 3.0), -(h + 5.0)]), old) == \
+        pytest.approx([4.0, 4.0])
 
 
 def test_typicality_row_is_a_two_sided_z_score_of_each_row_alone(digits):
