@@ -139,6 +139,7 @@ def check_version(model_dir: Path, version: int) -> tuple[list[str], list[str]]:
     if any(o.startswith("unknown") for o in ops):
         problems.append(f"{tag}: unknown operations {ops}")
     problems += _check_program(m.family, m.model, ops, tag)
+    problems += _check_composite(m, tag)
     problems += _check_calibration(m, tag)
     if not m.graphs:
         problems.append(f"{tag}: manifest lists no graphs")
@@ -185,6 +186,20 @@ def _check_calibration(m, tag: str) -> list[str]:
     if m.score_kinds and "log_prob" not in {c.score for c in m.calibration} and m.calibration:
         problems.append(f"{tag}: calibration lacks log_prob")
     return problems
+
+
+def _check_composite(m, tag: str) -> list[str]:
+    """A mixture's members as the server reads them (prefixes, graphs, likelihoods, weights > 0 summing to 1):
+    its program is built from the manifest here, so a bad member fails the check, not the load."""
+    from genserve.server.programs import COMPOSITES, program_from_manifest
+
+    if m.family not in COMPOSITES:
+        return []
+    try:
+        program_from_manifest(m)
+    except ValueError as e:
+        return [f"{tag}: {str(e).splitlines()[0]}"]
+    return []
 
 
 def _check_program(family: str, model: str, ops: list[str], tag: str) -> list[str]:

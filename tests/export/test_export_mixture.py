@@ -71,6 +71,21 @@ def test_repo_check_accepts_the_mixture(built: Path, capsys: pytest.CaptureFixtu
     assert f"{mixture_members.MIXTURE}: OK" in out and "operations sample, log_likelihood" in out
 
 
+def test_repo_check_refuses_a_mixture_the_server_could_not_load(built: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    import json
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(built / "repo" / mixture_members.MIXTURE, repo / mixture_members.MIXTURE)
+    path = repo / mixture_members.MIXTURE / "1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["members"][0]["weight"] = 0.9 + float(manifest["members"][0]["weight"])  # no longer sums to 1
+    path.write_text(json.dumps(manifest))
+    assert main(["repo", "check", str(repo)]) != 0
+    assert "mixture weights must be > 0 and sum to 1" in capsys.readouterr().out
+
+
 def test_members_without_a_likelihood_or_on_other_data_are_refused(built: Path, tmp_path: Path) -> None:
     arrnn = built / "checkpoints" / "arrnn-0.pt"
     gan = mixture_members.checkpoint("gan", 0, tmp_path / "gan.pt", steps=0)
