@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from genserve.core.spec import DataSpec
 from genserve.training.autoregressive import AutoregressiveModel
+from genserve.training.logistic_mixture import level_log_probs
 
 
 class MaskedConv(nn.Module):
@@ -83,6 +84,9 @@ class CausalConvAR(AutoregressiveModel):
         first_kernel: kernel of the mask-A layer; 0 means "spans the whole example" (no blind spot).
         dropout: dropout in the residual blocks and before the output layer.
         components: Gaussian mixture components per feature (continuous data only).
+        logistic: discrete data: K > 0 puts a mixture of K discretised logistics on the levels instead of a free
+            logit per level (``training.logistic_mixture``); the conditionals are still log-probabilities over
+            levels, so export and serving are unchanged (0: the categorical).
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
         ema: decay per step of a moving average of the weights, used in eval mode (0: off).
@@ -117,10 +121,14 @@ class CausalConvAR(AutoregressiveModel):
 
     def __init__(self, spec: DataSpec, channels: int = 64, layers: int = 4, kernel: int = 3, first_kernel: int = 0,
                  dropout: float = 0.2, components: int = 8, lr_half_life: int = 0, ema: float = 0.0,
-                 shift_aug: float = 0.0) -> None:
+                 shift_aug: float = 0.0, logistic: int = 0) -> None:
+        if logistic < 0 or (logistic and not spec.discrete):
+            raise ValueError(f"logistic is a number of mixture components >= 0 for discrete data, got {logistic} "
+                             f"for {'discrete' if spec.discrete else 'continuous'} data")
+        self.logistic = logistic  # before the base class, which asks out_per_position
         super().__init__(spec, channels=channels, layers=layers, kernel=kernel, first_kernel=first_kernel,
                          dropout=dropout, components=components, lr_half_life=lr_half_life, ema=ema,
-                         shift_aug=shift_aug)
+                         shift_aug=shift_aug, **({"logistic": logistic} if logistic else {}))
         dims = 2 if spec.is_image else 1
         if len(spec.shape) > 1 and not spec.is_image:
             raise ValueError(f"arcnn models images (H, W) or (H, W, C) with C in 1..4, or rows (D,), not shape "
@@ -145,6 +153,17 @@ class CausalConvAR(AutoregressiveModel):
             self.shift_maps = nn.Parameter(torch.zeros(len(self.shifts), channels))
             self.shift_bias = nn.Parameter(torch.zeros(len(self.shifts), self.out_per_position, spec.dim))
         self._setup_averaging()
+
+    @property
+    def out_per_position(self) -> int:
+        """3K logistic-mixture parameters with ``logistic`` = K, else the base class's."""
+        return 3 * self.logistic if self.logistic else super().out_per_position
+
+    def split_params(self, p: Tensor) -> tuple[Tensor, ...]:
+        """With ``logistic``: the mixture's log-probabilities of every level, (B, D, levels), as the logits."""
+        if self.logistic:
+            return (level_log_probs(p, self.spec.levels),)
+        return super().split_params(p)
 
     def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
         """x (B, *shape) raw units -> conditional parameters of every position, (B, D, P) each; ``shift`` as in
