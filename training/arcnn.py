@@ -62,16 +62,30 @@ class MaskedConv(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """h + dropout(conv_B(relu(conv_B(relu(h))))); both convolutions masked B, so causality is kept."""
+    """h + dropout(conv_B(relu(conv_B(relu(h))))); both convolutions masked B, so causality is kept.
 
-    def __init__(self, dims: int, channels: int, kernel: int, dilation: int, dropout: float, groups: int = 1) -> None:
+    ``gated``: the first convolution makes two maps a, b per feature map and the block passes tanh(a) * sigmoid(b)
+    on (the gated unit of PixelCNN, van den Oord et al., 2016b): the gate lets a map switch off where it does not
+    apply. a and b are interleaved (maps 2i, 2i + 1) so that with C channel groups both fall in the group of map i.
+    """
+
+    def __init__(self, dims: int, channels: int, kernel: int, dilation: int, dropout: float, groups: int = 1,
+                 gated: bool = False) -> None:
         super().__init__()
-        self.conv1 = MaskedConv(dims, channels, channels, kernel, "B", dilation, groups)
+        if gated and channels % groups:
+            raise ValueError(f"gated blocks need channels divisible by the image's {groups} channels, got {channels}")
+        self.gated = gated
+        self.conv1 = MaskedConv(dims, channels, 2 * channels if gated else channels, kernel, "B", dilation, groups)
         self.conv2 = MaskedConv(dims, channels, channels, 1, "B", groups=groups)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, h: Tensor) -> Tensor:
-        return h + self.drop(self.conv2(F.relu(self.conv1(F.relu(h)))))
+        if self.gated:
+            ab = self.conv1(F.relu(h))
+            u = torch.tanh(ab[:, 0::2]) * torch.sigmoid(ab[:, 1::2])
+        else:
+            u = F.relu(self.conv1(F.relu(h)))
+        return h + self.drop(self.conv2(u))
 
 
 class CausalConvAR(AutoregressiveModel):
@@ -87,6 +101,7 @@ class CausalConvAR(AutoregressiveModel):
         logistic: discrete data: K > 0 puts a mixture of K discretised logistics on the levels instead of a free
             logit per level (``training.logistic_mixture``); the conditionals are still log-probabilities over
             levels, so export and serving are unchanged (0: the categorical).
+        gated: gated residual blocks (tanh(a) * sigmoid(b) instead of relu; see ``ResidualBlock``).
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
         ema: decay per step of a moving average of the weights, used in eval mode (0: off).
@@ -121,14 +136,15 @@ class CausalConvAR(AutoregressiveModel):
 
     def __init__(self, spec: DataSpec, channels: int = 64, layers: int = 4, kernel: int = 3, first_kernel: int = 0,
                  dropout: float = 0.2, components: int = 8, lr_half_life: int = 0, ema: float = 0.0,
-                 shift_aug: float = 0.0, logistic: int = 0) -> None:
+                 shift_aug: float = 0.0, logistic: int = 0, gated: bool = False) -> None:
         if logistic < 0 or (logistic and not spec.discrete):
             raise ValueError(f"logistic is a number of mixture components >= 0 for discrete data, got {logistic} "
                              f"for {'discrete' if spec.discrete else 'continuous'} data")
         self.logistic = logistic  # before the base class, which asks out_per_position
+        extra = {k: v for k, v in (("logistic", logistic), ("gated", gated)) if v}  # options off: arch as before
         super().__init__(spec, channels=channels, layers=layers, kernel=kernel, first_kernel=first_kernel,
                          dropout=dropout, components=components, lr_half_life=lr_half_life, ema=ema,
-                         shift_aug=shift_aug, **({"logistic": logistic} if logistic else {}))
+                         shift_aug=shift_aug, **extra)
         dims = 2 if spec.is_image else 1
         if len(spec.shape) > 1 and not spec.is_image:
             raise ValueError(f"arcnn models images (H, W) or (H, W, C) with C in 1..4, or rows (D,), not shape "
@@ -141,7 +157,7 @@ class CausalConvAR(AutoregressiveModel):
         self.inp = MaskedConv(dims, groups, channels, first_kernel or span, "A", groups=groups)
         # 1-D rows: dilations 1, 2, 4, ... widen the receptive field; images see everything from layer one
         self.blocks = nn.ModuleList(
-            ResidualBlock(dims, channels, kernel, 1 if dims == 2 else 2 ** (i % 4), dropout, groups)
+            ResidualBlock(dims, channels, kernel, 1 if dims == 2 else 2 ** (i % 4), dropout, groups, gated)
             for i in range(layers)
         )
         self.drop = nn.Dropout(dropout)

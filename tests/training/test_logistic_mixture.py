@@ -1,11 +1,14 @@
-"""The discretised logistic mixture head (training.logistic_mixture, ``arch.logistic`` of arcnn): the level masses
-are the logistic CDF's bins, neighbouring levels share mass, and arcnn with the head trains and exports unchanged."""
+"""The discretised logistic mixture head (training.logistic_mixture, ``arch.logistic`` of arcnn) and arcnn's gated
+blocks (``arch.gated``): the level masses are the logistic CDF's bins, neighbouring levels share mass, gated blocks
+keep the conditionals causal (colour channels too), and arcnn with both trains and exports unchanged."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from genserve.core.spec import DataSpec
+from genserve.training.arcnn import CausalConvAR
 from genserve.training.config import build_config
 from genserve.training.data import load_dataset
 from genserve.training.logistic_mixture import level_log_probs
@@ -54,11 +57,13 @@ def test_arcnn_with_the_head_trains_and_exports_as_an_autoregressive_model(tmp_p
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        overrides = {"arch.channels": 8, "arch.layers": 1, "arch.logistic": 3, "arch.shift_aug": 0.5, "epochs": 1}
+        overrides = {"arch.channels": 8, "arch.layers": 1, "arch.logistic": 3, "arch.shift_aug": 0.5,
+                     "arch.gated": True, "epochs": 1}
         ckpt = tmp_path / "arcnn.pt"
         train(build_config("arcnn", "digits", "quick", overrides=overrides), ckpt, progress=False)
         model, _ = load_checkpoint(ckpt)
         assert model.out.conv.out_channels == 9  # 3 weights, 3 means, 3 log-scales per pixel
+        assert model.blocks[0].conv1.conv.out_channels == 16  # the gate's two maps per feature map
         x = torch.as_tensor(load_dataset("digits").test[:5])
         logits = model.conditionals(x)[0]
         assert logits.shape == (5, 64, 17) and torch.allclose(logits.exp().sum(-1), torch.ones(5, 64))
@@ -74,3 +79,29 @@ def test_the_head_is_refused_for_continuous_data():
     cfg = build_config("arcnn", "moons", "quick", overrides={"arch.logistic": 4})
     with pytest.raises(ValueError, match="logistic is a number of mixture components"):
         build_model(cfg, load_dataset("moons").spec)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 3, 3)])
+def test_gated_blocks_keep_the_conditionals_causal(shape):
+    """Changing value j may change only the conditionals of positions after j (raster order, then channel)."""
+    torch.manual_seed(0)
+    spec = DataSpec("tiny", shape, "discrete", levels=5)
+    m = CausalConvAR(spec, channels=6, layers=2, dropout=0.0, logistic=2, gated=True).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # away from the zero-initialised biases, so every path carries signal
+            p.add_(torch.randn_like(p) * 0.3)
+        D = spec.dim
+        x = torch.randint(0, 5, (1, D)).float()
+        y = x.repeat(D, 1)
+        y[torch.arange(D), torch.arange(D)] = (y[torch.arange(D), torch.arange(D)] + 2) % 5  # row j changes x_j
+        base = m.conditionals(x.reshape(1, *shape))[0]
+        out = m.conditionals(y.reshape(D, *shape))[0]
+    changed = (out - base).abs().amax(-1) > 1e-6  # (j changed, position i)
+    for j in range(D):
+        assert not changed[j, : j + 1].any(), f"changing x_{j} changed conditionals {changed[j, : j + 1].nonzero()}"
+    assert changed[:-1, -1].any() and changed[0, 1:].all()  # the later positions do see earlier values
+
+
+def test_gated_blocks_need_channels_divisible_by_the_colour_channels():
+    with pytest.raises(ValueError, match="divisible by the image's 3 channels"):
+        CausalConvAR(DataSpec("tiny", (3, 3, 3), "discrete", levels=5), channels=7, layers=1, gated=True)
