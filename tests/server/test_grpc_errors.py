@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
+from supervised import serving
 
 from genserve.core.manifest import OPERATION_NAME, read_manifest
 from genserve.core.tensors import from_proto, to_proto
@@ -26,14 +27,15 @@ from genserve.v1 import manifest_pb2, service_pb2, service_pb2_grpc
 pb = service_pb2
 
 
-@pytest.fixture(scope="module")
-def server(repo_dir: Path):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1 process", "2 processes"])
+def server(repo_dir: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One process, and `genserve serve --processes 2` with the same settings (issue 17)."""
     from genserve.server.config import ServerConfig
 
     cfg = ServerConfig(repo=repo_dir, port=0, metrics_port=0, provider="cpu", max_queue_delay_ms=2.0,
                        workers=2, max_sample_n=1000, max_rows_per_request=500, max_langevin_steps=50,
                        max_importance_samples=20, max_message_mb=4)
-    with BackgroundServer(cfg) as srv:
+    with serving(cfg, request.param, tmp_path_factory.mktemp("processes") / "server.log") as srv:
         yield srv
 
 
@@ -227,6 +229,7 @@ class ExplodingEngine:
         return SampleResult(np.zeros((request.n, 2), np.float32), None, 1)
 
 
+# One process only: it serves a fake in-process engine and reads the server's log records through caplog.
 def test_an_unexpected_exception_is_internal_with_a_short_message(caplog: pytest.LogCaptureFixture) -> None:
     from genserve.server.config import ServerConfig
 
@@ -255,6 +258,7 @@ async def _batchers(srv: BackgroundServer, name: str) -> list:
     return list(srv.server.engine.get_model(name).batchers.values())
 
 
+# One process only: it waits on the batcher's queued_rows, an in-process counter a subprocess cannot show.
 def test_full_queue_is_resource_exhausted_and_deadlines_drop_rows(repo_copy: Path) -> None:
     """While one large graph call runs, a tiny queue (the model's config.json: at most 4 waiting requests)
     overflows into RESOURCE_EXHAUSTED, and a request whose deadline passes in the queue never runs."""

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from ports import free_port
+from supervised import Supervised, serving
 from test_bad_input import BAD_SEED, CASES, FIELD, FIX, LIMITS, MODELS, OK, Case, OpenInference, load_models, valid_case
 from tritonclient.utils import InferenceServerException
 from waiting import until
@@ -47,21 +48,27 @@ GOOD = {"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "FP32", "data":
 DETAILS = {"error", "code", "reason", "domain", "field_violations", "metadata"}
 
 
-@pytest.fixture(scope="module")
-def server(repo_dir: Path):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1 process", "2 processes"])
+def server(repo_dir: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One process, and `genserve serve --processes 2` with the same settings (issue 17)."""
     MODELS.update(load_models(repo_dir))
     cfg = ServerConfig(repo=repo_dir, host="127.0.0.1", port=0, metrics_port=0, http_port=free_port(),
                        provider="cpu", workers=2, intra_op_threads=1, grace_s=2.0, **LIMITS)
-    with BackgroundServer(cfg) as srv:
+    with serving(cfg, request.param, tmp_path_factory.mktemp("processes") / "server.log") as srv:
         yield srv
 
 
 @pytest.fixture(autouse=True)
-def no_error_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Bad input is the client's problem: nothing may be logged at ERROR (no traceback of an unhandled case)."""
+def no_error_logged(caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Bad input is the client's problem: nothing may be logged at ERROR (no traceback of an unhandled case),
+    here or, with 2 processes, in the workers' log."""
     caplog.set_level(logging.WARNING)
+    server = request.getfixturevalue("server") if "server" in request.fixturenames else None
+    since = server.log_size() if isinstance(server, Supervised) else 0
     yield
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    if isinstance(server, Supervised):
+        errors += server.errors_logged(since)
     assert not errors, errors
 
 
@@ -423,6 +430,7 @@ def test_non_finite_outputs_are_valid_json_that_numpy_reads_back() -> None:
     assert binary[header:] == values.tobytes()  # raw outputs are the bytes
 
 
+# One process only: it waits on the HTTP face's in_progress counter, which a subprocess cannot show.
 def test_requests_past_max_concurrent_rpcs_get_a_json_503(repo_dir: Path, tmp_path: Path) -> None:
     """Two requests whose bodies are half sent hold both slots; a third is refused at once with the JSON error
     (not uvicorn's plain text); once the two finish, requests are served again."""
