@@ -25,6 +25,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from ports import free_port
+from supervised import serving
 from tritonclient.utils import InferenceServerException
 
 from genserve.clients.channel import GenserveError
@@ -33,7 +34,6 @@ from genserve.clients.messages import chunk_seed
 from genserve.core import scores as core_scores
 from genserve.core.manifest import read_manifest, write_manifest
 from genserve.export.calibration import PROBABILITIES, SEED
-from genserve.server.app import BackgroundServer
 from genserve.server.config import ServerConfig
 from genserve.server.local import LocalEngine
 from genserve.server.scoring import percentile_of
@@ -64,30 +64,31 @@ def repo(repo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
-def server(repo: Path):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1 process", "2 processes"])
+def server(repo: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One process, and `genserve serve --processes 2` with the same settings (issue 17)."""
     cfg = ServerConfig(repo=repo, host="127.0.0.1", port=0, metrics_port=free_port(), http_port=free_port(),
                        provider="cpu", intra_op_threads=1, max_batch_size=64, max_queue_delay_ms=2.0, workers=2,
                        grace_s=5.0, max_dequant_draws=MAX_DRAWS)
-    with BackgroundServer(cfg) as srv:
+    with serving(cfg, request.param, tmp_path_factory.mktemp("processes") / "server.log") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def client(server: BackgroundServer):
+def client(server):
     with Client(f"127.0.0.1:{server.port}") as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def oip(server: BackgroundServer):
+def oip(server):
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.port}")
     yield c
     c.close()
 
 
 @pytest.fixture(scope="module")
-def oip_http(server: BackgroundServer):
+def oip_http(server):
     c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
     yield c
     c.close()
