@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from supervised import serving
 
 from genserve.clients.channel import (
     ERRORS,
@@ -29,7 +30,6 @@ from genserve.core.tensors import to_proto
 from genserve.oip import grpc_service_pb2 as oip_pb
 from genserve.oip import grpc_service_pb2_grpc as oip_grpc
 from genserve.server import errors
-from genserve.server.app import BackgroundServer
 from genserve.server.config import ServerConfig
 from genserve.server.transport import (
     DETAILS_KEY,
@@ -52,17 +52,18 @@ REASONS = {errors.EngineError: "INTERNAL_ERROR", errors.NotFound: "MODEL_NOT_FOU
 """The engine's reasons are API: a rename breaks clients that branch on them."""
 
 
-@pytest.fixture(scope="module")
-def server(repo_dir: Path):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1 process", "2 processes"])
+def server(repo_dir: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One process, and `genserve serve --processes 2` with the same settings (issue 17)."""
     cfg = ServerConfig(repo=repo_dir, host="127.0.0.1", port=0, metrics_port=0, provider="cpu", workers=2,
                        intra_op_threads=1, max_message_mb=1, max_rows_per_request=100, max_sample_n=10000,
                        max_queued_rows=10000, grace_s=2.0)
-    with BackgroundServer(cfg) as srv:
+    with serving(cfg, request.param, tmp_path_factory.mktemp("processes") / "server.log") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def channel(server: BackgroundServer):
+def channel(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         yield ch
 
@@ -351,11 +352,12 @@ def test_a_message_that_does_not_parse_or_is_too_large_carries_its_details(chann
     assert huge.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and info.reason == "MESSAGE_TOO_LARGE"
 
 
-def test_a_refused_token_carries_its_details(repo_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["1 process", "2 processes"])
+def test_a_refused_token_carries_its_details(repo_dir: Path, tmp_path: Path, processes: int) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
     cfg = ServerConfig(repo=repo_dir, host="127.0.0.1", port=0, metrics_port=0, provider="cpu", token_file=tokens)
-    with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+    with serving(cfg, processes, tmp_path / "server.log") as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         e = refused(service_pb2_grpc.GenerativeServiceStub(ch).ListModels, pb.ListModelsRequest())
     info, _ = details(e)
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED and info.reason == "UNAUTHENTICATED"
