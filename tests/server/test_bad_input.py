@@ -22,12 +22,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from supervised import Supervised, serving
 
 from genserve.core.manifest import OPERATION_NAME, read_manifest
 from genserve.core.tensors import from_proto
 from genserve.oip import grpc_service_pb2 as oip_pb
 from genserve.oip import grpc_service_pb2_grpc as oip_grpc
-from genserve.server.app import BackgroundServer
 from genserve.v1 import manifest_pb2, service_pb2_grpc
 from genserve.v1 import service_pb2 as pb
 
@@ -257,18 +257,19 @@ MODELS: dict[str, Model] = {}
 # -- the server ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(repo_dir: Path):
+@pytest.fixture(scope="module", params=[1, 2], ids=["1 process", "2 processes"])
+def server(repo_dir: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One process, and `genserve serve --processes 2` with the same settings (issue 17)."""
     from genserve.server.config import ServerConfig
 
     MODELS.update(load_models(repo_dir))
     cfg = ServerConfig(repo=repo_dir, port=0, metrics_port=0, provider="cpu", workers=2, **LIMITS)
-    with BackgroundServer(cfg) as srv:
+    with serving(cfg, request.param, tmp_path_factory.mktemp("processes") / "server.log") as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def channel(server: BackgroundServer) -> Iterator[grpc.Channel]:
+def channel(server) -> Iterator[grpc.Channel]:
     options = [("grpc.max_send_message_length", 64 * 2**20)]  # let over-size requests reach the server
     with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=options) as ch:
         yield ch
@@ -280,16 +281,21 @@ def api(request: pytest.FixtureRequest, channel: grpc.Channel) -> GenserveV1 | O
 
 
 @pytest.fixture(scope="module")
-def models(server: BackgroundServer) -> dict[str, Model]:
+def models(server) -> dict[str, Model]:
     return MODELS
 
 
 @pytest.fixture(autouse=True)
-def no_error_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Bad input is the client's problem: nothing may be logged at ERROR (no traceback of an unhandled case)."""
+def no_error_logged(caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Bad input is the client's problem: nothing may be logged at ERROR (no traceback of an unhandled case),
+    here or, with 2 processes, in the workers' log."""
     caplog.set_level(logging.WARNING)
+    server = request.getfixturevalue("server") if "server" in request.fixturenames else None
+    since = server.log_size() if isinstance(server, Supervised) else 0
     yield
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    if isinstance(server, Supervised):
+        errors += server.errors_logged(since)
     assert not errors, errors
 
 
@@ -501,6 +507,7 @@ CASES = {f.__name__[1:]: f for f in (_targets, _unsupported, _missing, _dtypes, 
 
 
 @pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.usefixtures("server")  # first, so that pytest starts each server once for both APIs
 def test_bad_input_gets_its_status_and_says_how_to_fix_it(api, models: dict[str, Model], kind: str) -> None:
     cases = CASES[kind](models)
     assert cases, f"no model in the test repository has a {kind} case: the repository lost a family"
