@@ -339,7 +339,7 @@ class Server:
         for error in result.errors:
             log.warning("reload: %s version %s failed to load: %s", error.model, error.version, error.message)
         if self.peers is not None and not from_peer:
-            self.peers.notify("reload")
+            await self.peers.notify("reload")
         return result
 
     async def load_model(self, name: str, from_peer: bool = False) -> ModelStatus:
@@ -350,7 +350,7 @@ class Server:
             finally:  # a failed load may still have changed what serves
                 await self.refresh_health()
         if self.peers is not None and not from_peer:
-            self.peers.notify("load", name)
+            await self.peers.notify("load", name)
         return status
 
     async def unload_model(self, name: str, from_peer: bool = False) -> ModelStatus:
@@ -359,7 +359,7 @@ class Server:
             status = await self.engine.unload_model(name)
             await self.refresh_health()
         if self.peers is not None and not from_peer:
-            self.peers.notify("unload", name)
+            await self.peers.notify("unload", name)
         return status
 
     async def apply(self, kind: str, name: str) -> None:

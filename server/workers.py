@@ -10,8 +10,10 @@ started) holds the ports, spawns the workers, and:
 - prints the ready line once every worker is ready, and restarts a worker that dies;
 - forwards SIGTERM/SIGINT (every worker drains, as one server does) and SIGHUP (every worker reloads);
 - passes on what one worker was asked to change: a ReloadRepository, LoadModel or UnloadModel that reached one
-  worker over the network is applied by it, answered, and then sent to the others over their pipes, so every
-  worker serves the same models (the others follow within moments of the answer).
+  worker over the network is applied by it, sent to the others over their pipes, and answered once every other
+  worker has applied it too, so a client that got the answer finds the same models on whichever worker its
+  next connection reaches (answering first let a later load on another worker be undone by an unload that had
+  not arrived there yet).
 
 Workers are spawned (not forked): gRPC must not be initialised before a fork.
 """
@@ -39,6 +41,10 @@ log = logging.getLogger("genserve.server")
 START_TIMEOUT_S = 600.0
 """Longest wait for a worker to load the repository and bind its ports."""
 
+CHANGE_TIMEOUT_S = 600.0
+"""Longest wait of a worker for the others to apply its reload, load or unload before it answers anyway (a
+load may warm up large graphs, as a start does)."""
+
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` with SO_REUSEPORT and not listening: it keeps the port (0: a free one)
@@ -59,30 +65,64 @@ class Peers:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self._sent = 0
+        self._waiting: dict[int, Any] = {}  # change number -> the future its "done" resolves
 
-    def notify(self, kind: str, name: str = "") -> None:
-        """After this worker answered a reload (``kind`` "reload"), load or unload of ``name``."""
-        with contextlib.suppress(OSError, ValueError):
-            self.conn.send((kind, name))
+    async def notify(self, kind: str, name: str = "") -> None:
+        """After this worker applied a reload (``kind`` "reload"), load or unload of ``name``: returns once every
+        other worker has applied it too (or after CHANGE_TIMEOUT_S, with a warning), so the answer that follows
+        holds for every worker."""
+        import asyncio
+
+        self._sent += 1
+        number = self._sent
+        done = asyncio.get_running_loop().create_future()
+        self._waiting[number] = done
+        try:
+            self.conn.send(("change", number, kind, name))
+            await asyncio.wait_for(done, CHANGE_TIMEOUT_S)
+        except (OSError, ValueError):
+            pass  # the supervisor is gone; SIGTERM follows
+        except TimeoutError:
+            log.warning("%s %s: the other workers did not confirm within %.0f s", kind, name, CHANGE_TIMEOUT_S)
+        finally:
+            self._waiting.pop(number, None)
 
     def listen(self, apply: Callable[[str, str], Any]) -> None:
-        """Call ``apply(kind, name)`` on the running event loop for each change another worker made."""
+        """Call ``apply(kind, name)`` on the running event loop for each change another worker made, and confirm
+        it to the supervisor once applied; resolve this worker's own changes as the supervisor confirms them."""
         import asyncio
 
         loop = asyncio.get_running_loop()
 
         def readable() -> None:
             try:
-                kind, name = self.conn.recv()
+                message = self.conn.recv()
             except (EOFError, OSError):
                 loop.remove_reader(self.conn.fileno())  # the supervisor is gone; SIGTERM follows
+                for done in self._waiting.values():
+                    if not done.done():
+                        done.set_result(None)
                 return
-            task = asyncio.ensure_future(apply(kind, name))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception() is None
-                                   or log.warning("applying %s %s from another worker failed: %s", kind, name,
-                                                  t.exception()))
+            if message[0] == "done":
+                done = self._waiting.get(message[1])
+                if done is not None and not done.done():
+                    done.set_result(None)
+            elif message[0] == "apply":
+                _, key, kind, name = message
+                task = asyncio.ensure_future(apply(kind, name))
+                task.add_done_callback(lambda t: self._applied(t, key, kind, name))
 
         loop.add_reader(self.conn.fileno(), readable)
+
+    def _applied(self, task: Any, key: Any, kind: str, name: str) -> None:
+        """Confirm a change of another worker (``key`` None: a SIGHUP reload, which nobody waits for); one that
+        failed here is confirmed too (the worker that was asked answered with its own outcome) and logged."""
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("applying %s %s from another worker failed: %s", kind, name, task.exception())
+        if key is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.conn.send(("applied", key))
 
 
 def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str, metrics_dir: str,
@@ -118,6 +158,7 @@ class Supervisor:
         self.log_format = log_format
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[tuple[Any, Connection]] = []
+        self._pending: dict[tuple[int, int], set[int]] = {}  # (worker, its change number) -> workers yet to apply
         self._reserved: list[socket.socket] = []
         self._stopping = False
         self._hup = False
@@ -219,7 +260,7 @@ class Supervisor:
         while not self._stopping:
             if self._hup:
                 self._hup = False
-                self._broadcast(("reload", ""), None)
+                self._broadcast(("apply", None, "reload", ""), None)
             conns = {conn: i for i, (_, conn) in enumerate(self._workers)}
             sentinels = {p.sentinel: i for i, (p, _) in enumerate(self._workers)}
             for ready in wait([*conns, *sentinels], timeout=0.5):
@@ -245,10 +286,24 @@ class Supervisor:
             message = conn.recv()
         except (EOFError, OSError):
             return  # the worker is going; its sentinel says so
-        if message[0] in ("reload", "load", "unload"):
-            self._broadcast(message, index)
+        if message[0] == "change":  # worker ``index`` applied it: the others apply it, then it may answer
+            _, number, kind, name = message
+            key = (index, number)
+            self._pending[key] = {i for i in range(len(self._workers)) if i != index}
+            self._broadcast(("apply", key, kind, name), index)
+            self._confirm(key)
+        elif message[0] == "applied":
+            self._pending.get(message[1], set()).discard(index)
+            self._confirm(message[1])
 
-    def _broadcast(self, message: tuple[str, str], origin: int | None) -> None:
+    def _confirm(self, key: tuple[int, int]) -> None:
+        """Tell the worker that made change ``key`` that every other worker applied it (once none is left)."""
+        if key in self._pending and not self._pending[key]:
+            del self._pending[key]
+            with contextlib.suppress(OSError, ValueError):
+                self._workers[key[0]][1].send(("done", key[1]))
+
+    def _broadcast(self, message: tuple, origin: int | None) -> None:
         for i, (_, conn) in enumerate(self._workers):
             if i != origin:
                 with contextlib.suppress(OSError, ValueError):
@@ -264,6 +319,14 @@ class Supervisor:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(process.pid, self._metrics_dir)
+        # Nobody waits for the dead worker any longer (its replacement reads the repository as it starts), and
+        # its own changes have no one left to answer.
+        for key in list(self._pending):
+            if key[0] == index:
+                del self._pending[key]
+            else:
+                self._pending[key].discard(index)
+                self._confirm(key)
         self._workers[index] = self._spawn(index)
         try:
             self._wait_ready(index)
