@@ -109,6 +109,13 @@ class Supervised:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
             return r.read().decode()
 
+    def metric(self, name: str) -> float:
+        """The sum of the samples called ``name`` on the one /metrics of every worker."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return sum(s.value for family in text_string_to_metric_families(self.metrics()) for s in family.samples
+                   if s.name == name)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -120,16 +127,17 @@ class Supervised:
 
 
 @contextmanager
-def serving(cfg: ServerConfig, processes: int, log: Path) -> Iterator[Any]:
-    """``cfg`` served in this process (a BackgroundServer) or as `genserve serve --processes N` (a Supervised),
-    for modules whose tests run against both (issue 17): both have ``port``, ``http_port`` and ``metrics_port``."""
+def serving(cfg: ServerConfig, processes: int, log: Path, *flags: str) -> Iterator[Any]:
+    """``cfg`` served in this process (a BackgroundServer) or as `genserve serve --processes N` (a Supervised,
+    with ``flags`` such as ``--log-level DEBUG``), for modules whose tests run against both (issue 17): both
+    have ``port``, ``http_port`` and ``metrics_port``."""
     if processes == 1:
         from genserve.server.app import BackgroundServer
 
         with BackgroundServer(cfg) as srv:
             yield srv
     else:
-        with Supervised.from_config(cfg, log, processes=processes) as srv:
+        with Supervised.from_config(cfg, log, *flags, processes=processes) as srv:
             yield srv
 
 

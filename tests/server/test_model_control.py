@@ -16,6 +16,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from ports import free_port
+from supervised import serving
 from tritonclient.utils import InferenceServerException
 
 from genserve.clients.channel import GenserveError
@@ -90,10 +91,17 @@ class Load:
             t.join(120)
 
 
+@pytest.fixture(params=[1, 2], ids=["1 process", "2 processes"])
+def serve(request: pytest.FixtureRequest, tmp_path: Path):
+    """``serve(cfg)``: the server of ``cfg`` in this process, or as `genserve serve --processes 2` (issue 17:
+    a change that reached one worker must reach every worker before it is answered)."""
+    return lambda cfg: serving(cfg, request.param, tmp_path / "server.log")
+
+
 def test_a_copied_version_folder_serves_under_its_folder_number_and_no_request_fails(engine_config,
-                                                                                      repo_copy) -> None:
+                                                                                      repo_copy, serve) -> None:
     cfg = replace(engine_config, repo=repo_copy)
-    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
+    with serve(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
         before = client.log_likelihood(MODEL, X, seed=1)
         with Load(f"127.0.0.1:{srv.port}") as load:
             load.wait_for(20)
@@ -112,12 +120,12 @@ def test_a_copied_version_folder_serves_under_its_folder_number_and_no_request_f
     np.testing.assert_array_equal(after.log_prob, before.log_prob)  # the same graphs give the same numbers
 
 
-def test_version_policy_latest_and_specific_choose_the_served_versions(engine_config, repo_copy) -> None:
+def test_version_policy_latest_and_specific_choose_the_served_versions(engine_config, repo_copy, serve) -> None:
     set_config(repo_copy, MODEL, version_policy={"latest": {"num_versions": 1}})
     copy_version(repo_copy, MODEL, 1, 2)
     copy_version(repo_copy, MODEL, 1, 3)
     cfg = replace(engine_config, repo=repo_copy)
-    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
+    with serve(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
         latest = next(m for m in client.models() if m.name == MODEL)
         serving = client.info(MODEL).serving
         set_config(repo_copy, MODEL, version_policy={"specific": {"versions": [1, 3, 7]}})
@@ -136,10 +144,10 @@ def test_version_policy_latest_and_specific_choose_the_served_versions(engine_co
     assert bad.versions == (1, 2, 3) and "num_versions >= 1" in bad.message
 
 
-def test_a_new_version_that_fails_to_load_never_takes_the_serving_one_down(engine_config, repo_copy) -> None:
+def test_a_new_version_that_fails_to_load_never_takes_the_serving_one_down(engine_config, repo_copy, serve) -> None:
     set_config(repo_copy, MODEL, version_policy={"latest": {"num_versions": 1}})
     cfg = replace(engine_config, repo=repo_copy)
-    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
+    with serve(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
         with Load(f"127.0.0.1:{srv.port}") as load:
             load.wait_for(20)
             copy_version(repo_copy, MODEL, 1, 2, corrupt=True)
@@ -155,10 +163,10 @@ def explicit(engine_config: ServerConfig, repo: Path, **kw) -> ServerConfig:
     return replace(engine_config, repo=repo, model_control="explicit", load_models=MODEL, http_port=0, **kw)
 
 
-def test_explicit_model_control_loads_and_unloads_over_every_api(engine_config, repo_copy) -> None:
+def test_explicit_model_control_loads_and_unloads_over_every_api(engine_config, repo_copy, serve) -> None:
     cfg = replace(explicit(engine_config, repo_copy), http_port=free_port())
     vae = "digits-vae"
-    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
+    with serve(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
         listed = {m.name: m for m in client.models()}
         with pytest.raises(GenserveError) as not_loaded:
             client.log_likelihood(vae, X, seed=1)
@@ -195,9 +203,9 @@ def test_explicit_model_control_loads_and_unloads_over_every_api(engine_config, 
     assert after[MODEL] == "READY" and after[vae] == "UNAVAILABLE"
 
 
-def test_an_explicit_load_that_fails_keeps_the_loaded_version_serving(engine_config, repo_copy) -> None:
+def test_an_explicit_load_that_fails_keeps_the_loaded_version_serving(engine_config, repo_copy, serve) -> None:
     cfg = explicit(engine_config, repo_copy)
-    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
+    with serve(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
         with Load(f"127.0.0.1:{srv.port}") as load:
             load.wait_for(20)
             copy_version(repo_copy, MODEL, 1, 2, corrupt=True)
@@ -211,9 +219,9 @@ def test_an_explicit_load_that_fails_keeps_the_loaded_version_serving(engine_con
     assert status.state == "READY" and status.versions == (1,)
 
 
-def test_load_and_unload_are_refused_unless_model_control_is_explicit(engine_config, repo_copy) -> None:
+def test_load_and_unload_are_refused_unless_model_control_is_explicit(engine_config, repo_copy, serve) -> None:
     cfg = replace(engine_config, repo=repo_copy)
-    with BackgroundServer(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
+    with serve(cfg) as srv, Client(f"127.0.0.1:{srv.port}") as client:
         with pytest.raises(GenserveError) as load:
             client.load_model(MODEL)
         with pytest.raises(GenserveError) as unload:
@@ -226,7 +234,8 @@ def test_load_and_unload_are_refused_unless_model_control_is_explicit(engine_con
     assert "FAILED_PRECONDITION" in str(oip.value.status()) and still.log_prob.shape == (2,)
 
 
-def test_model_control_settings_are_checked(engine_config, repo_copy) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["1 process", "2 processes"])
+def test_model_control_settings_are_checked(engine_config, repo_copy, processes: int, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model_control"):
         replace(engine_config, poll_s=1.0)
     with pytest.raises(ValueError, match="model_control must be one of"):
@@ -234,14 +243,18 @@ def test_model_control_settings_are_checked(engine_config, repo_copy) -> None:
     with pytest.raises(ValueError, match="load_models"):
         replace(engine_config, load_models=MODEL)
     assert replace(engine_config, model_control="poll").poll_s == 5.0
-    with pytest.raises(ValueError, match="no-such-model"):
-        BackgroundServer(replace(explicit(engine_config, repo_copy), load_models="no-such-model"))
-    with BackgroundServer(replace(explicit(engine_config, repo_copy), load_models="*")) as srv, \
-            Client(f"127.0.0.1:{srv.port}") as client:
+    # One process raises the ValueError; `genserve serve --processes 2` exits with it before its ready line.
+    with pytest.raises(ValueError if processes == 1 else AssertionError, match="no-such-model"):
+        with serving(replace(explicit(engine_config, repo_copy), load_models="no-such-model"), processes,
+                     tmp_path / "refused.log"):
+            pass
+    with serving(replace(explicit(engine_config, repo_copy), load_models="*"), processes, tmp_path / "server.log") \
+            as srv, Client(f"127.0.0.1:{srv.port}") as client:
         states = {m.state for m in client.models()}
     assert states == {"READY"}
 
 
+# One process only: it reads the warm-up counters of the in-process Engine, which a subprocess cannot show.
 def test_warm_up_runs_every_graph_before_a_version_serves(engine_config, repo_copy, repo_models) -> None:
     set_config(repo_copy, "digits-vae", warmup=False)
     cfg = replace(engine_config, repo=repo_copy)

@@ -11,12 +11,14 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from ports import free_port
+from supervised import Supervised, serving
 from tls_certs import make_certificates
 
 from genserve.clients.client import Client, GenserveError
@@ -28,6 +30,7 @@ from genserve.v1 import service_pb2_grpc
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = ("tok-A-9f3b2c1d8e7a6b5c4d3e2f1a", "tok-B-0a1b2c3d4e5f60718293a4b5")
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+LOADED = 'genserve_model_loaded{model="digits-ppca",version="1"} 1.0'
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +56,21 @@ def token_file(folder: Path, *tokens: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def secured(small_repo: Path, certs: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A server with TLS and two tokens (file); the DEBUG log of every logger is kept for the no-leak check."""
+@pytest.fixture(params=[1, 2], ids=["1 process", "2 processes"])
+def processes(request: pytest.FixtureRequest) -> int:
+    """Each server of these tests in one process, and as `genserve serve --processes 2` (issue 17)."""
+    return request.param
+
+
+def observed(cfg: ServerConfig, processes: int) -> ServerConfig:
+    """With 2 processes, a /metrics port too: the refusal counter is read there, not from the Engine."""
+    return cfg if processes == 1 else replace(cfg, metrics_port=free_port())
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1 process", "2 processes"])
+def secured(small_repo: Path, certs: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """A server with TLS and two tokens (file); the DEBUG log of every logger is kept for the no-leak check
+    (with 2 processes: the workers' DEBUG log, in their log file)."""
     records: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -68,8 +83,9 @@ def secured(small_repo: Path, certs: Path, tmp_path_factory: pytest.TempPathFact
     root.setLevel(logging.DEBUG)
     tokens = token_file(tmp_path_factory.mktemp("tokens"), *TOKENS)
     cfg = config(small_repo, tls_cert=certs / "server.pem", tls_key=certs / "server.key", token_file=tokens)
+    log = tmp_path_factory.mktemp("processes") / "server.log"
     try:
-        with BackgroundServer(cfg) as srv:
+        with serving(observed(cfg, request.param), request.param, log, "--log-level", "DEBUG") as srv:
             srv.records = records
             yield srv
     finally:
@@ -81,7 +97,9 @@ def client(srv: BackgroundServer, certs: Path, **kw: object) -> Client:
     return Client(f"localhost:{srv.port}", tls_ca=certs / "ca.pem", retries=0, timeout=20, **kw)
 
 
-def refused_count(srv: BackgroundServer) -> float:
+def refused_count(srv: BackgroundServer | Supervised) -> float:
+    if isinstance(srv, Supervised):
+        return srv.metric("genserve_unauthenticated_total")
     return srv.server.metrics.value("genserve_unauthenticated_total") or 0.0
 
 
@@ -96,10 +114,10 @@ def test_tls_and_a_valid_token_are_served(secured: BackgroundServer, certs: Path
     assert "tls=on auth=token" in ready(secured)
 
 
-def ready(srv: BackgroundServer) -> str:
+def ready(srv: BackgroundServer | Supervised) -> str:
     from genserve.server.app import ready_line
 
-    return ready_line(srv.server)
+    return srv.ready if isinstance(srv, Supervised) else ready_line(srv.server)
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-0123456789", TOKENS[0][:-1], TOKENS[0] + "x", "Bearer"],
@@ -175,18 +193,24 @@ def test_tokens_never_reach_the_logs(secured: BackgroundServer, certs: Path) -> 
         c.models()
     with client(secured, certs, token="leak-check-" + TOKENS[1][::-1]) as c, pytest.raises(GenserveError):
         c.models()
-    records = secured.records
-    assert any("bearer token(s) accepted" in r.getMessage() for r in records), "the server log was not kept"
-    text = "\n".join(f"{r.getMessage()} {r.args} {r.exc_text or ''}" for r in records)
+    if isinstance(secured, Supervised):  # the workers' log, and the settings file they were started with
+        text = secured.log.read_text()
+        assert "bearer token(s) accepted" in text, "the server log was not kept"
+        text += secured.log.with_suffix(".toml").read_text()
+    else:
+        records = secured.records
+        assert any("bearer token(s) accepted" in r.getMessage() for r in records), "the server log was not kept"
+        text = "\n".join(f"{r.getMessage()} {r.args} {r.exc_text or ''}" for r in records)
+        cfg = secured.server.cfg
+        text += repr(cfg) + str(cfg.to_dict())
+    text += ready(secured)
     for token in (*TOKENS, TOKENS[1][::-1]):
         assert token not in text
-    cfg = secured.server.cfg
-    assert not any(t in repr(cfg) or t in str(cfg.to_dict()) or t in ready(secured) for t in TOKENS)
 
 
-def test_token_file_rotates_on_reload(small_repo: Path, tmp_path: Path) -> None:
+def test_token_file_rotates_on_reload(small_repo: Path, tmp_path: Path, processes: int) -> None:
     path = token_file(tmp_path, "old-token-aaaaaaaaaaaaaaaa")
-    with BackgroundServer(config(small_repo, token_file=path)) as srv:
+    with serving(config(small_repo, token_file=path), processes, tmp_path / "server.log") as srv:
         target = f"127.0.0.1:{srv.port}"
         with Client(target, token="old-token-aaaaaaaaaaaaaaaa", retries=0) as c:
             assert c.models()
@@ -203,9 +227,10 @@ def test_token_file_rotates_on_reload(small_repo: Path, tmp_path: Path) -> None:
             assert c.models()
 
 
-def test_tokens_from_an_environment_variable(small_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tokens_from_an_environment_variable(small_repo: Path, monkeypatch: pytest.MonkeyPatch, processes: int,
+                                             tmp_path: Path) -> None:
     monkeypatch.setenv("GENSERVE_TEST_TOKENS", f"{TOKENS[0]}, {TOKENS[1]}")
-    with BackgroundServer(config(small_repo, token_env="GENSERVE_TEST_TOKENS")) as srv:
+    with serving(config(small_repo, token_env="GENSERVE_TEST_TOKENS"), processes, tmp_path / "server.log") as srv:
         for token in TOKENS:
             with Client(f"127.0.0.1:{srv.port}", token=token, retries=0) as c:
                 assert c.models()
@@ -214,10 +239,11 @@ def test_tokens_from_an_environment_variable(small_repo: Path, monkeypatch: pyte
         assert e.value.code == UNAUTHENTICATED
 
 
-def test_mutual_tls_rejects_clients_without_a_trusted_certificate(small_repo: Path, certs: Path) -> None:
+def test_mutual_tls_rejects_clients_without_a_trusted_certificate(small_repo: Path, certs: Path, processes: int,
+                                                                  tmp_path: Path) -> None:
     cfg = config(small_repo, tls_cert=certs / "server.pem", tls_key=certs / "server.key",
                  tls_client_ca=certs / "ca.pem")
-    with BackgroundServer(cfg) as srv:
+    with serving(cfg, processes, tmp_path / "server.log") as srv:
         assert "tls=mutual auth=off" in ready(srv)
         target = f"localhost:{srv.port}"
         with Client(target, tls_ca=certs / "ca.pem", tls_cert=certs / "client.pem",
@@ -252,7 +278,7 @@ def test_bad_security_settings_fail_at_start(small_repo: Path, certs: Path, tmp_
         assert "two words" not in str(e.value)
 
 
-def test_serve_and_client_cli_end_to_end(small_repo: Path, certs: Path, tmp_path: Path) -> None:
+def test_serve_and_client_cli_end_to_end(small_repo: Path, certs: Path, tmp_path: Path, processes: int) -> None:
     """`genserve serve --tls-cert --tls-key --token-env` in a process, `genserve models/sample` with --tls-ca
     and --token-file / $GENSERVE_TOKEN; the server's DEBUG log on stderr holds no token."""
     import socket
@@ -266,7 +292,7 @@ def test_serve_and_client_cli_end_to_end(small_repo: Path, certs: Path, tmp_path
     cmd = [sys.executable, "-m", "genserve.server.cli", "--repo", str(small_repo), "--port", "0",
            "--metrics-port", str(metrics_port), "--provider", "cpu", "--log-level", "DEBUG",
            "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
-           "--token-env", "SERVE_TOKENS", "--no-open-health"]
+           "--token-env", "SERVE_TOKENS", "--no-open-health", "--processes", str(processes)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -408,12 +434,13 @@ def test_no_serving_or_client_code_can_unpickle() -> None:
     assert not offenders, offenders
 
 
-def test_open_reflection_and_closed_health_by_config(small_repo: Path, tmp_path: Path) -> None:
+def test_open_reflection_and_closed_health_by_config(small_repo: Path, tmp_path: Path, processes: int) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     cfg = config(small_repo, token_file=token_file(tmp_path, TOKENS[0]), open_health=False, open_reflection=True)
-    with BackgroundServer(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+    with serving(observed(cfg, processes), processes, tmp_path / "server.log") as srv, \
+            grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         got = list(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(iter([request]),
                                                                                           timeout=10))
@@ -437,7 +464,7 @@ def scrape(url: str, ca: Path | None = None, cert: tuple[Path, Path] | None = No
         return answer.read().decode()
 
 
-def test_metrics_over_https_and_mutual_tls(small_repo: Path, certs: Path) -> None:
+def test_metrics_over_https_and_mutual_tls(small_repo: Path, certs: Path, processes: int, tmp_path: Path) -> None:
     """metrics_tls: /metrics speaks HTTPS with the server's certificate; with a client CA, a scraper without a
     trusted client certificate is turned away. Plain HTTP gets no metrics either way."""
     import urllib.error
@@ -447,17 +474,18 @@ def test_metrics_over_https_and_mutual_tls(small_repo: Path, certs: Path) -> Non
 
     tls = {"tls_cert": certs / "server.pem", "tls_key": certs / "server.key", "metrics_tls": True,
            "metrics_port": free_port()}
-    with BackgroundServer(config(small_repo, **tls)) as srv:
-        port = srv.server.metrics_port
+    with serving(config(small_repo, **tls), processes, tmp_path / "server.log") as srv:
+        port = srv.metrics_port
         assert f"metrics=https://127.0.0.1:{port}/metrics" in ready(srv)
-        assert "genserve_requests_total" in scrape(f"https://localhost:{port}/metrics", ca=certs / "ca.pem")
+        # A sample, not a family name: --processes N (multiprocess mode) lists no family before its first value.
+        assert LOADED in scrape(f"https://localhost:{port}/metrics", ca=certs / "ca.pem")
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
             scrape(f"http://localhost:{port}/metrics")
-    with BackgroundServer(config(small_repo, tls_client_ca=certs / "ca.pem", **{**tls, "metrics_port": free_port()})
-                          ) as srv:
-        url = f"https://localhost:{srv.server.metrics_port}/metrics"
+    with serving(config(small_repo, tls_client_ca=certs / "ca.pem", **{**tls, "metrics_port": free_port()}),
+                 processes, tmp_path / "server2.log") as srv:
+        url = f"https://localhost:{srv.metrics_port}/metrics"
         client_cert = (certs / "client.pem", certs / "client.key")
-        assert "genserve_requests_total" in scrape(url, ca=certs / "ca.pem", cert=client_cert)
+        assert LOADED in scrape(url, ca=certs / "ca.pem", cert=client_cert)
         for cert in (None, (certs / "stranger.pem", certs / "stranger.key")):
             with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
                 scrape(url, ca=certs / "ca.pem", cert=cert)
