@@ -239,6 +239,11 @@ class Server:
         # reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
         oip_servicer = oip.register_oip(services, engine, cfg, observe=self._answered, rows=servicer.rows,
                                         control=self)
+        if self.peers is not None:  # --processes N: the statistics count the calls every worker answered
+            peers = self.peers
+            oip_servicer.others = lambda data: peers.ask("statistics", data)
+            peers.answers["statistics"] = lambda data: oip_servicer.local_statistics(
+                oip.pb.ModelStatisticsRequest.FromString(data)).SerializeToString()
         if cfg.http_port:  # the same OIP over HTTP/JSON: same row budget, statistics shared with the gRPC face
             from genserve.server.http_face import HttpFace  # starlette and uvicorn only when asked for
 

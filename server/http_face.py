@@ -215,6 +215,7 @@ class HttpFace:
         self.oip = OipServicer(engine, cfg, observe=relabel, rows=rows)
         if shared is not None:
             self.oip.stats = shared.stats
+            self.oip.others = shared.others  # with --processes N, every worker's statistics
         self.tokens = tokens
         self.open_paths = OPEN_PATHS if cfg.open_health else ()
         self.draining = False

@@ -98,6 +98,7 @@ from genserve.server.oip_models import (
     SCORE_PARAMETERS,
     OpStats,
     Params,
+    add_statistics,
     duration,
     extra_outputs,
     likelihood_request,
@@ -155,6 +156,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.rows = rows if rows is not None else RowBudget(cfg.max_queued_rows)
         self.accounting = Accounting(engine, observe, access_log=cfg.access_log)
         self.stats: dict[tuple[str, int, str], OpStats] = {}
+        self.others: Callable[[bytes], Awaitable[list[bytes]]] | None = None
+        """With --processes N: the other workers' statistics for a serialized request (server/workers.py)."""
         try:
             self.version = importlib.metadata.version("genserve")
         except importlib.metadata.PackageNotFoundError:
@@ -280,24 +283,32 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ModelStatisticsResponse:
         async def handle() -> pb.ModelStatisticsResponse:
-            if request.name:
-                loaded, model, operation = self._resolve(request.name, request.version)
-                versions = [loaded.version] if request.version.strip() not in ("", "0") else self._versions(model)
-                targets = [(model, v, operation) for v in versions]
-            else:
-                if request.version:
-                    raise invalid("a statistics request for every model (empty name) cannot name a version")
-                targets = [(s.name, v, op) for s, op in self._names() for v in s.versions]
-            entries = []
-            for model, version, operation in targets:
-                try:
-                    loaded = self.engine.get_model(model, version)
-                except EngineError:
-                    continue  # unloaded since it was listed
-                entries.append(self._statistics(model, loaded, operation))
-            return pb.ModelStatisticsResponse(model_stats=entries)
+            response = self.local_statistics(request)
+            if self.others is not None:  # every worker counts only the calls that reached it
+                for data in await self.others(request.SerializeToString()):
+                    add_statistics(response, pb.ModelStatisticsResponse.FromString(data))
+            return response
 
         return await self._answer(context, "ModelStatistics", handle)
+
+    def local_statistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+        """This process's statistics for ``request``."""
+        if request.name:
+            loaded, model, operation = self._resolve(request.name, request.version)
+            versions = [loaded.version] if request.version.strip() not in ("", "0") else self._versions(model)
+            targets = [(model, v, operation) for v in versions]
+        else:
+            if request.version:
+                raise invalid("a statistics request for every model (empty name) cannot name a version")
+            targets = [(s.name, v, op) for s, op in self._names() for v in s.versions]
+        entries = []
+        for model, version, operation in targets:
+            try:
+                loaded = self.engine.get_model(model, version)
+            except EngineError:
+                continue  # unloaded since it was listed
+            entries.append(self._statistics(model, loaded, operation))
+        return pb.ModelStatisticsResponse(model_stats=entries)
 
     def _statistics(self, model: str, loaded: LoadedModel, operation: str) -> pb.ModelStatistics:
         s = self.stats.get((model, loaded.version, operation), OpStats())

@@ -143,6 +143,25 @@ class OpStats:
     last_ms: int = 0
 
 
+def add_statistics(total: pb.ModelStatisticsResponse, other: pb.ModelStatisticsResponse) -> None:
+    """Add another process's statistics (``--processes N``) to ``total``, entry by name and version: counts and
+    durations add up, the last inference is the later one; an entry ``total`` lacks is left out (the model is
+    not served by the process that answers)."""
+    entries = {(e.name, e.version): e for e in total.model_stats}
+    for entry in other.model_stats:
+        mine = entries.get((entry.name, entry.version))
+        if mine is None:
+            continue
+        mine.last_inference = max(mine.last_inference, entry.last_inference)
+        mine.inference_count += entry.inference_count
+        mine.execution_count += entry.execution_count
+        for field, value in entry.inference_stats.ListFields():
+            if isinstance(value, pb.StatisticDuration):
+                target = getattr(mine.inference_stats, field.name)
+                target.count += value.count
+                target.ns += value.ns
+
+
 def duration(count: int, ns: int) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=max(0, int(count)), ns=max(0, int(ns)))
 

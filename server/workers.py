@@ -13,7 +13,9 @@ started) holds the ports, spawns the workers, and:
   worker over the network is applied by it, sent to the others over their pipes, and answered once every other
   worker has applied it too, so a client that got the answer finds the same models on whichever worker its
   next connection reaches (answering first let a later load on another worker be undone by an unload that had
-  not arrived there yet).
+  not arrived there yet);
+- gathers what every worker counts for a question one worker was asked (the Open Inference Protocol's
+  statistics: each worker counts only the calls that reached it), over the same pipes.
 
 Workers are spawned (not forked): gRPC must not be initialised before a fork.
 """
@@ -41,6 +43,9 @@ log = logging.getLogger("genserve.server")
 START_TIMEOUT_S = 600.0
 """Longest wait for a worker to load the repository and bind its ports."""
 
+ASK_TIMEOUT_S = 30.0
+"""Longest wait of a worker for the others' answers to a question (``Peers.ask``) before it answers alone."""
+
 CHANGE_TIMEOUT_S = 600.0
 """Longest wait of a worker for the others to apply its reload, load or unload before it answers anyway (a
 load may warm up large graphs, as a start does)."""
@@ -61,17 +66,30 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 class Peers:
-    """A worker's pipe to the supervisor: tell it what this worker changed, apply what another changed."""
+    """A worker's pipe to the supervisor: tell it what this worker changed, apply what another changed, ask the
+    others a question and answer theirs (``answers``: a function per kind of question, bytes in, bytes out)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.answers: dict[str, Callable[[bytes], bytes]] = {}
         self._sent = 0
-        self._waiting: dict[int, Any] = {}  # change number -> the future its "done" resolves
+        self._waiting: dict[int, Any] = {}  # message number -> the future the supervisor's "done" resolves
 
     async def notify(self, kind: str, name: str = "") -> None:
         """After this worker applied a reload (``kind`` "reload"), load or unload of ``name``: returns once every
         other worker has applied it too (or after CHANGE_TIMEOUT_S, with a warning), so the answer that follows
         holds for every worker."""
+        await self._round_trip(("change", kind, name), CHANGE_TIMEOUT_S, f"{kind} {name}")
+
+    async def ask(self, kind: str, payload: bytes) -> list[bytes]:
+        """Every other worker's answer to ``payload`` (by its ``answers[kind]``); [] when the others cannot be
+        reached within ASK_TIMEOUT_S. A worker that could not answer (say, it has not loaded the model yet) is
+        left out."""
+        answers = await self._round_trip(("ask", kind, payload), ASK_TIMEOUT_S, kind)
+        return [a for a in answers or () if a is not None]
+
+    async def _round_trip(self, message: tuple, timeout_s: float, what: str) -> list | None:
+        """Send ``message`` (numbered) to the supervisor; the other workers' answers once all have answered."""
         import asyncio
 
         self._sent += 1
@@ -79,18 +97,19 @@ class Peers:
         done = asyncio.get_running_loop().create_future()
         self._waiting[number] = done
         try:
-            self.conn.send(("change", number, kind, name))
-            await asyncio.wait_for(done, CHANGE_TIMEOUT_S)
+            self.conn.send((message[0], number, *message[1:]))
+            return await asyncio.wait_for(done, timeout_s)
         except (OSError, ValueError):
-            pass  # the supervisor is gone; SIGTERM follows
+            return None  # the supervisor is gone; SIGTERM follows
         except TimeoutError:
-            log.warning("%s %s: the other workers did not confirm within %.0f s", kind, name, CHANGE_TIMEOUT_S)
+            log.warning("%s: the other workers did not answer within %.0f s", what, timeout_s)
+            return None
         finally:
             self._waiting.pop(number, None)
 
     def listen(self, apply: Callable[[str, str], Any]) -> None:
-        """Call ``apply(kind, name)`` on the running event loop for each change another worker made, and confirm
-        it to the supervisor once applied; resolve this worker's own changes as the supervisor confirms them."""
+        """Call ``apply(kind, name)`` on the running event loop for each change another worker made and confirm it
+        once applied; answer the others' questions; resolve this worker's own messages as the supervisor answers."""
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -107,13 +126,23 @@ class Peers:
             if message[0] == "done":
                 done = self._waiting.get(message[1])
                 if done is not None and not done.done():
-                    done.set_result(None)
+                    done.set_result(message[2])
             elif message[0] == "apply":
                 _, key, kind, name = message
                 task = asyncio.ensure_future(apply(kind, name))
                 task.add_done_callback(lambda t: self._applied(t, key, kind, name))
+            elif message[0] == "ask":
+                _, key, kind, payload = message
+                self._answer(key, self._answered(kind, payload))
 
         loop.add_reader(self.conn.fileno(), readable)
+
+    def _answered(self, kind: str, payload: bytes) -> bytes | None:
+        try:
+            return self.answers[kind](payload)
+        except Exception as e:  # noqa: BLE001 - the asking worker answers without this one
+            log.debug("cannot answer another worker's %s question: %s", kind, e)
+            return None
 
     def _applied(self, task: Any, key: Any, kind: str, name: str) -> None:
         """Confirm a change of another worker (``key`` None: a SIGHUP reload, which nobody waits for); one that
@@ -121,8 +150,11 @@ class Peers:
         if not task.cancelled() and task.exception() is not None:
             log.warning("applying %s %s from another worker failed: %s", kind, name, task.exception())
         if key is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(("applied", key))
+            self._answer(key, None)
+
+    def _answer(self, key: Any, value: bytes | None) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(("answer", key, value))
 
 
 def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str, metrics_dir: str,
@@ -158,7 +190,8 @@ class Supervisor:
         self.log_format = log_format
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[tuple[Any, Connection]] = []
-        self._pending: dict[tuple[int, int], set[int]] = {}  # (worker, its change number) -> workers yet to apply
+        # (worker, its message number) -> (the workers yet to answer, the answers so far)
+        self._pending: dict[tuple[int, int], tuple[set[int], list[Any]]] = {}
         self._reserved: list[socket.socket] = []
         self._stopping = False
         self._hup = False
@@ -286,22 +319,25 @@ class Supervisor:
             message = conn.recv()
         except (EOFError, OSError):
             return  # the worker is going; its sentinel says so
-        if message[0] == "change":  # worker ``index`` applied it: the others apply it, then it may answer
-            _, number, kind, name = message
+        if message[0] in ("change", "ask"):  # worker ``index`` applied a change, or asks a question: the others
+            kind, number, *rest = message    # apply or answer it, then it may answer its client
             key = (index, number)
-            self._pending[key] = {i for i in range(len(self._workers)) if i != index}
-            self._broadcast(("apply", key, kind, name), index)
+            self._pending[key] = ({i for i in range(len(self._workers)) if i != index}, [])
+            self._broadcast(("apply" if kind == "change" else "ask", key, *rest), index)
             self._confirm(key)
-        elif message[0] == "applied":
-            self._pending.get(message[1], set()).discard(index)
-            self._confirm(message[1])
+        elif message[0] == "answer":
+            _, key, value = message
+            if key in self._pending and index in self._pending[key][0]:
+                self._pending[key][0].discard(index)
+                self._pending[key][1].append(value)
+                self._confirm(key)
 
     def _confirm(self, key: tuple[int, int]) -> None:
-        """Tell the worker that made change ``key`` that every other worker applied it (once none is left)."""
-        if key in self._pending and not self._pending[key]:
-            del self._pending[key]
+        """Send worker ``key[0]`` the answers to its message ``key[1]`` once every other worker has answered."""
+        if key in self._pending and not self._pending[key][0]:
+            _, answers = self._pending.pop(key)
             with contextlib.suppress(OSError, ValueError):
-                self._workers[key[0]][1].send(("done", key[1]))
+                self._workers[key[0]][1].send(("done", key[1], answers))
 
     def _broadcast(self, message: tuple, origin: int | None) -> None:
         for i, (_, conn) in enumerate(self._workers):
@@ -325,7 +361,7 @@ class Supervisor:
             if key[0] == index:
                 del self._pending[key]
             else:
-                self._pending[key].discard(index)
+                self._pending[key][0].discard(index)
                 self._confirm(key)
         self._workers[index] = self._spawn(index)
         try:

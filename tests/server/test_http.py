@@ -211,8 +211,6 @@ def test_plain_json_inference_equals_grpc(server, grpc_oip) -> None:
     assert [o["data"] for o in again["outputs"]] == [o["data"] for o in first["outputs"]]
 
 
-# One process only for now: with --processes 2 each worker counts only its own calls (issue 17.3, open).
-@pytest.mark.parametrize("server", [1], ids=["1 process"], indirect=True)
 def test_statistics_count_both_faces(http, grpc_oip) -> None:
     name = f"{VAE}.decode"
     before = http.get_inference_statistics(name)["model_stats"][0]["inference_stats"]["success"]["count"]
