@@ -293,15 +293,24 @@ def small_repo(repo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return repo
 
 
-def test_token_auth_and_tls(small_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(params=[1, 2], ids=["1 process", "2 processes"])
+def processes(request: pytest.FixtureRequest) -> int:
+    """A test's own server in one process, and as `genserve serve --processes 2` (issue 17)."""
+    return request.param
+
+
+def test_token_auth_and_tls(small_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: int
+                            ) -> None:
     certs = make_certificates(tmp_path / "certs")
     token = "http-test-token-0123456789abcdef"
     monkeypatch.setenv("GENSERVE_HTTP_TEST_TOKEN", token)
-    cfg = ServerConfig(repo=small_repo, port=0, metrics_port=0, http_port=free_port(), provider="cpu",
-                       workers=1, grace_s=1.0, token_env="GENSERVE_HTTP_TEST_TOKEN",
-                       tls_cert=certs / "server.pem", tls_key=certs / "server.key")
+    # With 2 processes the refusal counter is read from the one /metrics (port given), not from the Engine.
+    cfg = ServerConfig(repo=small_repo, port=0, metrics_port=0 if processes == 1 else free_port(),
+                       http_port=free_port(), provider="cpu", workers=1, grace_s=1.0,
+                       token_env="GENSERVE_HTTP_TEST_TOKEN", tls_cert=certs / "server.pem",
+                       tls_key=certs / "server.key")
     context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
-    with BackgroundServer(cfg) as srv:
+    with serving(cfg, processes, tmp_path / "server.log") as srv:
         port = srv.http_port
         path = "/v2/models/digits-ppca.sample/infer"
         body = {"parameters": {"n": 1, "seed": 3}, "inputs": []}
@@ -310,21 +319,22 @@ def test_token_auth_and_tls(small_repo: Path, tmp_path: Path, monkeypatch: pytes
         status, answer, _ = call(port, "POST", path, body, {"Authorization": "Bearer wrong"}, context)
         assert status == 401 and "not valid" in answer["error"] and token not in answer["error"]
         assert call(port, "GET", "/v2", context=context)[0] == 401
-        assert srv.server.metrics.value("genserve_unauthenticated_total") == 3
+        refused = srv.metric if isinstance(srv, Supervised) else srv.server.metrics.value
+        assert refused("genserve_unauthenticated_total") == 3
         status, answer, _ = call(port, "POST", path, body, {"Authorization": f"Bearer {token}"}, context)
         assert status == 200 and answer["outputs"][0]["shape"] == [1, 8, 8]
         assert call(port, "GET", "/v2/health/ready", context=context)[0] == 200  # open_health
         with pytest.raises(OSError):  # HTTPS only
             call(port, "GET", "/v2/health/live")
-        assert "http=https://" in ready_line(srv.server)
+        assert "http=https://" in (srv.ready if isinstance(srv, Supervised) else ready_line(srv.server))
 
 
-def test_mutual_tls_needs_a_client_certificate(small_repo: Path, tmp_path: Path) -> None:
+def test_mutual_tls_needs_a_client_certificate(small_repo: Path, tmp_path: Path, processes: int) -> None:
     certs = make_certificates(tmp_path / "certs")
     cfg = ServerConfig(repo=small_repo, port=0, metrics_port=0, http_port=free_port(), provider="cpu",
                        workers=1, grace_s=1.0, tls_cert=certs / "server.pem", tls_key=certs / "server.key",
                        tls_client_ca=certs / "ca.pem")
-    with BackgroundServer(cfg) as srv:
+    with serving(cfg, processes, tmp_path / "server.log") as srv:
         for name, served in (("client", True), ("stranger", False), (None, False)):
             context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
             if name is not None:
@@ -354,10 +364,10 @@ def test_http_requests_are_counted_under_their_own_method(server, http) -> None:
     assert f'genserve_requests_total{{code="OK",method="http.Sample",model="{VAE}"}}' in text
 
 
-def test_the_http_port_closes_with_the_server(small_repo: Path) -> None:
+def test_the_http_port_closes_with_the_server(small_repo: Path, tmp_path: Path, processes: int) -> None:
     cfg = ServerConfig(repo=small_repo, port=0, metrics_port=0, http_port=free_port(), provider="cpu",
                        workers=1, grace_s=1.0)
-    srv = BackgroundServer(cfg)
+    srv = BackgroundServer(cfg) if processes == 1 else Supervised.from_config(cfg, tmp_path / "server.log")
     port = srv.http_port
     assert call(port, "GET", "/v2/health/live")[0] == 200
     srv.stop()
