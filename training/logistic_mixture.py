@@ -7,27 +7,32 @@ levels share probability, and 3K numbers describe the conditional instead of one
 
 ``level_log_probs`` turns the 3K raw parameters into the log-probabilities of every level, so an AR model's
 conditionals stay "logits over levels" (the autoregressive family's contract): export, the served program and
-sampling are unchanged. The result is renormalised with a log-softmax, so it is an exact distribution over
-the levels even where a bin's mass had to be approximated in float32.
+sampling are unchanged. The result is renormalised with a log-softmax, so rounding cannot leave it a little off
+a distribution over the levels.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 MIN_LOG_SCALE = -7.0  # floor on the logistics' log-scales: bins far narrower than a level add nothing but overflow
-TINY_MASS = 1e-5  # below this a bin's mass is taken as density x width (the CDF difference loses its digits)
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + e^x) without overflow for any x, from elementary operations that export to ONNX as they are."""
+    return torch.relu(x) + torch.log1p(torch.exp(-torch.abs(x)))
 
 
 def level_log_probs(params: Tensor, levels: int) -> Tensor:
     """(..., 3K) raw parameters (mixture logits, means, log-scales, K each) -> (..., levels) log p(level).
 
     Level k sits at 2k / (levels - 1) - 1; its bin is that +- 1 / (levels - 1), the outermost bins reach to
-    -inf and +inf so that the levels' masses sum to one.
+    -inf and +inf so that the levels' masses sum to one. A bin's mass sigmoid(b) - sigmoid(a) is taken in log
+    space as b + log(1 - e^(a - b)) - softplus(a) - softplus(b): the plain difference of two sigmoids near 1
+    loses its digits in float32, and ONNX Runtime's sigmoid differs from PyTorch's in the last one, which the log
+    of a tiny difference magnified past export's parity tolerance.
     """
     k = params.shape[-1] // 3
     if k < 1 or params.shape[-1] != 3 * k:
@@ -39,12 +44,11 @@ def level_log_probs(params: Tensor, levels: int) -> Tensor:
     x = centres - mean.unsqueeze(-1)  # (..., K, levels)
     inv_s = torch.exp(-log_s).unsqueeze(-1)
     plus, minus = inv_s * (x + half), inv_s * (x - half)
-    log_cdf_plus = plus - F.softplus(plus)  # log sigmoid(plus): the lowest level's mass
-    log_sf_minus = -F.softplus(minus)  # log (1 - sigmoid(minus)): the highest level's mass
-    delta = torch.sigmoid(plus) - torch.sigmoid(minus)
-    mid = inv_s * x
-    log_density_mid = mid - log_s.unsqueeze(-1) - 2.0 * F.softplus(mid) + math.log(2 * half)
-    inner = torch.where(delta > TINY_MASS, torch.log(torch.clamp(delta, min=1e-12)), log_density_mid)
-    logp = torch.cat([log_cdf_plus[..., :1], inner[..., 1:-1], log_sf_minus[..., -1:]], dim=-1)
+    sp_plus, sp_minus = _softplus(plus), _softplus(minus)
+    width = 2.0 * half * inv_s  # b - a, the bin's width in the logistic's units
+    log_gap = torch.log(-torch.expm1(-width))  # log(1 - e^(a - b))
+    inner = plus + log_gap - sp_minus - sp_plus
+    # lowest level: log sigmoid(plus); highest: log(1 - sigmoid(minus))
+    logp = torch.cat([plus[..., :1] - sp_plus[..., :1], inner[..., 1:-1], -sp_minus[..., -1:]], dim=-1)
     mixed = torch.logsumexp(F.log_softmax(logit_w, dim=-1).unsqueeze(-1) + logp, dim=-2)
     return F.log_softmax(mixed, dim=-1)

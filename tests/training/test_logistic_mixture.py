@@ -36,6 +36,19 @@ def test_masses_are_the_logistic_cdf_bins_mixed_by_weight():
     assert torch.allclose(level_log_probs(wide, levels).exp(), _bins(0.3, float(torch.e ** -1), levels), atol=1e-12)
 
 
+def test_float32_masses_keep_their_digits_where_both_bin_edges_are_far_in_a_tail():
+    """Bins deep in a narrow logistic's upper tail: sigmoid(b) - sigmoid(a) of two numbers near 1 loses every digit
+    in float32 (the first formula did, and ONNX Runtime then disagreed with PyTorch by 0.01 nats); the log-space
+    form agrees with float64 to float32 rounding."""
+    means = torch.tensor([-0.95, -0.5, 0.0, 0.6])
+    log_s = torch.tensor([-3.0, -4.0, -2.5, -3.5])
+    p64 = torch.cat([torch.zeros(4, 1), means[:, None], log_s[:, None]], dim=-1).double()
+    want = level_log_probs(p64, 17)
+    got = level_log_probs(p64.float(), 17)
+    assert torch.isfinite(got).all() and (want < -20).any()  # some bins far in the tails
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5), (got.double() - want).abs().max()
+
+
 def test_neighbouring_levels_share_mass_and_extreme_parameters_stay_finite():
     # one narrow logistic on level 7 (of 17): mass falls off with the distance from 7 on both sides
     params = torch.tensor([0.0, 7 * 2 / 16 - 1, -2.5])
