@@ -117,7 +117,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
          Method("latent_dim", "latent_dim: int", "size of z", attribute=True),
          Method("log_weights", "log_weights(x, eps)",
                 "optional: log p(x, z) - log q(z|x) for z = mu + exp(logvar / 2) * eps, (B,); built from encoder "
-                "and decoder when absent", required=False))),
+                "and decoder when absent", required=False),
+         Method("log_prior", "log_prior(z)",
+                "optional: log p(z) (B,) of a learned prior (a VampPrior, a mixture); N(z; 0, I) when absent",
+                required=False),
+         Method("prior", "prior(eps, u)",
+                "optional, with log_prior: a draw z (B, latent_dim) from p(z), given eps (B, latent_dim) standard "
+                "normal (times the temperature) and u (B, 1) uniform in [0, 1) (e.g. to pick a mixture component); "
+                "the server samples z through it, z = eps when absent", required=False))),
     Family(INFO["linear_gaussian"],
            (Method("log_density", "log_density(x) or, for discrete data, log_density(x, u)",
                 "log p(x) (B,) in nats; for discrete data of the dequantised y = x + u"),
@@ -479,7 +486,8 @@ def _autograd_log_prob(m: nn.Module, spec: DataSpec, x: Tensor, u: Tensor | None
 
 # ---- latent variable (VAE) ----------------------------------------------------------------------------
 class LogWeights(nn.Module):
-    """log p(x|z) + log N(z; 0, I) - log q(z|x) for z = mu + exp(logvar / 2) eps, from encoder and decoder."""
+    """log p(x|z) + log p(z) - log q(z|x) for z = mu + exp(logvar / 2) eps, from encoder and decoder; p(z) is the
+    module's ``log_prior`` where it has one, else N(z; 0, I)."""
 
     def __init__(self, m: nn.Module, spec: DataSpec) -> None:
         super().__init__()
@@ -497,7 +505,8 @@ class LogWeights(nn.Module):
         else:
             mean, std = out
             rec = -(0.5 * LOG2PI + torch.log(std) + 0.5 * ((flat - mean) / std) ** 2).sum(-1)
-        log_prior = -0.5 * (z ** 2 + LOG2PI).sum(-1)
+        own_prior = getattr(self.m, "log_prior", None)
+        log_prior = own_prior(z) if callable(own_prior) else -0.5 * (z ** 2 + LOG2PI).sum(-1)
         log_q = -0.5 * (eps ** 2 + LOG2PI + logvar).sum(-1)
         return rec + log_prior - log_q
 
@@ -515,9 +524,13 @@ def _build_vae(m: nn.Module, spec: DataSpec, x: Tensor) -> dict[str, GraphDef]:
     dec = ["logits"] if spec.discrete else ["mean", "std"]
     own = callable(getattr(m, "log_weights", None))
     lw = Lambda(m, m.log_weights) if own else LogWeights(m, spec)
-    return {"encoder": GraphDef(Lambda(m, m.encoder), {"x": x}, ["mu", "logvar"]),
-            "decoder": GraphDef(Lambda(m, m.decoder), {"z": torch.randn(n, q, generator=g)}, dec),
-            "log_weights": GraphDef(lw, {"x": x, "eps": torch.randn(n, q, generator=g)}, ["log_weight"])}
+    graphs = {"encoder": GraphDef(Lambda(m, m.encoder), {"x": x}, ["mu", "logvar"]),
+              "decoder": GraphDef(Lambda(m, m.decoder), {"z": torch.randn(n, q, generator=g)}, dec),
+              "log_weights": GraphDef(lw, {"x": x, "eps": torch.randn(n, q, generator=g)}, ["log_weight"])}
+    if callable(getattr(m, "prior", None)):  # a learned prior: Sample draws z through it (no graph: z = eps)
+        graphs["prior"] = GraphDef(Lambda(m, m.prior), {"eps": torch.randn(n, q, generator=g),
+                                                         "u": torch.rand(n, 1, generator=g)}, ["z"])
+    return graphs
 
 
 def _check_vae(m: nn.Module, spec: DataSpec, x: Tensor, graphs: dict[str, GraphDef]) -> None:
@@ -538,6 +551,15 @@ def _check_vae(m: nn.Module, spec: DataSpec, x: Tensor, graphs: dict[str, GraphD
                 _expect(cls, f"decoder(z) {name}", t, (n, D))
         generic = LogWeights(m, spec)(x, eps)
         lw = _call(cls, "log_weights(x, eps)", graphs["log_weights"].module, x, eps)[0]
+        if callable(getattr(m, "prior", None)) != callable(getattr(m, "log_prior", None)):
+            raise ContractError(f"{cls} has one of prior(eps, u) and log_prior(z) without the other: a learned "
+                                "prior needs both, the draw for Sample and the density for the bound")
+        if "prior" in graphs:
+            u = torch.rand(n, 1, generator=torch.Generator().manual_seed(6))
+            z = _call(cls, "prior(eps, u)", graphs["prior"].module, eps, u)
+            _count(cls, "prior(eps, u)", z, 1, "z (B, latent_dim)")
+            _expect(cls, "prior(eps, u) z", z[0], (n, q))
+            _expect(cls, "log_prior(z)", _call(cls, "log_prior(z)", m.log_prior, z[0])[0], (n,))
     _expect(cls, "log_weights(x, eps)", lw, (n,))
     err = float((lw - generic).abs().max())
     if not err <= 1e-3 * (1 + float(generic.abs().max())):

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.training.augment import SHIFTS, random_shifts, shift_images
+from genserve.training.autoregressive import AutoregressiveModel
 from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, categorical_from_uniform
+from genserve.training.logistic_mixture import level_log_probs
 
 LOGVAR_BOUND = 10.0  # log-variances live in (-10, 10): no collapse onto a point, no overflow early in training
 IW_ROWS = 16384  # rows per chunk of importance samples, bounding memory at about rows x decoder width
@@ -82,10 +84,25 @@ class VAE(GenerativeModel):
 
     def __init__(self, spec: DataSpec, latent_dim: int = 16, hidden: int = 256, depth: int = 2, dropout: float = 0.0,
                  encoder_dropout: float = 0.0, logit_rank: int = 0, kl_warmup_steps: int = 0, train_samples: int = 1,
-                 importance_samples: int = 500, shift_aug: float = 0.0) -> None:
+                 importance_samples: int = 500, shift_aug: float = 0.0, logistic: int = 0, ema: float = 0.0,
+                 lr_half_life: int = 0, prior_components: int = 0) -> None:
+        # options off: the arch dict (stored in checkpoints) as before they existed
+        extra = {k: v for k, v in (("logistic", logistic), ("ema", ema), ("lr_half_life", lr_half_life),
+                                   ("prior_components", prior_components)) if v}
         super().__init__(spec, latent_dim=latent_dim, hidden=hidden, depth=depth, dropout=dropout,
                          encoder_dropout=encoder_dropout, logit_rank=logit_rank, kl_warmup_steps=kl_warmup_steps,
-                         train_samples=train_samples, importance_samples=importance_samples, shift_aug=shift_aug)
+                         train_samples=train_samples, importance_samples=importance_samples, shift_aug=shift_aug,
+                         **extra)
+        if logistic < 0 or (logistic and (not spec.discrete or logit_rank)):
+            raise ValueError(f"logistic is a number of mixture components >= 0 for discrete data without "
+                             f"logit_rank, got {logistic} (logit_rank {logit_rank}, discrete {spec.discrete})")
+        if not 0.0 <= ema < 1.0 or lr_half_life < 0:
+            raise ValueError(f"ema is a decay per step in [0, 1) and lr_half_life >= 0, got {ema}, {lr_half_life}")
+        if prior_components < 0:
+            raise ValueError(f"prior_components is a number of pseudo-inputs >= 0, got {prior_components}")
+        self.logistic, self.ema, self.lr_half_life = logistic, float(ema), int(lr_half_life)
+        self.prior_components = int(prior_components)
+        self._ema_names: dict[str, str] = {}
         if latent_dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"latent_dim, hidden and depth must be >= 1, got {latent_dim}, {hidden}, {depth}")
         if importance_samples < 1 or train_samples < 1:
@@ -95,7 +112,7 @@ class VAE(GenerativeModel):
         self.train_samples = train_samples
         D = spec.dim
         self.logit_rank = logit_rank if spec.discrete else 0
-        self.out_per_dim = (self.logit_rank or spec.levels) if spec.discrete else 2
+        self.out_per_dim = (self.logit_rank or 3 * logistic or spec.levels) if spec.discrete else 2
         self.enc = mlp(D, hidden, depth, 2 * latent_dim, encoder_dropout)
         self.dec = mlp(latent_dim, hidden, depth, D * self.out_per_dim, dropout)
         if self.logit_rank:  # logits = per-pixel bias + (B, D, r) features times a basis shared by all pixels
@@ -111,7 +128,25 @@ class VAE(GenerativeModel):
             self.enc_shift = nn.Parameter(torch.zeros(len(SHIFTS), hidden))
             self.dec_shift = nn.Parameter(torch.zeros(len(SHIFTS), hidden))
             self.shift_logit_bias = nn.Parameter(torch.zeros(len(SHIFTS), D, spec.levels))
+        if self.prior_components:  # VampPrior pseudo-inputs, in the encoder's input units (pre-sigmoid if discrete)
+            g = torch.Generator().manual_seed(0)
+            self.pseudo_inputs = nn.Parameter(0.5 * torch.randn(self.prior_components, D, generator=g)
+                                              - (1.0 if spec.discrete else 0.0))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimisation steps, for the warm-up
+        self._setup_averaging()
+
+    # the moving average of the weights and the halving learning rate: the autoregressive models' own code
+    make_optimizers = AutoregressiveModel.make_optimizers
+    _setup_averaging = AutoregressiveModel._setup_averaging
+    _update_average = AutoregressiveModel._update_average
+    _swap_average = AutoregressiveModel._swap_average
+
+    def train(self, mode: bool = True) -> VAE:
+        """Eval mode answers with the moving average of the weights (``ema`` > 0), training mode with the raw ones."""
+        super().train(mode)
+        if self._ema_names and int(self.ema_steps) > 0 and bool(self.ema_active) == mode:
+            self._swap_average()
+        return self
 
     # ---- deterministic graphs -------------------------------------------------------------------
     def _run(self, net: nn.Sequential, h: Tensor, shifts: Tensor | None, shift: Tensor | None) -> Tensor:
@@ -127,8 +162,48 @@ class VAE(GenerativeModel):
         """Posterior q(z|x) = N(mu, exp(logvar)), each (B, latent_dim); ``shift`` (B,) indexes ``SHIFTS`` in
         training with ``shift_aug`` (None: the identity)."""
         h = self.flat(x) / (self.spec.levels - 1) if self.spec.discrete else self.normalise(x)[0]
+        return self._encode(h, shift)
+
+    def _encode(self, h: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of q(z|.) from the encoder's input h (B, D): levels scaled to [0, 1] or normalised values."""
         mu, raw = self._run(self.enc, h, getattr(self, "enc_shift", None), shift).chunk(2, dim=-1)
         return mu, LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
+
+    # ---- the prior: N(0, I), or with ``prior_components`` = C > 0 the VampPrior -----------------------
+    def prior_components_params(self) -> tuple[Tensor, Tensor]:
+        """VampPrior (Tomczak & Welling, 2018): p(z) = (1/C) sum_c q(z | u_c) over C learned pseudo-inputs u_c;
+        returns the components' (mu, logvar), each (C, latent_dim)."""
+        u = self.pseudo_inputs
+        return self._encode(torch.sigmoid(u) if self.spec.discrete else u)
+
+    def _log_prior(self, z: Tensor) -> Tensor:
+        """log p(z), (B,) nats."""
+        if not self.prior_components:
+            return -0.5 * (z.pow(2) + LOG2PI).sum(-1)
+        mu, logvar = self.prior_components_params()
+        prec = torch.exp(-logvar)  # (C, q)
+        # sum_j (z_j - mu_cj)^2 / var_cj as three matrix products: (B, C) without a (B, C, q) intermediate
+        sq = z.pow(2) @ prec.T - 2.0 * z @ (mu * prec).T + (mu.pow(2) * prec).sum(-1)
+        log_n = -0.5 * (sq + logvar.sum(-1) + self.latent_dim * LOG2PI)
+        return torch.logsumexp(log_n, dim=-1) - math.log(self.prior_components)
+
+    def _prior_draw(self, eps: Tensor, u: Tensor) -> Tensor:
+        """z (B, latent_dim) from the VampPrior: component c = floor(u * C) of u (B, 1) uniform in [0, 1), then
+        mu_c + exp(logvar_c / 2) * eps with eps (B, latent_dim) standard normal (times the temperature)."""
+        mu, logvar = self.prior_components_params()
+        c = torch.clamp(torch.floor(u[:, 0] * self.prior_components), 0, self.prior_components - 1).long()
+        return mu[c] + torch.exp(0.5 * logvar[c]) * eps
+
+    @property
+    def prior(self) -> Any:
+        """The family contract's optional ``prior(eps, u) -> z`` (the served Sample draws z through it), present
+        only with a learned prior; None for N(0, I), whose z is eps itself."""
+        return self._prior_draw if self.prior_components else None
+
+    @property
+    def log_prior(self) -> Any:
+        """The contract's optional ``log_prior(z)``, which ``log_weights`` uses; None for N(0, I)."""
+        return self._log_prior if self.prior_components else None
 
     def decoder(self, z: Tensor, shift: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Discrete: logits (B, D, levels). Continuous: (mean, std) of p(x|z), each (B, D), raw units (std rather
@@ -138,6 +213,8 @@ class VAE(GenerativeModel):
         if self.spec.discrete:
             if self.logit_rank:
                 logits = out.reshape(z.shape[0], self.dim, self.logit_rank) @ self.logit_basis + self.logit_bias
+            elif self.logistic:  # log-probabilities of the levels, which are logits of the same distribution
+                logits = level_log_probs(out.reshape(z.shape[0], self.dim, 3 * self.logistic), self.spec.levels)
             else:
                 logits = out.reshape(z.shape[0], self.dim, self.spec.levels)
             if self.shift_aug:
@@ -165,7 +242,7 @@ class VAE(GenerativeModel):
                       shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(log p(x|z), log p(z) - log q(z|x)) for z = mu + sigma * eps, each (B,)."""
         z = mu + torch.exp(0.5 * logvar) * eps
-        log_prior = -0.5 * (z.pow(2) + LOG2PI).sum(-1)
+        log_prior = self._log_prior(z)
         log_q = -0.5 * (eps.pow(2) + LOG2PI + logvar).sum(-1)
         return self.log_likelihood_given_z(x, z, shift), log_prior - log_q
 
@@ -173,8 +250,12 @@ class VAE(GenerativeModel):
     def elbo_terms(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One-sample reconstruction term E_q log p(x|z) and analytic KL(q || p), each (B,), nats."""
         mu, logvar = self.encoder(x, shift)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        kl = 0.5 * (mu.pow(2) + torch.exp(logvar) - 1 - logvar).sum(-1)
+        eps = torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        if self.prior_components:  # no closed form: the one-sample estimate log q(z|x) - log p(z)
+            kl = -0.5 * (eps.pow(2) + LOG2PI + logvar).sum(-1) - self._log_prior(z)
+        else:
+            kl = 0.5 * (mu.pow(2) + torch.exp(logvar) - 1 - logvar).sum(-1)
         return self.log_likelihood_given_z(x, z, shift), kl
 
     def loss(self, x: Tensor) -> Tensor:
@@ -228,9 +309,12 @@ class VAE(GenerativeModel):
         return (torch.logsumexp(torch.cat(logw), dim=0) - math.log(K)).float()
 
     def sample(self, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> Tensor:
-        """Noise order: z = noise.normal(n, q) * temperature; then discrete: u = noise.uniform(n, D) and an
+        """Noise order: z = noise.normal(n, q) * temperature (with a learned prior: eps, then its component's
+        uniform noise.uniform(n, 1), z = prior(eps, u)); then discrete: u = noise.uniform(n, D) and an
         inverse-CDF categorical draw per pixel; continuous: x = mean + std * noise.normal(n, D) * temperature."""
         z = torch.from_numpy(noise.normal(n, self.latent_dim)) * temperature
+        if self.prior_components:
+            z = self._prior_draw(z, torch.from_numpy(noise.uniform(n, 1)))
         if self.spec.discrete:
             u = torch.from_numpy(noise.uniform(n, self.dim))
             return self.unflat(categorical_from_uniform(self.decoder(z), u))

@@ -1,5 +1,6 @@
-"""VAE served from its graphs: ``encoder`` (x -> mu, logvar), ``decoder`` (z -> logits | mean, std) and
-``log_weights`` (x, eps -> log p(x, z) - log q(z|x)) for the importance-weighted likelihood bound."""
+"""VAE served from its graphs: ``encoder`` (x -> mu, logvar), ``decoder`` (z -> logits | mean, std),
+``log_weights`` (x, eps -> log p(x, z) - log q(z|x)) for the importance-weighted likelihood bound and, for a
+learned prior (a VampPrior) only, ``prior`` (eps, u -> z) to draw z for Sample; without it z ~ N(0, I)."""
 
 from __future__ import annotations
 
@@ -72,9 +73,12 @@ class VAEProgram(Program):
         return lp, terms
 
     async def sample(self, run: Run, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> SampleResult:
-        """z = noise.normal(n, q) * temperature; discrete: per-pixel inverse-CDF draws with
-        u = noise.uniform(n, D); continuous: mean + std * noise.normal(n, D) * temperature."""
+        """z = noise.normal(n, q) * temperature (with a ``prior`` graph that is its eps, and z = prior(eps, u) with
+        u = noise.uniform(n, 1)); discrete: per-pixel inverse-CDF draws with u = noise.uniform(n, D); continuous:
+        mean + std * noise.normal(n, D) * temperature."""
         z = noise.normal(n, int(self.param("latent_dim"))) * np.float32(temperature)
+        if "prior" in self.graphs:
+            z = (await run("prior", {"eps": z, "u": noise.uniform(n, 1)}))["z"]
         out = await run("decoder", {"z": z})
         if self.spec.discrete:
             u = noise.uniform(n, self.spec.dim)
