@@ -38,6 +38,12 @@ class RecurrentAR(AutoregressiveModel):
         weight_drop: DropConnect rate on the GRU's hidden-to-hidden weights during training.
         input_drop: rate at which training reads a previous value as "unknown" (word dropout).
         above: images only: each step also reads the pixel above, kept in a row buffer in the state.
+        window: with ``above``: each step reads the whole row buffer, x_{t-W} .. x_{t-1} (the previous row from
+            the pixel above rightwards, and the current row so far), an embedding per offset, summed; the state
+            is the same as with ``above`` alone.
+        logistic: K > 0 puts a mixture of K discretised logistics on the levels instead of a free logit per
+            level (``training.logistic_mixture``, as arcnn's); the conditionals are still log-probabilities over
+            the levels, so export and serving are unchanged (0: the categorical).
         components: Gaussian mixture components per feature (continuous data only).
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
@@ -72,10 +78,18 @@ class RecurrentAR(AutoregressiveModel):
 
     def __init__(self, spec: DataSpec, hidden: int = 256, layers: int = 1, embed: int = 64, dropout: float = 0.2,
                  weight_drop: float = 0.0, input_drop: float = 0.0, above: bool = False, components: int = 8,
-                 lr_half_life: int = 0, ema: float = 0.0, shift_aug: float = 0.0) -> None:
+                 lr_half_life: int = 0, ema: float = 0.0, shift_aug: float = 0.0, window: bool = False,
+                 logistic: int = 0) -> None:
+        if logistic < 0 or (logistic and not spec.discrete):
+            raise ValueError(f"logistic is a number of mixture components >= 0 for discrete data, got {logistic} "
+                             f"for {'discrete' if spec.discrete else 'continuous'} data")
+        if window and not above:
+            raise ValueError("window=True reads the row buffer that above=True keeps: set above too")
+        self.logistic = logistic  # before the base class: its out_per_position and split_params read it
+        extra = {k: v for k, v in (("window", window), ("logistic", logistic)) if v}  # options off: arch as before
         super().__init__(spec, hidden=hidden, layers=layers, embed=embed, dropout=dropout, weight_drop=weight_drop,
                          input_drop=input_drop, above=above, components=components, lr_half_life=lr_half_life,
-                         ema=ema, shift_aug=shift_aug)
+                         ema=ema, shift_aug=shift_aug, **extra)
         self.hidden, self.layers, self.weight_drop, self.input_drop = hidden, layers, weight_drop, input_drop
         if above and not (spec.is_image and spec.discrete):
             raise ValueError(f"above=True reads the pixel above, so it needs discrete images, not shape {spec.shape}")
@@ -85,9 +99,13 @@ class RecurrentAR(AutoregressiveModel):
         if spec.discrete:  # index `levels` is the start token (also "unknown": dropped inputs, no row above)
             self.value_embed = nn.Embedding(spec.levels + 1, embed)
             self.above_embed = nn.Embedding(spec.levels + 1, embed) if above else None
+            # window: one table of levels + 1 rows per offset j = 2 .. width - 1 (x_{t-1}: value_embed, x_{t-W}:
+            # above_embed), stacked in one embedding
+            self.window_embed = nn.Embedding((self.width - 2) * (spec.levels + 1), embed) if window else None
         else:
             self.value_embed = nn.Linear(1, embed)
             self.start = nn.Parameter(torch.zeros(embed))
+            self.window_embed = None
         self.position_embed = nn.Embedding(self.dim, embed)
         self.gru = nn.GRU(embed, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
         self.drop = nn.Dropout(dropout)
@@ -104,9 +122,11 @@ class RecurrentAR(AutoregressiveModel):
         ``width`` values, a row buffer from which each step reads the pixel above."""
         return self.layers * self.hidden + self.width
 
-    def _embed(self, x_prev: Tensor, t: Tensor, x_above: Tensor | None = None, blank: Tensor | None = None) -> Tensor:
-        """x_prev (...,) raw units, integer positions t (...,), the pixel above (``above`` only) -> GRU inputs
-        (..., embed). t = 0 reads the start token, as do inputs marked ``blank`` (input dropout)."""
+    def _embed(self, x_prev: Tensor, t: Tensor, x_above: Tensor | None = None, blank: Tensor | None = None,
+               between: Tensor | None = None) -> Tensor:
+        """x_prev (...,) raw units, integer positions t (...,), the pixel above (``above`` only), ``between`` (...,
+        width - 2) = x_{t-W+1} .. x_{t-2} (``window`` only) -> GRU inputs (..., embed). t = 0 reads the start
+        token, as do inputs marked ``blank`` (input dropout); values before the image read it too."""
         first = t == 0 if blank is None else (t == 0) | blank
         if self.spec.discrete:
             top = self.spec.levels - 1  # clamped: a graph fed values off the levels still gathers valid rows
@@ -114,6 +134,10 @@ class RecurrentAR(AutoregressiveModel):
             if self.above_embed is not None:
                 above = torch.where(t < self.width, self.spec.levels, x_above.long().clamp(0, top))
                 e = e + self.above_embed(above)
+            if self.window_embed is not None:  # offsets j = W-1 .. 2 in buffer order; t - j < 0: the start token
+                j = torch.arange(self.width - 1, 1, -1)
+                v = torch.where(t.unsqueeze(-1) < j, self.spec.levels, between.long().clamp(0, top))
+                e = e + self.window_embed(v + (j - 2) * (self.spec.levels + 1)).sum(-2)
         else:
             y = (x_prev - torch.tensor(self.spec.mean)[t]) / torch.tensor(self.spec.std)[t]
             e = torch.where(first.unsqueeze(-1), self.start, self.value_embed(y.unsqueeze(-1)))
@@ -126,10 +150,13 @@ class RecurrentAR(AutoregressiveModel):
         flat = self.flat(x)
         prev = torch.cat([torch.zeros(B, 1, dtype=flat.dtype), flat[:, :-1]], dim=1)  # x_{t-1}; t=0 is masked
         t = torch.arange(D).expand(B, D)
-        above = torch.cat([torch.zeros(B, self.width, dtype=flat.dtype), flat[:, :D - self.width]], dim=1)
+        padded = torch.cat([torch.zeros(B, self.width, dtype=flat.dtype), flat[:, :-1]], dim=1)  # x_{t-W} at t
+        above = padded[:, :D]
+        # (B, D, W - 2): x_{t-W+1} .. x_{t-2}, the row buffer between the pixel above and x_{t-1}
+        between = padded.unfold(1, self.width, 1)[:, :D, 1:-1] if self.window_embed is not None else None
         # word dropout (Bowman et al., 2016): training reads some previous values as "unknown"
         blank = torch.rand(B, D) < self.input_drop if self.training and self.input_drop > 0 else None
-        inp = self._embed(prev, t, above, blank)
+        inp = self._embed(prev, t, above, blank, between)
         bias = self.position_bias
         if self.shift_aug:
             k = torch.zeros(B, dtype=torch.long) if shift is None else shift
@@ -149,7 +176,8 @@ class RecurrentAR(AutoregressiveModel):
         t = t[:, 0].long()
         units = self.layers * self.hidden
         row = torch.cat([h[:, units:], x_prev], dim=1)  # x_{t-1-width} .. x_{t-1}; row[:, 1] is above x_t
-        inp = self._embed(x_prev[:, 0], t, row[:, 1] if self.width else None)
+        between = row[:, 2:-1] if self.window_embed is not None else None  # x_{t-W+1} .. x_{t-2}
+        inp = self._embed(x_prev[:, 0], t, row[:, 1] if self.width else None, between=between)
         bias = self.position_bias[t]
         if self.shift_aug:  # the identity's conditioning, as scoring uses
             inp, bias = inp + self.shift_embed[0], bias + self.shift_bias[0][t]

@@ -18,6 +18,7 @@ from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.training.augment import SHIFTS, random_shifts, shift_images
 from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, categorical_from_uniform
+from genserve.training.logistic_mixture import level_log_probs
 
 MIN_LOG_SCALE = -7.0  # floor on mixture log-scales (normalised units): keeps densities finite
 
@@ -56,7 +57,10 @@ class AutoregressiveModel(GenerativeModel):
 
     @property
     def out_per_position(self) -> int:
-        """Conditional parameters per position: levels logits, or 3K mixture parameters."""
+        """Conditional parameters per position: levels logits, or 3K mixture parameters; a subclass with a
+        ``logistic`` = K > 0 attribute (discretised-logistic head) 3K logistic-mixture parameters."""
+        if getattr(self, "logistic", 0):
+            return 3 * self.logistic
         return self.spec.levels if self.spec.discrete else 3 * self.components
 
     def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
@@ -65,7 +69,10 @@ class AutoregressiveModel(GenerativeModel):
         raise NotImplementedError
 
     def split_params(self, p: Tensor) -> tuple[Tensor, ...]:
-        """(B, D, P) raw network outputs -> the conditional parameters (see the class docstring)."""
+        """(B, D, P) raw network outputs -> the conditional parameters (see the class docstring); with
+        ``logistic`` the mixture's log-probabilities of every level, (B, D, levels), as the logits."""
+        if getattr(self, "logistic", 0):
+            return (level_log_probs(p, self.spec.levels),)
         if self.spec.discrete:
             return (p,)
         k = self.components
