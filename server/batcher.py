@@ -71,6 +71,9 @@ COMPANY = 0.1
 the delay (about a one-in-ten chance of one). Closed-loop clients arrive in bunches rather than at the steady
 rate this assumes: at 0.5, lone 64-row submissions at 8 clients went a millisecond early a third of the time."""
 
+CALL_MEAN_WEIGHT = 0.2
+"""Weight of the newest call in a size class's running mean of call time (for ``inline_call_s``)."""
+
 
 class BatchFailed(EngineError):
     """The graph call that held this submission's rows raised; the message names the graph and the cause."""
@@ -122,6 +125,12 @@ class Batcher:
             rules of the module docstring); off, a lone request waits the delay (tests that hold requests in
             a batching window rely on that).
         memory_s: how long arrivals are remembered for that judgement (``MEMORY_S``).
+        inline_call_s: run a call on the event loop's thread instead of ``executor`` when every submission that
+            could be waiting (``expected``) is in it and calls of its size class (rows rounded up to a power of
+            two) have lately taken less than this many seconds; 0: never. Handing a call to a worker thread and
+            its result back costs two thread wake-ups (futex, the loop's self-pipe, context switches): for a
+            cheap graph that is more CPU than the call, and with nothing else of the model in flight the loop
+            has nothing to overlap with the call.
 
     Example:
         >>> import asyncio, numpy as np
@@ -141,7 +150,7 @@ class Batcher:
                  observe: Callable[[BatchStats], None] | None = None,
                  on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None,
                  pad_to: int = 0, early: bool = False, memory_s: float = MEMORY_S,
-                 pad_sizes: tuple[int, ...] = ()) -> None:
+                 pad_sizes: tuple[int, ...] = (), inline_call_s: float = 0.0) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0 or memory_s <= 0:
             raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0, "
                              f"memory_s > 0, got {max_batch_size}, {max_queue_size}, {instances}, "
@@ -161,6 +170,9 @@ class Batcher:
         self.observe = observe
         self.on_depth = on_depth
         self.expected = expected
+        self.inline_call_s = inline_call_s
+        self._call_s: dict[int, float] = {}  # size class (rows.bit_length()) -> running mean of call seconds
+        self.inline_calls = 0  # calls run on the loop's thread (of ``calls``), for tests and benchmarks
         self._queue: deque[_Submission] = deque()
         self._queued_rows = 0  # rows not yet handed to a call, of live submissions
         self._waiting = 0  # live submissions with rows not yet handed to a call
@@ -429,7 +441,14 @@ class Batcher:
             else:
                 feeds = {k: np.concatenate([sub.feeds[k][a:b] for sub, a, b in parts])
                          for k in parts[0][0].feeds}
-            outputs, seconds = await loop.run_in_executor(self.executor, self._call, instance, feeds)
+            size = rows.bit_length()
+            if self._inline(size, len(parts)):
+                outputs, seconds = self._call(instance, feeds)
+                self.inline_calls += 1
+            else:
+                outputs, seconds = await loop.run_in_executor(self.executor, self._call, instance, feeds)
+            mean = self._call_s.get(size)
+            self._call_s[size] = seconds if mean is None else mean + CALL_MEAN_WEIGHT * (seconds - mean)
             bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows}
             if bad:
                 raise RuntimeError(f"outputs {bad} do not have the batch's {rows} rows on axis 0")
@@ -466,6 +485,12 @@ class Batcher:
                     self.observe(BatchStats(self.model, self.graph, rows, len(parts), waits, seconds, ok))
                 except Exception:  # noqa: BLE001 - metrics must never stop a worker
                     log.exception("batcher %s/%s: recording metrics failed", self.model, self.graph)
+
+    def _inline(self, size: int, submissions: int) -> bool:
+        """Whether a call of this size class, holding this many submissions, runs on the loop's thread."""
+        mean = self._call_s.get(size)
+        return (mean is not None and mean < self.inline_call_s and self._running == 1
+                and self.expected is not None and self.expected() <= submissions)
 
     def _call(self, instance: int, feeds: Feeds) -> tuple[Feeds, float]:
         t = time.perf_counter()

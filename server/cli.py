@@ -58,6 +58,8 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
      "most rows held by requests in progress, server-wide (default 1048576)"),
     ("--max-deadline-s", "max_deadline_s", float, "S",
      "deadline ceiling: no request (or stream chunk) runs longer (default 300)"),
+    ("--inline-call-us", "inline_call_us", float, "US",
+     "run a lone request's graph call on the event loop when such calls take < US (default 400; 0 = never)"),
     ("--switch-interval-ms", "switch_interval_ms", float, "MS",
      "GIL switch interval of the server process (default 0.2; Python's own is 5)"),
     ("--malloc-arena-max", "malloc_arena_max", int, "N",

@@ -133,6 +133,12 @@ class ServerConfig:
     """OpenTelemetry: send traces (a span per RPC, per queue wait and per ONNX Runtime call; server/tracing.py) to
     this OTLP/gRPC collector, e.g. ``http://collector:4317`` (``https://`` for TLS); empty: tracing off (the
     default; nothing of OpenTelemetry is loaded). Needs ``pip install 'genserve[otel]'``."""
+    inline_call_us: float = 400.0
+    """Run a graph call on the event loop's own thread, not a worker thread, when every request in flight on
+    the model is in that call and calls of its size have lately taken less than this, microseconds (0: always
+    a worker thread). A lone request then skips two thread hand-offs (the worker's wake-up and the loop's),
+    which cost more server CPU than a cheap graph's call itself; nothing of that model could run meanwhile,
+    and other models wait at most this long."""
     pad_batches: str = "auto"
     """Pad ONNX Runtime calls: ``buckets`` (to the smallest of a few sizes that holds the call: 16, 64, 256, ...
     up to max_batch_size), ``on`` (every call to max_batch_size: one shape, so a row's answer never depends on
@@ -170,7 +176,8 @@ class ServerConfig:
                      "max_queued_rows", "max_concurrent_rpcs", "processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue_delay_ms", "grace_s", "poll_s", "max_connection_age_s", "max_connection_age_grace_s"):
+        for name in ("max_queue_delay_ms", "grace_s", "poll_s", "max_connection_age_s", "max_connection_age_grace_s",
+                     "inline_call_us"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")

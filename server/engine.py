@@ -253,7 +253,8 @@ class Engine:
         m = self.metrics
         return load_version(self.cfg.repo, name, version, self.cfg.serving, self.cfg.inter_op_threads,
                             executor=self._executor, observe=self._observe_batch,
-                            on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches)
+                            on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches,
+                            inline_call_s=self.cfg.inline_call_us / 1e6)
 
     def _retire(self, m: LoadedModel) -> None:
         task = asyncio.ensure_future(m.retire())

@@ -424,6 +424,48 @@ def test_a_lone_request_goes_at_once_when_nothing_else_is_in_flight(ppca) -> Non
     assert b.reasons == {"all_here": 5} and [s.rows for s in stats] == [1] * 5
 
 
+def test_a_lone_cheap_call_runs_on_the_loop_thread_once_its_size_was_timed(ppca) -> None:
+    """``inline_call_s``: the first call of a size class goes to a worker thread and is timed; later lone calls
+    of that class, cheaper than the bound, run on the event loop's own thread; a call that others in flight
+    could use the loop beside (``expected`` > its submissions) still goes to a worker; answers are the same."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=14)
+    threads: list[int] = []
+    in_flight = [0]
+
+    def run(i, f):
+        threads.append(threading.get_ident())
+        return run_session(session, f)
+
+    b = Batcher("log_prob", run, max_queue_delay_ms=50.0, expected=lambda: in_flight[0], early=True,
+                inline_call_s=10.0)
+
+    async def main():
+        outs = []
+        for _ in range(4):
+            in_flight[0] += 1
+            outs.append(await b.submit(feeds))
+            in_flight[0] -= 1
+        in_flight[0] = 2  # another request in flight, not in this call: it waits the delay, then a worker runs it
+        outs.append(await b.submit(feeds))
+        await b.stop()
+        return threading.get_ident(), outs
+
+    loop_thread, outs = asyncio.run(main())
+    assert threads[0] != loop_thread and threads[1:4] == [loop_thread] * 3 and threads[4] != loop_thread
+    assert b.inline_calls == 3 and b.calls == 5 and b.reasons["delay"] == 1
+    assert all(same_bits(o, outs[0]) for o in outs)
+    never = ppca_batcher(ppca, expected=lambda: 1, early=True, inline_call_s=0.0)
+
+    async def again():
+        for _ in range(3):
+            await never.submit(feeds)
+        await never.stop()
+
+    asyncio.run(again())
+    assert never.inline_calls == 0 and never.calls == 3
+
+
 def test_without_an_engine_count_a_lone_request_waits_the_delay(ppca) -> None:
     """With no ``expected`` (in-process use, or a test that needs a request to stay queued) the batcher cannot
     know that no one else is in flight: Triton's rule, the delay."""
