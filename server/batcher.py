@@ -126,8 +126,10 @@ class Batcher:
             a batching window rely on that).
         memory_s: how long arrivals are remembered for that judgement (``MEMORY_S``).
         inline_call_s: run a call on the event loop's thread instead of ``executor`` when every submission that
-            could be waiting (``expected``) is in it and calls of its size class (rows rounded up to a power of
-            two) have lately taken less than this many seconds; 0: never. Handing a call to a worker thread and
+            could be waiting (``expected``) is in it, no more requests than it holds have been in flight at once
+            lately (under a crowd the loop has other requests to parse while the graph runs) and calls of its
+            size class (rows rounded up to a power of two) have lately taken less than this many seconds; 0:
+            never. Handing a call to a worker thread and
             its result back costs two thread wake-ups (futex, the loop's self-pipe, context switches): for a
             cheap graph that is more CPU than the call, and with nothing else of the model in flight the loop
             has nothing to overlap with the call.
@@ -490,7 +492,8 @@ class Batcher:
         """Whether a call of this size class, holding this many submissions, runs on the loop's thread."""
         mean = self._call_s.get(size)
         return (mean is not None and mean < self.inline_call_s and self._running == 1
-                and self.expected is not None and self.expected() <= submissions)
+                and self.expected is not None and self.expected() <= submissions
+                and max(self._peak_now, self._peak_before) <= submissions)  # and no crowd lately
 
     def _call(self, instance: int, feeds: Feeds) -> tuple[Feeds, float]:
         t = time.perf_counter()

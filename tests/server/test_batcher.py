@@ -464,6 +464,27 @@ def test_a_lone_cheap_call_runs_on_the_loop_thread_once_its_size_was_timed(ppca)
 
     asyncio.run(again())
     assert never.inline_calls == 0 and never.calls == 3
+    # After a crowd (three in flight at once, within memory_s), a lone call still goes to a worker: under load
+    # the loop has other requests to read while the graph runs.
+    crowd = [0]
+    after = Batcher("log_prob", run, max_queue_delay_ms=50.0, expected=lambda: crowd[0], early=True,
+                    inline_call_s=10.0, memory_s=600.0)
+
+    async def crowded():
+        crowd[0] = 1
+        await after.submit(feeds)  # times the 1-row class (worker)
+        await after.submit(feeds)  # lone, no crowd yet: inline
+        crowd[0] = 3
+        await asyncio.gather(*(after.submit(feeds) for _ in range(3)))
+        crowd[0] = 1
+        await after.submit(feeds)  # lone again, but three were in flight lately: a worker
+        await after.stop()
+
+    threads.clear()
+    asyncio.run(crowded())
+    loop_thread = threading.get_ident()  # asyncio.run's loop runs on the calling thread
+    assert after.inline_calls == 1 and after.calls == 4
+    assert threads[1] == loop_thread and threads[3] != loop_thread
 
 
 def test_without_an_engine_count_a_lone_request_waits_the_delay(ppca) -> None:
