@@ -199,6 +199,9 @@ class Supervisor:
         self._metrics_http: Any = None
         self.port = self.http_port = self.metrics_port = 0
         self.worker_cfg: ServerConfig | None = None
+        # Explicit model control: the models loaded now (start's plus what LoadModel/UnloadModel changed since),
+        # so that a worker started in place of a dead one serves the same models as the others; None otherwise.
+        self._loaded: set[str] | None = None
 
     def start(self) -> str:
         """Reserve the ports, start every worker and wait for all to be ready; returns the ready line."""
@@ -212,6 +215,11 @@ class Supervisor:
             self._reserved.append(http_socket)
             self.http_port = http_socket.getsockname()[1]
         self.worker_cfg = replace(cfg, port=self.port, http_port=self.http_port, metrics_port=0)
+        if cfg.model_control == "explicit":
+            from genserve.server.repository import scan  # here: the supervisor needs ONNX Runtime for nothing else
+
+            names = {n.strip() for n in cfg.load_models.split(",") if n.strip()}
+            self._loaded = set(scan(cfg.repo)) if "*" in names and cfg.repo.is_dir() else names - {"*"}
         for index in range(cfg.processes):
             self._workers.append(self._spawn(index))
         line = ""
@@ -220,9 +228,19 @@ class Supervisor:
         self._serve_metrics()
         return self._ready_line(line)
 
-    def _spawn(self, index: int) -> tuple[Any, Connection]:
+    def _restart_cfg(self) -> ServerConfig | None:
+        """The configuration of a worker started in place of a dead one: under explicit model control it loads
+        the models loaded now (those of them still in the repository), not only those named at start."""
+        if self._loaded is None or self.worker_cfg is None:
+            return self.worker_cfg
+        from genserve.server.repository import scan
+
+        present = set(scan(self.cfg.repo)) if self.cfg.repo.is_dir() else set()
+        return replace(self.worker_cfg, load_models=",".join(sorted(self._loaded & present)))
+
+    def _spawn(self, index: int, cfg: ServerConfig | None = None) -> tuple[Any, Connection]:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=worker_main, args=(self.worker_cfg, index, child, self.log_level,
+        process = self._ctx.Process(target=worker_main, args=(cfg or self.worker_cfg, index, child, self.log_level,
                                                                  self._metrics_dir, self.log_format),
                                     name=f"genserve-worker-{index}", daemon=False)
         process.start()
@@ -321,6 +339,8 @@ class Supervisor:
             return  # the worker is going; its sentinel says so
         if message[0] in ("change", "ask"):  # worker ``index`` applied a change, or asks a question: the others
             kind, number, *rest = message    # apply or answer it, then it may answer its client
+            if kind == "change" and self._loaded is not None and rest[0] in ("load", "unload"):
+                (self._loaded.add if rest[0] == "load" else self._loaded.discard)(rest[1])
             key = (index, number)
             self._pending[key] = ({i for i in range(len(self._workers)) if i != index}, [])
             self._broadcast(("apply" if kind == "change" else "ask", key, *rest), index)
@@ -363,7 +383,7 @@ class Supervisor:
             else:
                 self._pending[key][0].discard(index)
                 self._confirm(key)
-        self._workers[index] = self._spawn(index)
+        self._workers[index] = self._spawn(index, self._restart_cfg())
         try:
             self._wait_ready(index)
         except ValueError as e:

@@ -146,3 +146,49 @@ def test_explicit_load_reaches_every_process(repo_copy: Path, tmp_path: Path) ->
         wait_until(everywhere)
     finally:
         server.stop()
+
+
+def test_a_replaced_worker_serves_the_models_loaded_since_start(repo_copy: Path, tmp_path: Path) -> None:
+    """Explicit model control: a worker started in place of a dead one loads what LoadModel/UnloadModel made of
+    the start's set (here: ppca unloaded, vae loaded), not the start's set itself."""
+    server = Supervised(repo_copy, tmp_path / "server.log", "--model-control-mode", "explicit",
+                        "--load-model", MODEL)
+    try:
+        with Client(server.target) as client:
+            assert client.load_model("digits-vae").state == "READY"
+            client.unload_model(MODEL)
+        first = server.workers()
+        os.kill(first[0], signal.SIGKILL)
+        wait_until(lambda: len(server.workers()) == 2 and first[0] not in server.workers())
+
+        new = (set(server.workers()) - set(first)).pop()
+
+        def states(model: str) -> tuple[set[int], int]:
+            """The model's states over 8 new connections, and how many of them the new worker holds (0: it
+            does not listen yet, or the kernel gave them all to the other)."""
+            channels = [connection(server.target) for _ in range(8)]
+            try:
+                stubs = [service_pb2_grpc.GenerativeServiceStub(c) for c in channels]
+                found = set()
+                for stub in stubs:
+                    try:
+                        found.add(stub.GetModel(pb.GetModelRequest(model=model), timeout=30).state)
+                    except grpc.RpcError as e:
+                        found.add(-1 if e.code() == grpc.StatusCode.NOT_FOUND else -2)
+                return found, server.connections(new)
+            finally:
+                for c in channels:
+                    c.close()
+
+        def vae_on_both() -> bool:
+            found, held = states("digits-vae")
+            return held >= 1 and found == {pb.MODEL_STATE_READY}
+
+        def ppca_on_neither() -> bool:
+            found, held = states(MODEL)
+            return held >= 1 and pb.MODEL_STATE_READY not in found
+
+        wait_until(vae_on_both)  # fails (after 120 s) if the new worker loaded only the start's set
+        wait_until(ppca_on_neither)
+    finally:
+        server.stop()
