@@ -150,3 +150,19 @@ def test_weight_average_answers_in_eval_mode_and_survives_a_state_dict(digits: t
     assert torch.equal(m2.enc[0].weight, avg)
     m.train()
     assert torch.equal(m.enc[0].weight, raw)
+
+
+def test_conv_encoder_and_decoder_keep_the_contract(digits: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    m = VAE(DIGITS, latent_dim=4, hidden=32, conv=4, logit_rank=3, prior_components=3).eval()
+    with torch.no_grad():
+        mu, logvar = m.encoder(digits[:5])
+        assert mu.shape == logvar.shape == (5, 4)
+        assert m.decoder(mu).shape == (5, 64, 17)
+        # pixel (i, j) of the decoder's maps is value i * 8 + j of the image
+        maps = m.dec[:-1](mu)
+        assert torch.equal(m.dec(mu).reshape(5, 64, 3)[:, 8 * 2 + 5], maps[:, :, 2, 5])
+    assert set(bind(m, "latent_variable", DIGITS, rows=digits[:8].numpy()).graphs) == {
+        "encoder", "decoder", "log_weights", "prior"}
+    with pytest.raises(ValueError, match="conv"):
+        VAE(DataSpec("odd", (7, 8), "discrete", levels=17), conv=4)
