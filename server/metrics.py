@@ -9,7 +9,9 @@ vs inference count do.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,19 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 """Seconds; from 100 µs (one small ONNX Runtime call) to a minute (a long Langevin chain)."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 """Rows per ONNX Runtime call."""
+
+
+class WithoutRemoved:
+    """A collector over another (the supervisor's ``MultiProcessCollector``) that leaves out samples whose value
+    is NaN: the series a worker removed (``Metrics.set_model_loaded``), which multiprocess files cannot forget."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def collect(self) -> Iterator[Any]:
+        for metric in self.inner.collect():
+            metric.samples = [s for s in metric.samples if not math.isnan(s.value)]
+            yield metric
 
 
 @dataclass(frozen=True)
@@ -140,8 +155,13 @@ class Metrics:
         self._child(self.rows_scored, model).inc(n)
 
     def set_model_loaded(self, model: str, version: int, loaded: bool | None) -> None:
-        """1 loaded, 0 failed to load; ``None`` removes the series (the version left the repository)."""
-        if loaded is None:
+        """1 loaded, 0 failed to load; ``None`` removes the series (the version is no longer served). In
+        ``--processes N`` mode a series cannot be removed from the workers' files (prometheus_client keeps the
+        last value), so it is set to NaN there, which the supervisor's ``/metrics`` leaves out
+        (``WithoutRemoved``)."""
+        if loaded is None and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            self.model_loaded.labels(model, str(version)).set(math.nan)
+        elif loaded is None:
             try:
                 self.model_loaded.remove(model, str(version))
             except KeyError:

@@ -273,10 +273,10 @@ class Supervisor:
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from genserve.server.metrics import serve_registry
+        from genserve.server.metrics import WithoutRemoved, serve_registry
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self._metrics_dir)
+        registry.register(WithoutRemoved(MultiProcessCollector(None, path=self._metrics_dir)))
         tls: dict[str, Any] = {}
         if cfg.metrics_tls:
             ca = cfg.tls_client_ca

@@ -86,6 +86,14 @@ def test_reload_by_rpc_reaches_every_process(supervised: Supervised, repo_copy: 
                 c.close()
 
     wait_until(everywhere)
+    # Version 1 leaves the repository: its genserve_model_loaded series leaves the one /metrics (the workers
+    # cannot remove it from prometheus_client's multiprocess files; they mark it, the supervisor leaves it out).
+    shutil.rmtree(repo_copy / MODEL / "1")
+    with Client(supervised.target) as client:
+        client.reload()
+    old, new = (f'genserve_model_loaded{{model="{MODEL}",version="{v}"}}' for v in (1, 2))
+    wait_until(lambda: old not in supervised.metrics())
+    assert f"{new} 1.0" in supervised.metrics()
 
 
 def test_a_worker_that_dies_is_replaced_and_serving_goes_on(supervised: Supervised) -> None:
