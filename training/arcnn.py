@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from genserve.core.spec import DataSpec
 from genserve.training.autoregressive import AutoregressiveModel
-from genserve.training.logistic_mixture import level_log_probs
 
 
 class MaskedConv(nn.Module):
@@ -170,17 +169,6 @@ class CausalConvAR(AutoregressiveModel):
             self.shift_maps = nn.Parameter(torch.zeros(len(self.shifts), channels))
             self.shift_bias = nn.Parameter(torch.zeros(len(self.shifts), self.out_per_position, spec.dim))
         self._setup_averaging()
-
-    @property
-    def out_per_position(self) -> int:
-        """3K logistic-mixture parameters with ``logistic`` = K, else the base class's."""
-        return 3 * self.logistic if self.logistic else super().out_per_position
-
-    def split_params(self, p: Tensor) -> tuple[Tensor, ...]:
-        """With ``logistic``: the mixture's log-probabilities of every level, (B, D, levels), as the logits."""
-        if self.logistic:
-            return (level_log_probs(p, self.spec.levels),)
-        return super().split_params(p)
 
     def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
         """x (B, *shape) raw units -> conditional parameters of every position, (B, D, P) each; ``shift`` as in
