@@ -146,6 +146,10 @@ class ServerConfig:
     CUDA sessions, whose kernels may pick another algorithm per shape; off on the CPU, whose kernels give each
     row the same bits at any batch size)."""
 
+    def load_model_names(self) -> set[str]:
+        """The names of ``load_models`` (``*`` among them: every model of the repository)."""
+        return {n.strip() for n in self.load_models.split(",") if n.strip()}
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "repo", Path(self.repo))
         for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):

@@ -103,7 +103,7 @@ class Engine:
             raise ValueError(f"model repository {self.cfg.repo} is not a folder; export a model into it with "
                              "`genserve export CHECKPOINT --repo DIR` or pass the right --repo")
         if self.cfg.model_control == "explicit":
-            names = {n.strip() for n in self.cfg.load_models.split(",") if n.strip()}
+            names = self.cfg.load_model_names()
             found = await asyncio.to_thread(scan, self.cfg.repo)
             unknown = sorted(names - set(found) - {"*"})
             if unknown:

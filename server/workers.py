@@ -218,7 +218,7 @@ class Supervisor:
         if cfg.model_control == "explicit":
             from genserve.server.repository import scan  # here: the supervisor needs ONNX Runtime for nothing else
 
-            names = {n.strip() for n in cfg.load_models.split(",") if n.strip()}
+            names = cfg.load_model_names()
             self._loaded = set(scan(cfg.repo)) if "*" in names and cfg.repo.is_dir() else names - {"*"}
         for index in range(cfg.processes):
             self._workers.append(self._spawn(index))
