@@ -86,7 +86,9 @@ class VAE(GenerativeModel):
     units; ``conv_encoder``, ``conv_decoder``); ``logistic`` K > 0 puts a mixture of K discretised logistics on
     the levels instead of free logits (``training.logistic_mixture``); ``prior_components`` C > 0 replaces
     N(0, I) by a VampPrior over C learned pseudo-inputs (Tomczak & Welling, 2018), used by the bound, by
-    ``sample`` and, through the contract's ``log_prior`` and ``prior``, by the served model; ``ema`` and
+    ``sample`` and, through the contract's ``log_prior`` and ``prior``, by the served model; ``prior_gaussians``
+    C > 0 replaces it by an equally weighted mixture of C learned diagonal Gaussians instead (2 x C x latent_dim
+    parameters, used the same way); ``ema`` and
     ``lr_half_life`` are the moving average of the weights (eval mode answers with it) and the halving learning
     rate of the autoregressive models.
 
@@ -129,10 +131,11 @@ class VAE(GenerativeModel):
     def __init__(self, spec: DataSpec, latent_dim: int = 16, hidden: int = 256, depth: int = 2, dropout: float = 0.0,
                  encoder_dropout: float = 0.0, logit_rank: int = 0, kl_warmup_steps: int = 0, train_samples: int = 1,
                  importance_samples: int = 500, shift_aug: float = 0.0, logistic: int = 0, ema: float = 0.0,
-                 lr_half_life: int = 0, prior_components: int = 0, conv: int = 0) -> None:
+                 lr_half_life: int = 0, prior_components: int = 0, conv: int = 0, prior_gaussians: int = 0) -> None:
         # options off: the arch dict (stored in checkpoints) as before they existed
         extra = {k: v for k, v in (("logistic", logistic), ("ema", ema), ("lr_half_life", lr_half_life),
-                                   ("prior_components", prior_components), ("conv", conv)) if v}
+                                   ("prior_components", prior_components), ("conv", conv),
+                                   ("prior_gaussians", prior_gaussians)) if v}
         super().__init__(spec, latent_dim=latent_dim, hidden=hidden, depth=depth, dropout=dropout,
                          encoder_dropout=encoder_dropout, logit_rank=logit_rank, kl_warmup_steps=kl_warmup_steps,
                          train_samples=train_samples, importance_samples=importance_samples, shift_aug=shift_aug,
@@ -142,10 +145,11 @@ class VAE(GenerativeModel):
                              f"logit_rank, got {logistic} (logit_rank {logit_rank}, discrete {spec.discrete})")
         if not 0.0 <= ema < 1.0 or lr_half_life < 0:
             raise ValueError(f"ema is a decay per step in [0, 1) and lr_half_life >= 0, got {ema}, {lr_half_life}")
-        if prior_components < 0:
-            raise ValueError(f"prior_components is a number of pseudo-inputs >= 0, got {prior_components}")
+        if prior_components < 0 or prior_gaussians < 0 or (prior_components and prior_gaussians):
+            raise ValueError(f"prior_components (pseudo-inputs) and prior_gaussians (mixture components) are >= 0, "
+                             f"at most one of them > 0, got {prior_components}, {prior_gaussians}")
         self.logistic, self.ema, self.lr_half_life = logistic, float(ema), int(lr_half_life)
-        self.prior_components = int(prior_components)
+        self.prior_components, self.prior_gaussians = int(prior_components), int(prior_gaussians)
         self._ema_names: dict[str, str] = {}
         if latent_dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"latent_dim, hidden and depth must be >= 1, got {latent_dim}, {hidden}, {depth}")
@@ -186,6 +190,10 @@ class VAE(GenerativeModel):
             g = torch.Generator().manual_seed(0)
             self.pseudo_inputs = nn.Parameter(0.5 * torch.randn(self.prior_components, D, generator=g)
                                               - (1.0 if spec.discrete else 0.0))
+        if self.prior_gaussians:  # mixture of Gaussians: spread-out means (distinct components), unit variances
+            g = torch.Generator().manual_seed(0)
+            self.prior_mu = nn.Parameter(0.5 * torch.randn(self.prior_gaussians, latent_dim, generator=g))
+            self.prior_raw_logvar = nn.Parameter(torch.zeros(self.prior_gaussians, latent_dim))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimisation steps, for the warm-up
         self._setup_averaging()
 
@@ -223,41 +231,49 @@ class VAE(GenerativeModel):
         mu, raw = self._run(self.enc, h, getattr(self, "enc_shift", None), shift).chunk(2, dim=-1)
         return mu, LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
 
-    # ---- the prior: N(0, I), or with ``prior_components`` = C > 0 the VampPrior -----------------------
+    # ---- the prior: N(0, I), or a learned mixture of C equally weighted diagonal Gaussians --------------
+    @property
+    def n_prior(self) -> int:
+        """C, the learned prior's number of components (0: N(0, I))."""
+        return self.prior_components or self.prior_gaussians
+
     def prior_components_params(self) -> tuple[Tensor, Tensor]:
-        """VampPrior (Tomczak & Welling, 2018): p(z) = (1/C) sum_c q(z | u_c) over C learned pseudo-inputs u_c;
-        returns the components' (mu, logvar), each (C, latent_dim)."""
+        """The learned prior's components' (mu, logvar), each (C, latent_dim), p(z) = (1/C) sum_c N(z; mu_c,
+        exp(logvar_c)): ``prior_gaussians``, free parameters; ``prior_components``, the VampPrior (Tomczak &
+        Welling, 2018), q(z | u_c) over C learned pseudo-inputs u_c."""
+        if self.prior_gaussians:
+            return self.prior_mu, LOGVAR_BOUND * torch.tanh(self.prior_raw_logvar / LOGVAR_BOUND)
         u = self.pseudo_inputs
         return self._encode(torch.sigmoid(u) if self.spec.discrete else u)
 
     def _log_prior(self, z: Tensor) -> Tensor:
         """log p(z), (B,) nats."""
-        if not self.prior_components:
+        if not self.n_prior:
             return -0.5 * (z.pow(2) + LOG2PI).sum(-1)
         mu, logvar = self.prior_components_params()
         prec = torch.exp(-logvar)  # (C, q)
         # sum_j (z_j - mu_cj)^2 / var_cj as three matrix products: (B, C) without a (B, C, q) intermediate
         sq = z.pow(2) @ prec.T - 2.0 * z @ (mu * prec).T + (mu.pow(2) * prec).sum(-1)
         log_n = -0.5 * (sq + logvar.sum(-1) + self.latent_dim * LOG2PI)
-        return torch.logsumexp(log_n, dim=-1) - math.log(self.prior_components)
+        return torch.logsumexp(log_n, dim=-1) - math.log(self.n_prior)
 
     def _prior_draw(self, eps: Tensor, u: Tensor) -> Tensor:
-        """z (B, latent_dim) from the VampPrior: component c = floor(u * C) of u (B, 1) uniform in [0, 1), then
+        """z (B, latent_dim) from the learned prior: component c = floor(u * C) of u (B, 1) uniform in [0, 1), then
         mu_c + exp(logvar_c / 2) * eps with eps (B, latent_dim) standard normal (times the temperature)."""
         mu, logvar = self.prior_components_params()
-        c = torch.clamp(torch.floor(u[:, 0] * self.prior_components), 0, self.prior_components - 1).long()
+        c = torch.clamp(torch.floor(u[:, 0] * self.n_prior), 0, self.n_prior - 1).long()
         return mu[c] + torch.exp(0.5 * logvar[c]) * eps
 
     @property
     def prior(self) -> Any:
         """The family contract's optional ``prior(eps, u) -> z`` (the served Sample draws z through it), present
         only with a learned prior; None for N(0, I), whose z is eps itself."""
-        return self._prior_draw if self.prior_components else None
+        return self._prior_draw if self.n_prior else None
 
     @property
     def log_prior(self) -> Any:
         """The contract's optional ``log_prior(z)``, which ``log_weights`` uses; None for N(0, I)."""
-        return self._log_prior if self.prior_components else None
+        return self._log_prior if self.n_prior else None
 
     def decoder(self, z: Tensor, shift: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Discrete: logits (B, D, levels). Continuous: (mean, std) of p(x|z), each (B, D), raw units (std rather
@@ -306,7 +322,7 @@ class VAE(GenerativeModel):
         mu, logvar = self.encoder(x, shift)
         eps = torch.randn_like(mu)
         z = mu + torch.exp(0.5 * logvar) * eps
-        if self.prior_components:  # no closed form: the one-sample estimate log q(z|x) - log p(z)
+        if self.n_prior:  # no closed form: the one-sample estimate log q(z|x) - log p(z)
             kl = -0.5 * (eps.pow(2) + LOG2PI + logvar).sum(-1) - self._log_prior(z)
         else:
             kl = 0.5 * (mu.pow(2) + torch.exp(logvar) - 1 - logvar).sum(-1)
@@ -367,7 +383,7 @@ class VAE(GenerativeModel):
         uniform noise.uniform(n, 1), z = prior(eps, u)); then discrete: u = noise.uniform(n, D) and an
         inverse-CDF categorical draw per pixel; continuous: x = mean + std * noise.normal(n, D) * temperature."""
         z = torch.from_numpy(noise.normal(n, self.latent_dim)) * temperature
-        if self.prior_components:
+        if self.n_prior:
             z = self._prior_draw(z, torch.from_numpy(noise.uniform(n, 1)))
         if self.spec.discrete:
             u = torch.from_numpy(noise.uniform(n, self.dim))

@@ -166,3 +166,65 @@ def test_conv_encoder_and_decoder_keep_the_contract(digits: torch.Tensor) -> Non
         "encoder", "decoder", "log_weights", "prior"}
     with pytest.raises(ValueError, match="conv"):
         VAE(DataSpec("odd", (7, 8), "discrete", levels=17), conv=4)
+
+
+def mog(**arch: object) -> VAE:
+    torch.manual_seed(0)
+    return VAE(DIGITS, latent_dim=4, hidden=32, prior_gaussians=3, **arch).eval()
+
+
+def test_gaussian_mixture_prior_is_its_components_mixture_and_draws_by_u() -> None:
+    m = mog()
+    assert m.arch["prior_gaussians"] == 3 and "prior_components" not in m.arch
+    with torch.no_grad():
+        m.prior_raw_logvar.copy_(torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
+        mu, logvar = m.prior_mu, m.prior_components_params()[1]
+        assert not torch.allclose(mu[0], mu[1])  # distinct components from the start
+        z = torch.randn(7, 4, generator=torch.Generator().manual_seed(1))
+        comp = torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z[:, None]).sum(-1)
+        assert torch.allclose(m.log_prior(z), torch.logsumexp(comp, dim=1) - math.log(3), atol=1e-4)
+        eps, u = torch.randn(5, 4), torch.tensor([[0.0], [0.33], [0.34], [0.67], [0.9999]])
+        c = torch.tensor([0, 0, 1, 2, 2])
+        assert torch.allclose(m.prior(eps, u), mu[c] + torch.exp(0.5 * logvar[c]) * eps, atol=1e-6)
+    with pytest.raises(ValueError, match="prior_gaussians"):
+        VAE(DIGITS, prior_components=2, prior_gaussians=2)
+
+
+def test_gaussian_mixture_prior_density_integrates_to_one_in_one_dimension() -> None:
+    torch.manual_seed(0)
+    m = VAE(DIGITS, latent_dim=1, hidden=16, prior_gaussians=3).eval()
+    with torch.no_grad():
+        m.prior_raw_logvar.copy_(torch.tensor([[-1.0], [0.5], [2.0]]))
+        z = torch.linspace(-40, 40, 80001).unsqueeze(-1)
+        mass = float(torch.exp(m.log_prior(z)).sum() * (z[1, 0] - z[0, 0]))
+    assert mass == pytest.approx(1.0, abs=1e-3)
+
+
+def test_gaussian_mixture_prior_is_served_through_the_prior_graph(digits: torch.Tensor) -> None:
+    m = mog(conv=4)
+    bound = bind(m, "latent_variable", DIGITS, rows=digits[:8].numpy())
+    assert set(bound.graphs) == {"encoder", "decoder", "log_weights", "prior"}
+    program, runner = serving_program(bound), TorchRunner(bound.graphs)
+    served = run_sync(program.sample(runner, 6, Noise(7)))
+    assert runner.calls.get("prior") == 1
+    with torch.no_grad():
+        assert np.array_equal(served.x, m.sample(6, Noise(7)).numpy())
+    x = digits[:4]
+    served_lp = run_sync(program.log_likelihood(runner, x.numpy(), Noise(2), importance_samples=16))
+    assert np.allclose(served_lp, m.log_prob(x, Noise(2), importance_samples=16).detach().numpy(), atol=1e-3)
+
+
+def test_gaussian_mixture_prior_learns_with_the_importance_weighted_bound(digits: torch.Tensor) -> None:
+    m = mog(train_samples=4).train()
+
+    def loss() -> float:
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return float(m.loss(digits))
+
+    before, start = loss(), m.prior_mu.detach().clone()
+    opts = m.make_optimizers(2e-3, 0.0)
+    for _ in range(40):
+        m.training_step(digits, opts, grad_clip=10.0)
+    assert loss() < before - 5
+    assert not torch.equal(m.prior_mu.detach(), start)
