@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from genserve.core.families import FAMILIES as INFO
 from genserve.core.families import Capabilities, FamilyInfo
+from genserve.core.orders import order_name, order_positions
 from genserve.core.spec import DataSpec
 from genserve.training.base import GraphDef, Lambda
 
@@ -303,17 +304,32 @@ def _check_ar(m: nn.Module, spec: DataSpec, x: Tensor, graphs: dict[str, GraphDe
         k = out[0].shape[-1] if out[0].dim() == 3 else 0
         for name, t in zip(("logits", "means", "log_scales"), out, strict=True):
             _expect(cls, f"conditionals(x) {name}", t, (n, D, max(k, 1)))
-    _check_causal(m, spec, x, out)
+    order = _ar_order(m, spec)
+    _check_causal(m, spec, x, out, order)
     if "step" in graphs:
-        _check_step(m, spec, x, out, _state_shapes(m))
+        _check_step(m, spec, x, out, _state_shapes(m), order)
 
 
-def _check_causal(m: nn.Module, spec: DataSpec, x: Tensor, out: tuple[Tensor, ...]) -> None:
-    """The perturbation check: changing positions >= i must leave the conditionals of positions <= i alone."""
+def _ar_order(m: nn.Module, spec: DataSpec) -> np.ndarray:
+    """The natural flat position of each step of the module's order (``core.orders``): the one its program
+    parameters record (``order``), raster when they record none."""
+    own = getattr(m, "program_parameters", None)
+    params = own() if callable(own) else {}
+    try:
+        return order_positions(spec.shape, order_name(params))
+    except ValueError as e:
+        raise ContractError(f"{type(m).__name__}.program_parameters(): {e}") from None
+
+
+def _check_causal(m: nn.Module, spec: DataSpec, x: Tensor, out: tuple[Tensor, ...], order: np.ndarray) -> None:
+    """The perturbation check: changing the steps >= i of the model's order must leave the conditionals of steps
+    <= i alone (the conditionals are compared in step order)."""
     cls, D, n = type(m).__name__, spec.dim, x.shape[0]
     positions = sorted({0, D - 1, *np.linspace(0, D - 1, num=min(D, 12)).round().astype(int).tolist()})
     g = torch.Generator().manual_seed(2)
-    flat = x.reshape(n, D)
+    idx = torch.from_numpy(order)
+    flat = x.reshape(n, D)[:, idx]  # step order
+    out = tuple(a[:, idx] for a in out)
     for i in positions:
         other = example_data(spec, n, seed=100 + i).reshape(n, D)
         if spec.discrete:  # a different level everywhere
@@ -323,24 +339,30 @@ def _check_causal(m: nn.Module, spec: DataSpec, x: Tensor, out: tuple[Tensor, ..
             other = other + 1.0
         x2 = flat.clone()
         x2[:, i:] = other[:, i:]
+        natural = torch.empty_like(x2)
+        natural[:, idx] = x2
         with torch.no_grad():
-            out2 = m.conditionals(x2.reshape(x.shape))
-        out2 = out2 if isinstance(out2, tuple | list) else (out2,)
+            out2 = m.conditionals(natural.reshape(x.shape))
+        out2 = tuple(b[:, idx] for b in (out2 if isinstance(out2, tuple | list) else (out2,)))
         for a, b in zip(out, out2, strict=True):
             diff = (a[:, : i + 1] - b[:, : i + 1]).abs().reshape(n, i + 1, -1).amax(dim=(0, 2))
             tol = 1e-5 * (1 + a[:, : i + 1].abs().max())
             bad = torch.nonzero(diff > tol)
             if len(bad):
                 j = int(bad[0])
+                raster = bool((order == np.arange(D)).all())
+                step = "" if raster else f" (step {j} of its order)"
                 raise ContractError(
-                    f"{cls}.conditionals is not autoregressive: the conditional at position {j} changes (by "
-                    f"{float(diff[j]):.3g}) when input positions >= {i} change, so p(x_{j} | x_<{j}) sees x_{i}..; "
-                    f"mask the inputs so that position j sees only positions < j (row-major order of {spec.shape})")
+                    f"{cls}.conditionals is not autoregressive: the conditional at position {order[j]}{step} changes "
+                    f"(by {float(diff[j]):.3g}) when input positions >= {i} change, so p(x_{j} | x_<{j}) sees "
+                    f"x_{i}..; mask the inputs so that position j sees only positions < j (row-major order of "
+                    f"{spec.shape}{'' if raster else ', permuted by the order program_parameters() names'})")
 
 
 def _check_step(m: nn.Module, spec: DataSpec, x: Tensor, out: tuple[Tensor, ...],
-                states: dict[str, tuple[int, ...]]) -> None:
-    """step() teacher-forced along x must give the same conditionals as one conditionals(x) pass."""
+                states: dict[str, tuple[int, ...]], order: np.ndarray) -> None:
+    """step() teacher-forced along x in the model's order must give the same conditionals as one conditionals(x)
+    pass: step t those of the natural position order[t]."""
     cls, D, n = type(m).__name__, spec.dim, x.shape[0]
     flat = x.reshape(n, D)
     state = [torch.zeros(n, *shape) for shape in states.values()]
@@ -353,15 +375,17 @@ def _check_step(m: nn.Module, spec: DataSpec, x: Tensor, out: tuple[Tensor, ...]
                    f"{k} conditional parameter tensors, then {len(states)} state tensors {list(states)}")
             for name, got, shape in zip(states, res[k:], states.values(), strict=True):
                 _expect(cls, f"step() next state {name!r}", got, (n, *shape))
+            pos = int(order[t])
             for got, want in zip(res[:k], out, strict=True):
-                w = want[:, t]
+                w = want[:, pos]
                 err = float((got.reshape(w.shape) - w).abs().max()) if got.numel() == w.numel() else math.inf
                 if not err <= 1e-4 * (1 + float(w.abs().max())):
-                    raise ContractError(f"{cls}.step at position {t} disagrees with conditionals(x)[:, {t}] "
+                    at = f"position {t}" if pos == t else f"step {t} (position {pos})"
+                    raise ContractError(f"{cls}.step at {at} disagrees with conditionals(x)[:, {pos}] "
                                         f"(max diff {err:.3g}, shapes {tuple(got.shape)} vs {tuple(w.shape)}); "
                                         "step must give p(x_t | x_<t) from the carried state")
             state = list(res[k:])
-            prev = flat[:, t:t + 1]
+            prev = flat[:, pos:pos + 1]
 
 
 # ---- flow ------------------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ class CausalConvAR(AutoregressiveModel):
             logit per level (``training.logistic_mixture``); the conditionals are still log-probabilities over
             levels, so export and serving are unchanged (0: the categorical).
         gated: gated residual blocks (tanh(a) * sigmoid(b) instead of relu; see ``ResidualBlock``).
+        order: images: the pixel order (``core.orders``: raster, transpose, flip_h, flip_v, rot180); the masks
+            stay raster's and run on the image permuted into that order (``AutoregressiveModel.conditionals``).
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
         ema: decay per step of a moving average of the weights, used in eval mode (0: off).
@@ -136,12 +138,14 @@ class CausalConvAR(AutoregressiveModel):
 
     def __init__(self, spec: DataSpec, channels: int = 64, layers: int = 4, kernel: int = 3, first_kernel: int = 0,
                  dropout: float = 0.2, components: int = 8, lr_half_life: int = 0, ema: float = 0.0,
-                 shift_aug: float = 0.0, logistic: int = 0, gated: bool = False) -> None:
+                 shift_aug: float = 0.0, logistic: int = 0, gated: bool = False, order: str = "raster") -> None:
         if logistic < 0 or (logistic and not spec.discrete):
             raise ValueError(f"logistic is a number of mixture components >= 0 for discrete data, got {logistic} "
                              f"for {'discrete' if spec.discrete else 'continuous'} data")
         self.logistic = logistic  # before the base class, which asks out_per_position
-        extra = {k: v for k, v in (("logistic", logistic), ("gated", gated)) if v}  # options off: arch as before
+        # options off: arch as before
+        extra = {k: v for k, v in (("logistic", logistic), ("gated", gated), ("order", order != "raster" and order))
+                 if v}
         super().__init__(spec, channels=channels, layers=layers, kernel=kernel, first_kernel=first_kernel,
                          dropout=dropout, components=components, lr_half_life=lr_half_life, ema=ema,
                          shift_aug=shift_aug, **extra)
@@ -170,9 +174,9 @@ class CausalConvAR(AutoregressiveModel):
             self.shift_bias = nn.Parameter(torch.zeros(len(self.shifts), self.out_per_position, spec.dim))
         self._setup_averaging()
 
-    def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
-        """x (B, *shape) raw units -> conditional parameters of every position, (B, D, P) each; ``shift`` as in
-        ``AutoregressiveModel.conditionals``."""
+    def ordered_conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
+        """x (B, *shape) raw units, permuted into the model's order -> conditional parameters of every position in
+        that order, (B, D, P) each; ``shift`` as in ``AutoregressiveModel.conditionals``."""
         B, C, P = x.shape[0], self.groups, self.out_per_position
         if C == 1:
             h = self.model_input(x).reshape(B, 1, *self.spec.shape[:2] if self.dims == 2 else self.spec.shape)

@@ -45,6 +45,9 @@ class RecurrentAR(AutoregressiveModel):
             level (``training.logistic_mixture``, as arcnn's); the conditionals are still log-probabilities over
             the levels, so export and serving are unchanged (0: the categorical).
         components: Gaussian mixture components per feature (continuous data only).
+        order: images: the pixel order (``core.orders``: raster, transpose, flip_h, flip_v, rot180); the GRU and
+            its row buffer run over the image permuted into that order, and ``step``'s t counts steps of that
+            order (step t gives the conditional of the natural position ``positions[t]``).
         lr_half_life: optimizer steps per halving of the learning rate (0: constant); a training setting, kept
             here because the trainer has no schedules.
         ema: decay per step of a moving average of the weights, used in eval mode (0: off).
@@ -80,14 +83,16 @@ class RecurrentAR(AutoregressiveModel):
     def __init__(self, spec: DataSpec, hidden: int = 256, layers: int = 1, embed: int = 64, dropout: float = 0.2,
                  weight_drop: float = 0.0, input_drop: float = 0.0, above: bool = False, components: int = 8,
                  lr_half_life: int = 0, ema: float = 0.0, shift_aug: float = 0.0, window: bool = False,
-                 logistic: int = 0) -> None:
+                 logistic: int = 0, order: str = "raster") -> None:
         if logistic < 0 or (logistic and not spec.discrete):
             raise ValueError(f"logistic is a number of mixture components >= 0 for discrete data, got {logistic} "
                              f"for {'discrete' if spec.discrete else 'continuous'} data")
         if window and not above:
             raise ValueError("window=True reads the row buffer that above=True keeps: set above too")
         self.logistic = logistic  # before the base class: its out_per_position and split_params read it
-        extra = {k: v for k, v in (("window", window), ("logistic", logistic)) if v}  # options off: arch as before
+        # options off: arch as before
+        extra = {k: v for k, v in (("window", window), ("logistic", logistic), ("order", order != "raster" and order))
+                 if v}
         super().__init__(spec, hidden=hidden, layers=layers, embed=embed, dropout=dropout, weight_drop=weight_drop,
                          input_drop=input_drop, above=above, components=components, lr_half_life=lr_half_life,
                          ema=ema, shift_aug=shift_aug, **extra)
@@ -144,9 +149,9 @@ class RecurrentAR(AutoregressiveModel):
             e = torch.where(first.unsqueeze(-1), self.start, self.value_embed(y.unsqueeze(-1)))
         return self.drop(e + self.position_embed(t))
 
-    def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
-        """x (B, *shape) raw units -> conditional parameters of every position in one GRU pass, (B, D, P) each;
-        ``shift`` as in ``AutoregressiveModel.conditionals``."""
+    def ordered_conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
+        """x (B, *shape) raw units, permuted into the model's order -> conditional parameters of every position in
+        that order in one GRU pass, (B, D, P) each; ``shift`` as in ``AutoregressiveModel.conditionals``."""
         B, D = x.shape[0], self.dim
         flat = self.flat(x)
         prev = torch.cat([torch.zeros(B, 1, dtype=flat.dtype), flat[:, :-1]], dim=1)  # x_{t-1}; t=0 is masked
@@ -172,8 +177,9 @@ class RecurrentAR(AutoregressiveModel):
         return self.split_params(self.out(self.drop(o)) + bias)
 
     def step(self, x_prev: Tensor, h: Tensor, t: Tensor) -> tuple[Tensor, ...]:
-        """One GRU step: x_prev (B, 1) raw value of position t-1 (ignored at t = 0), h (B, state_size) state after
-        x_<t-1>, t (B, 1) position as a float -> (conditional parameters of x_t, each (B, P'), h')."""
+        """One GRU step: x_prev (B, 1) raw value of step t-1 (ignored at t = 0), h (B, state_size) state after
+        steps < t-1, t (B, 1) step as a float -> (conditional parameters of step t, each (B, P'), h'). Steps
+        count the model's order: step t is the natural position ``positions[t]``."""
         t = t[:, 0].long()
         units = self.layers * self.hidden
         row = torch.cat([h[:, units:], x_prev], dim=1)  # x_{t-1-width} .. x_{t-1}; row[:, 1] is above x_t
@@ -203,7 +209,8 @@ class RecurrentAR(AutoregressiveModel):
 
     @torch.no_grad()
     def sample(self, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> Tensor:
-        """D steps of the ``step`` graph carrying the hidden state (zeros at the start).
+        """D steps of the ``step`` graph carrying the hidden state (zeros at the start); step i draws the natural
+        position ``positions[i]``.
 
         Noise order as ``training.autoregressive.AutoregressiveModel.sample``: per step i, ``noise.uniform(n)`` and, for
         continuous data, ``noise.normal(n)``.
@@ -211,8 +218,8 @@ class RecurrentAR(AutoregressiveModel):
         x = torch.zeros(n, self.dim)
         h = torch.zeros(n, self.state_size)
         prev = torch.zeros(n, 1)
-        for i in range(self.dim):
-            *params, h = self.step(prev, h, torch.full((n, 1), float(i)))
+        for t, i in enumerate(self.positions):
+            *params, h = self.step(prev, h, torch.full((n, 1), float(t)))
             x[:, i] = draw_position(self.spec, i, params, noise, temperature)
             prev = x[:, i:i + 1]
         return self.postprocess(self.unflat(x))

@@ -1,8 +1,10 @@
 """The autoregressive family's shared PyTorch part: exact log p(x) from per-position conditionals, D-step sampling.
 
-p(x) = prod_i p(x_i | x_<i) over the row-major order of an example's values. ``AutoregressiveModel`` is the base
-of the built-in AR models (``training.arcnn``: causal convolutions; ``training.arrnn``: a GRU); subclasses give
-``conditionals(x)``. Discrete data get a categorical per position, continuous data a Gaussian mixture per feature
+p(x) = prod_i p(x_i | x_<i) over the row-major order of an example's values, or over another pixel order
+(``order``, ``core.orders``: transpose, flips, rot180). ``AutoregressiveModel`` is the base of the built-in AR
+models (``training.arcnn``: causal convolutions; ``training.arrnn``: a GRU); subclasses give
+``ordered_conditionals(x)`` on the image permuted into their order, and the base class maps it to and from the
+natural layout. Discrete data get a categorical per position, continuous data a Gaussian mixture per feature
 in normalised units with the normalisation's Jacobian, so densities are in raw units.
 """
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genserve.core.noise import Noise
+from genserve.core.orders import ORDERS, check_order, order_positions
 from genserve.core.spec import DataSpec
 from genserve.training.augment import SHIFTS, random_shifts, shift_images
 from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, categorical_from_uniform
@@ -26,9 +29,13 @@ MIN_LOG_SCALE = -7.0  # floor on mixture log-scales (normalised units): keeps de
 class AutoregressiveModel(GenerativeModel):
     """Shared part of the two AR models: conditionals -> exact log p(x), and D-step sequential sampling.
 
-    Subclasses implement ``conditionals(x)``: the parameters of p(x_i | x_<i) for every position i in one
-    pass, ``(logits,)`` of shape (B, D, levels) for discrete data or ``(logits, means, log_scales)``, each
-    (B, D, K), of a Gaussian mixture in normalised units for continuous data.
+    Subclasses implement ``ordered_conditionals(x)``: the parameters of p(x_i | x_<i) for every position i in
+    one pass, ``(logits,)`` of shape (B, D, levels) for discrete data or ``(logits, means, log_scales)``, each
+    (B, D, K), of a Gaussian mixture in normalised units for continuous data, with i in the row-major order of
+    the x they are given. ``conditionals(x)`` (the exported ``logits`` graph) takes x in its natural layout and
+    gives the conditionals at the natural positions: with ``order`` (arch option, ``core.orders``) other than
+    raster it permutes the image into the model's order first and the parameters back after, so step t of the
+    model is the natural position ``positions[t]``, and log p(x) stays exact under that order.
     """
 
     family = "autoregressive"
@@ -54,6 +61,14 @@ class AutoregressiveModel(GenerativeModel):
         if self.shift_aug and not (spec.is_image and spec.discrete):
             raise ValueError(f"shift_aug shifts discrete images, not data of shape {spec.shape}")
         self.shifts = SHIFTS
+        self.order = str(arch.get("order", "raster"))
+        check_order(self.order, spec.shape)
+        if self.order != "raster" and not spec.discrete:
+            raise ValueError(f"order {self.order!r} applies to discrete images; continuous data keep raster")
+        # natural flat position of each step (not buffers: raster state dicts stay as they were)
+        self.positions = order_positions(spec.shape, self.order).tolist()
+        perm = torch.tensor(self.positions)
+        self._perm, self._unperm = (None, None) if self.order == "raster" else (perm, torch.argsort(perm))
 
     @property
     def out_per_position(self) -> int:
@@ -64,8 +79,18 @@ class AutoregressiveModel(GenerativeModel):
         return self.spec.levels if self.spec.discrete else 3 * self.components
 
     def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
-        """``shift`` (B,) long: index into ``self.shifts`` of the shift each image was given in training (the
-        conditioning input of the augmentation); None is the identity, which every operation uses."""
+        """x (B, *shape) in its natural layout -> the conditional parameters at every natural position, (B, D, P)
+        each; p(x_{positions[t]} | x_{positions[<t]}) sits at position positions[t]. ``shift`` (B,) long: index
+        into ``self.shifts`` of the shift each image was given in training (the conditioning input of the
+        augmentation, applied in the natural layout); None is the identity, which every operation uses."""
+        if self._perm is None:
+            return self.ordered_conditionals(x, shift)
+        xo = self.flat(x)[:, self._perm].reshape(x.shape)  # step t's value at row-major position t
+        return tuple(p[:, self._unperm] for p in self.ordered_conditionals(xo, shift))
+
+    def ordered_conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The network: x (B, *shape) whose row-major order is the model's order -> parameters (B, D, P) in
+        that order (``conditionals``' shift)."""
         raise NotImplementedError
 
     def split_params(self, p: Tensor) -> tuple[Tensor, ...]:
@@ -156,6 +181,11 @@ class AutoregressiveModel(GenerativeModel):
             avg.copy_(raw)
         self.ema_active.fill_(not bool(self.ema_active))
 
+    def program_parameters(self) -> dict[str, float]:
+        """The order for the server's sampler: ``order`` = its index in ``core.orders.ORDERS`` (none for raster,
+        so raster manifests are as before)."""
+        return {} if self.order == "raster" else {"order": float(ORDERS.index(self.order))}
+
     # ---- operations -------------------------------------------------------------------------------
     def log_prob(self, x: Tensor, noise: Noise | None = None, **options: Any) -> Tensor:
         """Exact log p(x) in nats per example (B,); draws no noise."""
@@ -163,7 +193,8 @@ class AutoregressiveModel(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int, noise: Noise, temperature: float = 1.0, **options: Any) -> Tensor:
-        """D sequential steps, each one full ``conditionals`` pass on the partial sample.
+        """D sequential steps, each one full ``conditionals`` pass on the partial sample; step i draws the natural
+        position ``positions[i]`` (i itself in raster order).
 
         Noise order, for step i = 0..D-1: discrete ``u = noise.uniform(n)`` (inverse-CDF draw of x_i from
         softmax(logits_i / temperature)); continuous ``u = noise.uniform(n)`` (mixture component from
@@ -171,7 +202,7 @@ class AutoregressiveModel(GenerativeModel):
         temperature * eps in normalised units, mapped back to raw units.
         """
         x = torch.zeros(n, self.dim)
-        for i in range(self.dim):
+        for i in self.positions:
             params = [p[:, i] for p in self.conditionals(self.unflat(x))]
             x[:, i] = draw_position(self.spec, i, params, noise, temperature)
         return self.postprocess(self.unflat(x))

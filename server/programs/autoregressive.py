@@ -5,8 +5,12 @@ position) and, optionally, ``step`` (x_prev, *state, t -> conditional parameters
 so that sampling carries a state instead of re-reading the prefix. Discrete data have ``logits`` (B, D, levels);
 continuous data
 a Gaussian mixture per feature in normalised units: ``logits``, ``means``, ``log_scales``, each (B, D, K).
-Noise is drawn in the order of ``training.autoregressive.AutoregressiveModel.sample``: per position i, one
+Noise is drawn in the order of ``training.autoregressive.AutoregressiveModel.sample``: per step i, one
 ``noise.uniform(n)`` and, for continuous data, one ``noise.normal(n)``.
+
+A model in another pixel order (``core.orders``; the manifest parameter ``order``, raster when absent) has its
+``logits`` graph in the natural layout still, so the likelihood is unchanged; sampling step i draws the natural
+position ``positions[i]`` (from the ``logits`` output there, or from the ``step`` graph called with t = i).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import numpy as np
 
 from genserve.core.families import FAMILIES
 from genserve.core.noise import Noise, categorical_from_uniform
+from genserve.core.orders import order_name, order_positions
 from genserve.core.spec import DataSpec
-from genserve.server.programs.base import Option, Program, Run, SampleResult, flat
+from genserve.server.programs.base import GraphSignature, Option, Program, Run, SampleResult, flat
 
 LOG2PI = float(np.log(2 * np.pi))
 
@@ -102,6 +107,13 @@ class AutoregressiveProgram(Program):
     options = (Option("recompute", "sample", bool, default=False,
                       doc="re-read the prefix with logits at every step instead of the step graph (benchmarks)"),)
 
+    def __init__(self, spec: DataSpec, params: dict[str, float],
+                 graphs: dict[str, GraphSignature] | None = None) -> None:
+        super().__init__(spec, params, graphs)
+        self.order = order_name(self.params)
+        self.positions = order_positions(spec.shape, self.order).tolist()
+        """The natural flat position drawn at each step (0..D-1 for raster)."""
+
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
         x = x.astype(np.float32)
         out = await run("logits", {"x": x})
@@ -110,7 +122,8 @@ class AutoregressiveProgram(Program):
     async def log_likelihood_terms(self, run: Run, x: np.ndarray, noise: Noise, **options: Any
                                    ) -> tuple[np.ndarray, np.ndarray]:
         """(log p(x) (N,), -log p(x_i | x_<i) (N, D) nats) from one ``logits`` call: the chain rule's exact
-        terms in the model's order (row-major over the data shape), summing to -log p(x)."""
+        terms of the model's order (``positions``), each at its natural position (row-major over the data
+        shape), summing to -log p(x)."""
         x = x.astype(np.float32)
         out = await run("logits", {"x": x})
         params = [out[k] for k in _names(self.spec)]
@@ -127,7 +140,7 @@ class AutoregressiveProgram(Program):
     async def _sample_by_prefix(self, run: Run, n: int, noise: Noise, temperature: float) -> np.ndarray:
         spec, names = self.spec, _names(self.spec)
         x = np.zeros((n, spec.dim), dtype=np.float32)
-        for i in range(spec.dim):
+        for i in self.positions:
             out = await run("logits", {"x": x.reshape(n, *spec.shape)})
             x[:, i] = draw_position(spec, i, [out[k][:, i] for k in names], noise, temperature)
         return spec.postprocess(x.reshape(n, *spec.shape))
@@ -142,8 +155,8 @@ class AutoregressiveProgram(Program):
         x = np.zeros((n, spec.dim), dtype=np.float32)
         state = {k: np.zeros((n, *shape), dtype=np.float32) for k, shape in self.state_shapes().items()}
         prev = np.zeros((n, 1), dtype=np.float32)  # ignored at t = 0, where the graph reads its start token
-        for i in range(spec.dim):
-            out = await run("step", {"x_prev": prev, **state, "t": np.full((n, 1), i, dtype=np.float32)})
+        for t, i in enumerate(self.positions):
+            out = await run("step", {"x_prev": prev, **state, "t": np.full((n, 1), t, dtype=np.float32)})
             x[:, i] = draw_position(spec, i, [out[k].reshape(n, -1) for k in names], noise, temperature)
             state = {k: out[f"{k}_next"] for k in state}
             prev = x[:, i:i + 1].copy()
