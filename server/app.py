@@ -327,12 +327,31 @@ class Server:
         names = {s.name for s in statuses}
         # Overall health is the server's: SERVING while any model serves (or the repository is empty), so
         # one broken model does not take the others out of a load balancer; per-model health says which.
-        overall = SERVING if not names or any(self.engine.ready(n) for n in names) else NOT_SERVING
+        everywhere = self.peers is None or self.peers.all_ready()
+        overall = SERVING if everywhere and (not names or any(self.ready(n) for n in names)) else NOT_SERVING
         await self.health.set("", overall)
         await self.health.set(SERVICE_NAME, overall)
         for name in sorted(names | self._health_names):
-            await self.health.set(name, SERVING if name in names and self.engine.ready(name) else NOT_SERVING)
+            await self.health.set(name, SERVING if name in names and self.ready(name) else NOT_SERVING)
         self._health_names |= names
+
+    def ready(self, name: str | None = None) -> bool:
+        """The engine's readiness (``Engine.ready``) and, with ``--processes N``, every process ready: a probe
+        reaches one process, and answers for all of them (a process that died and is starting again, or is
+        draining, takes the server out of service until it is back)."""
+        return self.engine.ready(name) and (self.peers is None or self.peers.all_ready())
+
+    async def follow_peers(self, every_s: float = 0.2) -> None:
+        """With ``--processes N``: refresh health whenever the other processes' readiness changes (gRPC health
+        is pushed to watchers, not computed per check)."""
+        assert self.peers is not None
+        before = None
+        while True:
+            now = self.peers.all_ready()
+            if now != before and not self._stopping:
+                before = now  # read before the refresh, which reads it again: a change meanwhile is seen next
+                await self.refresh_health()
+            await asyncio.sleep(every_s)
 
     async def reload(self, from_peer: bool = False) -> ReloadResult:
         """Rescan the repository (one reload at a time) and refresh health; returns the engine's result. With
@@ -541,7 +560,14 @@ async def serve(cfg: ServerConfig, announce: Callable[[str], None] = print, peer
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         peers.listen(server.apply)
     announce(ready_line(server))
+    following = None
+    if peers is not None:
+        peers.set_ready(True)
+        following = asyncio.ensure_future(server.follow_peers())
     await stop.wait()
+    if peers is not None:
+        peers.set_ready(False)  # the others stop answering ready too: the server as a whole is going
+        following.cancel()
     log.info("stopping: draining accepted requests for up to %.1f s", cfg.grace_s)
     stop.clear()
     draining = asyncio.ensure_future(server.stop())

@@ -326,7 +326,7 @@ class HttpFace:
         return JSONResponse({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        ready = not self.draining and self.engine.ready()
+        ready = not self.draining and self.control.ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
 
     async def model_ready(self, request: Request) -> Response:

@@ -205,6 +205,10 @@ class ModelControl(Protocol):
 
     async def unload_model(self, name: str) -> ModelStatus: ...
 
+    def ready(self, name: str | None = None) -> bool:
+        """The engine's readiness; the app's also needs every other process of ``--processes N`` ready."""
+        ...
+
 
 class EngineInterface(Protocol):
     """What a face may call; server/engine.py's Engine implements it, tests may wrap or fake it."""

@@ -202,8 +202,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ServerReadyResponse:
-        # Triton's strict readiness: every model of the repository serves.
-        return pb.ServerReadyResponse(ready=self.engine.ready())
+        # Triton's strict readiness: every model of the repository serves (with --processes N, in every process).
+        return pb.ServerReadyResponse(ready=self.control.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelReadyResponse:
@@ -211,7 +211,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             _, model, _ = self._resolve(request.name, request.version)
         except (Failure, EngineError):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.engine.ready(model))
+        return pb.ModelReadyResponse(ready=self.control.ready(model))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
                              ) -> pb.ServerMetadataResponse:

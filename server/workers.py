@@ -8,6 +8,10 @@ started) holds the ports, spawns the workers, and:
 - serves one ``/metrics`` for all, from prometheus_client's multiprocess mode (the workers write their values
   to files in a private folder; gauges add up or take the minimum across live workers, see server/metrics.py);
 - prints the ready line once every worker is ready, and restarts a worker that dies;
+- keeps one readiness flag per worker in shared memory: each worker's probes (gRPC health, the Open Inference
+  Protocol's ServerReady/ModelReady, HTTP ``/v2/health/ready``) answer ready only while every worker is, since a
+  probe reaches whichever worker its connection lands on (a worker that died and is starting again, or one
+  that drains, takes the server out of a load balancer until it is back);
 - forwards SIGTERM/SIGINT (every worker drains, as one server does) and SIGHUP (every worker reloads);
 - passes on what one worker was asked to change: a ReloadRepository, LoadModel or UnloadModel that reached one
   worker over the network is applied by it, sent to the others over their pipes, and answered once every other
@@ -69,11 +73,23 @@ class Peers:
     """A worker's pipe to the supervisor: tell it what this worker changed, apply what another changed, ask the
     others a question and answer theirs (``answers``: a function per kind of question, bytes in, bytes out)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, index: int = 0, ready_flags: Any = None) -> None:
         self.conn = conn
+        self.index = index
+        self.ready_flags = ready_flags
+        """One byte per worker in memory shared with the supervisor (``multiprocessing.RawArray``): 1 ready."""
         self.answers: dict[str, Callable[[bytes], bytes]] = {}
         self._sent = 0
         self._waiting: dict[int, Any] = {}  # message number -> the future the supervisor's "done" resolves
+
+    def set_ready(self, ready: bool) -> None:
+        """This worker's flag: set once it serves, cleared as it starts to drain."""
+        if self.ready_flags is not None:
+            self.ready_flags[self.index] = int(ready)
+
+    def all_ready(self) -> bool:
+        """Whether every worker is ready (the supervisor clears the flag of a worker that died)."""
+        return self.ready_flags is None or all(self.ready_flags)
 
     async def notify(self, kind: str, name: str = "") -> None:
         """After this worker applied a reload (``kind`` "reload"), load or unload of ``name``: returns once every
@@ -158,7 +174,7 @@ class Peers:
 
 
 def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str, metrics_dir: str,
-                log_format: str = "text") -> None:
+                log_format: str = "text", ready_flags: Any = None) -> None:
     """One worker: the whole server on the shared ports, its ready line and changes sent over ``conn``."""
     # Before prometheus_client is imported: its values then live in files the supervisor reads.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -171,7 +187,7 @@ def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str,
     # Ctrl-C and a hangup reach the whole process group; the supervisor forwards them (SIGTERM, a reload).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    peers = Peers(conn)
+    peers = Peers(conn, index, ready_flags)
     try:
         code = asyncio.run(serve(cfg, announce=lambda line: conn.send(("ready", line)), peers=peers))
     except Exception as e:  # noqa: BLE001 - the supervisor reports it
@@ -202,6 +218,7 @@ class Supervisor:
         # Explicit model control: the models loaded now (start's plus what LoadModel/UnloadModel changed since),
         # so that a worker started in place of a dead one serves the same models as the others; None otherwise.
         self._loaded: set[str] | None = None
+        self._ready_flags = self._ctx.RawArray("b", cfg.processes)  # each worker's readiness (Peers.all_ready)
 
     def start(self) -> str:
         """Reserve the ports, start every worker and wait for all to be ready; returns the ready line."""
@@ -240,8 +257,10 @@ class Supervisor:
 
     def _spawn(self, index: int, cfg: ServerConfig | None = None) -> tuple[Any, Connection]:
         parent, child = self._ctx.Pipe()
+        self._ready_flags[index] = 0
         process = self._ctx.Process(target=worker_main, args=(cfg or self.worker_cfg, index, child, self.log_level,
-                                                                 self._metrics_dir, self.log_format),
+                                                                 self._metrics_dir, self.log_format,
+                                                                 self._ready_flags),
                                     name=f"genserve-worker-{index}", daemon=False)
         process.start()
         child.close()
@@ -367,6 +386,7 @@ class Supervisor:
 
     def _restart(self, index: int) -> None:
         process, conn = self._workers[index]
+        self._ready_flags[index] = 0  # the others answer "not ready" until its replacement is
         process.join(timeout=1)
         log.error("server worker %d (pid %s) exited with code %s; starting a new one", index, process.pid,
                   process.exitcode)

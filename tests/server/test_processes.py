@@ -14,11 +14,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from supervised import Supervised
 
 from genserve.clients.channel import GenserveError
 from genserve.clients.client import Client
 from genserve.core.tensors import from_proto, to_proto
+from genserve.oip import grpc_service_pb2 as oip_pb
+from genserve.oip import grpc_service_pb2_grpc as oip_grpc
 from genserve.v1 import service_pb2 as pb
 from genserve.v1 import service_pb2_grpc
 
@@ -96,13 +99,38 @@ def test_reload_by_rpc_reaches_every_process(supervised: Supervised, repo_copy: 
     assert f"{new} 1.0" in supervised.metrics()
 
 
+def readiness(target: str) -> tuple[bool, bool, bool] | None:
+    """(OIP ServerReady, OIP ModelReady of MODEL, gRPC health of the server) over a connection of its own,
+    which reaches whichever worker the kernel gives it; None when the connection was refused or reset (one
+    queued on a worker as it was killed), as a probe that would simply try again."""
+    channel = connection(target)
+    try:
+        oip = oip_grpc.GRPCInferenceServiceStub(channel)
+        server = oip.ServerReady(oip_pb.ServerReadyRequest(), timeout=30).ready
+        model = oip.ModelReady(oip_pb.ModelReadyRequest(name=f"{MODEL}.sample"), timeout=30).ready
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        return server, model, health.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return None
+    finally:
+        channel.close()
+
+
 def test_a_worker_that_dies_is_replaced_and_serving_goes_on(supervised: Supervised) -> None:
+    """The other worker goes on serving, but every probe answers "not ready" until the replacement is ready
+    (readiness reflects all workers), then "ready" again. gRPC health follows the other workers' flags within
+    a poll (0.2 s), so the first look waits for it too."""
+    wait_until(lambda: readiness(supervised.target) == (True, True, True))
     first = supervised.workers()
     os.kill(first[0], signal.SIGKILL)
+    wait_until(lambda: readiness(supervised.target) == (False, False, False))
     with Client(supervised.target, timeout=60) as client:
         for _ in range(20):
             assert client.log_likelihood(MODEL, X, seed=1).log_prob.shape == (2,)
     wait_until(lambda: (lambda now: len(now) == 2 and first[0] not in now)(supervised.workers()))
+    wait_until(lambda: all(readiness(supervised.target) == (True, True, True) for _ in range(8)))
 
 
 def test_sigterm_under_load_answers_every_request(supervised: Supervised) -> None:
