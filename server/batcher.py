@@ -75,6 +75,46 @@ CALL_MEAN_WEIGHT = 0.2
 """Weight of the newest call in a size class's running mean of call time (for ``inline_call_s``)."""
 
 
+class Occupancy:
+    """Requests in flight in the whole server (every model), and the most seen at once lately (``memory_s``).
+
+    The engine enters and leaves it around every operation; a batcher asks it whether the server is idle but
+    for one call's requests (``idle``), the condition for running a call of any cost up to
+    ``inline_idle_call_s`` on the event loop: with nothing else in flight anywhere, the loop has nothing to do
+    while the graph runs, and the hand-off to a worker thread and back is pure cost.
+    """
+
+    __slots__ = ("now", "memory_s", "_peak_now", "_peak_before", "_window_start")
+
+    def __init__(self, memory_s: float = MEMORY_S) -> None:
+        self.now = 0
+        self.memory_s = memory_s
+        self._peak_now = self._peak_before = 0
+        self._window_start = -math.inf
+
+    def enter(self, at: float | None = None) -> None:
+        self.now += 1
+        at = time.monotonic() if at is None else at
+        if at - self._window_start >= self.memory_s:
+            self._peak_before = self._peak_now if at - self._window_start < 2 * self.memory_s else 0
+            self._peak_now, self._window_start = 0, at
+        self._peak_now = max(self._peak_now, self.now)
+
+    def leave(self) -> None:
+        self.now -= 1
+
+    def idle(self, requests: int, at: float | None = None) -> bool:
+        """No requests in flight but these, and no more than these at once lately."""
+        at = time.monotonic() if at is None else at
+        if at - self._window_start >= 2 * self.memory_s:
+            peak = 0
+        elif at - self._window_start >= self.memory_s:
+            peak = self._peak_now
+        else:
+            peak = max(self._peak_now, self._peak_before)
+        return self.now <= requests and max(peak, self.now) <= requests
+
+
 class BatchFailed(EngineError):
     """The graph call that held this submission's rows raised; the message names the graph and the cause."""
 
@@ -133,6 +173,11 @@ class Batcher:
             its result back costs two thread wake-ups (futex, the loop's self-pipe, context switches): for a
             cheap graph that is more CPU than the call, and with nothing else of the model in flight the loop
             has nothing to overlap with the call.
+        occupancy: the server's requests in flight (``Occupancy``), for ``inline_idle_call_s``.
+        inline_idle_call_s: the same for calls that took less than this (more than ``inline_call_s``) when,
+            besides, nothing else is in flight in the whole server and nothing was lately (``occupancy``): a lone
+            large request (say 64 rows of a flow, about a millisecond) skips the hand-off too; a request that
+            arrives meanwhile waits at most this long to be read. 0: never.
 
     Example:
         >>> import asyncio, numpy as np
@@ -152,7 +197,8 @@ class Batcher:
                  observe: Callable[[BatchStats], None] | None = None,
                  on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None,
                  pad_to: int = 0, early: bool = False, memory_s: float = MEMORY_S,
-                 pad_sizes: tuple[int, ...] = (), inline_call_s: float = 0.0) -> None:
+                 pad_sizes: tuple[int, ...] = (), inline_call_s: float = 0.0, occupancy: Occupancy | None = None,
+                 inline_idle_call_s: float = 0.0) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0 or memory_s <= 0:
             raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0, "
                              f"memory_s > 0, got {max_batch_size}, {max_queue_size}, {instances}, "
@@ -173,6 +219,8 @@ class Batcher:
         self.on_depth = on_depth
         self.expected = expected
         self.inline_call_s = inline_call_s
+        self.occupancy = occupancy
+        self.inline_idle_call_s = inline_idle_call_s
         self._call_s: dict[int, float] = {}  # size class (rows.bit_length()) -> running mean of call seconds
         self.inline_calls = 0  # calls run on the loop's thread (of ``calls``), for tests and benchmarks
         self._queue: deque[_Submission] = deque()
@@ -491,9 +539,11 @@ class Batcher:
     def _inline(self, size: int, submissions: int) -> bool:
         """Whether a call of this size class, holding this many submissions, runs on the loop's thread."""
         mean = self._call_s.get(size)
-        return (mean is not None and mean < self.inline_call_s and self._running == 1
-                and self.expected is not None and self.expected() <= submissions
-                and max(self._peak_now, self._peak_before) <= submissions)  # and no crowd lately
+        if (mean is None or self._running != 1 or self.expected is None or self.expected() > submissions
+                or max(self._peak_now, self._peak_before) > submissions):  # a crowd lately
+            return False
+        return mean < self.inline_call_s or (mean < self.inline_idle_call_s and self.occupancy is not None
+                                              and self.occupancy.idle(submissions))
 
     def _call(self, instance: int, feeds: Feeds) -> tuple[Feeds, float]:
         t = time.perf_counter()

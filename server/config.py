@@ -139,6 +139,11 @@ class ServerConfig:
     a worker thread). A lone request then skips two thread hand-offs (the worker's wake-up and the loop's),
     which cost more server CPU than a cheap graph's call itself; nothing of that model could run meanwhile,
     and other models wait at most this long."""
+    inline_idle_call_us: float = 2000.0
+    """The same for calls that lately took less than this, microseconds (above ``inline_call_us``), when
+    moreover nothing else is in flight in the whole server and nothing was lately: a lone large request (64
+    rows of a flow take about a millisecond) skips the hand-off too, and a request that arrives meanwhile waits
+    at most this long to be read (0: only ``inline_call_us`` applies)."""
     pad_batches: str = "auto"
     """Pad ONNX Runtime calls: ``buckets`` (to the smallest of a few sizes that holds the call: 16, 64, 256, ...
     up to max_batch_size), ``on`` (every call to max_batch_size: one shape, so a row's answer never depends on
@@ -181,7 +186,7 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue_delay_ms", "grace_s", "poll_s", "max_connection_age_s", "max_connection_age_grace_s",
-                     "inline_call_us"):
+                     "inline_call_us", "inline_idle_call_us"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")

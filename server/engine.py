@@ -28,6 +28,7 @@ import numpy as np
 from genserve.core.manifest import LIKELIHOOD_NAME, SERVING_CONFIG, read_serving_config
 from genserve.core.noise import Noise
 from genserve.server import scoring
+from genserve.server.batcher import Occupancy
 from genserve.server.config import ServerConfig
 from genserve.server.errors import EngineError, InvalidInput, NotFound, NotReady, Unsupported
 from genserve.server.interface import (
@@ -90,6 +91,8 @@ class Engine:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._started = False
+        self.occupancy = Occupancy()
+        """Operations in flight in the whole engine (for the batchers' inline rule, ``inline_idle_call_us``)."""
         self._waits: dict[str, tuple[int, int]] = {}  # model -> (queued submissions, ns waited)
         self._available: set[str] = set()
         """Model folders of the repository at the last scan."""
@@ -254,7 +257,8 @@ class Engine:
         return load_version(self.cfg.repo, name, version, self.cfg.serving, self.cfg.inter_op_threads,
                             executor=self._executor, observe=self._observe_batch,
                             on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches,
-                            inline_call_s=self.cfg.inline_call_us / 1e6)
+                            inline_call_s=self.cfg.inline_call_us / 1e6, occupancy=self.occupancy,
+                            inline_idle_call_s=self.cfg.inline_idle_call_us / 1e6)
 
     def _retire(self, m: LoadedModel) -> None:
         task = asyncio.ensure_future(m.retire())
@@ -418,12 +422,14 @@ class Engine:
         op = request.operation
         _check_operation(m, op)
         m.enter()
+        self.occupancy.enter()
         if self.metrics is not None:
             self.metrics.track_inflight(m.name, METHOD[op], 1)
         try:
             yield m
         finally:
             m.leave()
+            self.occupancy.leave()
             if self.metrics is not None:
                 self.metrics.track_inflight(m.name, METHOD[op], -1)
 

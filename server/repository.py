@@ -32,7 +32,7 @@ from genserve.core.manifest import (
     spec_from_proto,
 )
 from genserve.core.spec import DataSpec
-from genserve.server.batcher import Batcher, Feeds, pad_buckets
+from genserve.server.batcher import Batcher, Feeds, Occupancy, pad_buckets
 from genserve.server.config import ServingSettings
 from genserve.server.metrics import BatchStats
 from genserve.server.programs import program_from_manifest
@@ -152,7 +152,8 @@ class LoadedModel:
 def load_version(repo: Path, name: str, version: int, defaults: ServingSettings, inter_op_threads: int,
                  executor: Executor | None = None, observe: Callable[[BatchStats], None] | None = None,
                  on_depth: Callable[[str, str, int], None] | None = None, pad_batches: str = "auto",
-                 inline_call_s: float = 0.0) -> LoadedModel:
+                 inline_call_s: float = 0.0, occupancy: Occupancy | None = None,
+                 inline_idle_call_s: float = 0.0) -> LoadedModel:
     """Load ``repo/name/version`` (blocking: reads files, hashes graphs, opens sessions); else LoadFailed."""
     folder = repo / name / str(version)
     where = f"{name} version {version}"
@@ -201,7 +202,8 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
             on_depth=None if on_depth is None else (lambda rows, g=g.name: on_depth(name, g, rows)),
             pad_to=settings.max_batch_size if pad_batches == "on" else 0,
             pad_sizes=pad_buckets(settings.max_batch_size) if pad_batches == "buckets" or (
-                pad_batches == "auto" and uses_cuda(sessions[0])) else (), inline_call_s=inline_call_s)
+                pad_batches == "auto" and uses_cuda(sessions[0])) else (), inline_call_s=inline_call_s,
+            occupancy=occupancy, inline_idle_call_s=inline_idle_call_s)
     warmup_calls = warm_up(program, manifest, spec, operations, runners, settings, where) if settings.warmup else {}
     loaded = LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
                          providers=providers, program=program, batchers=batchers, operations=operations,

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from genserve.core.manifest import read_manifest, spec_from_proto
-from genserve.server.batcher import Batcher, BatchFailed, pad_buckets
+from genserve.server.batcher import Batcher, BatchFailed, Occupancy, pad_buckets
 from genserve.server.errors import QueueFull
 from genserve.server.metrics import BatchStats
 from genserve.server.sessions import SessionOptions, make_session, run_session
@@ -485,6 +485,66 @@ def test_a_lone_cheap_call_runs_on_the_loop_thread_once_its_size_was_timed(ppca)
     loop_thread = threading.get_ident()  # asyncio.run's loop runs on the calling thread
     assert after.inline_calls == 1 and after.calls == 4
     assert threads[1] == loop_thread and threads[3] != loop_thread
+
+
+def test_a_lone_costly_call_runs_on_the_loop_thread_only_when_the_whole_server_is_idle(ppca) -> None:
+    """``inline_idle_call_s``: a call too costly for ``inline_call_s`` still runs on the loop's thread when
+    nothing else is in flight in the whole server (``Occupancy``) and nothing was lately; a request in flight on
+    another model, or a crowd on any model lately, sends it to a worker; without an occupancy, never."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=15)
+    threads: list[int] = []
+
+    def run(i, f):
+        threads.append(threading.get_ident())
+        return run_session(session, f)
+
+    server = Occupancy(memory_s=600.0)
+    model = [0]
+    b = Batcher("log_prob", run, max_queue_delay_ms=50.0, expected=lambda: model[0], early=True,
+                inline_call_s=1e-12, inline_idle_call_s=10.0, occupancy=server)
+
+    async def request(elsewhere: int = 0):
+        model[0] += 1
+        server.enter()
+        for _ in range(elsewhere):
+            server.enter()  # requests in flight on other models
+        try:
+            return await b.submit(feeds)
+        finally:
+            model[0] -= 1
+            for _ in range(elsewhere + 1):
+                server.leave()
+
+    async def main():
+        outs = [await request(), await request()]  # times the class (worker), then idle: inline
+        outs.append(await request(elsewhere=1))  # another model busy: a worker
+        outs.append(await request())  # that was two at once lately: a worker still
+        await b.stop()
+        return threading.get_ident(), outs
+
+    loop_thread, outs = asyncio.run(main())
+    assert threads[0] != loop_thread and threads[1] == loop_thread
+    assert threads[2] != loop_thread and threads[3] != loop_thread and b.inline_calls == 1
+    assert all(same_bits(o, outs[0]) for o in outs)
+    # The crowd is forgotten after memory_s (here: a clock moved past two windows).
+    quiet = Occupancy(memory_s=0.1)
+    quiet.enter(at=0.0), quiet.enter(at=0.0), quiet.leave(), quiet.leave()
+    assert not quiet.idle(1, at=0.05) and not quiet.idle(1, at=0.15) and quiet.idle(1, at=0.25)
+    quiet.enter(at=1.0)
+    assert quiet.idle(1, at=1.0) and not quiet.idle(0, at=1.0)
+    # No occupancy (in-process use): the costly class always goes to a worker.
+    threads.clear()
+    alone = Batcher("log_prob", run, max_queue_delay_ms=50.0, expected=lambda: 1, early=True,
+                    inline_call_s=1e-12, inline_idle_call_s=10.0)
+
+    async def again():
+        for _ in range(3):
+            await alone.submit(feeds)
+        await alone.stop()
+
+    asyncio.run(again())
+    assert alone.inline_calls == 0 and loop_thread not in threads
 
 
 def test_without_an_engine_count_a_lone_request_waits_the_delay(ppca) -> None:
