@@ -228,3 +228,29 @@ def test_gaussian_mixture_prior_learns_with_the_importance_weighted_bound(digits
         m.training_step(digits, opts, grad_clip=10.0)
     assert loss() < before - 5
     assert not torch.equal(m.prior_mu.detach(), start)
+
+
+def test_dreg_gradient_is_the_importance_weighted_bounds_with_less_variance(digits: torch.Tensor) -> None:
+    """arch.dreg: the same loss and decoder gradient; the encoder's gradient agrees in expectation (the mean over
+    20000 copies of one image, each with its own draws) and varies far less from draw to draw."""
+    def grads(dreg: bool, x: torch.Tensor, seed: int = 1) -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        m = VAE(DIGITS, latent_dim=2, hidden=16, train_samples=3, dreg=dreg).train()
+        torch.manual_seed(seed)
+        loss = m.loss(x)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in m.dec.parameters()], [p.grad.clone()
+                                                                                   for p in m.enc.parameters()]
+
+    x = digits[:4]
+    (la, dec_a, enc_a), (lb, dec_b, enc_b) = grads(False, x), grads(True, x)
+    assert la == pytest.approx(lb, abs=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(dec_a, dec_b, strict=True))
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(enc_a, enc_b, strict=True))
+    many = digits[5:6].expand(20000, 8, 8)
+    # the encoder's output layer's bias (mu and log-variance of the 2 latents): about (0.04, -0.06, -0.015, 0.01)
+    iw = [grads(False, many, seed)[2][-1] for seed in (1, 2)]
+    dreg = [grads(True, many, seed)[2][-1] for seed in (1, 2)]
+    assert torch.allclose(iw[0], dreg[0], atol=0.01)
+    assert (dreg[0] - dreg[1]).abs().max() < 0.2 * (iw[0] - iw[1]).abs().max()
+    assert VAE(DIGITS, dreg=True).arch["dreg"] is True and "dreg" not in VAE(DIGITS).arch
