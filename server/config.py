@@ -139,11 +139,13 @@ class ServerConfig:
     a worker thread). A lone request then skips two thread hand-offs (the worker's wake-up and the loop's),
     which cost more server CPU than a cheap graph's call itself; nothing of that model could run meanwhile,
     and other models wait at most this long."""
-    inline_idle_call_us: float = 2000.0
+    inline_idle_call_us: float = 0.0
     """The same for calls that lately took less than this, microseconds (above ``inline_call_us``), when
     moreover nothing else is in flight in the whole server and nothing was lately: a lone large request (64
     rows of a flow take about a millisecond) skips the hand-off too, and a request that arrives meanwhile waits
-    at most this long to be read (0: only ``inline_call_us`` applies)."""
+    at most this long to be read (0, the default: only ``inline_call_us`` applies). At 2000, a lone client's
+    64-row requests cost 8-15% less server CPU with the same requests/s, but their p99 latency was 1.6-2x
+    worse in every A/B (BENCHMARKS.md), so it is off unless asked for."""
     pad_batches: str = "auto"
     """Pad ONNX Runtime calls: ``buckets`` (to the smallest of a few sizes that holds the call: 16, 64, 256, ...
     up to max_batch_size), ``on`` (every call to max_batch_size: one shape, so a row's answer never depends on
