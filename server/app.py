@@ -328,11 +328,12 @@ class Server:
         # Overall health is the server's: SERVING while any model serves (or the repository is empty), so
         # one broken model does not take the others out of a load balancer; per-model health says which.
         everywhere = self.peers is None or self.peers.all_ready()
-        overall = SERVING if everywhere and (not names or any(self.ready(n) for n in names)) else NOT_SERVING
+        overall = SERVING if everywhere and (not names or any(self.engine.ready(n) for n in names)) else NOT_SERVING
         await self.health.set("", overall)
         await self.health.set(SERVICE_NAME, overall)
         for name in sorted(names | self._health_names):
-            await self.health.set(name, SERVING if name in names and self.ready(name) else NOT_SERVING)
+            serving = everywhere and name in names and self.engine.ready(name)
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
         self._health_names |= names
 
     def ready(self, name: str | None = None) -> bool:

@@ -91,8 +91,9 @@ class Engine:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._started = False
-        self.occupancy = Occupancy()
-        """Operations in flight in the whole engine (for the batchers' inline rule, ``inline_idle_call_us``)."""
+        self.occupancy = Occupancy() if cfg.inline_idle_call_us > 0 else None
+        """Operations in flight in the whole engine, for the batchers' ``inline_idle_call_us`` rule; None (not
+        counted per request) while that rule is off, as it is by default."""
         self._waits: dict[str, tuple[int, int]] = {}  # model -> (queued submissions, ns waited)
         self._available: set[str] = set()
         """Model folders of the repository at the last scan."""
@@ -422,14 +423,17 @@ class Engine:
         op = request.operation
         _check_operation(m, op)
         m.enter()
-        self.occupancy.enter()
+        occupancy = self.occupancy
+        if occupancy is not None:
+            occupancy.enter()
         if self.metrics is not None:
             self.metrics.track_inflight(m.name, METHOD[op], 1)
         try:
             yield m
         finally:
             m.leave()
-            self.occupancy.leave()
+            if occupancy is not None:
+                occupancy.leave()
             if self.metrics is not None:
                 self.metrics.track_inflight(m.name, METHOD[op], -1)
 
