@@ -36,7 +36,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -193,6 +193,7 @@ class Server:
         self._stopping = False
         self.drain = Drain()
         self.auth: auth.TokenAuth | None = None
+        self._peers_seen: bool | None = None  # every process ready, at the last look (sync_peers)
         self.peers: Peers | None = None
         """The other processes of ``--processes N`` (set before ``start``); None: this process is the server."""
         self.servicer: GenerativeServicer | None = None
@@ -232,7 +233,7 @@ class Server:
         services = Registrar(self._grpc, parsing)
         self.servicer = servicer = GenerativeServicer(engine, cfg, observe=self._answered, control=self)
         service_pb2_grpc.add_GenerativeServiceServicer_to_server(servicer, services)
-        self.health = health_aio.HealthServicer()
+        self.health = _PeersHealth(self.sync_peers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         # The Open Inference Protocol (KServe v2 / Triton GRPCInferenceService) beside GenerativeService, with one
         # row budget for both APIs: max_queued_rows bounds the server, whichever protocol the rows came by.
@@ -342,16 +343,21 @@ class Server:
         draining, takes the server out of service until it is back)."""
         return self.engine.ready(name) and (self.peers is None or self.peers.all_ready())
 
+    async def sync_peers(self) -> None:
+        """With ``--processes N``: refresh health if the processes' readiness changed since the last look (read
+        before the refresh, which reads it again: a change meanwhile is seen at the next look)."""
+        if self.peers is None or self._stopping:
+            return
+        now = self.peers.all_ready()
+        if now != self._peers_seen:
+            self._peers_seen = now
+            await self.refresh_health()
+
     async def follow_peers(self, every_s: float = 0.2) -> None:
-        """With ``--processes N``: refresh health whenever the other processes' readiness changes (gRPC health
-        is pushed to watchers, not computed per check)."""
-        assert self.peers is not None
-        before = None
+        """With ``--processes N``: look every ``every_s`` for the watchers of gRPC health (pushed, not computed
+        per call); a Check looks for itself first (``_PeersHealth``)."""
         while True:
-            now = self.peers.all_ready()
-            if now != before and not self._stopping:
-                before = now  # read before the refresh, which reads it again: a change meanwhile is seen next
-                await self.refresh_health()
+            await self.sync_peers()
             await asyncio.sleep(every_s)
 
     async def reload(self, from_peer: bool = False) -> ReloadResult:
@@ -517,6 +523,19 @@ class BackgroundServer:
         self.stop()
 
 
+class _PeersHealth(health_aio.HealthServicer):
+    """gRPC health whose Check first brings the status up to date with the other processes' readiness
+    (``--processes N``), so a probe never sees a state the polling loop has not caught up with yet."""
+
+    def __init__(self, sync: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
+        self._sync = sync
+
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - the gRPC method's name
+        await self._sync()
+        return await super().Check(request, context)
+
+
 def ready_line(server: Server) -> str:
     """The one line printed when the server is ready: address, ports, and each model's versions or state."""
     cfg = server.cfg
@@ -560,10 +579,11 @@ async def serve(cfg: ServerConfig, announce: Callable[[str], None] = print, peer
     else:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         peers.listen(server.apply)
+    if peers is not None:
+        peers.set_ready(True)  # before the ready line: once the supervisor prints its own, every flag is set
     announce(ready_line(server))
     following = None
     if peers is not None:
-        peers.set_ready(True)
         following = asyncio.ensure_future(server.follow_peers())
     await stop.wait()
     if peers is not None:
