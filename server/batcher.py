@@ -178,6 +178,12 @@ class Batcher:
             besides, nothing else is in flight in the whole server and nothing was lately (``occupancy``): a lone
             large request (say 64 rows of a flow, about a millisecond) skips the hand-off too; a request that
             arrives meanwhile waits at most this long to be read. 0: never.
+        cost_clock: the clock a call's cost is read on for those two rules (None: the wall clock, which the
+            call's metrics always use). With ONNX Runtime working on the calling thread alone (one intra-op
+            thread, CPU), ``time.thread_time``: that thread's CPU time is the call's cost whatever else the
+            machine runs, where the wall clock also counts time the thread was preempted or waited for the GIL
+            after a worker-thread call, so on a busy machine a cheap graph read as costly stayed on the
+            (costlier) worker-thread path.
 
     Example:
         >>> import asyncio, numpy as np
@@ -198,7 +204,7 @@ class Batcher:
                  on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None,
                  pad_to: int = 0, early: bool = False, memory_s: float = MEMORY_S,
                  pad_sizes: tuple[int, ...] = (), inline_call_s: float = 0.0, occupancy: Occupancy | None = None,
-                 inline_idle_call_s: float = 0.0) -> None:
+                 inline_idle_call_s: float = 0.0, cost_clock: Callable[[], float] | None = None) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0 or memory_s <= 0:
             raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0, "
                              f"memory_s > 0, got {max_batch_size}, {max_queue_size}, {instances}, "
@@ -221,6 +227,7 @@ class Batcher:
         self.inline_call_s = inline_call_s
         self.occupancy = occupancy
         self.inline_idle_call_s = inline_idle_call_s
+        self.cost_clock = cost_clock
         self._call_s: dict[int, float] = {}  # size class (rows.bit_length()) -> running mean of call seconds
         self.inline_calls = 0  # calls run on the loop's thread (of ``calls``), for tests and benchmarks
         self._queue: deque[_Submission] = deque()
@@ -493,12 +500,12 @@ class Batcher:
                          for k in parts[0][0].feeds}
             size = rows.bit_length()
             if self._inline(size, len(parts)):
-                outputs, seconds = self._call(instance, feeds)
+                outputs, seconds, cost = self._call(instance, feeds)
                 self.inline_calls += 1
             else:
-                outputs, seconds = await loop.run_in_executor(self.executor, self._call, instance, feeds)
+                outputs, seconds, cost = await loop.run_in_executor(self.executor, self._call, instance, feeds)
             mean = self._call_s.get(size)
-            self._call_s[size] = seconds if mean is None else mean + CALL_MEAN_WEIGHT * (seconds - mean)
+            self._call_s[size] = cost if mean is None else mean + CALL_MEAN_WEIGHT * (cost - mean)
             bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows}
             if bad:
                 raise RuntimeError(f"outputs {bad} do not have the batch's {rows} rows on axis 0")
@@ -545,8 +552,10 @@ class Batcher:
         return mean < self.inline_call_s or (mean < self.inline_idle_call_s and self.occupancy is not None
                                               and self.occupancy.idle(submissions))
 
-    def _call(self, instance: int, feeds: Feeds) -> tuple[Feeds, float]:
-        t = time.perf_counter()
+    def _call(self, instance: int, feeds: Feeds) -> tuple[Feeds, float, float]:
+        """One graph call -> (outputs, wall seconds, cost seconds on ``cost_clock``)."""
+        clock = self.cost_clock
+        t, c = time.perf_counter(), (0.0 if clock is None else clock())
         rows = next(iter(feeds.values())).shape[0]
         size = next((n for n in self.pad_sizes if n >= rows), rows)
         if rows < size:
@@ -554,7 +563,8 @@ class Batcher:
             out = {k: v[:rows] for k, v in self.run(instance, feeds).items()}
         else:
             out = self.run(instance, feeds)
-        return out, time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        return out, seconds, (seconds if clock is None else clock() - c)
 
     @staticmethod
     def _deliver(sub: _Submission, start: int, rows: int, outputs: Feeds) -> None:

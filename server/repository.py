@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -203,7 +204,8 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
             pad_to=settings.max_batch_size if pad_batches == "on" else 0,
             pad_sizes=pad_buckets(settings.max_batch_size) if pad_batches == "buckets" or (
                 pad_batches == "auto" and uses_cuda(sessions[0])) else (), inline_call_s=inline_call_s,
-            occupancy=occupancy, inline_idle_call_s=inline_idle_call_s)
+            occupancy=occupancy, inline_idle_call_s=inline_idle_call_s,
+            cost_clock=time.thread_time if settings.intra_op_threads == 1 and not uses_cuda(sessions[0]) else None)
     warmup_calls = warm_up(program, manifest, spec, operations, runners, settings, where) if settings.warmup else {}
     loaded = LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
                          providers=providers, program=program, batchers=batchers, operations=operations,

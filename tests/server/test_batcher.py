@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -545,6 +546,38 @@ def test_a_lone_costly_call_runs_on_the_loop_thread_only_when_the_whole_server_i
 
     asyncio.run(again())
     assert alone.inline_calls == 0 and loop_thread not in threads
+
+
+def test_the_inline_rule_reads_a_calls_cost_on_its_cost_clock(ppca) -> None:
+    """``cost_clock``: a call whose wall time is long but whose thread does little (here it sleeps, as a thread
+    preempted by the machine's other work or waiting for the GIL does) is cheap on ``time.thread_time`` and
+    runs on the loop's thread; read on the wall clock (None, the default) it is costly and goes to a worker."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 1, seed=15)
+
+    def make(clock):
+        threads: list[int] = []
+
+        def run(i, f):
+            threads.append(threading.get_ident())
+            time.sleep(0.05)  # 50 ms of wall time, almost no CPU time
+            return run_session(session, f)
+
+        return threads, Batcher("log_prob", run, max_queue_delay_ms=50.0, expected=lambda: 1, early=True,
+                                inline_call_s=0.01, cost_clock=clock)
+
+    for clock, inlined in ((time.thread_time, 2), (None, 0)):
+        threads, b = make(clock)
+
+        async def main(b=b):
+            outs = [await b.submit(feeds) for _ in range(3)]
+            await b.stop()
+            return threading.get_ident(), outs
+
+        loop_thread, outs = asyncio.run(main())
+        assert b.inline_calls == inlined and b.calls == 3, clock
+        assert threads.count(loop_thread) == inlined and threads[0] != loop_thread
+        assert all(same_bits(o, outs[0]) for o in outs)
 
 
 def test_without_an_engine_count_a_lone_request_waits_the_delay(ppca) -> None:
