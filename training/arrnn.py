@@ -54,6 +54,11 @@ class RecurrentAR(AutoregressiveModel):
         shift_aug: images only: training moves images by one pixel with this probability and tells the model the
             shift (a learned vector per shift added to every step's input, a learned output bias per shift);
             scoring, the step graph and sampling use the identity's (0: off).
+        dihedral_aug: square images only: training turns images by one of the 7 non-identity symmetries of the
+            square (``training.augment.DIHEDRAL``: rotations, flips, transpositions) with this probability and
+            tells the model which (a learned vector per symmetry added to every step's input, a learned output
+            bias per symmetry, both zero at first, summed with the shift's); scoring, the step graph and sampling
+            use the identity's (0: off).
 
     Example:
         >>> from genserve.training.data import load_dataset
@@ -83,7 +88,7 @@ class RecurrentAR(AutoregressiveModel):
     def __init__(self, spec: DataSpec, hidden: int = 256, layers: int = 1, embed: int = 64, dropout: float = 0.2,
                  weight_drop: float = 0.0, input_drop: float = 0.0, above: bool = False, components: int = 8,
                  lr_half_life: int = 0, ema: float = 0.0, shift_aug: float = 0.0, window: bool = False,
-                 logistic: int = 0, order: str = "raster") -> None:
+                 logistic: int = 0, order: str = "raster", dihedral_aug: float = 0.0) -> None:
         if logistic < 0 or (logistic and not spec.discrete):
             raise ValueError(f"logistic is a number of mixture components >= 0 for discrete data, got {logistic} "
                              f"for {'discrete' if spec.discrete else 'continuous'} data")
@@ -91,8 +96,8 @@ class RecurrentAR(AutoregressiveModel):
             raise ValueError("window=True reads the row buffer that above=True keeps: set above too")
         self.logistic = logistic  # before the base class: its out_per_position and split_params read it
         # options off: arch as before
-        extra = {k: v for k, v in (("window", window), ("logistic", logistic), ("order", order != "raster" and order))
-                 if v}
+        extra = {k: v for k, v in (("window", window), ("logistic", logistic), ("order", order != "raster" and order),
+                                   ("dihedral_aug", dihedral_aug)) if v}
         super().__init__(spec, hidden=hidden, layers=layers, embed=embed, dropout=dropout, weight_drop=weight_drop,
                          input_drop=input_drop, above=above, components=components, lr_half_life=lr_half_life,
                          ema=ema, shift_aug=shift_aug, **extra)
@@ -120,6 +125,9 @@ class RecurrentAR(AutoregressiveModel):
         if shift_aug:  # the shift as conditioning input: zero at first, so every shift starts as the identity
             self.shift_embed = nn.Parameter(torch.zeros(len(self.shifts), embed))
             self.shift_bias = nn.Parameter(torch.zeros(len(self.shifts), self.dim, self.out_per_position))
+        if self.dihedral_aug:  # the symmetry as a second conditioning input, zero at first as the shift's
+            self.dihedral_embed = nn.Parameter(torch.zeros(len(self.dihedral), embed))
+            self.dihedral_bias = nn.Parameter(torch.zeros(len(self.dihedral), self.dim, self.out_per_position))
         self._setup_averaging()
 
     @property
@@ -149,9 +157,11 @@ class RecurrentAR(AutoregressiveModel):
             e = torch.where(first.unsqueeze(-1), self.start, self.value_embed(y.unsqueeze(-1)))
         return self.drop(e + self.position_embed(t))
 
-    def ordered_conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
+    def ordered_conditionals(self, x: Tensor, shift: Tensor | None = None,
+                             dihedral: Tensor | None = None) -> tuple[Tensor, ...]:
         """x (B, *shape) raw units, permuted into the model's order -> conditional parameters of every position in
-        that order in one GRU pass, (B, D, P) each; ``shift`` as in ``AutoregressiveModel.conditionals``."""
+        that order in one GRU pass, (B, D, P) each; ``shift`` and ``dihedral`` as in
+        ``AutoregressiveModel.conditionals``."""
         B, D = x.shape[0], self.dim
         flat = self.flat(x)
         prev = torch.cat([torch.zeros(B, 1, dtype=flat.dtype), flat[:, :-1]], dim=1)  # x_{t-1}; t=0 is masked
@@ -167,6 +177,9 @@ class RecurrentAR(AutoregressiveModel):
         if self.shift_aug:
             k = torch.zeros(B, dtype=torch.long) if shift is None else shift
             inp, bias = inp + self.shift_embed[k].unsqueeze(1), bias + self.shift_bias[k]
+        if self.dihedral_aug:
+            g = torch.zeros(B, dtype=torch.long) if dihedral is None else dihedral
+            inp, bias = inp + self.dihedral_embed[g].unsqueeze(1), bias + self.dihedral_bias[g]
         if self.training and self.weight_drop > 0:
             # DropConnect on the recurrent weights (Merity et al., AWD-LSTM): one mask per batch, shared by all steps
             weights = {k: F.dropout(w, self.weight_drop) if k.startswith("weight_hh") else w
@@ -188,6 +201,8 @@ class RecurrentAR(AutoregressiveModel):
         bias = self.position_bias[t]
         if self.shift_aug:  # the identity's conditioning, as scoring uses
             inp, bias = inp + self.shift_embed[0], bias + self.shift_bias[0][t]
+        if self.dihedral_aug:
+            inp, bias = inp + self.dihedral_embed[0], bias + self.dihedral_bias[0][t]
         states = []
         for layer in range(self.layers):
             hl = h[:, layer * self.hidden:(layer + 1) * self.hidden]

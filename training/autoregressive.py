@@ -19,7 +19,15 @@ from torch import Tensor
 from genserve.core.noise import Noise
 from genserve.core.orders import ORDERS, check_order, order_positions
 from genserve.core.spec import DataSpec
-from genserve.training.augment import SHIFTS, random_shifts, shift_images
+from genserve.training.augment import (
+    DIHEDRAL,
+    SHIFTS,
+    check_square,
+    dihedral_images,
+    random_dihedral,
+    random_shifts,
+    shift_images,
+)
 from genserve.training.base import LOG2PI, Capabilities, GenerativeModel, categorical_from_uniform
 from genserve.training.logistic_mixture import level_log_probs
 
@@ -61,6 +69,14 @@ class AutoregressiveModel(GenerativeModel):
         if self.shift_aug and not (spec.is_image and spec.discrete):
             raise ValueError(f"shift_aug shifts discrete images, not data of shape {spec.shape}")
         self.shifts = SHIFTS
+        self.dihedral_aug = float(arch.get("dihedral_aug", 0.0))
+        if not 0.0 <= self.dihedral_aug <= 1.0:
+            raise ValueError(f"dihedral_aug is a probability in [0, 1], got {self.dihedral_aug}")
+        if self.dihedral_aug:
+            if not (spec.is_image and spec.discrete):
+                raise ValueError(f"dihedral_aug turns discrete images, not data of shape {spec.shape}")
+            check_square(spec.shape)
+        self.dihedral = DIHEDRAL
         self.order = str(arch.get("order", "raster"))
         check_order(self.order, spec.shape)
         if self.order != "raster" and not spec.discrete:
@@ -78,19 +94,23 @@ class AutoregressiveModel(GenerativeModel):
             return 3 * self.logistic
         return self.spec.levels if self.spec.discrete else 3 * self.components
 
-    def conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
+    def conditionals(self, x: Tensor, shift: Tensor | None = None,
+                     dihedral: Tensor | None = None) -> tuple[Tensor, ...]:
         """x (B, *shape) in its natural layout -> the conditional parameters at every natural position, (B, D, P)
         each; p(x_{positions[t]} | x_{positions[<t]}) sits at position positions[t]. ``shift`` (B,) long: index
-        into ``self.shifts`` of the shift each image was given in training (the conditioning input of the
-        augmentation, applied in the natural layout); None is the identity, which every operation uses."""
+        into ``self.shifts`` of the shift each image was given in training, ``dihedral`` (B,) long: index into
+        ``self.dihedral`` of its symmetry (the conditioning inputs of the augmentations, applied in the natural
+        layout); None is the identity, which every operation uses. ``dihedral`` reaches only models that take it
+        (``dihedral_aug``), so ``ordered_conditionals`` of the others keeps its two arguments."""
+        cond = (shift,) if dihedral is None else (shift, dihedral)
         if self._perm is None:
-            return self.ordered_conditionals(x, shift)
+            return self.ordered_conditionals(x, *cond)
         xo = self.flat(x)[:, self._perm].reshape(x.shape)  # step t's value at row-major position t
-        return tuple(p[:, self._unperm] for p in self.ordered_conditionals(xo, shift))
+        return tuple(p[:, self._unperm] for p in self.ordered_conditionals(xo, *cond))
 
     def ordered_conditionals(self, x: Tensor, shift: Tensor | None = None) -> tuple[Tensor, ...]:
         """The network: x (B, *shape) whose row-major order is the model's order -> parameters (B, D, P) in
-        that order (``conditionals``' shift)."""
+        that order (``conditionals``' shift; a model with ``dihedral_aug`` also takes its ``dihedral``)."""
         raise NotImplementedError
 
     def split_params(self, p: Tensor) -> tuple[Tensor, ...]:
@@ -113,12 +133,19 @@ class AutoregressiveModel(GenerativeModel):
     def loss(self, x: Tensor) -> Tensor:
         """Mean NLL in nats; with ``shift_aug`` = p > 0 in training, each image is moved by one of the 8 one-pixel
         shifts with probability p and the model is told which (distribution augmentation, Jun et al. 2020):
-        shifted digits teach the shared filters without pulling the identity's distribution, the one scored."""
-        if not (self.training and self.shift_aug):
+        shifted digits teach the shared filters without pulling the identity's distribution, the one scored. With
+        ``dihedral_aug`` = q > 0 each (shifted) image is then turned by one of the 7 non-identity symmetries of the
+        square with probability q, and the model is told which as a second input."""
+        if not (self.training and (self.shift_aug or self.dihedral_aug)):
             return -self.log_prob(x, Noise(0)).mean()
-        shift = random_shifts(x.shape[0], self.shift_aug)
-        xs = shift_images(x, shift)
-        return -conditional_log_prob(self.spec, self.flat(xs), self.conditionals(xs, shift)).mean()
+        shift = dihedral = None
+        if self.shift_aug:
+            shift = random_shifts(x.shape[0], self.shift_aug)
+            x = shift_images(x, shift)
+        if self.dihedral_aug:
+            dihedral = random_dihedral(x.shape[0], self.dihedral_aug)
+            x = dihedral_images(x, dihedral)
+        return -conditional_log_prob(self.spec, self.flat(x), self.conditionals(x, shift, dihedral)).mean()
 
     def forward(self, x: Tensor) -> Tensor:  # the trainer (and DDP) may call the model itself
         return self.loss(x)
