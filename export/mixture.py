@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from genserve.core.manifest import (
     LIKELIHOOD,
     MANIFEST,
     OPERATION,
-    SERVING_CONFIG,
     read_manifest,
     spec_to_proto,
 )
@@ -188,11 +186,9 @@ def build_mixture(checkpoints: Sequence[str | Path], repo: str | Path, name: str
     from genserve.export.parity import check_operations
     from genserve.export.repository import (
         CHECK_ROWS,
-        DEFAULT_SERVING,
-        _install,
-        _stem,
-        _target,
         export_checkpoint,
+        name_stem,
+        new_version,
         sha256_file,
         tool_versions,
     )
@@ -228,11 +224,8 @@ def build_mixture(checkpoints: Sequence[str | Path], repo: str | Path, name: str
         + f"; validation NLL {report['validation_nll_nats']:.3f} nats (best member "
         f"{min(-val_scores[i].mean() for i in keep):.3f})")
 
-    model_dir, version = _target(Path(repo), name or f"{_stem(spec.name)}-mixture", version, force)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
-    stage.chmod(0o755)  # mkdtemp's 0700 would become the version folder's mode
-    try:
+    target = name or f"{name_stem(spec.name)}-mixture"
+    with new_version(Path(repo), target, version, force) as (model_dir, version, stage):
         graphs, members = [], []
         for j, (s, w) in enumerate(zip(kept, weights, strict=True)):
             prefix = f"m{j}"
@@ -305,14 +298,7 @@ def build_mixture(checkpoints: Sequence[str | Path], repo: str | Path, name: str
         for p in sorted(stage.iterdir()):
             prov.file_sha256[p.name] = sha256_file(p)
         write_manifest(m, stage / MANIFEST)
-        _install(stage, model_dir / str(version))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if model_dir.exists() and not any(model_dir.iterdir()):
-            model_dir.rmdir()
-    config = model_dir / SERVING_CONFIG
-    if not config.exists():
-        config.write_text(json.dumps(DEFAULT_SERVING, indent=2) + "\n")
+
     report["seconds"] = time.perf_counter() - start
     log(f"wrote {model_dir / str(version)} ({len(graphs)} graphs of {len(kept)} members) in "
         f"{report['seconds']:.1f} s")

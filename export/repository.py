@@ -20,6 +20,8 @@ import platform
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ def sha256_file(path: str | Path) -> str:
 
 def default_name(model: Any) -> str:
     """``<dataset>-<model>``, e.g. ``digits-vae``; user-file stems are reduced to safe characters."""
-    return f"{_stem(model.spec.name)}-{model.name}"
+    return f"{name_stem(model.spec.name)}-{model.name}"
 
 
 def tool_versions() -> dict[str, str]:
@@ -217,15 +219,10 @@ def export_model(module: Any, family: str, spec: Any, repo: str | Path, name: st
     if rows is None:
         rows = example_data(spec, CHECK_ROWS, seed=0).numpy()
     bound = bind(module, family, spec, name=model_name, rows=rows)
-    model_dir, version = _target(Path(repo), name or f"{_stem(spec.name)}-{bound.name}", version, force)
-    final = model_dir / str(version)
-    log(f"exporting {bound.name} ({family}) {('from ' + source + ' ') if source else ''}to {final}")
-
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f".{version}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    target = name or f"{name_stem(spec.name)}-{bound.name}"
+    with new_version(Path(repo), target, version, force) as (model_dir, version, tmp):
+        final = model_dir / str(version)
+        log(f"exporting {bound.name} ({family}) {('from ' + source + ' ') if source else ''}to {final}")
         program = serving_program(bound)
         torch_run = TorchRunner(bound.graphs)
         latent = bound.parameters.get("latent_dim")
@@ -263,22 +260,15 @@ def export_model(module: Any, family: str, spec: Any, repo: str | Path, name: st
         for p in sorted(tmp.iterdir()):
             manifest.provenance.file_sha256[p.name] = sha256_file(p)
         write_manifest(manifest, tmp / MANIFEST)
-        _install(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if model_dir.exists() and not any(model_dir.iterdir()):  # a failed first export leaves no empty folder
-            model_dir.rmdir()
 
-    config = model_dir / SERVING_CONFIG
-    if not config.exists():
-        config.write_text(json.dumps(DEFAULT_SERVING, indent=2) + "\n")
     report["seconds"] = time.perf_counter() - start
     log(f"wrote {final} ({len(graph_specs)} graphs; operations {', '.join(bound.operations)}) "
         f"in {report['seconds']:.1f} s")
     return final
 
 
-def _stem(name: str) -> str:
+def name_stem(name: str) -> str:
+    """``name`` (a dataset's) made fit for a model name: runs of other characters become '-'."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "data"
 
 
@@ -309,15 +299,38 @@ def _target(repo: Path, name: str, version: int | None, force: bool) -> tuple[Pa
     return model_dir, version
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Move the finished version folder into place; an old one (``force``) is swapped out, then removed."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+@contextmanager
+def new_version(repo: Path, name: str, version: int | None, force: bool) -> Iterator[tuple[Path, int, Path]]:
+    """Build a model version in a hidden folder beside its place: yields (model folder, version, that folder).
+
+    ``version`` None is the highest + 1; an existing version is refused unless ``force`` (ValueError, before
+    anything is written). When the block ends without an error the folder is renamed into place (an old
+    version, with ``force``, swapped out, then removed) and the model gets the default config.json if it has
+    none; when it raises, nothing is left behind, not even an empty model folder, and no server sees a half-
+    written version.
+    """
+    model_dir, version = _target(repo, name, version, force)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    stage = model_dir / f".{version}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield model_dir, version, stage
+        final = model_dir / str(version)
+        if final.exists():
+            old = model_dir / f".{version}.old-{os.getpid()}"
+            final.rename(old)
+            stage.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            stage.rename(final)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if model_dir.exists() and not any(model_dir.iterdir()):  # a failed first export leaves no empty folder
+            model_dir.rmdir()
+    config = model_dir / SERVING_CONFIG
+    if not config.exists():
+        config.write_text(json.dumps(DEFAULT_SERVING, indent=2) + "\n")
 
 
 def _export_checked(gname: str, g: Any, folder: Path, spec: Any, test_rows: np.ndarray | None,

@@ -289,6 +289,33 @@ def test_failed_export_leaves_no_version(tiny_checkpoint, tmp_path, monkeypatch)
     assert not (tmp_path / "digits-ppca").exists()
 
 
+def test_new_version_installs_only_a_finished_folder(tmp_path):
+    """``new_version`` (export and the mixture build): a block that raises leaves no version and no empty model
+    folder; one that ends installs its folder with the default config.json; an existing version is refused,
+    then replaced under ``force`` (the old files gone, config.json kept)."""
+    from genserve.export.repository import new_version
+
+    with pytest.raises(RuntimeError, match="half way"):
+        with new_version(tmp_path, "m", None, False) as (model_dir, version, stage):
+            (stage / "a.onnx").write_text("x")
+            raise RuntimeError("half way")
+    assert not (tmp_path / "m").exists()
+    with new_version(tmp_path, "m", None, False) as (model_dir, version, stage):
+        assert version == 1 and not (model_dir / "1").exists()
+        (stage / "a.onnx").write_text("one")
+    assert (tmp_path / "m" / "1" / "a.onnx").read_text() == "one"
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "max_batch_size": 7}))
+    with pytest.raises(ValueError, match="already exists; pass --force"):
+        with new_version(tmp_path, "m", 1, False):
+            pass
+    with new_version(tmp_path, "m", 1, True) as (_, _, stage):
+        (stage / "b.onnx").write_text("two")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "config.json"]
+    assert sorted(p.name for p in (tmp_path / "m" / "1").iterdir()) == ["b.onnx"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["max_batch_size"] == 7
+
+
 def test_fp16_variant_of_a_flow_within_stated_tolerance(exported, digits_test, tmp_path):
     """float16 copies of RealNVP's graphs agree with PyTorch to 1e-2 * (1 + max|PyTorch|) on test digits."""
     from genserve.export.fp16 import FP16_RTOL, export_fp16
