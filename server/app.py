@@ -40,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -65,6 +66,8 @@ SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GenerativeService"].full
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+STATISTICS = "oip-statistics"
+"""The name under which a worker keeps its OIP statistics for its replacement (``Server.keep_statistics``)."""
 
 
 QUIET_S = 0.2
@@ -194,6 +197,9 @@ class Server:
         self.drain = Drain()
         self.auth: auth.TokenAuth | None = None
         self._peers_seen: bool | None = None  # every process ready, at the last look (sync_peers)
+        self._oip: oip.OipServicer | None = None
+        self._requests = 0  # answered, both APIs and HTTP (keep_statistics: whether anything changed)
+        self._kept_mark = -1  # self._requests at keep_statistics' last write
         self.peers: Peers | None = None
         """The other processes of ``--processes N`` (set before ``start``); None: this process is the server."""
         self.servicer: GenerativeServicer | None = None
@@ -240,11 +246,27 @@ class Server:
         # reflection_pool() also holds the OIP descriptors (genserve.oip has its own pool).
         oip_servicer = oip.register_oip(services, engine, cfg, observe=self._answered, rows=servicer.rows,
                                         control=self)
+        self._oip = oip_servicer
         if self.peers is not None:  # --processes N: the statistics count the calls every worker answered
             peers = self.peers
-            oip_servicer.others = lambda data: peers.ask("statistics", data)
-            peers.answers["statistics"] = lambda data: oip_servicer.local_statistics(
-                oip.pb.ModelStatisticsRequest.FromString(data)).SerializeToString()
+            kept = peers.kept(STATISTICS)
+            if kept is not None:  # this worker replaces one that died: its figures go on counting here
+                try:
+                    oip_servicer.carried = oip.pb.ModelStatisticsResponse.FromString(kept)
+                except DecodeError:
+                    log.warning("the statistics kept by the worker this one replaced do not parse; they restart "
+                                "from zero")
+
+            async def others(data: bytes) -> list[bytes]:
+                self.keep_statistics(always=True)  # figures once reported are never lost with a worker
+                return await peers.ask("statistics", data)
+
+            def answer(data: bytes) -> bytes:
+                self.keep_statistics(always=True)
+                return oip_servicer.local_statistics(oip.pb.ModelStatisticsRequest.FromString(data)).SerializeToString()
+
+            oip_servicer.others = others
+            peers.answers["statistics"] = answer
         if cfg.http_port:  # the same OIP over HTTP/JSON: same row budget, statistics shared with the gRPC face
             from genserve.server.http_face import HttpFace  # starlette and uvicorn only when asked for
 
@@ -318,6 +340,7 @@ class Server:
         self._observe(method, model, code, seconds)
 
     def _observe(self, method: str, model: str, code: str, seconds: float) -> None:
+        self._requests += 1
         if self.metrics is not None:
             self.metrics.observe_request(model, method, code, seconds)
 
@@ -355,10 +378,24 @@ class Server:
 
     async def follow_peers(self, every_s: float = 0.2) -> None:
         """With ``--processes N``: look every ``every_s`` for the watchers of gRPC health (pushed, not computed
-        per call); a Check looks for itself first (``_PeersHealth``)."""
+        per call; a Check looks for itself first, ``_PeersHealth``) and keep this worker's statistics."""
         while True:
             await self.sync_peers()
+            try:
+                self.keep_statistics()
+            except OSError as e:
+                log.warning("could not keep this worker's statistics for a replacement: %s", e)
             await asyncio.sleep(every_s)
+
+    def keep_statistics(self, always: bool = False) -> None:
+        """With ``--processes N``: write this worker's OIP statistics (every model) where the worker that would
+        replace it after a crash reads them (``Peers.keep``), when they changed since the last write or
+        ``always``: a worker killed outright loses at most the last ``follow_peers`` interval (0.2 s) of its
+        figures, and none that a ModelStatistics answer has shown."""
+        if self.peers is None or self._oip is None or (self._requests == self._kept_mark and not always):
+            return
+        self._kept_mark = self._requests
+        self.peers.keep(STATISTICS, self._oip.local_statistics(oip.pb.ModelStatisticsRequest()).SerializeToString())
 
     async def reload(self, from_peer: bool = False) -> ReloadResult:
         """Rescan the repository (one reload at a time) and refresh health; returns the engine's result. With

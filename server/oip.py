@@ -158,6 +158,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.stats: dict[tuple[str, int, str], OpStats] = {}
         self.others: Callable[[bytes], Awaitable[list[bytes]]] | None = None
         """With --processes N: the other workers' statistics for a serialized request (server/workers.py)."""
+        self.carried: pb.ModelStatisticsResponse | None = None
+        """With --processes N, in a worker that replaced one that died: the statistics that worker had kept
+        (``Server.keep_statistics``), added to this one's own."""
         try:
             self.version = importlib.metadata.version("genserve")
         except importlib.metadata.PackageNotFoundError:
@@ -308,7 +311,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             except EngineError:
                 continue  # unloaded since it was listed
             entries.append(self._statistics(model, loaded, operation))
-        return pb.ModelStatisticsResponse(model_stats=entries)
+        response = pb.ModelStatisticsResponse(model_stats=entries)
+        if self.carried is not None:
+            add_statistics(response, self.carried)
+        return response
 
     def _statistics(self, model: str, loaded: LoadedModel, operation: str) -> pb.ModelStatistics:
         s = self.stats.get((model, loaded.version, operation), OpStats())

@@ -73,11 +73,13 @@ class Peers:
     """A worker's pipe to the supervisor: tell it what this worker changed, apply what another changed, ask the
     others a question and answer theirs (``answers``: a function per kind of question, bytes in, bytes out)."""
 
-    def __init__(self, conn: Connection, index: int = 0, ready_flags: Any = None) -> None:
+    def __init__(self, conn: Connection, index: int = 0, ready_flags: Any = None, state_dir: str = "") -> None:
         self.conn = conn
         self.index = index
         self.ready_flags = ready_flags
         """One byte per worker in memory shared with the supervisor (``multiprocessing.RawArray``): 1 ready."""
+        self.state_dir = state_dir
+        """The supervisor's folder (its metrics folder), where ``keep`` writes what a replacement reads."""
         self.answers: dict[str, Callable[[bytes], bytes]] = {}
         self._sent = 0
         self._waiting: dict[int, Any] = {}  # message number -> the future the supervisor's "done" resolves
@@ -86,6 +88,27 @@ class Peers:
         """This worker's flag: set once it serves, cleared as it starts to drain."""
         if self.ready_flags is not None:
             self.ready_flags[self.index] = int(ready)
+
+    def keep(self, name: str, data: bytes) -> None:
+        """Leave ``data`` for this worker's replacement, should this one die (``kept``): a file per worker index
+        in ``state_dir``, replaced whole (written aside, then renamed), so a reader never sees half of it."""
+        if not self.state_dir:
+            return
+        path = os.path.join(self.state_dir, f"{name}-worker{self.index}.bin")
+        aside = f"{path}.{os.getpid()}.partial"
+        with open(aside, "wb") as f:
+            f.write(data)
+        os.replace(aside, path)
+
+    def kept(self, name: str) -> bytes | None:
+        """What the worker this one replaced kept under ``name`` (None: nothing; a first start)."""
+        if not self.state_dir:
+            return None
+        try:
+            with open(os.path.join(self.state_dir, f"{name}-worker{self.index}.bin"), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
 
     def all_ready(self) -> bool:
         """Whether every worker is ready (the supervisor clears the flag of a worker that died)."""
@@ -187,7 +210,7 @@ def worker_main(cfg: ServerConfig, index: int, conn: Connection, log_level: str,
     # Ctrl-C and a hangup reach the whole process group; the supervisor forwards them (SIGTERM, a reload).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    peers = Peers(conn, index, ready_flags)
+    peers = Peers(conn, index, ready_flags, state_dir=metrics_dir)
     try:
         code = asyncio.run(serve(cfg, announce=lambda line: conn.send(("ready", line)), peers=peers))
     except Exception as e:  # noqa: BLE001 - the supervisor reports it

@@ -133,6 +133,41 @@ def test_a_worker_that_dies_is_replaced_and_serving_goes_on(supervised: Supervis
     wait_until(lambda: all(readiness(supervised.target) == (True, True, True) for _ in range(8)))
 
 
+def oip_statistics(target: str, name: str) -> oip_pb.ModelStatistics:
+    with connection(target) as channel:
+        entries = oip_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            oip_pb.ModelStatisticsRequest(name=name), timeout=60).model_stats
+    assert [e.name for e in entries] == [name]
+    return entries[0]
+
+
+def test_a_replaced_worker_goes_on_from_the_statistics_of_the_one_that_died(supervised: Supervised) -> None:
+    """OIP statistics add up every worker's requests; a worker killed outright takes none of the figures a
+    statistics answer has shown with it: its replacement starts from what it kept (Server.keep_statistics)."""
+    name = f"{MODEL}.log_likelihood"
+    request = oip_pb.ModelInferRequest(model_name=name, inputs=[oip_pb.ModelInferRequest.InferInputTensor(
+        name="x", datatype="FP32", shape=list(X.shape))], raw_input_contents=[X.tobytes()])
+    wait_until(lambda: readiness(supervised.target) == (True, True, True))
+    workers = supervised.workers()
+    channels = [connection(supervised.target) for _ in range(16)]  # 16 connections: the kernel spreads them
+    try:
+        for channel in channels:
+            oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+        held = {pid: supervised.connections(pid) for pid in workers}
+    finally:
+        for channel in channels:
+            channel.close()
+    assert all(n >= 1 for n in held.values()), held  # the worker to be killed answered some of them
+    before = oip_statistics(supervised.target, name)
+    assert before.inference_stats.success.count == 16 and before.inference_count == 32
+    os.kill(workers[0], signal.SIGKILL)
+    wait_until(lambda: (lambda now: len(now) == 2 and workers[0] not in now)(supervised.workers()))
+    wait_until(lambda: all(readiness(supervised.target) == (True, True, True) for _ in range(8)))
+    after = oip_statistics(supervised.target, name)
+    assert (after.inference_stats.success.count, after.inference_stats.success.ns, after.inference_count,
+            after.execution_count) == (16, before.inference_stats.success.ns, 32, before.execution_count)
+
+
 def test_sigterm_under_load_answers_every_request(supervised: Supervised) -> None:
     failures: list[str] = []
     answered = [0]
