@@ -74,6 +74,34 @@ rate this assumes: at 0.5, lone 64-row submissions at 8 clients went a milliseco
 CALL_MEAN_WEIGHT = 0.2
 """Weight of the newest call in a size class's running mean of call time (for ``inline_call_s``)."""
 
+INLINE_HANDOFFS = 16
+"""The server's default ``inline_call_s`` is this many thread hand-offs of the machine it runs on
+(``handoff_cost``): a lone call no dearer than that runs on the event loop. On the core the rule was tuned on, a
+hand-off cost the loop about 24 us, so 16 of them made the 400 us found best there; on a core three to four times
+slower for Python (and for a small graph's many operators) a hand-off costs about 86 us and a 1-row flow call 450
+to 600 us, which a fixed 400 us would send to a worker thread every time."""
+INLINE_CALL_BOUNDS_S = (100e-6, 5e-3)
+"""The default ``inline_call_s`` stays within these, whatever one measurement of the hand-off said."""
+
+
+async def handoff_cost(executor: Executor | None, rounds: int = 64, warmup: int = 16) -> float:
+    """Median CPU seconds of the calling thread (the event loop's) per hand-off of a no-op to ``executor`` and
+    back (``run_in_executor``): the cost a graph call run inline saves. CPU time rather than wall time, so that a
+    busy machine, which stretches the wait, does not inflate it."""
+    loop = asyncio.get_running_loop()
+    costs = []
+    for i in range(warmup + rounds):
+        t = time.thread_time()
+        await loop.run_in_executor(executor, _noop)
+        if i >= warmup:
+            costs.append(time.thread_time() - t)
+    costs.sort()
+    return costs[len(costs) // 2]
+
+
+def _noop() -> None:
+    pass
+
 
 class Occupancy:
     """Requests in flight in the whole server (every model), and the most seen at once lately (``memory_s``).

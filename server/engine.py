@@ -28,7 +28,7 @@ import numpy as np
 from genserve.core.manifest import LIKELIHOOD_NAME, SERVING_CONFIG, read_serving_config
 from genserve.core.noise import Noise
 from genserve.server import scoring
-from genserve.server.batcher import Occupancy
+from genserve.server.batcher import INLINE_CALL_BOUNDS_S, INLINE_HANDOFFS, Occupancy, handoff_cost
 from genserve.server.config import ServerConfig
 from genserve.server.errors import EngineError, InvalidInput, NotFound, NotReady, Unsupported
 from genserve.server.interface import (
@@ -91,6 +91,8 @@ class Engine:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._started = False
+        self.inline_call_s = 0.0 if cfg.inline_call_us is None else cfg.inline_call_us / 1e6
+        """The batchers' ``inline_call_s``: ``cfg.inline_call_us``, or (unset) measured by ``start``."""
         self.occupancy = Occupancy() if cfg.inline_idle_call_us > 0 else None
         """Operations in flight in the whole engine, for the batchers' ``inline_idle_call_us`` rule; None (not
         counted per request) while that rule is off, as it is by default."""
@@ -116,6 +118,13 @@ class Engine:
             self._wanted = set(found) if "*" in names else names
         self._executor = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="genserve-ort")
         _start_threads(self._executor, self.cfg.workers)
+        if self.cfg.inline_call_us is None:
+            handoff = await handoff_cost(self._executor)
+            low, high = INLINE_CALL_BOUNDS_S
+            self.inline_call_s = min(max(INLINE_HANDOFFS * handoff, low), high)
+            log.info("a lone graph call runs on the event loop when such calls take under %.0f us (%d thread "
+                     "hand-offs of %.0f us of CPU, measured; set --inline-call-us to choose)",
+                     self.inline_call_s * 1e6, INLINE_HANDOFFS, handoff * 1e6)
         self._started = True
         result = await self.reload()
         for e in result.errors:
@@ -258,7 +267,7 @@ class Engine:
         return load_version(self.cfg.repo, name, version, self.cfg.serving, self.cfg.inter_op_threads,
                             executor=self._executor, observe=self._observe_batch,
                             on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches,
-                            inline_call_s=self.cfg.inline_call_us / 1e6, occupancy=self.occupancy,
+                            inline_call_s=self.inline_call_s, occupancy=self.occupancy,
                             inline_idle_call_s=self.cfg.inline_idle_call_us / 1e6)
 
     def _retire(self, m: LoadedModel) -> None:

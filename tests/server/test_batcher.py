@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from genserve.core.manifest import read_manifest, spec_from_proto
-from genserve.server.batcher import Batcher, BatchFailed, Occupancy, pad_buckets
+from genserve.server.batcher import Batcher, BatchFailed, Occupancy, handoff_cost, pad_buckets
 from genserve.server.errors import QueueFull
 from genserve.server.metrics import BatchStats
 from genserve.server.sessions import SessionOptions, make_session, run_session
@@ -741,3 +741,23 @@ def test_bucket_padding_pads_each_call_to_the_smallest_size_that_holds_it(ppca) 
     assert shapes == [16, 64]
     assert same_bits(one, run_session(session, rows_of(feeds, 0, 1)))
     assert same_bits(twenty, run_session(session, rows_of(feeds, 1, 21)))
+
+
+def test_handoff_cost_times_no_op_hand_offs_to_the_executor_on_the_loop_threads_cpu_clock() -> None:
+    """``handoff_cost``: the median event-loop CPU time of ``run_in_executor`` round trips of a no-op, every one
+    run on the executor's threads (warm-up rounds first, not counted)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ran: list[int] = []
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            return super().submit(lambda: (ran.append(threading.get_ident()), fn(*args, **kwargs))[1])
+
+    async def main():
+        with Counting(2) as pool:
+            return await handoff_cost(pool, rounds=20, warmup=4), threading.get_ident()
+
+    cost, loop_thread = asyncio.run(main())
+    assert len(ran) == 24 and loop_thread not in ran
+    assert cost > 0.0  # the loop's own CPU for a submission, its wake-up and the result: never nothing

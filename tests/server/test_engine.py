@@ -498,3 +498,32 @@ def test_padded_batches_and_the_metrics_endpoint(engine_config) -> None:
     assert 'genserve_rows_scored_total{model="digits-ppca"} 5.0' in text
     assert "process_resident_memory_bytes" in text and "process_cpu_seconds_total" in text
     assert "_created" not in text  # no creation-time series beside every counter and histogram
+
+
+@pytest.mark.parametrize(("handoff_s", "want_s"), [(50e-6, 800e-6), (1e-6, 100e-6), (1.0, 5e-3)])
+def test_unset_inline_call_us_is_16_measured_hand_offs_within_bounds(engine_config, monkeypatch, handoff_s,
+                                                                        want_s) -> None:
+    """``inline_call_us`` unset: the engine measures a thread hand-off once at start (``handoff_cost``) and gives
+    every batcher 16 of them as ``inline_call_s``, kept within 100 us..5 ms; a value that is set is used as it
+    is, with nothing measured."""
+    import genserve.server.engine as engine_module
+
+    measured: list[object] = []
+
+    async def fake_cost(executor):
+        measured.append(executor)
+        return handoff_s
+
+    monkeypatch.setattr(engine_module, "handoff_cost", fake_cost)
+
+    async def body(engine):
+        return engine.inline_call_s, {b.inline_call_s for b in engine.get_model("digits-ppca").batchers.values()}
+
+    assert engine_config.inline_call_us is None  # the default
+    got, batchers = running(engine_config, body)
+    assert got == pytest.approx(want_s) and batchers == {got} and len(measured) == 1 and measured[0] is not None
+    measured.clear()
+    got, batchers = running(replace(engine_config, inline_call_us=250.0), body)
+    assert got == pytest.approx(250e-6) and batchers == {got} and measured == []
+    got, batchers = running(replace(engine_config, inline_call_us=0.0), body)
+    assert got == 0.0 and batchers == {0.0} and measured == []

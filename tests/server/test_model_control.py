@@ -288,7 +288,14 @@ def test_settings_come_from_the_environment_between_the_file_and_the_flags(tmp_p
         ServerConfig.from_toml(toml, environ={"GENSERVE_PROT": "1"})
     with pytest.raises(ValueError, match="GENSERVE_PORT='eighty': port: input should be a valid integer"):
         ServerConfig.from_toml(toml, environ={"GENSERVE_PORT": "eighty"})
+    # inline_call_us: unset (None, measured at start) by default and from an empty variable; a number otherwise
+    assert ServerConfig.from_toml(toml).inline_call_us is None
+    assert ServerConfig.from_toml(toml, environ={"GENSERVE_INLINE_CALL_US": ""}).inline_call_us is None
+    assert ServerConfig.from_toml(toml, environ={"GENSERVE_INLINE_CALL_US": "300"}).inline_call_us == 300.0
+    with pytest.raises(ValueError, match="inline_call_us must be a finite number >= 0, got -1"):
+        ServerConfig.from_toml(toml, {"inline_call_us": -1.0})
     parser = argparse.ArgumentParser()
     _arguments(parser)
+    assert build_config(parser.parse_args(["--repo", "r", "--inline-call-us", "0"])).inline_call_us == 0.0
     monkeypatch.setenv("GENSERVE_REPO", str(tmp_path))
     assert build_config(parser.parse_args([])).repo == tmp_path  # `genserve serve` with no flags
