@@ -744,8 +744,8 @@ def test_bucket_padding_pads_each_call_to_the_smallest_size_that_holds_it(ppca) 
 
 
 def test_handoff_cost_times_no_op_hand_offs_to_the_executor_on_the_loop_threads_cpu_clock() -> None:
-    """``handoff_cost``: the median event-loop CPU time of ``run_in_executor`` round trips of a no-op, every one
-    run on the executor's threads (warm-up rounds first, not counted)."""
+    """``handoff_cost``: the lower quartile of the event-loop CPU time of ``run_in_executor`` round trips of a
+    no-op, every one run on the executor's threads (warm-up rounds first, not counted)."""
     from concurrent.futures import ThreadPoolExecutor
 
     ran: list[int] = []
