@@ -27,15 +27,12 @@ import numpy as np
 
 
 def request_bytes(model: str, operation: str, rows: int) -> tuple[bytes, np.ndarray]:
-    """A serialised 1-input OIP request of ``rows`` digits-like rows (levels 0..16), seed 1; and the rows."""
-    from genserve.oip import grpc_service_pb2 as oip
+    """A serialised 1-input OIP request of ``rows`` digits-like rows (levels 0..16), seed 1 (request_cost's
+    ``payloads``, the request its servers are measured with); and the rows."""
+    from benchmarks.request_cost import payloads
 
     x = np.random.default_rng(0).integers(0, 17, (rows, 8, 8)).astype("<f4")
-    req = oip.ModelInferRequest(model_name=f"{model}.{operation}")
-    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.tobytes())
-    req.parameters["seed"].int64_param = 1
-    return req.SerializeToString(), x
+    return payloads(model, operation, x)["oip"][1], x
 
 
 async def servicer_path(repo: Path, model: str, data: bytes, requests: int, profile: bool) -> dict:
