@@ -117,8 +117,9 @@ class DataSpec:
         flat = x.reshape(x.shape[0], -1)
         # Fast path, one pass: every value in the domain (NaN fails every comparison). Only a batch that
         # fails it pays for the checks below, which find and name the first bad row.
-        if self.discrete:
-            if ((flat >= 0) & (flat <= self.levels - 1) & (flat == np.round(flat))).all():
+        if self.discrete:  # each value equals its nearest level (NaN and infinities equal none)
+            nearest = np.rint(flat)
+            if np.equal(np.minimum(np.maximum(nearest, 0, out=nearest), self.levels - 1, out=nearest), flat).all():
                 return
         elif ((flat >= self.low) & (flat <= self.high) & np.isfinite(flat)).all():
             return

@@ -307,20 +307,25 @@ class Batcher:
         submissions wait, BatchFailed when a call with these rows raised, ValueError for malformed feeds;
         cancelling the awaiting task drops the rows not yet run.
         """
-        if self._closed:
-            raise NotReady(f"graph {self.graph!r} of model {self.model!r} is shutting down; retry")
+        self._admit()
         feeds, rows = self._checked(feeds)
-        if self._waiting >= self.max_queue_size:
-            raise QueueFull(f"graph {self.graph!r} of model {self.model!r} has {self._waiting} requests "
-                            f"queued (max_queue_size {self.max_queue_size}); retry later, send fewer "
-                            "concurrent requests, or raise max_queue_size in the model's config.json")
         self.start()
         loop = asyncio.get_running_loop()
-        sub = _Submission(feeds, rows, loop.create_future(), loop.time(), fresh)
+        now = loop.time()
+        if fresh and self.early and self.expected is not None:
+            self._arrived(now)
+        if self._alone(rows, fresh):
+            # One turn of the loop first: requests that arrived with this one (handlers gRPC has ready to run)
+            # enter the engine and submit now, and then this one is no longer alone and queues to merge with
+            # them. Without the turn each of a burst ran alone, one after another, and nothing merged.
+            await asyncio.sleep(0)
+            self._admit()  # the turn may have closed the batcher or filled its queue
+            if self._alone(rows, fresh):
+                return self._run_alone(feeds, rows, fresh)
+            now = loop.time()
+        sub = _Submission(feeds, rows, loop.create_future(), now, fresh)
         if tracing.tracer is not None:
             sub.trace = tracing.submitted()
-        if fresh and self.early and self.expected is not None:
-            self._arrived(sub.enqueued)
         sub.future.add_done_callback(lambda _f, s=sub: self._settled(s))
         self._queue.append(sub)
         self._queued_rows += rows
@@ -352,6 +357,15 @@ class Batcher:
                                                   "before this request ran; retry"))
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """NotReady once stopping, QueueFull with ``max_queue_size`` submissions waiting."""
+        if self._closed:
+            raise NotReady(f"graph {self.graph!r} of model {self.model!r} is shutting down; retry")
+        if self._waiting >= self.max_queue_size:
+            raise QueueFull(f"graph {self.graph!r} of model {self.model!r} has {self._waiting} requests "
+                            f"queued (max_queue_size {self.max_queue_size}); retry later, send fewer "
+                            "concurrent requests, or raise max_queue_size in the model's config.json")
+
     def _checked(self, feeds: Feeds) -> tuple[Feeds, int]:
         if not feeds:
             raise ValueError(f"graph {self.graph!r}: no inputs given")
@@ -534,11 +548,7 @@ class Batcher:
                 self.inline_calls += 1
             else:
                 outputs, seconds, cost = await loop.run_in_executor(self.executor, self._call, instance, feeds)
-            mean = self._call_s.get(size)
-            self._call_s[size] = cost if mean is None else mean + CALL_MEAN_WEIGHT * (cost - mean)
-            bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows}
-            if bad:
-                raise RuntimeError(f"outputs {bad} do not have the batch's {rows} rows on axis 0")
+            self._called(size, cost, outputs, rows)
             ok = True
         except asyncio.CancelledError:
             for sub, _, _ in parts:
@@ -551,27 +561,73 @@ class Batcher:
                 tracing.failed(span, e)
             for sub, _, _ in parts:
                 if not sub.future.done():
-                    err = BatchFailed(f"graph {self.graph!r} of model {self.model!r} failed on a batch of "
-                                      f"{rows} rows from {len(parts)} requests: {type(e).__name__}: "
-                                      f"{str(e)[:500]}")
-                    err.__cause__ = e
-                    sub.future.set_exception(err)
+                    sub.future.set_exception(self._failure(e, rows, len(parts)))
         else:
             offset = 0
             for sub, a, b in parts:
                 self._deliver(sub, a, b - a, {k: v[offset:offset + b - a] for k, v in outputs.items()})
                 offset += b - a
         finally:
-            self._running -= 1
-            self.calls += 1
-            self._check_idle()
             if span is not None:
                 tracing.end_call(span, seconds, ok)
-            if self.observe is not None:
-                try:
-                    self.observe(BatchStats(self.model, self.graph, rows, len(parts), waits, seconds, ok))
-                except Exception:  # noqa: BLE001 - metrics must never stop a worker
-                    log.exception("batcher %s/%s: recording metrics failed", self.model, self.graph)
+            self._ended(rows, len(parts), waits, seconds, ok)
+
+    def _alone(self, rows: int, fresh: bool) -> bool:
+        """Whether a submission arriving now would be taken at once and run inline by ``_execute``: nothing
+        queued or running, every request in flight is this one (``expected``) and none more were lately, and its
+        size class runs inline (``_inline``). Then ``submit`` runs it itself (``_run_alone``), without the
+        queue, its future and the worker's wake-up: the same call, one event-loop turn and a few dozen Python
+        calls cheaper. Not while tracing (the call's span belongs to the worker's path)."""
+        if (self._queue or self._running or rows > self.max_batch_size or self.expected is None
+                or tracing.tracer is not None or (fresh and not self.early) or self.expected() > 1
+                or max(self._peak_now, self._peak_before) > 1):
+            return False
+        self._running += 1  # _inline judges a call that is running; _run_alone takes it back
+        try:
+            return self._inline(rows.bit_length(), 1)
+        finally:
+            self._running -= 1
+
+    def _run_alone(self, feeds: Feeds, rows: int, fresh: bool) -> Feeds:
+        """A lone submission's call on the event loop's thread, as ``_execute`` would run it (see ``_alone``)."""
+        self.reasons["all_here" if fresh else "steps"] += 1
+        self._running += 1
+        seconds, ok = 0.0, False
+        try:
+            outputs, seconds, cost = self._call(0, feeds)
+            self.inline_calls += 1
+            self._called(rows.bit_length(), cost, outputs, rows)
+            ok = True
+            return outputs
+        except Exception as e:  # noqa: BLE001 - as in _execute: the call's failure is the submission's
+            raise self._failure(e, rows, 1) from e
+        finally:
+            self._ended(rows, 1, (0.0,), seconds, ok)
+
+    def _called(self, size: int, cost: float, outputs: Feeds, rows: int) -> None:
+        """A call of size class ``size`` returned after ``cost`` seconds: remember its cost, check its rows."""
+        mean = self._call_s.get(size)
+        self._call_s[size] = cost if mean is None else mean + CALL_MEAN_WEIGHT * (cost - mean)
+        bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows}
+        if bad:
+            raise RuntimeError(f"outputs {bad} do not have the batch's {rows} rows on axis 0")
+
+    def _failure(self, e: Exception, rows: int, requests: int) -> BatchFailed:
+        err = BatchFailed(f"graph {self.graph!r} of model {self.model!r} failed on a batch of {rows} rows from "
+                          f"{requests} requests: {type(e).__name__}: {str(e)[:500]}")
+        err.__cause__ = e
+        return err
+
+    def _ended(self, rows: int, requests: int, waits: tuple[float, ...], seconds: float, ok: bool) -> None:
+        """A call ended (answered or failed): the running count, the idle event, the metrics."""
+        self._running -= 1
+        self.calls += 1
+        self._check_idle()
+        if self.observe is not None:
+            try:
+                self.observe(BatchStats(self.model, self.graph, rows, requests, waits, seconds, ok))
+            except Exception:  # noqa: BLE001 - metrics must never stop a worker
+                log.exception("batcher %s/%s: recording metrics failed", self.model, self.graph)
 
     def _inline(self, size: int, submissions: int) -> bool:
         """Whether a call of this size class, holding this many submissions, runs on the loop's thread."""

@@ -14,11 +14,9 @@ ends, and a replaced version stops only after its last request finished, so no r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -419,9 +417,10 @@ class Engine:
                                f"per request; {fix}", field)
 
     # ---- operations --------------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def _hold(self, request: Request) -> AsyncIterator[LoadedModel]:
-        """Check the request, then hold its version (and the in-flight gauge) while the operation runs."""
+    def _enter(self, request: Request) -> LoadedModel:
+        """Check the request, then hold its version (and the in-flight gauge) until ``_leave``: every operation
+        is ``m = self._enter(request)``, then its work in a ``try`` whose ``finally`` is ``self._leave(m, op)``
+        (plain calls rather than a context manager: this runs twice per request, on the event loop)."""
         self.admit(request)
         m = request.model
         if m.active == 0:
@@ -437,18 +436,19 @@ class Engine:
             occupancy.enter()
         if self.metrics is not None:
             self.metrics.track_inflight(m.name, METHOD[op], 1)
-        try:
-            yield m
-        finally:
-            m.leave()
-            if occupancy is not None:
-                occupancy.leave()
-            if self.metrics is not None:
-                self.metrics.track_inflight(m.name, METHOD[op], -1)
+        return m
+
+    def _leave(self, m: LoadedModel, op: str) -> None:
+        m.leave()
+        if self.occupancy is not None:
+            self.occupancy.leave()
+        if self.metrics is not None:
+            self.metrics.track_inflight(m.name, METHOD[op], -1)
 
     async def sample(self, request: SampleRequest) -> SampleResult:
         """Samples in the data domain, latents when asked for and the family has them, served version."""
-        async with self._hold(request) as m:
+        m = self._enter(request)
+        try:
             noise = _noise(request.seed)
             options = self.options(request)
             temperature = request.temperature
@@ -462,11 +462,14 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.add_samples(m.name, n)
             return SampleResult(x, latents, m.version)
+        finally:
+            self._leave(m, request.operation)
 
     async def log_likelihood(self, request: LikelihoodRequest) -> LikelihoodResult:
         """log p(x) in nats, bits/dim (None when unnormalized), the likelihood kind, served version; and,
         when asked, score kinds, percentiles among the calibration data and per-dimension terms."""
-        async with self._hold(request) as m:
+        m = self._enter(request)
+        try:
             x = self._check_x(m, request.x)
             noise = _noise(request.seed)
             options = self.options(request)
@@ -489,22 +492,30 @@ class Engine:
             scores = scoring.compute_scores(m, x, lp, tuple(request.scores)) if request.scores else {}
             pct = scoring.percentiles(m.manifest, {scoring.LOG_PROB: lp, **scores}) if request.percentile else {}
             return LikelihoodResult(lp, bpd, kind, m.version, scores, pct, terms)
+        finally:
+            self._leave(m, request.operation)
 
     async def encode(self, request: EncodeRequest) -> EncodeResult:
         """z (N, latent) float32: the posterior mean, or a draw from q(z|x) with ``sample``; served version."""
-        async with self._hold(request) as m:
+        m = self._enter(request)
+        try:
             x = self._check_x(m, request.x)
             options = self.options(request)
             z = await m.program.encode(m.runner(), x, _noise(request.seed), **options)
             return EncodeResult(np.asarray(z, dtype=np.float32), m.version)
+        finally:
+            self._leave(m, request.operation)
 
     async def decode(self, request: DecodeRequest) -> DecodeResult:
         """x (N, *shape) float32 in the data domain: the mean of p(x|z), or a draw with ``sample``; version."""
-        async with self._hold(request) as m:
+        m = self._enter(request)
+        try:
             z = self._check_z(m, request.z)
             options = self.options(request)
             x = await m.program.decode(m.runner(), z, _noise(request.seed), **options)
             return DecodeResult(np.asarray(x, dtype=np.float32), m.version)
+        finally:
+            self._leave(m, request.operation)
 
     # ---- data checks -------------------------------------------------------------------------------
     @staticmethod

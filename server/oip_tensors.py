@@ -137,7 +137,7 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
                       "(FP32 for data and latents)")
     shape = check_shape(tuple(int(d) for d in tensor.shape), f"input {name!r}")
     count = math.prod(shape)
-    given = [f for f in CONTENT_FIELDS if len(getattr(tensor.contents, f))]
+    given = [f for f in CONTENT_FIELDS if len(getattr(tensor.contents, f))] if tensor.HasField("contents") else []
     if raw is not None:
         if given:
             raise invalid(f"input {name!r} has both `contents` and raw_input_contents; send one of them")

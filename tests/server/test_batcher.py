@@ -488,6 +488,64 @@ def test_a_lone_cheap_call_runs_on_the_loop_thread_once_its_size_was_timed(ppca)
     assert threads[1] == loop_thread and threads[3] != loop_thread
 
 
+def test_a_lone_inline_call_is_run_by_submit_itself_after_one_turn_of_the_loop(ppca) -> None:
+    """A lone submission that would be taken at once and run inline is run inside ``submit`` after one turn of
+    the loop (for requests that arrived with it), without the queue, its future and the worker's wake-up: the
+    loop turns once while it is answered, not the two or more of the worker's path. Its answer equals a
+    worker's; a failing call raises BatchFailed with the cause and is counted as failed; the batcher keeps
+    serving with its counts back at zero."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 2, seed=15)
+    fail = [False]
+    stats: list[BatchStats] = []
+
+    def run(i, f):
+        if fail[0]:
+            raise RuntimeError("graph exploded")
+        return run_session(session, f)
+
+    b = Batcher("log_prob", run, max_queue_delay_ms=50.0, expected=lambda: 1, early=True, inline_call_s=10.0,
+                observe=stats.append)
+
+    async def turns_while(work):
+        """(work's result, how many times the loop turned while it was awaited)."""
+        turns, done = [0], [False]
+
+        async def count():
+            while not done[0]:
+                turns[0] += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.ensure_future(count())
+        await asyncio.sleep(0)
+        turns[0] = 0
+        try:
+            return await work, turns[0]
+        finally:
+            done[0] = True
+            await counter
+
+    async def main():
+        first, worker_turns = await turns_while(b.submit(feeds))  # times the 2-row class on a worker thread
+        second, alone_turns = await turns_while(b.submit(feeds))
+        fail[0] = True
+        with pytest.raises(BatchFailed, match="graph exploded") as failed:
+            await b.submit(feeds)
+        fail[0] = False
+        third = await b.submit(feeds)
+        counts = (b.queued_rows, b.waiting, b._running)
+        await b.stop()
+        return first, second, third, worker_turns, alone_turns, failed.value, counts
+
+    first, second, third, worker_turns, alone_turns, error, counts = asyncio.run(main())
+    assert alone_turns == 1 and worker_turns > 1
+    assert same_bits(first, second) and same_bits(first, third)
+    assert isinstance(error.__cause__, RuntimeError)
+    assert b.calls == 4 and b.inline_calls == 2 and b.reasons["all_here"] == 4
+    assert [s.ok for s in stats] == [True, True, False, True] and all(s.rows == 2 and s.requests == 1 for s in stats)
+    assert counts == (0, 0, 0)
+
+
 def test_a_lone_costly_call_runs_on_the_loop_thread_only_when_the_whole_server_is_idle(ppca) -> None:
     """``inline_idle_call_s``: a call too costly for ``inline_call_s`` still runs on the loop's thread when
     nothing else is in flight in the whole server (``Occupancy``) and nothing was lately; a request in flight on
