@@ -11,9 +11,8 @@ hold rows forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from genserve.server.errors import QueueFull
@@ -30,19 +29,33 @@ class RowBudget:
         self.limit = int(limit)
         self.held = 0
 
-    @contextlib.contextmanager
-    def hold(self, rows: int) -> Iterator[None]:
-        """Hold ``rows`` while the block runs; QueueFull (RESOURCE_EXHAUSTED) when they do not fit now."""
+    def hold(self, rows: int) -> Held:
+        """``with budget.hold(rows):`` holds ``rows`` while the block runs; QueueFull (RESOURCE_EXHAUSTED) when
+        they do not fit now."""
         rows = int(rows)
         if self.held + rows > self.limit:
             raise QueueFull(f"max_queued_rows: requests in progress hold {self.held} rows and this one needs "
                             f"{rows}, above this server's limit of {self.limit}; retry later or send fewer "
                             "rows per request")
         self.held += rows
-        try:
-            yield
-        finally:
-            self.held -= rows
+        return Held(self, rows)
+
+
+class Held:
+    """Rows held from a ``RowBudget`` until the ``with`` block ends (a class rather than a generator-based
+    context manager: one per request, on the event loop)."""
+
+    __slots__ = ("budget", "rows")
+
+    def __init__(self, budget: RowBudget, rows: int) -> None:
+        self.budget, self.rows = budget, rows
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        self.budget.held -= self.rows
+        return False
 
 
 def deadline(remaining: float | None, ceiling: float) -> tuple[float, bool]:

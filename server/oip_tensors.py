@@ -65,7 +65,16 @@ def latent_shape(loaded: LoadedModel) -> tuple[int, ...]:
 
 
 def tensor_specs(loaded: LoadedModel, operation: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """(inputs, outputs) of ``<model>.<operation>`` for a loaded model version."""
+    """(inputs, outputs) of ``<model>.<operation>`` for a loaded model version (made once per version and
+    operation; callers must not change the lists)."""
+    key = ("oip.tensor_specs", operation)
+    specs = loaded.derived.get(key)
+    if specs is None:
+        specs = loaded.derived[key] = _tensor_specs(loaded, operation)
+    return specs
+
+
+def _tensor_specs(loaded: LoadedModel, operation: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     data = tuple(int(d) for d in loaded.spec.shape)
     latent = latent_shape(loaded)
     if operation == "sample":

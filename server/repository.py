@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -98,6 +99,9 @@ class LoadedModel:
     fingerprint: str = ""
     warmup_calls: dict[str, int] = field(default_factory=dict)
     """ONNX Runtime calls per graph that the warm-up made before the version served (empty: no warm-up)."""
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Values derived from this version alone, cached by whoever derives them (the OIP tensor specs of an
+    operation, read by every request): a reload makes a new LoadedModel, so they never go stale."""
     active: int = 0
     """Operations running on this version now; a retired version stops once it reaches 0."""
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
