@@ -12,6 +12,11 @@ rounds of requests/s, p50/p99 and the CPU of each server's process tree, and gen
     python -m benchmarks.peers --repo /tmp/bench/model_repository --model digits-realnvp --operation encode \\
         --rows 1,64 --clients 1,8,64 --rounds 3 --out docs/benchmarks/peers.json
 
+``--genserve-variant NAME="FLAGS"`` (repeatable) serves the graph with more genserve servers, started with
+other ``genserve serve`` flags (e.g. ``2p="--processes 2"``) and measured in the same rotation as
+``genserve-NAME``; each gets its own ratio to the best peer, so a setting is judged against the peers and against
+the default in one run.
+
 Run from the repository root. A peer that cannot be installed, started or answer correctly is named in the
 table with the reason, never left out silently.
 """
@@ -24,6 +29,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -55,7 +61,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-batch-size", type=int, default=512, help="rows per graph call at most (genserve's default)")
     p.add_argument("--delay-ms", type=float, default=2.0, help="queue delay (genserve's default max_queue_delay_ms)")
+    p.add_argument("--genserve-variant", action="append", default=[], metavar='NAME="FLAGS"',
+                   help='also measure genserve-NAME, served with these `genserve serve` flags, e.g. '
+                        '2p="--processes 2" (repeatable)')
     p.add_argument("--mlserver-workers", type=int, default=1, help="MLServer parallel_workers (its default: 1)")
+    p.add_argument("--pytriton-instances", type=int, default=1,
+                   help="PyTriton model instances, each with its own session (its default: 1)")
     p.add_argument("--processes", type=int, default=2, help="load-generator processes")
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument("--window-s", type=float, default=3.0)
@@ -63,6 +74,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--work", help="folder for the graph copy, configs and server logs (default: a temporary one)")
     p.add_argument("--out", help="write the JSON here")
     return p
+
+
+def variant_flags(spec: str) -> tuple[str, dict[str, str | None]]:
+    """``NAME=FLAGS`` of ``--genserve-variant`` as (``genserve-NAME``, ServerProcess flags)."""
+    name, sep, text = spec.partition("=")
+    if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.]*", name):
+        raise SystemExit(f"--genserve-variant wants NAME=\"FLAGS\" with a lower-case NAME, got {spec!r}")
+    flags: dict[str, str | None] = {}
+    for token in shlex.split(text):
+        if token.startswith("--"):
+            flags[token] = None
+        elif flags and list(flags.values())[-1] is None:
+            flags[list(flags)[-1]] = token
+        else:
+            raise SystemExit(f"--genserve-variant {name}: {token!r} follows no flag")
+    if not flags:
+        raise SystemExit(f"--genserve-variant {name}: no flags (it would be genserve itself)")
+    return f"{GENSERVE}-{name}", flags
 
 
 def reference(graph: PeerGraph, work: Path, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -108,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown peers {unknown}; choose from {', '.join(PINS)}")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    servers = [GENSERVE, *peers]
+    variants = dict(variant_flags(v) for v in args.genserve_variant)
+    servers = [GENSERVE, *variants, *peers]
     status: dict[str, str] = {}
     versions: dict[str, dict] = {GENSERVE: _own_versions()}
     if versions[GENSERVE].get("onnxruntime") != ORT.split("==")[1]:
@@ -126,13 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         x_all = input_rows(genserve.target, args.model, args.operation, max(rows))
         handles: dict[str, tuple[str, int, callable]] = {
             GENSERVE: (genserve.target, genserve.pid, lambda r: graph.oip_name)}
+        for name, flags in variants.items():
+            own = stack.enter_context(ServerProcess(repo_variant(args.repo, work / name, serving, [args.model]),
+                                                    flags))
+            handles[name] = (own.target, own.pid, lambda r: graph.oip_name)
+            versions[name] = {**versions[GENSERVE], "flags": flags}
         for peer in peers:
             try:
                 venv(peer, log)
                 versions[peer] = installed_versions(peer)
                 log(f"{peer}: starting ({versions[peer]})")
                 server = stack.enter_context(PeerServer(peer, graph, work / peer, args.max_batch_size, args.delay_ms,
-                                                        rows, mlserver_workers=args.mlserver_workers))
+                                                        rows, mlserver_workers=args.mlserver_workers,
+                                                        pytriton_instances=args.pytriton_instances))
                 handles[peer] = (server.target, server.pid, server.model_name)
                 triton = re.search(r"server_version\s*\|\s*([\d.]+)", (work / peer / "server.log").read_text())
                 if triton:
@@ -171,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m benchmarks.peers " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started_unix": started, "machine": procstat.machine_info(), "graph": graph.__dict__,
               "settings": {"max_batch_size_rows": args.max_batch_size, "delay_ms": args.delay_ms,
-                           "mlserver_workers": args.mlserver_workers, "processes": args.processes,
+                           "mlserver_workers": args.mlserver_workers,
+                           "pytriton_instances": args.pytriton_instances, "processes": args.processes,
                            "warmup_s": args.warmup_s, "window_s": args.window_s, "rounds": args.rounds},
-              "pins": PINS, "versions": versions, "status": status, "idle_server_cores": idle,
+              "variants": variants, "pins": PINS, "versions": versions, "status": status, "idle_server_cores": idle,
               "load_at_start": load_at_start, "load1_min_max": [min(loads), max(loads)],
               "table": table, "samples": samples}
     print(summary.markdown(table, servers, status))

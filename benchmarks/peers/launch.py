@@ -85,6 +85,7 @@ class PeerServer:
     rows: list[int]
     start_timeout_s: float = 300.0
     mlserver_workers: int = 1
+    pytriton_instances: int = 1
     proc: subprocess.Popen | None = field(default=None, repr=False)
     grpc_port: int = 0
 
@@ -117,7 +118,8 @@ class PeerServer:
                                     capture_output=True, text=True, check=True).stdout.strip()
             env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
             return [py, str(RUNTIMES / "pytriton_server.py"), spec, self.graph.oip_name, str(http),
-                    str(self.grpc_port), str(metrics), str(self.max_batch_size), str(int(self.delay_ms * 1000))]
+                    str(self.grpc_port), str(metrics), str(self.max_batch_size), str(int(self.delay_ms * 1000)),
+                    str(self.pytriton_instances)]
         settings = {"http_port": http, "grpc_port": self.grpc_port, "metrics_port": metrics, "debug": False,
                     "parallel_workers": self.mlserver_workers, "load_models_at_startup": True,
                     "host": "127.0.0.1"}

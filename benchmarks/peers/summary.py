@@ -14,6 +14,11 @@ import math
 import statistics
 
 GENSERVE = "genserve"
+
+
+def is_own(name: str) -> bool:
+    """genserve itself or one of its variants (``genserve-<name>``: other serve flags), never a peer."""
+    return name == GENSERVE or name.startswith(GENSERVE + "-")
 TARGET_RATIO = 1.5
 """genserve / best peer requests/s wanted at 8 and 64 clients."""
 
@@ -62,20 +67,29 @@ def summarise(samples: list[dict], servers: list[str], rows: list[int], clients:
     for r in rows:
         for c in clients:
             stats = {name: st for name in servers if (st := cell_stats(samples, name, r, c)) is not None}
-            peers = {k: v for k, v in stats.items() if k != GENSERVE and v["rps"] > 0}
+            peers = {k: v for k, v in stats.items() if not is_own(k) and v["rps"] > 0}
             best = max(peers, key=lambda k: peers[k]["rps"]) if peers else None
-            ratios = []
-            for k in sorted({s["round"] for s in samples if (s["rows"], s["clients"]) == (r, c)}):
-                here = {s["server"]: s for s in samples if (s["rows"], s["clients"], s["round"]) == (r, c, k)}
-                top = max((s["rps"] for name, s in here.items() if name != GENSERVE), default=0.0)
-                if GENSERVE in here and top > 0:
-                    ratios.append(here[GENSERVE]["rps"] / top)
-            ratio = _median(ratios)
-            mine = stats.get(GENSERVE)
-            p99_ratio = mine["p99_ms"] / peers[best]["p99_ms"] if mine and best and peers[best]["p99_ms"] else math.nan
-            out.append({"rows": r, "clients": c, "servers": stats, "best_peer": best, "ratio": ratio,
-                        "ratio_of_medians": mine["rps"] / peers[best]["rps"] if mine and best else math.nan,
-                        "p99_ratio": p99_ratio, "verdict": verdict(c, ratio, p99_ratio)})
+            rounds = sorted({s["round"] for s in samples if (s["rows"], s["clients"]) == (r, c)})
+            cell = {"rows": r, "clients": c, "servers": stats, "best_peer": best}
+            for own in [n for n in servers if is_own(n)]:
+                ratios = []
+                for k in rounds:
+                    here = {s["server"]: s for s in samples if (s["rows"], s["clients"], s["round"]) == (r, c, k)}
+                    top = max((s["rps"] for name, s in here.items() if not is_own(name)), default=0.0)
+                    if own in here and top > 0:
+                        ratios.append(here[own]["rps"] / top)
+                ratio = _median(ratios)
+                mine = stats.get(own)
+                p99_ratio = (mine["p99_ms"] / peers[best]["p99_ms"] if mine and best and peers[best]["p99_ms"]
+                             else math.nan)
+                figures = {"ratio": ratio,
+                           "ratio_of_medians": mine["rps"] / peers[best]["rps"] if mine and best else math.nan,
+                           "p99_ratio": p99_ratio, "verdict": verdict(c, ratio, p99_ratio)}
+                if own == GENSERVE:
+                    cell.update(figures)
+                else:
+                    cell.setdefault("variants", {})[own] = figures
+            out.append(cell)
     return out
 
 
@@ -100,9 +114,10 @@ def markdown(table: list[dict], servers: list[str], status: dict[str, str]) -> s
                          f"{_num(st['top_thread_cores'], '.2f')} | {_num(st['req_per_cpu_s'], '.0f')} | "
                          f"{_num(st.get('loadgen_cores'), '.2f')} | {_num(st.get('machine_busy_cores'), '.2f')} | "
                          f"{st['errors']} | |")
-        lines.append(f"| {r} | {c} | **genserve / best peer ({cell['best_peer'] or 'none'})** | "
-                     f"**{_num(cell['ratio'], '.2f')}x** | | p99 {_num(cell['p99_ratio'], '.2f')}x | | | | | | | "
-                     f"{cell['verdict']} |")
+        for own, figures in [(GENSERVE, cell), *cell.get("variants", {}).items()]:
+            lines.append(f"| {r} | {c} | **{own} / best peer ({cell['best_peer'] or 'none'})** | "
+                         f"**{_num(figures['ratio'], '.2f')}x** | | p99 {_num(figures['p99_ratio'], '.2f')}x | | | | | "
+                         f"| | {figures['verdict']} |")
     return "\n".join(lines)
 
 
@@ -112,7 +127,7 @@ if __name__ == "__main__":  # redraw the table of a result: python -m benchmarks
     from pathlib import Path
 
     result = json.loads(Path(sys.argv[1]).read_text())
-    names = [GENSERVE, *result["pins"]]
+    names = [GENSERVE, *result.get("variants", {}), *result["pins"]]
     names = [n for n in names if n in result["versions"] or n in result["status"]]
     table = summarise(result["samples"], names, sorted({s["rows"] for s in result["samples"]}),
                       sorted({s["clients"] for s in result["samples"]}))

@@ -116,6 +116,27 @@ def test_summary_verdicts_and_markdown_name_a_peer_that_did_not_run() -> None:
     assert "**genserve / best peer (kserve)** | **3.00x**" in text
 
 
+def test_a_genserve_variant_is_never_the_best_peer_and_gets_its_own_ratio() -> None:
+    samples = []
+    for k, (g, v, a) in enumerate([(100.0, 160.0, 100.0), (90.0, 200.0, 100.0)]):
+        samples += [_sample(k, "genserve", 1, 1, g, 4.0), _sample(k, "genserve-2p", 1, 1, v, 2.0),
+                    _sample(k, "a", 1, 1, a, 3.0)]
+    (cell,) = summary.summarise(samples, ["genserve", "genserve-2p", "a"], [1], [1])
+    assert cell["best_peer"] == "a"  # the variant is faster, but it is genserve, not a peer
+    assert cell["ratio"] == pytest.approx(0.95)  # (100/100 + 90/100) / 2
+    assert cell["verdict"].startswith("missed")
+    variant = cell["variants"]["genserve-2p"]
+    assert variant["ratio"] == pytest.approx(1.8)  # (160/100 + 200/100) / 2
+    assert variant["verdict"] == "met" and variant["p99_ratio"] == pytest.approx(2.0 / 3.0)
+    text = summary.markdown([cell], ["genserve", "genserve-2p", "a"], {})
+    assert "**genserve-2p / best peer (a)** | **1.80x**" in text
+    assert cli.variant_flags("idle=--inline-idle-call-us 8000 --no-warmup") == (
+        "genserve-idle", {"--inline-idle-call-us": "8000", "--no-warmup": None})
+    for bad in ("noflags", "Upper=--processes 2", "x=2 --processes", "empty="):
+        with pytest.raises(SystemExit):
+            cli.variant_flags(bad)
+
+
 def test_tree_cpu_covers_the_process_and_its_children() -> None:
     with OipLoad(processes=1) as load:
         pids = treecpu.tree(os.getpid())
