@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pytriton-instances", type=int, default=1,
                    help="PyTriton model instances, each with its own session (its default: 1)")
     p.add_argument("--processes", type=int, default=2, help="load-generator processes")
+    p.add_argument("--connections", type=int, default=1,
+                   help="TCP connections per load-generator process, its clients dealt over them (several: "
+                        "a genserve of --processes N gets connections to spread over its processes)")
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument("--window-s", type=float, default=3.0)
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |difference| from the in-process graph")
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         idle = _idle_cores({name: h[1] for name, h in handles.items()})
         log("idle CPU of each server, cores: " + ", ".join(f"{k} {v:.3f}" for k, v in idle.items()))
         order = [s for s in servers if s in handles]
-        load = stack.enter_context(OipLoad(args.processes))
+        load = stack.enter_context(OipLoad(args.processes, args.connections))
         for k in range(args.rounds):
             for r in rows:
                 for c in clients:
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"max_batch_size_rows": args.max_batch_size, "delay_ms": args.delay_ms,
                            "mlserver_workers": args.mlserver_workers,
                            "pytriton_instances": args.pytriton_instances, "processes": args.processes,
+                           "connections": args.connections,
                            "warmup_s": args.warmup_s, "window_s": args.window_s, "rounds": args.rounds},
               "variants": variants, "pins": PINS, "versions": versions, "status": status, "idle_server_cores": idle,
               "load_at_start": load_at_start, "load1_min_max": [min(loads), max(loads)],

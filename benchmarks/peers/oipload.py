@@ -80,26 +80,28 @@ def ready(target: str, model: str, timeout_s: float = 2.0) -> bool:
 
 
 # ---- worker process ------------------------------------------------------------------------------------------
-def _worker(conn: Any) -> None:
-    asyncio.run(_worker_main(conn))
+def _worker(conn: Any, connections: int = 1) -> None:
+    asyncio.run(_worker_main(conn, connections))
 
 
-async def _worker_main(conn: Any) -> None:
+async def _worker_main(conn: Any, connections: int = 1) -> None:
     import grpc
 
-    channels: dict[str, Any] = {}
+    channels: dict[str, list[Any]] = {}
     loop = asyncio.get_running_loop()
+    # each channel its own TCP connection (gRPC shares one between channels of the same target otherwise)
+    options = OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])
 
     async def measure(target: str, payload: bytes, clients: int, t0: float, t1: float, timeout_s: float
                       ) -> tuple[np.ndarray, dict[str, int], int]:
         if target not in channels:
-            channels[target] = grpc.aio.insecure_channel(target, options=OPTIONS)
-        call = channels[target].unary_unary(INFER)  # no (de)serialisers: bytes out, bytes back
+            channels[target] = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+        calls = [channel.unary_unary(INFER) for channel in channels[target]]  # no (de)serialisers: bytes
         lats = array("d")
         errors: dict[str, int] = {}
         empty = [0]
 
-        async def client() -> None:
+        async def client(call: Any) -> None:
             while time.monotonic() < t1:
                 start = time.monotonic()
                 try:
@@ -117,7 +119,7 @@ async def _worker_main(conn: Any) -> None:
                     else:
                         empty[0] += 1
 
-        tasks = [asyncio.ensure_future(client()) for _ in range(clients)]
+        tasks = [asyncio.ensure_future(client(calls[i % len(calls)])) for i in range(clients)]
         # After t1 each client lets its request in flight finish (cancelling would exercise the servers'
         # cancellation paths between measurements), then stops.
         _, late = await asyncio.wait(tasks, timeout=max(t1 - time.monotonic(), 0.0) + timeout_s)
@@ -135,8 +137,9 @@ async def _worker_main(conn: Any) -> None:
             elif command == "exit":
                 break
     finally:
-        for channel in channels.values():
-            await channel.close()
+        for group in channels.values():
+            for channel in group:
+                await channel.close()
 
 
 @dataclass
@@ -158,16 +161,23 @@ class Measurement:
 
 
 class OipLoad:
-    """``processes`` spawned worker processes; ``measure()`` drives one server with C closed-loop clients."""
+    """``processes`` spawned worker processes; ``measure()`` drives one server with C closed-loop clients.
 
-    def __init__(self, processes: int = 2) -> None:
+    Each worker opens ``connections`` TCP connections to a server and deals its clients round-robin over them:
+    a server of several processes on one port (SO_REUSEPORT) gets its connections spread by the kernel's hash,
+    connections rather than requests, so with one per worker two workers often land on one process.
+    """
+
+    def __init__(self, processes: int = 2, connections: int = 1) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
+        if connections < 1:
+            raise ValueError(f"connections must be >= 1, got {connections}")
         ctx = mp.get_context("spawn")  # a fresh interpreter: no gRPC state inherited from this process
         self.workers: list[tuple[Any, Any]] = []
         for _ in range(processes):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(child,), daemon=True)
+            p = ctx.Process(target=_worker, args=(child, connections), daemon=True)
             p.start()
             self.workers.append((p, parent))
         for _, conn in self.workers:  # started and imported: a measurement's window edges are then reachable

@@ -81,6 +81,39 @@ def test_oip_load_loop_against_genserve(server: BackgroundServer, digits: np.nda
     assert len(bad.latencies_s) == 0 and bad.errors.get("NOT_FOUND", 0) > 0
 
 
+def test_oip_load_spreads_its_clients_over_its_connections() -> None:
+    """Each load process opens its own TCP connections (a server of N processes on one port gets them spread)."""
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    from benchmarks.peers.oipload import INFER
+
+    peers: set[str] = set()
+    lock = threading.Lock()
+
+    def infer(request: bytes, context: grpc.ServicerContext) -> bytes:
+        with lock:
+            peers.add(context.peer())
+        return b"answer"
+
+    service, method = INFER.strip("/").split("/")
+    handler = grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(infer)})
+    server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with OipLoad(processes=1, connections=3) as load:
+            m = load.measure(f"127.0.0.1:{port}", b"request", clients=6, warmup_s=0.1, window_s=0.5)
+    finally:
+        server.stop(None)
+    assert m.errors == {} and len(m.latencies_s) > 0
+    assert len(peers) == 3  # six clients over three connections: three client ports
+    with pytest.raises(ValueError, match="connections"):
+        OipLoad(processes=1, connections=0)
+
+
 def _sample(k: int, server: str, rows: int, clients: int, rps: float, p99: float) -> dict:
     return {"round": k, "server": server, "rows": rows, "clients": clients, "rps": rps, "p50_ms": p99 / 2,
             "p99_ms": p99, "errors": {}, "server_cores": 0.5, "load1": 0.1}
