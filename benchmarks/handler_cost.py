@@ -35,7 +35,8 @@ def request_bytes(model: str, operation: str, rows: int) -> tuple[bytes, np.ndar
     return payloads(model, operation, x)["oip"][1], x
 
 
-async def servicer_path(repo: Path, model: str, data: bytes, requests: int, profile: bool) -> dict:
+async def servicer_path(repo: Path, model: str, data: bytes, requests: int, profile: bool,
+                        inline_call_us: float | None = None) -> dict:
     from genserve.oip import grpc_service_pb2 as oip
     from genserve.server.config import ServerConfig
     from genserve.server.engine import Engine
@@ -43,7 +44,7 @@ async def servicer_path(repo: Path, model: str, data: bytes, requests: int, prof
     from genserve.server.oip import OipServicer
 
     cfg = ServerConfig(repo=repo, model_control="explicit", load_models=model, port=0, metrics_port=0,
-                       provider="cpu")
+                       provider="cpu", inline_call_us=inline_call_us)
     engine = Engine(cfg, Metrics())
     await engine.start()
     try:
@@ -99,6 +100,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--inline-call-us", type=float, default=None,
+                   help="the server's --inline-call-us (default: measured); e.g. 20000 runs 64-row calls inline too")
     p.add_argument("--profile", action="store_true", help="also print cProfile's top (a further window)")
     args = p.parse_args()
     if not (args.repo / args.model).is_dir():
@@ -107,7 +110,7 @@ def main() -> None:
     data, x = request_bytes(args.model, "encode", args.rows)
     for r in range(args.rounds):
         path = asyncio.run(servicer_path(args.repo, args.model, data, args.requests,
-                                         args.profile and r == args.rounds - 1))
+                                         args.profile and r == args.rounds - 1, args.inline_call_us))
         graph = bare_graph(args.repo, args.model, x, args.requests)
         print(f"round {r}: servicer path {path['us_per_request']:.0f} us CPU per request "
               f"({path['inline_calls']}/{path['calls']} calls inline, threshold {path['inline_call_us']:.0f} us); "

@@ -83,6 +83,13 @@ to 600 us, which a fixed 400 us would send to a worker thread every time."""
 INLINE_CALL_BOUNDS_S = (100e-6, 5e-3)
 """The default ``inline_call_s`` stays within these, whatever one measurement of the hand-off said."""
 
+INLINE_IDLE_FACTOR = 4
+"""The server's default ``inline_idle_call_s`` is this many times its ``inline_call_s``: a lone large call (64
+rows of the digits flow: about 1 ms on the fast core, 3.8 ms on the slow one, whose ``inline_call_s`` are 0.4
+and 1.6-2.3 ms) runs on the event loop when nothing else is in flight in the whole server, as a server without
+a batcher runs every call; on the slow core this was 1.08x the requests/s of a lone client's 64-row requests
+(BENCHMARKS.md). A request that arrives meanwhile waits at most that long to be read."""
+
 
 async def handoff_cost(executor: Executor | None, rounds: int = 64, warmup: int = 16) -> float:
     """Lower quartile of the CPU seconds of the calling thread (the event loop's) per hand-off of a no-op to

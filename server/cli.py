@@ -62,7 +62,8 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
      "run a lone request's graph call on the event loop when such calls take < US (default: 16 thread "
      "hand-offs, measured at start; 0 = never)"),
     ("--inline-idle-call-us", "inline_idle_call_us", float, "US",
-     "the same up to US when nothing else is in flight in the whole server (default 0 = never)"),
+     "the same up to US when nothing else is in flight in the whole server (default: 4x --inline-call-us; "
+     "0 = never)"),
     ("--switch-interval-ms", "switch_interval_ms", float, "MS",
      "GIL switch interval of the server process (default 0.2; Python's own is 5)"),
     ("--malloc-arena-max", "malloc_arena_max", int, "N",

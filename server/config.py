@@ -141,13 +141,14 @@ class ServerConfig:
     and other models wait at most this long. Unset (the default): 16 hand-offs of this machine, measured when
     the server starts (about 400 us on a fast core, 1.4 ms on a core three times slower), within 100 us..5 ms;
     the server logs the figure it chose."""
-    inline_idle_call_us: float = 0.0
+    inline_idle_call_us: float | None = None
     """The same for calls that lately took less than this, microseconds (above ``inline_call_us``), when
     moreover nothing else is in flight in the whole server and nothing was lately: a lone large request (64
-    rows of a flow take about a millisecond) skips the hand-off too, and a request that arrives meanwhile waits
-    at most this long to be read (0, the default: only ``inline_call_us`` applies). At 2000, a lone client's
-    64-row requests cost 8-15% less server CPU with the same requests/s, but their p99 latency was 1.6-2x
-    worse in every A/B (BENCHMARKS.md), so it is off unless asked for."""
+    rows of a flow take about 1 to 4 ms) skips the hand-offs too, as in a server without a batcher, and a
+    request that arrives meanwhile waits at most this long to be read. Unset (the default): 4 times
+    ``inline_call_us`` (chosen or measured); 0: never. On a slow core a lone client's 64-row requests got 1.08x
+    the requests/s and 12% less server CPU; on a fast one, earlier, p99 was 1.6-2x worse in four A/Bs with the
+    same requests/s (BENCHMARKS.md): set 0 where the tail of a lone client matters more than its CPU."""
     pad_batches: str = "auto"
     """Pad ONNX Runtime calls: ``buckets`` (to the smallest of a few sizes that holds the call: 16, 64, 256, ...
     up to max_batch_size), ``on`` (every call to max_batch_size: one shape, so a row's answer never depends on
@@ -192,7 +193,7 @@ class ServerConfig:
         for name in ("max_queue_delay_ms", "grace_s", "poll_s", "max_connection_age_s", "max_connection_age_grace_s",
                      "inline_call_us", "inline_idle_call_us"):
             value = getattr(self, name)
-            if value is None and name == "inline_call_us":  # measured at start
+            if value is None and name in ("inline_call_us", "inline_idle_call_us"):  # derived at start
                 continue
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")

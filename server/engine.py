@@ -26,7 +26,7 @@ import numpy as np
 from genserve.core.manifest import LIKELIHOOD_NAME, SERVING_CONFIG, read_serving_config
 from genserve.core.noise import Noise
 from genserve.server import scoring
-from genserve.server.batcher import INLINE_CALL_BOUNDS_S, INLINE_HANDOFFS, Occupancy, handoff_cost
+from genserve.server.batcher import INLINE_CALL_BOUNDS_S, INLINE_HANDOFFS, INLINE_IDLE_FACTOR, Occupancy, handoff_cost
 from genserve.server.config import ServerConfig
 from genserve.server.errors import EngineError, InvalidInput, NotFound, NotReady, Unsupported
 from genserve.server.interface import (
@@ -91,9 +91,12 @@ class Engine:
         self._started = False
         self.inline_call_s = 0.0 if cfg.inline_call_us is None else cfg.inline_call_us / 1e6
         """The batchers' ``inline_call_s``: ``cfg.inline_call_us``, or (unset) measured by ``start``."""
-        self.occupancy = Occupancy() if cfg.inline_idle_call_us > 0 else None
+        self.inline_idle_call_s = 0.0 if cfg.inline_idle_call_us is None else cfg.inline_idle_call_us / 1e6
+        """The batchers' ``inline_idle_call_s``: ``cfg.inline_idle_call_us``, or (unset) ``INLINE_IDLE_FACTOR``
+        times ``inline_call_s``, set by ``start``."""
+        self.occupancy = Occupancy() if cfg.inline_idle_call_us is None or cfg.inline_idle_call_us > 0 else None
         """Operations in flight in the whole engine, for the batchers' ``inline_idle_call_us`` rule; None (not
-        counted per request) while that rule is off, as it is by default."""
+        counted per request) while that rule is off (``inline_idle_call_us`` 0)."""
         self._waits: dict[str, tuple[int, int]] = {}  # model -> (queued submissions, ns waited)
         self._available: set[str] = set()
         """Model folders of the repository at the last scan."""
@@ -123,6 +126,14 @@ class Engine:
             log.info("a lone graph call runs on the event loop when such calls take under %.0f us (%d thread "
                      "hand-offs of %.0f us of CPU, measured; set --inline-call-us to choose)",
                      self.inline_call_s * 1e6, INLINE_HANDOFFS, handoff * 1e6)
+        if self.cfg.inline_idle_call_us is None:
+            self.inline_idle_call_s = INLINE_IDLE_FACTOR * self.inline_call_s
+            if self.inline_idle_call_s <= 0:
+                self.occupancy = None  # inline calls are off (--inline-call-us 0): no idle rule to count for
+            else:
+                log.info("a lone graph call runs on the event loop when nothing else is in flight and such calls "
+                         "take under %.0f us (%d x the above; set --inline-idle-call-us to choose, 0: never)",
+                         self.inline_idle_call_s * 1e6, INLINE_IDLE_FACTOR)
         self._started = True
         result = await self.reload()
         for e in result.errors:
@@ -266,7 +277,7 @@ class Engine:
                             executor=self._executor, observe=self._observe_batch,
                             on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches,
                             inline_call_s=self.inline_call_s, occupancy=self.occupancy,
-                            inline_idle_call_s=self.cfg.inline_idle_call_us / 1e6)
+                            inline_idle_call_s=self.inline_idle_call_s)
 
     def _retire(self, m: LoadedModel) -> None:
         task = asyncio.ensure_future(m.retire())

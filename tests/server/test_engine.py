@@ -527,3 +527,33 @@ def test_unset_inline_call_us_is_16_measured_hand_offs_within_bounds(engine_conf
     assert got == pytest.approx(250e-6) and batchers == {got} and measured == []
     got, batchers = running(replace(engine_config, inline_call_us=0.0), body)
     assert got == 0.0 and batchers == {0.0} and measured == []
+
+
+@pytest.mark.parametrize(("inline_us", "idle_us", "want_idle_s", "counted"),
+                         [(None, None, 4 * 800e-6, True), (250.0, None, 1e-3, True), (250.0, 3000.0, 3e-3, True),
+                          (250.0, 0.0, 0.0, False), (0.0, None, 0.0, False)])
+def test_unset_inline_idle_call_us_is_four_times_the_inline_call(engine_config, monkeypatch, inline_us, idle_us,
+                                                                   want_idle_s, counted) -> None:
+    """``inline_idle_call_us`` unset (the default): 4 x ``inline_call_s`` (measured or chosen), and the engine
+    counts what is in flight (its ``Occupancy``) for the rule; 0, or inline calls turned off, turns it off and
+    nothing is counted per request."""
+    import genserve.server.engine as engine_module
+
+    async def fake_cost(executor):
+        return 50e-6  # 16 hand-offs: 800 us
+
+    monkeypatch.setattr(engine_module, "handoff_cost", fake_cost)
+
+    async def body(engine):
+        batchers = engine.get_model("digits-ppca").batchers.values()
+        await score(engine, "digits-ppca", np.zeros((2, 8, 8), np.float32), 0)
+        return (engine.inline_idle_call_s, {b.inline_idle_call_s for b in batchers},
+                {b.occupancy is engine.occupancy for b in batchers}, engine.occupancy)
+
+    assert engine_config.inline_idle_call_us is None  # the default
+    got, batchers, shared, occupancy = running(replace(engine_config, inline_call_us=inline_us,
+                                                       inline_idle_call_us=idle_us), body)
+    assert got == pytest.approx(want_idle_s) and batchers == {got} and shared == {True}
+    assert (occupancy is not None) == counted
+    if counted:
+        assert occupancy.now == 0 and occupancy._peak_now == 1  # the request above entered and left
