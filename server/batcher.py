@@ -87,7 +87,7 @@ INLINE_IDLE_FACTOR = 4
 """The server's default ``inline_idle_call_s`` is this many times its ``inline_call_s``: a lone large call (64
 rows of the digits flow: about 1 ms on the fast core, 3.8 ms on the slow one, whose ``inline_call_s`` are 0.4
 and 1.6-2.3 ms) runs on the event loop when nothing else is in flight in the whole server, as a server without
-a batcher runs every call; on the slow core this was 1.08x the requests/s of a lone client's 64-row requests
+a batcher runs every call; on the slow core this gave a lone client's 64-row requests 1.1x the requests/s
 (BENCHMARKS.md). A request that arrives meanwhile waits at most that long to be read."""
 
 

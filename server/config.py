@@ -146,9 +146,10 @@ class ServerConfig:
     moreover nothing else is in flight in the whole server and nothing was lately: a lone large request (64
     rows of a flow take about 1 to 4 ms) skips the hand-offs too, as in a server without a batcher, and a
     request that arrives meanwhile waits at most this long to be read. Unset (the default): 4 times
-    ``inline_call_us`` (chosen or measured); 0: never. On a slow core a lone client's 64-row requests got 1.08x
-    the requests/s and 12% less server CPU; on a fast one, earlier, p99 was 1.6-2x worse in four A/Bs with the
-    same requests/s (BENCHMARKS.md): set 0 where the tail of a lone client matters more than its CPU."""
+    ``inline_call_us`` (chosen or measured); 0: never. On a slow core a lone client's 64-row requests got
+    1.1x the requests/s (0.95x KServe against 0.84x) and about 10% less server CPU; on a fast one, earlier, p99
+    was 1.6-2x worse in four A/Bs with the same requests/s (BENCHMARKS.md): set 0 where the tail of a lone
+    client matters more than its CPU."""
     pad_batches: str = "auto"
     """Pad ONNX Runtime calls: ``buckets`` (to the smallest of a few sizes that holds the call: 16, 64, 256, ...
     up to max_batch_size), ``on`` (every call to max_batch_size: one shape, so a row's answer never depends on
