@@ -94,9 +94,9 @@ class Engine:
         self.inline_idle_call_s = 0.0 if cfg.inline_idle_call_us is None else cfg.inline_idle_call_us / 1e6
         """The batchers' ``inline_idle_call_s``: ``cfg.inline_idle_call_us``, or (unset) ``INLINE_IDLE_FACTOR``
         times ``inline_call_s``, set by ``start``."""
-        self.occupancy = Occupancy() if cfg.inline_idle_call_us is None or cfg.inline_idle_call_us > 0 else None
-        """Operations in flight in the whole engine, for the batchers' ``inline_idle_call_us`` rule; None (not
-        counted per request) while that rule is off (``inline_idle_call_us`` 0)."""
+        self.occupancy: Occupancy | None = None
+        """Operations in flight in the whole engine, for the batchers' ``inline_idle_call_us`` rule, made by
+        ``start`` when that rule is on; None (not counted per request) while it is off."""
         self._waits: dict[str, tuple[int, int]] = {}  # model -> (queued submissions, ns waited)
         self._available: set[str] = set()
         """Model folders of the repository at the last scan."""
@@ -127,13 +127,12 @@ class Engine:
                      "hand-offs of %.0f us of CPU, measured; set --inline-call-us to choose)",
                      self.inline_call_s * 1e6, INLINE_HANDOFFS, handoff * 1e6)
         if self.cfg.inline_idle_call_us is None:
-            self.inline_idle_call_s = INLINE_IDLE_FACTOR * self.inline_call_s
-            if self.inline_idle_call_s <= 0:
-                self.occupancy = None  # inline calls are off (--inline-call-us 0): no idle rule to count for
-            else:
+            self.inline_idle_call_s = INLINE_IDLE_FACTOR * self.inline_call_s  # 0 with --inline-call-us 0
+            if self.inline_idle_call_s > 0:
                 log.info("a lone graph call runs on the event loop when nothing else is in flight and such calls "
                          "take under %.0f us (%d x the above; set --inline-idle-call-us to choose, 0: never)",
                          self.inline_idle_call_s * 1e6, INLINE_IDLE_FACTOR)
+        self.occupancy = Occupancy() if self.inline_idle_call_s > 0 else None
         self._started = True
         result = await self.reload()
         for e in result.errors:

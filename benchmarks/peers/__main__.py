@@ -85,11 +85,13 @@ def variant_flags(spec: str) -> tuple[str, dict[str, str | None]]:
     if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_.]*", name):
         raise SystemExit(f"--genserve-variant wants NAME=\"FLAGS\" with a lower-case NAME, got {spec!r}")
     flags: dict[str, str | None] = {}
+    last = None  # the flag still without a value
     for token in shlex.split(text):
         if token.startswith("--"):
             flags[token] = None
-        elif flags and list(flags.values())[-1] is None:
-            flags[list(flags)[-1]] = token
+            last = token
+        elif last is not None:
+            flags[last], last = token, None
         else:
             raise SystemExit(f"--genserve-variant {name}: {token!r} follows no flag")
     if not flags:

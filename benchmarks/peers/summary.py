@@ -14,13 +14,13 @@ import math
 import statistics
 
 GENSERVE = "genserve"
+TARGET_RATIO = 1.5
+"""genserve / best peer requests/s wanted at 8 and 64 clients."""
 
 
 def is_own(name: str) -> bool:
     """genserve itself or one of its variants (``genserve-<name>``: other serve flags), never a peer."""
     return name == GENSERVE or name.startswith(GENSERVE + "-")
-TARGET_RATIO = 1.5
-"""genserve / best peer requests/s wanted at 8 and 64 clients."""
 
 
 def _median(values: list[float]) -> float:
@@ -69,16 +69,16 @@ def summarise(samples: list[dict], servers: list[str], rows: list[int], clients:
             stats = {name: st for name in servers if (st := cell_stats(samples, name, r, c)) is not None}
             peers = {k: v for k, v in stats.items() if not is_own(k) and v["rps"] > 0}
             best = max(peers, key=lambda k: peers[k]["rps"]) if peers else None
-            rounds = sorted({s["round"] for s in samples if (s["rows"], s["clients"]) == (r, c)})
+            rounds: dict[int, dict[str, dict]] = {}  # round -> server -> its sample in this cell
+            for s in samples:
+                if (s["rows"], s["clients"]) == (r, c):
+                    rounds.setdefault(s["round"], {})[s["server"]] = s
+            tops = {k: max((s["rps"] for name, s in here.items() if not is_own(name)), default=0.0)
+                    for k, here in rounds.items()}  # each round's best peer
             cell = {"rows": r, "clients": c, "servers": stats, "best_peer": best}
             for own in [n for n in servers if is_own(n)]:
-                ratios = []
-                for k in rounds:
-                    here = {s["server"]: s for s in samples if (s["rows"], s["clients"], s["round"]) == (r, c, k)}
-                    top = max((s["rps"] for name, s in here.items() if not is_own(name)), default=0.0)
-                    if own in here and top > 0:
-                        ratios.append(here[own]["rps"] / top)
-                ratio = _median(ratios)
+                ratio = _median([here[own]["rps"] / tops[k] for k, here in sorted(rounds.items())
+                                 if own in here and tops[k] > 0])
                 mine = stats.get(own)
                 p99_ratio = (mine["p99_ms"] / peers[best]["p99_ms"] if mine and best and peers[best]["p99_ms"]
                              else math.nan)
