@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import scrape
 from benchmarks.procstat import loadavg, process_cpu_s, thread_cpu_s
 from benchmarks.serverproc import ServerProcess, repo_variant
 
@@ -106,10 +107,14 @@ def measure(server: ServerProcess, method: str, payload: bytes, clients: int, se
     time.sleep(2.0)  # a benchmark's warm-up window, not synchronisation
     here.send("mark")
     (n0, _), cpu0, threads0, t0 = here.recv(), process_cpu_s(server.pid), thread_cpu_s(server.pid), time.monotonic()
+    calls0 = scrape.fetch(server.metrics_url)
     time.sleep(seconds)
     here.send("mark")
     (n1, latencies), cpu1, threads1, t1 = (here.recv(), process_cpu_s(server.pid), thread_cpu_s(server.pid),
                                            time.monotonic())
+    calls1 = scrape.fetch(server.metrics_url)
+    calls, rows = (scrape.total(calls1, name) - scrape.total(calls0, name)  # graph calls and their rows
+                   for name in ("genserve_batch_size_rows_count", "genserve_batch_size_rows_sum"))
     top = py_spy_top(server.pid, profile_s, native=native) if profile_s > 0 else None
     here.send("stop")
     here.recv()
@@ -123,6 +128,7 @@ def measure(server: ServerProcess, method: str, payload: bytes, clients: int, se
               "by_thread_us_per_request": {k: round(1e6 * v / max(requests, 1), 1)
                                             for k, v in by_thread.most_common() if v > 0},
               "server_cores": (cpu1 - cpu0) / (t1 - t0), "loadavg": loadavg()[0],
+              "rows_per_call": rows / calls if calls else None,  # graph rows per ONNX Runtime call (its /metrics)
               "p50_ms": 1e3 * float(np.percentile(latencies, 50)) if latencies else None,
               "p99_ms": 1e3 * float(np.percentile(latencies, 99)) if latencies else None}
     if top is not None:
@@ -195,7 +201,8 @@ def _print(cell: dict[str, Any]) -> None:
     threads = ", ".join(f"{k} {v:.0f}" for k, v in list(cell["by_thread_us_per_request"].items())[:3])
     print(f"{cell['server']:>8} {cell['api']:>3} {cell['clients']:>3} clients: {cell['requests_per_s']:7.0f} req/s, "
           f"p50 {cell['p50_ms']:.2f} ms, p99 {cell['p99_ms']:.2f} ms, "
-          f"server CPU {cell['server_cpu_us_per_request']:6.0f} us/request ({threads}), load {cell['loadavg']:.1f}",
+          f"server CPU {cell['server_cpu_us_per_request']:6.0f} us/request ({threads}), "
+          f"{cell['rows_per_call'] or 0:.1f} rows/call, load {cell['loadavg']:.1f}",
           flush=True)
     if "profile" in cell and "self" in cell["profile"]:
         print("   self time on the event loop thread (% of its samples):")
@@ -269,13 +276,16 @@ def main(argv: list[str] | None = None) -> int:
                 for name in servers:
                     cells = [c for c in results["cells"]
                              if c["api"] == api and c["clients"] == clients and c["server"] == name]
-                    row[name] = {k: float(np.median([c[k] for c in cells]))
-                                 for k in ("server_cpu_us_per_request", "p50_ms", "requests_per_s")}
+                    row[name] = {k: float(np.median([c[k] or 0.0 for c in cells]))
+                                 for k in ("server_cpu_us_per_request", "p50_ms", "p99_ms", "requests_per_s",
+                                           "rows_per_call")}
                 results.setdefault("summary", []).append({"api": api, "clients": clients, **row})
                 base = row[first]["server_cpu_us_per_request"]
                 print(f"{api:>3} {clients:>3} clients: " + "; ".join(
                     f"{name} {r['server_cpu_us_per_request']:.0f} us ({r['server_cpu_us_per_request'] / base:.2f}x), "
-                    f"p50 {r['p50_ms']:.2f} ms, {r['requests_per_s']:.0f} req/s" for name, r in row.items()))
+                    f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['requests_per_s']:.0f} req/s "
+                    f"({r['requests_per_s'] / row[first]['requests_per_s']:.2f}x), {r['rows_per_call']:.1f} rows/call"
+                    for name, r in row.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

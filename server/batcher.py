@@ -20,8 +20,12 @@ earlier when no company is coming (``_due_reason``; the last two rules only with
   everyone in flight, as before.
 
 So one client's request runs at once (the latency of a server without batching) while concurrent ones still
-wait to merge. Each batch runs as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event loop
-keeps serving), and its outputs are split back in row order. Guarantees:
+wait to merge. While the event loop is saturated (``LoopLoad``: many clients, and requests wait for the loop to
+read them rather than for the graph) the wait stretches to ``busy_delay_factor`` times the delay, so calls hold
+the requests the loop reads meanwhile instead of the few it read in one delay.
+
+Each batch runs as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event loop keeps serving),
+and its outputs are split back in row order. Guarantees:
 
 * exactly one result per submission: its own rows, in its order, never a neighbour's;
 * a call that raises fails every submission with rows in that call, and only those; the next call runs;
@@ -110,6 +114,47 @@ async def handoff_cost(executor: Executor | None, rounds: int = 64, warmup: int 
 
 def _noop() -> None:
     pass
+
+
+BUSY_SHARE = 0.7
+"""The event loop counts as saturated while its thread was on a CPU at least this share of the last window
+(``LoopLoad``). At 64 closed-loop clients of 1-row flow requests it read 0.8 to 0.9 (the load generator shares
+the two cores); a lone client 0.6 (whose requests run alone, so the rule never applies to them)."""
+
+BUSY_DELAY_FACTOR = 5.0
+"""The server's default ``busy_delay_factor``: while the loop is saturated a forming batch waits up to this many
+times ``max_queue_delay_ms`` (10 ms for the default 2 ms). At 64 clients of 1-row flow requests, 2 ms calls held
+11-15 rows and 10 ms ones 40-46: 1.2-1.4x the requests/s at lower p50 and p99 (BENCHMARKS.md)."""
+
+
+class LoopLoad:
+    """How busy the event loop's thread is: its CPU time over the wall time of the last window (``memory_s``).
+
+    A saturated loop is where a gRPC server in Python spends its requests' time: at many concurrent clients the
+    requests wait for the loop to read them (in gRPC's queues, unseen by the batcher) rather than for the graph,
+    so a batch that goes after ``max_queue_delay_ms`` holds only the few the loop read meanwhile, and every call
+    costs the loop (and ONNX Runtime) its fixed share again. Waiting longer there costs no throughput (the loop
+    keeps reading) and buys larger calls. Read on the loop's thread only (``busy``), lazily: a window closes at
+    the first reading after ``memory_s``, so a reading after an idle spell averages the spell in (not busy).
+    """
+
+    __slots__ = ("memory_s", "cpu_clock", "share", "_at", "_cpu")
+
+    def __init__(self, memory_s: float = MEMORY_S, cpu_clock: Callable[[], float] = time.thread_time) -> None:
+        self.memory_s = memory_s
+        self.cpu_clock = cpu_clock  # the loop's thread's CPU seconds (when read on that thread)
+        self.share = 0.0  # of the last closed window
+        self._at = -math.inf
+        self._cpu = 0.0
+
+    def busy(self, now: float) -> bool:
+        """Whether the loop's thread was on a CPU at least ``BUSY_SHARE`` of the last window; ``now`` on the
+        monotonic clock (the loop's time)."""
+        if now - self._at >= self.memory_s:
+            cpu = self.cpu_clock()
+            self.share = (cpu - self._cpu) / (now - self._at) if math.isfinite(self._at) else 0.0
+            self._at, self._cpu = now, cpu
+        return self.share >= BUSY_SHARE
 
 
 class Occupancy:
@@ -221,6 +266,10 @@ class Batcher:
             machine runs, where the wall clock also counts time the thread was preempted or waited for the GIL
             after a worker-thread call, so on a busy machine a cheap graph read as costly stayed on the
             (costlier) worker-thread path.
+        loop_load: the event loop's ``LoopLoad`` (one per loop, shared by its batchers); with it, while the loop
+            is saturated, a batch waits up to ``busy_delay_factor`` times ``max_queue_delay_ms`` (``delay`` is
+            still the reason it goes, and "full" and "all_here" still send it earlier). None: never longer.
+        busy_delay_factor: see ``loop_load`` (>= 1; 1: never longer).
 
     Example:
         >>> import asyncio, numpy as np
@@ -241,11 +290,14 @@ class Batcher:
                  on_depth: Callable[[int], None] | None = None, expected: Callable[[], int] | None = None,
                  pad_to: int = 0, early: bool = False, memory_s: float = MEMORY_S,
                  pad_sizes: tuple[int, ...] = (), inline_call_s: float = 0.0, occupancy: Occupancy | None = None,
-                 inline_idle_call_s: float = 0.0, cost_clock: Callable[[], float] | None = None) -> None:
+                 inline_idle_call_s: float = 0.0, cost_clock: Callable[[], float] | None = None,
+                 loop_load: LoopLoad | None = None, busy_delay_factor: float = 1.0) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instances < 1 or max_queue_delay_ms < 0 or memory_s <= 0:
             raise ValueError(f"need max_batch_size, max_queue_size, instances >= 1, max_queue_delay_ms >= 0, "
                              f"memory_s > 0, got {max_batch_size}, {max_queue_size}, {instances}, "
                              f"{max_queue_delay_ms}, {memory_s}")
+        if not busy_delay_factor >= 1:
+            raise ValueError(f"busy_delay_factor must be >= 1, got {busy_delay_factor}")
         self.graph, self.model = graph, model
         self.run = run
         self.max_batch_size = max_batch_size
@@ -265,6 +317,8 @@ class Batcher:
         self.occupancy = occupancy
         self.inline_idle_call_s = inline_idle_call_s
         self.cost_clock = cost_clock
+        self.loop_load = loop_load
+        self.busy_delay_factor = busy_delay_factor
         self._call_s: dict[int, float] = {}  # size class (rows.bit_length()) -> running mean of call seconds
         self.inline_calls = 0  # calls run on the loop's thread (of ``calls``), for tests and benchmarks
         self._queue: deque[_Submission] = deque()
@@ -411,7 +465,10 @@ class Batcher:
 
     def _due_reason(self, now: float) -> tuple[str | None, float]:
         """Why the queue's front batch goes now (None: not yet), and until when to wait otherwise."""
-        due = self._queue[0].enqueued + self.delay
+        delay = self.delay
+        if self.busy_delay_factor > 1 and self.loop_load is not None and self.loop_load.busy(now):
+            delay *= self.busy_delay_factor  # the loop is saturated: company waits where it has not looked yet
+        due = self._queue[0].enqueued + delay
         if self._queued_rows >= self.max_batch_size:
             return "full", due
         if now >= due:

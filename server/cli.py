@@ -64,6 +64,9 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--inline-idle-call-us", "inline_idle_call_us", float, "US",
      "the same up to US when nothing else is in flight in the whole server (default: 4x --inline-call-us; "
      "0 = never)"),
+    ("--busy-delay-factor", "busy_delay_factor", float, "X",
+     "while the event loop is saturated, a batch waits up to X times max_queue_delay_ms (default 5; 1 = never "
+     "longer)"),
     ("--switch-interval-ms", "switch_interval_ms", float, "MS",
      "GIL switch interval of the server process (default 0.2; Python's own is 5)"),
     ("--malloc-arena-max", "malloc_arena_max", int, "N",

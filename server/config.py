@@ -141,6 +141,12 @@ class ServerConfig:
     and other models wait at most this long. Unset (the default): 16 hand-offs of this machine, measured when
     the server starts (about 400 us on a fast core, 1.4 ms on a core three times slower), within 100 us..5 ms;
     the server logs the figure it chose."""
+    busy_delay_factor: float = 5.0
+    """While the event loop is saturated (its thread on a CPU at least 70% of the last 0.1 s: many clients, whose
+    requests wait for the loop to read them rather than for the graph), a forming batch waits up to this many
+    times the model's ``max_queue_delay_ms`` for company (1: never longer). Larger calls cost the loop and ONNX
+    Runtime less per request: at 64 clients of 1-row flow requests 1.2-1.4x the requests/s at a lower p50 and
+    p99 than the plain 2 ms. Batches that fill, or hold every request in flight, still go at once."""
     inline_idle_call_us: float | None = None
     """The same for calls that lately took less than this, microseconds (above ``inline_call_us``), when
     moreover nothing else is in flight in the whole server and nothing was lately: a lone large request (64
@@ -198,6 +204,9 @@ class ServerConfig:
                 continue
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.busy_delay_factor) and self.busy_delay_factor >= 1):
+            raise ValueError(f"busy_delay_factor must be a finite number >= 1 (1: never wait longer), got "
+                             f"{self.busy_delay_factor}")
         if self.malloc_arena_max < 0:
             raise ValueError(f"malloc_arena_max must be >= 0 (0: glibc's default), got {self.malloc_arena_max}")
         if not (math.isfinite(self.switch_interval_ms) and 0 < self.switch_interval_ms <= 1000):

@@ -26,7 +26,14 @@ import numpy as np
 from genserve.core.manifest import LIKELIHOOD_NAME, SERVING_CONFIG, read_serving_config
 from genserve.core.noise import Noise
 from genserve.server import scoring
-from genserve.server.batcher import INLINE_CALL_BOUNDS_S, INLINE_HANDOFFS, INLINE_IDLE_FACTOR, Occupancy, handoff_cost
+from genserve.server.batcher import (
+    INLINE_CALL_BOUNDS_S,
+    INLINE_HANDOFFS,
+    INLINE_IDLE_FACTOR,
+    LoopLoad,
+    Occupancy,
+    handoff_cost,
+)
 from genserve.server.config import ServerConfig
 from genserve.server.errors import EngineError, InvalidInput, NotFound, NotReady, Unsupported
 from genserve.server.interface import (
@@ -97,6 +104,8 @@ class Engine:
         self.occupancy: Occupancy | None = None
         """Operations in flight in the whole engine, for the batchers' ``inline_idle_call_us`` rule, made by
         ``start`` when that rule is on; None (not counted per request) while it is off."""
+        self.loop_load: LoopLoad | None = None
+        """How busy the event loop is, for the batchers' ``busy_delay_factor`` (made by ``start``, on the loop)."""
         self._waits: dict[str, tuple[int, int]] = {}  # model -> (queued submissions, ns waited)
         self._available: set[str] = set()
         """Model folders of the repository at the last scan."""
@@ -133,6 +142,7 @@ class Engine:
                          "take under %.0f us (%d x the above; set --inline-idle-call-us to choose, 0: never)",
                          self.inline_idle_call_s * 1e6, INLINE_IDLE_FACTOR)
         self.occupancy = Occupancy() if self.inline_idle_call_s > 0 else None
+        self.loop_load = LoopLoad() if self.cfg.busy_delay_factor > 1 else None
         self._started = True
         result = await self.reload()
         for e in result.errors:
@@ -276,7 +286,8 @@ class Engine:
                             executor=self._executor, observe=self._observe_batch,
                             on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches,
                             inline_call_s=self.inline_call_s, occupancy=self.occupancy,
-                            inline_idle_call_s=self.inline_idle_call_s)
+                            inline_idle_call_s=self.inline_idle_call_s, loop_load=self.loop_load,
+                            busy_delay_factor=self.cfg.busy_delay_factor)
 
     def _retire(self, m: LoadedModel) -> None:
         task = asyncio.ensure_future(m.retire())

@@ -34,7 +34,7 @@ from genserve.core.manifest import (
     spec_from_proto,
 )
 from genserve.core.spec import DataSpec
-from genserve.server.batcher import Batcher, Feeds, Occupancy, pad_buckets
+from genserve.server.batcher import Batcher, Feeds, LoopLoad, Occupancy, pad_buckets
 from genserve.server.config import ServingSettings
 from genserve.server.metrics import BatchStats
 from genserve.server.programs import program_from_manifest
@@ -158,7 +158,8 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
                  executor: Executor | None = None, observe: Callable[[BatchStats], None] | None = None,
                  on_depth: Callable[[str, str, int], None] | None = None, pad_batches: str = "auto",
                  inline_call_s: float = 0.0, occupancy: Occupancy | None = None,
-                 inline_idle_call_s: float = 0.0) -> LoadedModel:
+                 inline_idle_call_s: float = 0.0, loop_load: LoopLoad | None = None,
+                 busy_delay_factor: float = 1.0) -> LoadedModel:
     """Load ``repo/name/version`` (blocking: reads files, hashes graphs, opens sessions); else LoadFailed."""
     folder = repo / name / str(version)
     where = f"{name} version {version}"
@@ -208,7 +209,8 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
             pad_to=settings.max_batch_size if pad_batches == "on" else 0,
             pad_sizes=pad_buckets(settings.max_batch_size) if pad_batches == "buckets" or (
                 pad_batches == "auto" and uses_cuda(sessions[0])) else (), inline_call_s=inline_call_s,
-            occupancy=occupancy, inline_idle_call_s=inline_idle_call_s,
+            occupancy=occupancy, inline_idle_call_s=inline_idle_call_s, loop_load=loop_load,
+            busy_delay_factor=busy_delay_factor,
             cost_clock=time.thread_time if settings.intra_op_threads == 1 and not uses_cuda(sessions[0]) else None)
     warmup_calls = warm_up(program, manifest, spec, operations, runners, settings, where) if settings.warmup else {}
     loaded = LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,

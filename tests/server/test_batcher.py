@@ -14,7 +14,16 @@ import onnxruntime as ort
 import pytest
 
 from genserve.core.manifest import read_manifest, spec_from_proto
-from genserve.server.batcher import Batcher, BatchFailed, Occupancy, handoff_cost, pad_buckets
+from genserve.server.batcher import (
+    BUSY_SHARE,
+    Batcher,
+    BatchFailed,
+    LoopLoad,
+    Occupancy,
+    _Submission,
+    handoff_cost,
+    pad_buckets,
+)
 from genserve.server.errors import QueueFull
 from genserve.server.metrics import BatchStats
 from genserve.server.sessions import SessionOptions, make_session, run_session
@@ -819,3 +828,79 @@ def test_handoff_cost_times_no_op_hand_offs_to_the_executor_on_the_loop_threads_
     cost, loop_thread = asyncio.run(main())
     assert len(ran) == 24 and loop_thread not in ran
     assert cost > 0.0  # the loop's own CPU for a submission, its wake-up and the result: never nothing
+
+
+# ---- a saturated event loop: a longer wait for company ------------------------------------------------------
+
+class _Load(LoopLoad):
+    """A LoopLoad whose verdict the test sets."""
+
+    __slots__ = ("saturated",)
+
+    def __init__(self, saturated: bool) -> None:
+        super().__init__()
+        self.saturated = saturated
+
+    def busy(self, now: float) -> bool:
+        return self.saturated
+
+
+def test_loop_load_is_the_loops_cpu_share_of_the_last_window_read_lazily() -> None:
+    """CPU seconds of the loop's thread over wall seconds, per window of ``memory_s`` closed at the first reading
+    after it: 0.1 s of CPU in 0.125 s is busy (>= BUSY_SHARE), half is not, and a reading after an idle spell
+    averages the spell in."""
+    cpu = [0.0]
+    load = LoopLoad(memory_s=0.1, cpu_clock=lambda: cpu[0])
+    assert not load.busy(10.0) and load.share == 0.0  # the first reading opens a window
+    cpu[0] = 0.1
+    assert load.busy(10.125) and load.share == pytest.approx(0.8) and BUSY_SHARE <= 0.8
+    cpu[0] = 0.13
+    assert load.busy(10.2)  # within the window: the last closed window's verdict stands
+    cpu[0] = 0.1625
+    assert not load.busy(10.25) and load.share == pytest.approx(0.5)
+    cpu[0] = 0.2
+    assert not load.busy(20.25) and load.share == pytest.approx(0.0375 / 10.0)
+
+
+def test_a_batch_forming_while_the_loop_is_saturated_waits_busy_delay_factor_times_the_delay(ppca) -> None:
+    """As in the test above a batch of two forms while three were in flight lately; with the event loop
+    saturated (``LoopLoad``) it waits 3 x the 100 ms delay rather than 100 ms, and still goes for the reason
+    "delay". A batch that holds everyone in flight goes at once all the same."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 3, seed=17)
+    stats: list[BatchStats] = []
+    in_flight = [3]
+    b = ppca_batcher(ppca, max_queue_delay_ms=100.0, observe=stats.append, memory_s=1000.0,
+                     expected=lambda: in_flight[0], early=True, loop_load=_Load(True), busy_delay_factor=3.0)
+
+    async def main():
+        outs = await asyncio.gather(*(b.submit(rows_of(feeds, i, i + 1)) for i in range(3)))
+        in_flight[0] = 2
+        outs += await asyncio.gather(b.submit(rows_of(feeds, 0, 1)), b.submit(rows_of(feeds, 1, 2)))
+        await b.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    assert b.reasons == {"all_here": 1, "delay": 1} and [s.rows for s in stats] == [3, 2]
+    assert min(stats[1].queue_waits) >= 0.29
+    assert same_bits(outs[3], outs[0]) and same_bits(outs[4], outs[1])  # the same rows, the same answers
+
+
+def test_the_delay_stretches_only_while_the_loop_is_saturated_and_only_with_a_loop_load(ppca) -> None:
+    """``_due_reason`` of a queue whose oldest submission came at t = 100 s, delay 10 ms, factor 5: due at
+    100.05 while the loop is saturated, at 100.01 when it is not and without a LoopLoad; factor 1 never
+    stretches; a factor below 1 is refused."""
+    def due(loop_load, factor: float, now: float):
+        b = ppca_batcher(ppca, max_queue_delay_ms=10.0, loop_load=loop_load, busy_delay_factor=factor)
+        sub = _Submission({"x": np.zeros((1, 2), np.float32)}, 1, None, 100.0, True)
+        b._queue.append(sub)
+        b._queued_rows, b._waiting, b._fresh = 1, 1, 1
+        return b._due_reason(now)
+
+    assert due(_Load(True), 5.0, 100.02) == (None, pytest.approx(100.05))
+    assert due(_Load(True), 5.0, 100.06) == ("delay", pytest.approx(100.05))
+    assert due(_Load(False), 5.0, 100.02) == ("delay", pytest.approx(100.01))
+    assert due(None, 5.0, 100.005) == (None, pytest.approx(100.01))
+    assert due(_Load(True), 1.0, 100.02) == ("delay", pytest.approx(100.01))
+    with pytest.raises(ValueError, match="busy_delay_factor must be >= 1"):
+        due(_Load(True), 0.5, 100.0)

@@ -557,3 +557,21 @@ def test_unset_inline_idle_call_us_is_four_times_the_inline_call(engine_config, 
     assert (occupancy is not None) == counted
     if counted:
         assert occupancy.now == 0 and occupancy._peak_now == 1  # the request above entered and left
+
+
+@pytest.mark.parametrize(("factor", "shared"), [(5.0, True), (1.0, False)])
+def test_the_engines_loop_load_reaches_every_batcher_with_the_busy_delay_factor(engine_config, factor,
+                                                                                 shared) -> None:
+    """``busy_delay_factor`` (default 5) reaches every batcher with the engine's one ``LoopLoad``, made on the
+X"""
+    async def body(engine):
+        batchers = engine.get_model("digits-ppca").batchers.values()
+        await asyncio.gather(*(score(engine, "digits-ppca", np.zeros((2, 8, 8), np.float32), s) for s in range(4)))
+        return ({b.busy_delay_factor for b in batchers}, {b.loop_load is engine.loop_load for b in batchers},
+                engine.loop_load)
+
+    assert ServerConfig.__dataclass_fields__["busy_delay_factor"].default == 5.0
+    factors, same, load = running(replace(engine_config, busy_delay_factor=factor), body)
+    assert factors == {factor} and same == {True} and (load is not None) == shared
+    with pytest.raises(ValueError, match="busy_delay_factor must be a finite number >= 1"):
+        replace(engine_config, busy_delay_factor=0.5)
