@@ -121,10 +121,6 @@ BUSY_SHARE = 0.7
 (``LoopLoad``). At 64 closed-loop clients of 1-row flow requests it read 0.8 to 0.9 (the load generator shares
 the two cores); a lone client 0.6 (whose requests run alone, so the rule never applies to them)."""
 
-BUSY_DELAY_FACTOR = 5.0
-"""The server's default ``busy_delay_factor``: while the loop is saturated a forming batch waits up to this many
-times ``max_queue_delay_ms`` (10 ms for the default 2 ms). At 64 clients of 1-row flow requests, 2 ms calls held
-11-15 rows and 10 ms ones 40-46: 1.2-1.4x the requests/s at lower p50 and p99 (BENCHMARKS.md)."""
 
 
 class LoopLoad:

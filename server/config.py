@@ -144,9 +144,11 @@ class ServerConfig:
     busy_delay_factor: float = 5.0
     """While the event loop is saturated (its thread on a CPU at least 70% of the last 0.1 s: many clients, whose
     requests wait for the loop to read them rather than for the graph), a forming batch waits up to this many
-    times the model's ``max_queue_delay_ms`` for company (1: never longer). Larger calls cost the loop and ONNX
-    Runtime less per request: at 64 clients of 1-row flow requests 1.2-1.4x the requests/s at a lower p50 and
-    p99 than the plain 2 ms. Batches that fill, or hold every request in flight, still go at once."""
+    times the model's ``max_queue_delay_ms`` for company (1: never longer). Batches that fill, or hold every
+    request in flight, still go at once. At 64 clients of 1-row flow requests calls held 31-54 rows instead of
+    11-15 and ONNX Runtime's threads spent 35-91 us of CPU per request instead of 80-161; over 14 paired rounds
+    the requests/s were 1.09x (median; 0.79-1.28x), server CPU per request 0.90x and p99 1.01x (BENCHMARKS.md).
+    The event loop's own work per request, which bounds a 2-core machine, does not shrink with larger calls."""
     inline_idle_call_us: float | None = None
     """The same for calls that lately took less than this, microseconds (above ``inline_call_us``), when
     moreover nothing else is in flight in the whole server and nothing was lately: a lone large request (64
