@@ -122,7 +122,6 @@ BUSY_SHARE = 0.7
 the two cores); a lone client 0.6 (whose requests run alone, so the rule never applies to them)."""
 
 
-
 class LoopLoad:
     """How busy the event loop's thread is: its CPU time over the wall time of the last window (``memory_s``).
 
