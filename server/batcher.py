@@ -122,6 +122,12 @@ BUSY_SHARE = 0.7
 the two cores); a lone client 0.6 (whose requests run alone, so the rule never applies to them)."""
 
 
+SPLIT_MIN_ROWS = 64
+"""A due batch is split over idle instances (``instances`` > 1) only into parts of at least this many rows: a
+large batch (eight 64-row requests, 512 rows) runs as two calls at once on two instances instead of one call
+while the other instance waits; small ones stay whole, since every call costs the event loop its hand-off."""
+
+
 class LoopLoad:
     """How busy the event loop's thread is: its CPU time over the wall time of the last window (``memory_s``).
 
@@ -223,7 +229,8 @@ class Batcher:
         max_batch_size: most rows per call.
         max_queue_delay_ms: longest wait of the oldest queued submission for others to join it.
         max_queue_size: most submissions waiting (not yet fully handed to calls).
-        instances: calls that may run at once (one worker per instance).
+        instances: calls that may run at once (one worker per instance); a due batch of at least twice
+            ``SPLIT_MIN_ROWS`` rows is split over the idle ones.
         executor: thread pool for the calls (None: the event loop's default executor).
         input_shapes: input name -> shape of one row (None for a free axis); submissions are checked against
             it so that a malformed submission fails alone instead of breaking a merged call.
@@ -335,7 +342,9 @@ class Batcher:
         self.reasons: Counter[str] = Counter()
         """Why each call went: "full", "delay" (the oldest waited max_queue_delay_ms), "steps" (only later steps
         of the requests in flight wait), "all_here" (every request in flight lately is queued), "no_company"
-        (a lone submission, and no arrival likely within the rest of the delay)."""
+        (a lone submission, and no arrival likely within the rest of the delay), "split" (the rest of a batch
+        whose first part another instance took, ``SPLIT_MIN_ROWS``)."""
+        self._split_rest = False  # the queue's front is the rest of a batch split over idle instances: due now
 
     # ---- public ------------------------------------------------------------------------------------
     @property
@@ -466,6 +475,8 @@ class Batcher:
         due = self._queue[0].enqueued + delay
         if self._queued_rows >= self.max_batch_size:
             return "full", due
+        if self._split_rest:
+            return "split", due
         if now >= due:
             return "delay", due
         if self.expected is None or self._waiting < self.expected():  # someone in flight may still join
@@ -547,10 +558,19 @@ class Batcher:
                 pass
 
     def _take(self) -> list[tuple[_Submission, int, int]]:
-        """Up to max_batch_size rows from the queue front; a partly taken submission moves to the back."""
+        """Up to max_batch_size rows from the queue front; a partly taken submission moves to the back. With
+        other instances idle and enough rows queued, only this instance's share (``SPLIT_MIN_ROWS``): the rest
+        is due at once, for the next idle instance."""
         parts: list[tuple[_Submission, int, int]] = []
         skipped: list[_Submission] = []
         capacity, key, rotate = self.max_batch_size, None, None
+        self._split_rest = False
+        idle = self.instances - self._running - 1  # other workers waiting for a batch (this one takes it now)
+        if idle > 0 and self._queued_rows >= 2 * SPLIT_MIN_ROWS:
+            ways = min(idle + 1, self._queued_rows // SPLIT_MIN_ROWS)
+            share = -(-min(self._queued_rows, self.max_batch_size * ways) // ways)  # ceiling division
+            if share < capacity:
+                capacity, self._split_rest = share, True
         while capacity and self._queue:
             sub = self._queue.popleft()
             if sub.future.done():
@@ -581,6 +601,9 @@ class Batcher:
             self._queue.append(rotate)
         if parts:
             self._running += 1  # _execute's finally takes it back; an empty batch is never executed
+        if self._split_rest:
+            self._split_rest = bool(self._queue)
+            self._wakeup.set()  # an idle worker takes the rest now
         self._depth_changed()
         return parts
 

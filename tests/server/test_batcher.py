@@ -16,6 +16,7 @@ import pytest
 from genserve.core.manifest import read_manifest, spec_from_proto
 from genserve.server.batcher import (
     BUSY_SHARE,
+    SPLIT_MIN_ROWS,
     Batcher,
     BatchFailed,
     LoopLoad,
@@ -904,3 +905,49 @@ def test_the_delay_stretches_only_while_the_loop_is_saturated_and_only_with_a_lo
     assert due(_Load(True), 1.0, 100.02) == ("delay", pytest.approx(100.01))
     with pytest.raises(ValueError, match="busy_delay_factor must be >= 1"):
         due(_Load(True), 0.5, 100.0)
+
+
+# ---- splitting a due batch over idle instances --------------------------------------------------------------
+
+@pytest.mark.parametrize(("instances", "rows", "want_calls"),
+                         [(2, 64, [256, 256]), (1, 64, [512]), (2, 1, [8]), (3, 32, [64, 96, 96])])
+def test_a_large_due_batch_is_split_over_idle_instances_and_small_ones_stay_whole(ppca, instances, rows,
+                                                                                   want_calls) -> None:
+    """Eight requests queued together: with two instances, eight 64-row requests (512 rows) run as two 256-row
+    calls at the same time, where one instance alone runs one 512-row call; eight 1-row requests stay one call
+    (parts under SPLIT_MIN_ROWS rows are not worth a call each); three instances split 256 rows of 32-row
+    requests three ways, in whole requests (a share of 86 rows holds two of them). Every request gets its own
+    rows' answers, bit for bit."""
+    assert SPLIT_MIN_ROWS == 64
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 8 * rows, seed=18)
+    calls, inside, most = [], [0], [0]
+    lock, together = threading.Lock(), threading.Barrier(len(want_calls), timeout=60)
+
+    def run(instance, f):
+        with lock:
+            calls.append(len(f["x"]))
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            together.wait()  # every part waits here until all have started: they run at once
+            return run_session(session, f)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(instances) as pool:
+        b = Batcher("log_prob", run, max_batch_size=512, max_queue_delay_ms=60_000.0, instances=instances,
+                    executor=pool, expected=lambda: 8, early=True)
+
+        async def main():
+            return await asyncio.gather(*(b.submit(rows_of(feeds, i * rows, (i + 1) * rows)) for i in range(8)))
+
+        outs = asyncio.run(main())
+    assert calls == want_calls and most[0] == len(want_calls)
+    first = "full" if 8 * rows >= 512 else "all_here"  # 512 rows fill max_batch_size
+    assert b.reasons == ({first: 1, "split": len(want_calls) - 1} if len(want_calls) > 1 else {first: 1})
+    for i, out in enumerate(outs):
+        assert same_bits(out, run_session(session, rows_of(feeds, i * rows, (i + 1) * rows)))
