@@ -31,11 +31,12 @@ def free_port() -> int:
 
 
 def repo_variant(src: str | Path, dst: str | Path, serving: dict[str, Any] | None = None,
-                 models: list[str] | None = None) -> Path:
+                 models: list[str] | None = None, drop: tuple[str, ...] = ()) -> Path:
     """Copy ``src`` (only ``models`` when given) to ``dst`` with ``serving`` written into each config.json.
 
     ``serving`` holds ServingConfig keys (``max_batch_size``, ``max_queue_delay_ms``, ``instances`` ...); they
-    are merged over the model's existing config.json, which outranks the manifest and the server flags.
+    are merged over the model's existing config.json, which outranks the manifest and the server flags. The keys
+    in ``drop`` are removed from it, so that the server's flags (or the manifest) decide them.
     """
     src, dst = Path(src), Path(dst)
     shutil.rmtree(dst, ignore_errors=True)
@@ -47,7 +48,8 @@ def repo_variant(src: str | Path, dst: str | Path, serving: dict[str, Any] | Non
         shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns(".*"))
         config = dst / name / "config.json"
         current = json.loads(config.read_text()) if config.exists() else {}
-        config.write_text(json.dumps({**current, **(serving or {})}, indent=2) + "\n")
+        merged = {k: v for k, v in {**current, **(serving or {})}.items() if k not in drop}
+        config.write_text(json.dumps(merged, indent=2) + "\n")
     return dst
 
 

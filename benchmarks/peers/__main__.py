@@ -15,7 +15,8 @@ rounds of requests/s, p50/p99 and the CPU of each server's process tree, and gen
 ``--genserve-variant NAME="FLAGS"`` (repeatable) serves the graph with more genserve servers, started with
 other ``genserve serve`` flags (e.g. ``2p="--processes 2"``) and measured in the same rotation as
 ``genserve-NAME``; each gets its own ratio to the best peer, so a setting is judged against the peers and against
-the default in one run.
+the default in one run. A variant's per-model flags (``--instances``, ``--max-queue-delay-ms`` ...) are taken out
+of its copy's config.json, which would otherwise outrank them (``variant_serving``).
 
 Run from the repository root. A peer that cannot be installed, started or answer correctly is named in the
 table with the reason, never left out silently.
@@ -99,6 +100,21 @@ def variant_flags(spec: str) -> tuple[str, dict[str, str | None]]:
     return f"{GENSERVE}-{name}", flags
 
 
+def variant_serving(serving: dict[str, float],
+                    flags: dict[str, str | None]) -> tuple[dict[str, float], tuple[str, ...]]:
+    """A variant's model settings: ``serving`` without the per-model settings its flags set, and those settings'
+    names, to be removed from its copy's config.json as well (which outranks the flags: a variant's
+    ``--instances 2`` over a config.json holding ``"instances": 1`` would be ignored without a word)."""
+    from genserve.server.cli import FLAGS
+    from genserve.v1 import manifest_pb2 as pb
+
+    per_model = {f.name for f in pb.ServingConfig.DESCRIPTOR.fields}
+    setting = {flag: name for flag, name, *_ in FLAGS}
+    names = {setting.get(flag, setting.get("--" + flag.removeprefix("--no-"))) for flag in flags}
+    drop = tuple(sorted(names & per_model))
+    return {k: v for k, v in serving.items() if k not in drop}, drop
+
+
 def reference(graph: PeerGraph, work: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     """The graph's outputs in this process, run exactly as the peers run it (runtimes/ort_graph.py)."""
     spec = importlib.util.spec_from_file_location("peer_ort_graph", Path(__file__).parent / "runtimes" / "ort_graph.py")
@@ -162,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         handles: dict[str, tuple[str, int, callable]] = {
             GENSERVE: (genserve.target, genserve.pid, lambda r: graph.oip_name)}
         for name, flags in variants.items():
-            own = stack.enter_context(ServerProcess(repo_variant(args.repo, work / name, serving, [args.model]),
-                                                    flags))
+            own_serving, drop = variant_serving(serving, flags)
+            own = stack.enter_context(ServerProcess(repo_variant(args.repo, work / name, own_serving, [args.model],
+                                                                 drop=drop), flags))
             handles[name] = (own.target, own.pid, lambda r: graph.oip_name)
             versions[name] = {**versions[GENSERVE], "flags": flags}
         for peer in peers:

@@ -7,8 +7,10 @@ never asserted here. Nothing here installs a peer or needs the network.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from benchmarks.peers import summary, treecpu  # noqa: E402
 from benchmarks.peers.graph import peer_graph  # noqa: E402
 from benchmarks.peers.launch import PeerServer, PeerUnavailable  # noqa: E402
 from benchmarks.peers.oipload import OipLoad, infer_once, infer_request  # noqa: E402
+from benchmarks.serverproc import repo_variant  # noqa: E402
 from genserve.server.app import BackgroundServer  # noqa: E402
 from genserve.server.config import ServerConfig  # noqa: E402
 
@@ -229,3 +232,20 @@ def test_a_peer_venv_is_reused_while_its_pins_hold_and_a_failed_install_says_why
     with pytest.raises(PeerUnavailable, match="No matching distribution"):
         launch.venv("kserve")
     assert calls and calls[0][-len(launch.PINS["kserve"]):] == launch.PINS["kserve"]
+
+
+def test_a_variants_per_model_flags_are_not_overruled_by_the_copied_config_json(repo_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """config.json outranks the server's flags, so a variant's copy loses the per-model settings its flags set
+    (``--instances 2`` would otherwise meet ``"instances": 1`` and be ignored), while the sweep's own settings
+    stay for everything else; flags that are not per-model settings drop nothing."""
+    serving = {"max_batch_size": 512, "max_queue_delay_ms": 2.0}
+    flags = cli.variant_flags("i2=--instances 2 --max-queue-delay-ms 5 --no-warmup --processes 2")[1]
+    own, drop = cli.variant_serving(serving, flags)
+    assert drop == ("instances", "max_queue_delay_ms", "warmup") and own == {"max_batch_size": 512}
+    assert cli.variant_serving(serving, {"--processes": "2", "--threads": "1"}) == (serving, ("intra_op_threads",))
+    src = tmp_path / "src"
+    shutil.copytree(repo_dir / MODEL, src / MODEL)
+    (src / MODEL / "config.json").write_text(json.dumps({"instances": 1, "max_queue_size": 7, "warmup": True}))
+    out = repo_variant(src, tmp_path / "copy", own, [MODEL], drop=drop)
+    assert json.loads((out / MODEL / "config.json").read_text()) == {"max_queue_size": 7, "max_batch_size": 512}
