@@ -562,8 +562,8 @@ def test_unset_inline_idle_call_us_is_four_times_the_inline_call(engine_config, 
 @pytest.mark.parametrize(("factor", "shared"), [(5.0, True), (1.0, False)])
 def test_the_engines_loop_load_reaches_every_batcher_with_the_busy_delay_factor(engine_config, factor,
                                                                                  shared) -> None:
-    """``busy_delay_factor`` (default 5) reaches every batcher with the engine's one ``LoopLoad``, made on the
-X"""
+    """``busy_delay_factor`` (default 5) reaches every batcher with the engine's one ``LoopLoad`` (made by
+    ``start``, on the engine's loop); 1 makes none (never longer); below 1 is refused."""
     async def body(engine):
         batchers = engine.get_model("digits-ppca").batchers.values()
         await asyncio.gather(*(score(engine, "digits-ppca", np.zeros((2, 8, 8), np.float32), s) for s in range(4)))
