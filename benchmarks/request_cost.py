@@ -35,7 +35,7 @@ import numpy as np
 
 from benchmarks import scrape
 from benchmarks.procstat import loadavg, process_cpu_s, thread_cpu_s
-from benchmarks.serverproc import ServerProcess, repo_variant
+from benchmarks.serverproc import ServerProcess, per_model_flags, repo_variant
 
 OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
 V1 = "/genserve.v1.GenerativeService/"
@@ -254,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"model": args.model, "operation": args.operation, "rows": args.rows,
                                "baseline": args.baseline, "cells": []}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        repo = repo_variant(args.repo, Path(tmp) / "repo", models=[args.model])
-        servers = {name: stack.enter_context(_server(repo, f, tree)) for name, (tree, f) in variants.items()}
+        servers = {}
+        for name, (tree, f) in variants.items():  # each its own copy, without the config.json keys its flags set
+            repo = repo_variant(args.repo, Path(tmp) / name, models=[args.model], drop=per_model_flags(f))
+            servers[name] = stack.enter_context(_server(repo, f, tree))
         for round_ in range(args.rounds):
             for api in args.apis.split(","):
                 method, payload = requests[api]

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,18 @@ def repo_variant(src: str | Path, dst: str | Path, serving: dict[str, Any] | Non
         merged = {k: v for k, v in {**current, **(serving or {})}.items() if k not in drop}
         config.write_text(json.dumps(merged, indent=2) + "\n")
     return dst
+
+
+def per_model_flags(flags: dict[str, Any] | Iterable[str]) -> tuple[str, ...]:
+    """The per-model settings (ServingConfig keys) that these `genserve serve` flags set: a repository copy's
+    config.json must not hold them, since it outranks the flags (``repo_variant(drop=...)``)."""
+    from genserve.server.cli import FLAGS
+    from genserve.v1 import manifest_pb2 as pb
+
+    per_model = {f.name for f in pb.ServingConfig.DESCRIPTOR.fields}
+    setting = {flag: name for flag, name, *_ in FLAGS}
+    names = {setting.get(flag, setting.get("--" + flag.removeprefix("--no-"))) for flag in flags}
+    return tuple(sorted(names & per_model))
 
 
 class ServerProcess:

@@ -365,11 +365,15 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         message of the stream that does not parse ends the stream with its status (INVALID_ARGUMENT)."""
         async def one(req: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(req, context.time_remaining()))
+                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(req, context.time_remaining()))
             except Failure as e:
-                return pb.ModelStreamInferResponse(
+                answer = pb.ModelStreamInferResponse(
                     error_message=e.message,
                     infer_response=pb.ModelInferResponse(model_name=req.model_name, id=req.id))
+            flag = req.parameters.get("triton_enable_empty_final_response")
+            if flag is not None and flag.bool_param:  # each answer is its request's last: say so, as Triton does
+                answer.infer_response.parameters["triton_final_response"].bool_param = True
+            return answer
 
         try:
             async for response in pipelined(request_iterator, one, STREAM_WINDOW):

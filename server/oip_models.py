@@ -41,8 +41,10 @@ PARAMETERS = {
 SCORE_PARAMETERS = frozenset({"scores", "percentile", "per_dimension", "draws"})
 """log_likelihood's parameters beyond log_prob: score kinds (comma-separated names), percentiles, per-dimension
 terms, dequantisation draws."""
-IGNORED_PARAMETERS = ("priority",)
-"""Triton request parameters accepted and ignored (genserve has one priority level)."""
+IGNORED_PARAMETERS = ("priority", "triton_enable_empty_final_response")
+"""Triton request parameters accepted and ignored by the operation: genserve has one priority level, and every
+response of genserve is its request's final one (``triton_enable_empty_final_response``, which Triton's clients
+send, perf_analyzer on every request, asks ModelStreamInfer to mark it: ``triton_final_response``)."""
 
 
 def oip_name(model: str, operation: str) -> str:

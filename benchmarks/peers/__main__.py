@@ -45,7 +45,7 @@ from benchmarks.peers import summary, treecpu
 from benchmarks.peers.graph import PeerGraph, peer_graph
 from benchmarks.peers.launch import ORT, PINS, PeerServer, PeerUnavailable, installed_versions, venv
 from benchmarks.peers.oipload import OipLoad, infer_once, infer_request
-from benchmarks.serverproc import ServerProcess, repo_variant
+from benchmarks.serverproc import ServerProcess, per_model_flags, repo_variant
 
 GENSERVE = summary.GENSERVE
 
@@ -105,13 +105,7 @@ def variant_serving(serving: dict[str, float],
     """A variant's model settings: ``serving`` without the per-model settings its flags set, and those settings'
     names, to be removed from its copy's config.json as well (which outranks the flags: a variant's
     ``--instances 2`` over a config.json holding ``"instances": 1`` would be ignored without a word)."""
-    from genserve.server.cli import FLAGS
-    from genserve.v1 import manifest_pb2 as pb
-
-    per_model = {f.name for f in pb.ServingConfig.DESCRIPTOR.fields}
-    setting = {flag: name for flag, name, *_ in FLAGS}
-    names = {setting.get(flag, setting.get("--" + flag.removeprefix("--no-"))) for flag in flags}
-    drop = tuple(sorted(names & per_model))
+    drop = per_model_flags(flags)
     return {k: v for k, v in serving.items() if k not in drop}, drop
 
 

@@ -344,6 +344,35 @@ def test_stream_infer_answers_each_request_in_order(client, genserve) -> None:
     assert got[4][1] is None and got[4][0].get_response().id == "last"
 
 
+def test_tritons_final_response_flag_is_taken_and_honoured(client, triton_stub, genserve) -> None:
+    """Triton's clients send ``triton_enable_empty_final_response`` (perf_analyzer on every request): a unary
+    request with it is answered as without it, and a stream marks each answer ``triton_final_response``."""
+    request = triton_pb.ModelInferRequest(model_name=f"{VAE}.sample")
+    request.inputs.add(name="N", datatype="INT64", shape=[1]).contents.int64_contents.append(2)
+    request.parameters["seed"].int64_param = 3
+    request.parameters["triton_enable_empty_final_response"].bool_param = False
+    response = triton_stub.ModelInfer(request)
+    samples = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(response.outputs[0].shape)
+    reference = genserve.Sample(service_pb2.SampleRequest(model=VAE, n=2, seed=3))
+    np.testing.assert_array_equal(samples, from_proto(reference.samples))
+    assert "triton_final_response" not in response.parameters
+
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(f"{VAE}.sample", [n_input(2)], request_id="flagged", parameters={"seed": 3},
+                                  enable_empty_final_response=True)
+        client.async_stream_infer(f"{VAE}.sample", [n_input(2)], request_id="plain", parameters={"seed": 3})
+        got = [answers.get(timeout=30) for _ in range(2)]
+    finally:
+        client.stop_stream()
+    assert [error for _, error in got] == [None, None]
+    flagged, plain = (result.get_response() for result, _ in got)
+    assert flagged.id == "flagged" and flagged.parameters["triton_final_response"].bool_param is True
+    assert plain.id == "plain" and "triton_final_response" not in plain.parameters
+    np.testing.assert_array_equal(got[0][0].as_numpy("samples"), from_proto(reference.samples))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics
 
