@@ -126,7 +126,19 @@ def _error_bytes(status: int, code: grpc.StatusCode, message: str, reason: str) 
 
 
 class _JsonH11(H11Protocol):
-    """uvicorn's h11 protocol, answering a request it cannot parse with the face's JSON error, not plain text."""
+    """uvicorn's h11 protocol, answering a request it cannot parse with the face's JSON error, not plain text,
+    and sending small writes at once (TCP_NODELAY)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # asyncio turns Nagle's algorithm off only for sockets made with proto IPPROTO_TCP, and the listening
+        # socket (socket.create_server) has proto 0. With Nagle on, an answer's body (its second write, after
+        # the headers) waited for the client's delayed ACK: 40 ms per request on a kept-alive connection, for
+        # tritonclient.http and perf_analyzer alike.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
 
     def send_400_response(self, msg: str) -> None:
         body = _error_bytes(400, grpc.StatusCode.INVALID_ARGUMENT,

@@ -8,6 +8,7 @@ port serves /metrics only.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -364,6 +365,31 @@ def test_http_requests_are_counted_under_their_own_method(server, http) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     assert f'genserve_requests_total{{code="OK",method="http.Sample",model="{VAE}"}}' in text
+
+
+def test_answers_go_out_at_once_not_after_a_delayed_ack(small_repo: Path) -> None:
+    """Bug: the HTTP face's connections kept Nagle's algorithm on (asyncio turns it off only for sockets made
+    with proto IPPROTO_TCP), so an answer's body, written after its headers, waited for the client's delayed
+    ACK: 40 ms per request on a kept-alive connection (tritonclient.http, perf_analyzer). The server's end of
+    a connection must have TCP_NODELAY set."""
+    cfg = ServerConfig(repo=small_repo, port=0, metrics_port=0, http_port=free_port(), provider="cpu",
+                       workers=1, grace_s=1.0)
+    with BackgroundServer(cfg) as srv, socket.create_connection(("127.0.0.1", srv.http_port), timeout=30) as c:
+        c.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")  # accepted, and answered on this connection
+        ends = []
+        for fd in os.listdir("/proc/self/fd"):  # the server runs in this process: find its end of ``c``
+            try:
+                s = socket.socket(fileno=os.dup(int(fd)))
+            except OSError:
+                continue  # not a socket
+            with s:
+                try:
+                    if s.type == socket.SOCK_STREAM and s.getpeername() == c.getsockname():
+                        ends.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                except OSError:
+                    pass  # not connected, or not TCP
+        assert ends and all(ends), f"the server's end of the connection: TCP_NODELAY {ends}"
 
 
 def test_the_http_port_closes_with_the_server(small_repo: Path, tmp_path: Path, processes: int) -> None:
