@@ -18,6 +18,10 @@ other ``genserve serve`` flags (e.g. ``2p="--processes 2"``) and measured in the
 the default in one run. A variant's per-model flags (``--instances``, ``--max-queue-delay-ms`` ...) are taken out
 of its copy's config.json, which would otherwise outrank them (``variant_serving``).
 
+``--load perf_analyzer`` drives the servers with Triton's own C++ load generator instead (benchmarks/peers/
+perfanalyzer.py: about half the client CPU per request); it needs Triton's ModelConfig RPC, so MLServer and
+KServe are named as not run.
+
 Run from the repository root. A peer that cannot be installed, started or answer correctly is named in the
 table with the reason, never left out silently.
 """
@@ -41,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import procstat
-from benchmarks.peers import summary, treecpu
+from benchmarks.peers import perfanalyzer, summary, treecpu
 from benchmarks.peers.graph import PeerGraph, peer_graph
 from benchmarks.peers.launch import ORT, PINS, PeerServer, PeerUnavailable, installed_versions, venv
 from benchmarks.peers.oipload import OipLoad, infer_once, infer_request
@@ -76,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window-s", type=float, default=3.0)
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |difference| from the in-process graph")
     p.add_argument("--work", help="folder for the graph copy, configs and server logs (default: a temporary one)")
+    p.add_argument("--load", choices=("oip", "perf_analyzer"), default="oip",
+                   help="load generator: the Python OIP client (every server) or Triton's perf_analyzer (genserve "
+                        "and Triton only; --processes and --connections do not apply, --warmup-s neither)")
     p.add_argument("--out", help="write the JSON here")
     return p
 
@@ -178,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             handles[name] = (own.target, own.pid, lambda r: graph.oip_name)
             versions[name] = {**versions[GENSERVE], "flags": flags}
         for peer in peers:
+            if args.load == "perf_analyzer" and peer in perfanalyzer.NEEDS_MODEL_CONFIG:
+                status[peer] = "perf_analyzer needs Triton's ModelConfig RPC, which this server lacks"
+                log(f"{peer}: NOT RUN: {status[peer]}")
+                continue
             try:
                 venv(peer, log)
                 versions[peer] = installed_versions(peer)
@@ -206,7 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         idle = _idle_cores({name: h[1] for name, h in handles.items()})
         log("idle CPU of each server, cores: " + ", ".join(f"{k} {v:.3f}" for k, v in idle.items()))
         order = [s for s in servers if s in handles]
-        load = stack.enter_context(OipLoad(args.processes, args.connections))
+        if args.load == "perf_analyzer":
+            try:
+                load = perfanalyzer.PerfAnalyzerLoad(log)
+            except PeerUnavailable as e:
+                raise SystemExit(f"--load perf_analyzer: {e}") from None
+        else:
+            load = stack.enter_context(OipLoad(args.processes, args.connections))
         for k in range(args.rounds):
             for r in rows:
                 for c in clients:
@@ -225,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"max_batch_size_rows": args.max_batch_size, "delay_ms": args.delay_ms,
                            "mlserver_workers": args.mlserver_workers,
                            "pytriton_instances": args.pytriton_instances, "processes": args.processes,
-                           "connections": args.connections,
+                           "connections": args.connections, "load": args.load,
                            "warmup_s": args.warmup_s, "window_s": args.window_s, "rounds": args.rounds},
               "variants": variants, "pins": PINS, "versions": versions, "status": status, "idle_server_cores": idle,
               "load_at_start": load_at_start, "load1_min_max": [min(loads), max(loads)],
@@ -238,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _measure(load: OipLoad, name: str, handle: tuple, payload: bytes, k: int, r: int, c: int,
-             args: argparse.Namespace) -> dict:
+def _measure(load: OipLoad | perfanalyzer.PerfAnalyzerLoad, name: str, handle: tuple, payload: bytes, k: int,
+             r: int, c: int, args: argparse.Namespace) -> dict:
     """One cell on one server: requests/s, latency and the CPU of the server's process tree."""
     target, pid, _ = handle
     cpu: list[tuple] = []
@@ -258,8 +275,9 @@ def _measure(load: OipLoad, name: str, handle: tuple, payload: bytes, k: int, r:
     return {"round": k, "server": name, "rows": r, "clients": c, "rps": m.rps, "p50_ms": m.percentile_ms(50),
             "p99_ms": m.percentile_ms(99), "errors": {**m.errors, **({"EMPTY": m.empty_answers}
                                                                      if m.empty_answers else {})},
-            "requests": len(m.latencies_s), "server_cores": cores, "top_thread": top.split("/")[0],
-            "top_thread_cores": threads.get(top, 0.0), "loadgen_cores": (cpu[1][3] - cpu[0][3]) / wall,
+            "requests": getattr(m, "requests", None) or len(getattr(m, "latencies_s", ())), "server_cores": cores,
+            "top_thread": top.split("/")[0], "top_thread_cores": threads.get(top, 0.0),
+            "loadgen_cores": (getattr(m, "loadgen_cpu_s", None) or cpu[1][3] - cpu[0][3]) / wall,
             "machine_busy_cores": machine, "load1": procstat.loadavg()[0]}
 
 

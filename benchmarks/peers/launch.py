@@ -43,24 +43,26 @@ class PeerUnavailable(RuntimeError):
     """A peer could not be installed or started; the message says why."""
 
 
-def venv(peer: str, log: object = None) -> Path:
-    """The peer's virtualenv with its pins, made (or completed) now when its marker differs."""
+def venv(peer: str, log: object = None, pins: list[str] | None = None) -> Path:
+    """The peer's virtualenv with its pins (``pins``, else ``PINS[peer]``), made (or completed) now when its
+    marker differs."""
+    wanted = pins if pins is not None else PINS[peer]
     path = CACHE / peer
     marker = path / ".genserve-pins"
-    pins = "\n".join(PINS[peer]) + "\n"
-    if marker.exists() and marker.read_text() == pins and (path / "bin" / "python").exists():
+    text = "\n".join(wanted) + "\n"
+    if marker.exists() and marker.read_text() == text and (path / "bin" / "python").exists():
         return path
     if log:
-        log(f"{peer}: installing {' '.join(PINS[peer])} into {path} (first use; a few minutes)")
+        log(f"{peer}: installing {' '.join(wanted)} into {path} (first use; a few minutes)")
     try:
         if not (path / "bin" / "python").exists():
             subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, capture_output=True, text=True)
-        subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", *PINS[peer]], check=True,
+        subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", *wanted], check=True,
                        capture_output=True, text=True)
     except subprocess.CalledProcessError as e:
         tail = " | ".join((e.stderr or e.stdout or "").strip().splitlines()[-3:])
         raise PeerUnavailable(f"install into {path} failed: {tail}") from None
-    marker.write_text(pins)
+    marker.write_text(text)
     return path
 
 

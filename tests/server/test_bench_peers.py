@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of the repository, not an installed package
 
 from benchmarks.peers import __main__ as cli  # noqa: E402
-from benchmarks.peers import summary, treecpu  # noqa: E402
+from benchmarks.peers import perfanalyzer, summary, treecpu  # noqa: E402
 from benchmarks.peers.graph import peer_graph  # noqa: E402
 from benchmarks.peers.launch import PeerServer, PeerUnavailable  # noqa: E402
 from benchmarks.peers.oipload import OipLoad, infer_once, infer_request  # noqa: E402
@@ -249,3 +249,24 @@ def test_a_variants_per_model_flags_are_not_overruled_by_the_copied_config_json(
     (src / MODEL / "config.json").write_text(json.dumps({"instances": 1, "max_queue_size": 7, "warmup": True}))
     out = repo_variant(src, tmp_path / "copy", own, [MODEL], drop=drop)
     assert json.loads((out / MODEL / "config.json").read_text()) == {"max_queue_size": 7, "max_batch_size": 512}
+
+
+PERF_ANALYZER_CSV = """\
+Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,\
+Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency
+8,69536.2,3,706,499,27,6112,10,0,7271,7925,8241,9325
+"""
+"""perf_analyzer 2.41's CSV of one cell (64 rows per request, 8 clients, against genserve)."""
+
+
+def test_perf_analyzer_cell_command_and_csv(tmp_path: Path) -> None:
+    """The load of ``--load perf_analyzer``: a cell's rows, clients and window become perf_analyzer's batch
+    size, concurrency and window; its CSV counts rows, so requests/s is inferences/s over the rows."""
+    cmd = perfanalyzer.command(Path("/pa"), "127.0.0.1:9", "m.encode", "x", 64, [8, 8], 8, 4.0, tmp_path / "c.csv")
+    args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
+    assert cmd[0] == "/pa" and args["-m"] == "m.encode" and args["-u"] == "127.0.0.1:9" and args["-i"] == "grpc"
+    assert args["-b"] == "64" and args["--shape"] == "x:8,8" and args["--concurrency-range"] == "8:8"
+    assert args["-p"] == "4000" and args["-f"] == str(tmp_path / "c.csv")
+    rps, p50, p99 = perfanalyzer.parse_csv(PERF_ANALYZER_CSV, rows=64)
+    assert rps == pytest.approx(69536.2 / 64) and p50 == pytest.approx(7.271) and p99 == pytest.approx(9.325)
+    assert set(perfanalyzer.NEEDS_MODEL_CONFIG) <= set(cli.PINS)  # the peers it leaves out are peers

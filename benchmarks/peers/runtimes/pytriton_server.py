@@ -18,7 +18,7 @@ import numpy as np
 from ort_graph import Graph
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 
 def main() -> None:
@@ -36,7 +36,9 @@ def main() -> None:
 
     config = TritonConfig(http_port=int(http_port), grpc_port=int(grpc_port), metrics_port=int(metrics_port),
                           log_verbose=0)
-    with Triton(config=config) as triton:
+    # no endpoint behind PyTriton's access token: Triton's perf_analyzer reads the statistics endpoint (gRPC
+    # requests cannot carry the token from perf_analyzer), and the server listens on loopback only
+    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(model_name=name, infer_func=infer if instances > 1 else infer[0],
                     inputs=[Tensor(name=graph.input, dtype=np.float32, shape=graph.row_shape)],
                     outputs=[Tensor(name=o, dtype=np.float32, shape=tuple(graph.output_row_shapes[o]))
