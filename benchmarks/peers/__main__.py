@@ -19,8 +19,8 @@ the default in one run. A variant's per-model flags (``--instances``, ``--max-qu
 of its copy's config.json, which would otherwise outrank them (``variant_serving``).
 
 ``--load perf_analyzer`` drives the servers with Triton's own C++ load generator instead (benchmarks/peers/
-perfanalyzer.py: about half the client CPU per request); it needs Triton's ModelConfig RPC, so MLServer and
-KServe are named as not run.
+perfanalyzer.py: about half the client CPU per request). It reads Triton's ModelConfig first, which MLServer and
+KServe lack: they are started with a handler that answers it (runtimes/triton_config.py), ModelInfer their own.
 
 Run from the repository root. A peer that cannot be installed, started or answer correctly is named in the
 table with the reason, never left out silently.
@@ -185,10 +185,6 @@ def main(argv: list[str] | None = None) -> int:
             handles[name] = (own.target, own.pid, lambda r: graph.oip_name)
             versions[name] = {**versions[GENSERVE], "flags": flags}
         for peer in peers:
-            if args.load == "perf_analyzer" and peer in perfanalyzer.NEEDS_MODEL_CONFIG:
-                status[peer] = "perf_analyzer needs Triton's ModelConfig RPC, which this server lacks"
-                log(f"{peer}: NOT RUN: {status[peer]}")
-                continue
             try:
                 venv(peer, log)
                 versions[peer] = installed_versions(peer)

@@ -52,6 +52,19 @@ class PeerGraph:
         return path
 
 
+def triton_model_config(graph: PeerGraph, max_batch_size: int) -> bytes:
+    """A serialised ``ModelConfigResponse`` (Triton's ModelConfig RPC) describing ``graph`` with a batch axis: what
+    Triton's perf_analyzer reads before it sends a request. A peer without that RPC answers these bytes."""
+    from genserve.oip import grpc_service_pb2 as pb
+    from genserve.oip import model_config_pb2 as mc
+
+    config = mc.ModelConfig(name=graph.oip_name, platform="onnxruntime_onnx", max_batch_size=max_batch_size)
+    config.input.add(name=graph.input, data_type=mc.TYPE_FP32, dims=graph.row_shape)
+    for name in graph.outputs:
+        config.output.add(name=name, data_type=mc.TYPE_FP32, dims=graph.output_row_shapes[name])
+    return pb.ModelConfigResponse(config=config).SerializeToString()
+
+
 def model_version_dir(repo: Path, model: str) -> Path:
     """The highest numeric version folder of ``model`` in ``repo``."""
     versions = [p for p in (repo / model).iterdir() if p.is_dir() and p.name.isdigit()] if (repo / model).is_dir() \

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.peers.graph import PeerGraph
+from benchmarks.peers.graph import PeerGraph, triton_model_config
 from benchmarks.peers.oipload import ready
 from benchmarks.serverproc import free_port
 
@@ -110,9 +110,13 @@ class PeerServer:
         py = str(CACHE / self.peer / "bin" / "python")
         spec = str(self.graph.write(self.work / "graph.json"))
         http, metrics = free_port(), free_port()
+        # KServe and MLServer answer Triton's ModelConfig with this (runtimes/triton_config.py): perf_analyzer
+        # calls it before it sends requests (--load perf_analyzer)
+        config = self.work / "model_config.bin"
+        config.write_bytes(triton_model_config(self.graph, self.max_batch_size))
         if self.peer == "kserve":
             return [py, str(RUNTIMES / "kserve_server.py"), spec, self.graph.oip_name,
-                    "--http_port", str(http), "--grpc_port", str(self.grpc_port)]
+                    "--http_port", str(http), "--grpc_port", str(self.grpc_port), "--model_config", str(config)]
         if self.peer == "pytriton":
             # Triton's Python backend stub loads libpython: the venv's own interpreter's, not the system's
             # (the system's 3.11.2 against this 3.11's standard library fails in threading).
@@ -134,8 +138,11 @@ class PeerServer:
             (folder / "model-settings.json").write_text(json.dumps({
                 "name": self.model_name(r), "implementation": "mlserver_runtime.OrtRuntime",
                 "max_batch_size": max(self.max_batch_size // r, 1), "max_batch_time": self.delay_ms / 1000,
-                "parameters": {"uri": spec}}, indent=1))
-        return [str(CACHE / self.peer / "bin" / "mlserver"), "start", str(self.work)]
+                "parameters": {"uri": spec},
+                "inputs": [{"name": self.graph.input, "datatype": "FP32", "shape": [-1, *self.graph.row_shape]}],
+                "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, *self.graph.output_row_shapes[o]]}
+                            for o in self.graph.outputs]}, indent=1))
+        return [py, str(RUNTIMES / "mlserver_start.py"), str(self.work), str(config)]  # `mlserver start WORK`
 
     def start(self) -> PeerServer:
         self.work.mkdir(parents=True, exist_ok=True)

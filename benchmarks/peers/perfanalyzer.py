@@ -2,9 +2,9 @@
 
 The Python load generator (``oipload``) spends 100 to 150 us of CPU per request, a quarter of this 2-core
 machine at a few thousand requests/s; perf_analyzer spends about half of that. It speaks the Open Inference
-Protocol as Triton does, reading the model's configuration (``ModelConfig``) and statistics first, so it drives
-genserve and Triton (PyTriton) but not MLServer or KServe, which lack those RPCs: the benchmark leaves them out
-with that reason.
+Protocol as Triton does, reading the model's configuration (``ModelConfig``) and statistics first. genserve and
+Triton (PyTriton) answer those RPCs; MLServer and KServe lack them, so the benchmark starts them with a handler
+that answers them from a fixed config of the graph (runtimes/triton_config.py), their ``ModelInfer`` untouched.
 
 Where it comes from: the last ``tritonclient`` wheels that carry the binary (2.41.0, manylinux), installed into
 their own virtualenv under ``~/.cache/genserve-bench/venvs/perf_analyzer`` with CUDA's runtime library from
@@ -32,8 +32,6 @@ from benchmarks.peers.launch import PeerUnavailable, venv
 
 PINS = ["tritonclient==2.41.0", "nvidia-cuda-runtime-cu12==12.9.79"]
 """tritonclient 2.41.0 is among the last wheels with the perf_analyzer binary in it."""
-NEEDS_MODEL_CONFIG = ("mlserver", "kserve")
-"""Peers that perf_analyzer cannot drive: they do not answer Triton's ModelConfig RPC."""
 
 
 def binary(log: Any = None) -> tuple[Path, dict[str, str]]:

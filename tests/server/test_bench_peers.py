@@ -269,4 +269,48 @@ def test_perf_analyzer_cell_command_and_csv(tmp_path: Path) -> None:
     assert args["-p"] == "4000" and args["-f"] == str(tmp_path / "c.csv")
     rps, p50, p99 = perfanalyzer.parse_csv(PERF_ANALYZER_CSV, rows=64)
     assert rps == pytest.approx(69536.2 / 64) and p50 == pytest.approx(7.271) and p99 == pytest.approx(9.325)
-    assert set(perfanalyzer.NEEDS_MODEL_CONFIG) <= set(cli.PINS)  # the peers it leaves out are peers
+
+
+def test_a_peer_without_model_config_answers_it_for_perf_analyzer(repo_dir: Path, tmp_path: Path) -> None:
+    """KServe and MLServer lack Triton's ModelConfig RPC, which perf_analyzer calls first: their gRPC server gets
+    a handler that answers it with the graph's config (and ModelStatistics empty), on a real socket, while every
+    other method stays the server's own (here none: UNIMPLEMENTED)."""
+    import asyncio
+    import importlib.util
+    import types
+
+    import grpc
+
+    from benchmarks.peers.graph import triton_model_config
+    from genserve.oip import grpc_service_pb2 as pb
+    from genserve.oip import grpc_service_pb2_grpc as pb_grpc
+
+    spec = importlib.util.spec_from_file_location("triton_config", ROOT / "benchmarks/peers/runtimes/triton_config.py")
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    graph = peer_graph(repo_dir, MODEL, "encode", tmp_path)
+    added: list[object] = []
+    server_module = types.SimpleNamespace(add_GRPCInferenceServiceServicer_to_server=lambda s, server: added.append(s))
+    runtime.answer_model_config(server_module, triton_model_config(graph, 512))
+    async def serve_and_ask() -> None:
+        server = grpc.aio.server()
+        server_module.add_GRPCInferenceServiceServicer_to_server("the server's servicer", server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                config = (await stub.ModelConfig(pb.ModelConfigRequest(name=graph.oip_name), timeout=30)).config
+                assert config.name == graph.oip_name and config.max_batch_size == 512
+                assert [(i.name, list(i.dims)) for i in config.input] == [(graph.input, graph.row_shape)]
+                assert [o.name for o in config.output] == graph.outputs
+                stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=graph.oip_name), timeout=30)
+                assert stats == pb.ModelStatisticsResponse()
+                with pytest.raises(grpc.RpcError) as e:
+                    await stub.ModelInfer(pb.ModelInferRequest(model_name=graph.oip_name), timeout=30)
+                assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        finally:
+            await server.stop(None)
+
+    asyncio.run(serve_and_ask())
+    assert added == ["the server's servicer"]
