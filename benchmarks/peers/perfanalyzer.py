@@ -12,8 +12,9 @@ PyPI (the binary links it; no GPU is used). The binary also needs ``libb64.so.0d
 Ubuntu: ``apt-get install libb64-0d``); without it the benchmark says so and stops.
 
 One measurement is one perf_analyzer run at one concurrency: its own windows of ``window_s`` (time_windows
-mode, stable within 20% over three windows, at most ten windows: a busy 2-core machine seldom holds 10%), requests/s and p50/p99 from its CSV. The
-server's CPU is read over the whole run (setup and every window), the load generator's from its rusage.
+mode, stable within 20% over three windows, at most ten windows: a busy 2-core machine seldom holds its
+default 10%), requests/s and p50/p99 from its CSV. The server's CPU is read over the whole run (setup and every
+window), the load generator's from its rusage.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def command(exe: Path, target: str, model: str, input_name: str, rows: int, row_
     """The perf_analyzer command of one cell: ``clients`` synchronous clients sending ``rows`` rows of zeros."""
     return [str(exe), "-m", model, "-u", target, "-i", "grpc", "-b", str(rows),
             "--shape", f"{input_name}:{','.join(map(str, row_shape))}", "--input-data", "zero",
-            "--concurrency-range", f"{clients}:{clients}", "-p", str(int(window_s * 1000)), "--max-trials", "10", "-s", "20",
-            "-f", str(csv_path)]
+            "--concurrency-range", f"{clients}:{clients}", "-p", str(int(window_s * 1000)), "--max-trials", "10",
+            "-s", "20", "-f", str(csv_path)]
 
 
 def parse_csv(text: str, rows: int) -> tuple[float, float, float]:
