@@ -81,8 +81,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |difference| from the in-process graph")
     p.add_argument("--work", help="folder for the graph copy, configs and server logs (default: a temporary one)")
     p.add_argument("--load", choices=("oip", "perf_analyzer"), default="oip",
-                   help="load generator: the Python OIP client (every server) or Triton's perf_analyzer (genserve "
-                        "and Triton only; --processes and --connections do not apply, --warmup-s neither)")
+                   help="load generator: the Python OIP client or Triton's perf_analyzer (benchmarks/peers/"
+                        "perfanalyzer.py; --processes, --connections and --warmup-s do not apply to it)")
     p.add_argument("--out", help="write the JSON here")
     return p
 
@@ -271,9 +271,9 @@ def _measure(load: OipLoad | perfanalyzer.PerfAnalyzerLoad, name: str, handle: t
     return {"round": k, "server": name, "rows": r, "clients": c, "rps": m.rps, "p50_ms": m.percentile_ms(50),
             "p99_ms": m.percentile_ms(99), "errors": {**m.errors, **({"EMPTY": m.empty_answers}
                                                                      if m.empty_answers else {})},
-            "requests": getattr(m, "requests", None) or len(getattr(m, "latencies_s", ())), "server_cores": cores,
+            "requests": m.requests, "server_cores": cores,
             "top_thread": top.split("/")[0], "top_thread_cores": threads.get(top, 0.0),
-            "loadgen_cores": (getattr(m, "loadgen_cpu_s", None) or cpu[1][3] - cpu[0][3]) / wall,
+            "loadgen_cores": (cpu[1][3] - cpu[0][3] if m.loadgen_cpu_s is None else m.loadgen_cpu_s) / wall,
             "machine_busy_cores": machine, "load1": procstat.loadavg()[0]}
 
 

@@ -110,13 +110,10 @@ class PeerServer:
         py = str(CACHE / self.peer / "bin" / "python")
         spec = str(self.graph.write(self.work / "graph.json"))
         http, metrics = free_port(), free_port()
-        # KServe and MLServer answer Triton's ModelConfig with this (runtimes/triton_config.py): perf_analyzer
-        # calls it before it sends requests (--load perf_analyzer)
-        config = self.work / "model_config.bin"
-        config.write_bytes(triton_model_config(self.graph, self.max_batch_size))
         if self.peer == "kserve":
             return [py, str(RUNTIMES / "kserve_server.py"), spec, self.graph.oip_name,
-                    "--http_port", str(http), "--grpc_port", str(self.grpc_port), "--model_config", str(config)]
+                    "--http_port", str(http), "--grpc_port", str(self.grpc_port),
+                    "--model_config", str(self._model_config())]
         if self.peer == "pytriton":
             # Triton's Python backend stub loads libpython: the venv's own interpreter's, not the system's
             # (the system's 3.11.2 against this 3.11's standard library fails in threading).
@@ -142,7 +139,14 @@ class PeerServer:
                 "inputs": [{"name": self.graph.input, "datatype": "FP32", "shape": [-1, *self.graph.row_shape]}],
                 "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, *self.graph.output_row_shapes[o]]}
                             for o in self.graph.outputs]}, indent=1))
-        return [py, str(RUNTIMES / "mlserver_start.py"), str(self.work), str(config)]  # `mlserver start WORK`
+        return [py, str(RUNTIMES / "mlserver_start.py"), str(self.work), str(self._model_config())]  # `mlserver start`
+
+    def _model_config(self) -> Path:
+        """The graph's Triton ModelConfig, which KServe and MLServer lack and answer from this file
+        (runtimes/triton_config.py): perf_analyzer reads it before it sends requests (--load perf_analyzer)."""
+        config = self.work / "model_config.bin"
+        config.write_bytes(triton_model_config(self.graph, self.max_batch_size))
+        return config
 
     def start(self) -> PeerServer:
         self.work.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,13 @@ class Measurement:
     latencies_s: np.ndarray
     errors: dict[str, int]
     empty_answers: int
+    loadgen_cpu_s: float | None = None
+    """The load generator's CPU over the window when the load knows it (perf_analyzer's rusage); None: read from
+    its processes (``OipLoad.pids``)."""
+
+    @property
+    def requests(self) -> int:
+        return len(self.latencies_s)
 
     @property
     def rps(self) -> float:

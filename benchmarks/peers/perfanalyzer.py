@@ -43,7 +43,8 @@ def binary(log: Any = None) -> tuple[Path, dict[str, str]]:
     if not exe.exists():
         raise PeerUnavailable(f"{exe} is missing: the tritonclient wheel installed has no perf_analyzer binary")
     libs = sorted(str(p.parent) for p in path.glob("lib/python*/site-packages/nvidia/cuda_runtime/lib/libcudart.so*"))
-    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join([*libs[:1], os.environ.get("LD_LIBRARY_PATH", "")])}
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(p for p in (*libs[:1], os.environ.get("LD_LIBRARY_PATH"))
+                                                            if p)}  # no empty entry: that would search the cwd
     missing = [line.split()[0] for line in subprocess.run(["ldd", str(exe)], capture_output=True, text=True,
                                                          env=env).stdout.splitlines() if "not found" in line]
     if missing:
