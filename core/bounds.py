@@ -9,7 +9,9 @@ and both are lower bounds on log P(x) in expectation (Jensen). The log-mean-exp 
 log P(x) itself, as the importance-weighted bound does (Burda et al. 2016); the mean does not move with K. The
 PyTorch models (training.realnvp, training.ppca) and the serving programs (server.programs.base) both add their
 draws through ``LogMeanExp``, one draw at a time in the same order, so evaluated and served numbers are the same
-float64 arithmetic on the same per-draw values.
+float64 arithmetic on the same per-draw values. ``add_draws`` adds a block of draws at once with the same
+arithmetic as adding them one by one (bit for bit), at a fraction of the Python calls: the server scores a
+request's draws as one block.
 
 Example:
     >>> acc = LogMeanExp(2)
@@ -24,6 +26,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+SCALAR_ROWS = 8
+"""``LogMeanExp.add_draws`` runs its running sum on Python floats up to this many rows (numpy's per-call cost
+outweighs its speed below that)."""
 
 
 class LogMeanExp:
@@ -44,6 +50,40 @@ class LogMeanExp:
             self.total = self.total * np.exp(self.top - safe) + np.exp(a - safe)
         self.top = top
         self.count += 1
+
+    def add_draws(self, draws: np.ndarray) -> None:
+        """Add K draws at once, shape (K, N), nats: the same numbers as ``add`` of each row in order, bit for bit.
+
+        The running maxima are a cumulative maximum (exact), so every draw's rescaling factor and term are the
+        same elementwise float64 operations as in ``add``, computed for the whole block; only the running sum
+        is sequential, one multiply and one add per draw and row. For a few rows (a 1-row request) that runs on
+        Python floats, whose IEEE double arithmetic is numpy's: 16 draws of one row cost about a tenth of 16
+        ``add`` calls.
+        """
+        a = np.asarray(draws, dtype=np.float64)
+        if a.ndim != 2 or a.shape[1] != self.top.shape[0]:
+            raise ValueError(f"draws must be (K, {self.top.shape[0]}), got shape {a.shape}")
+        if not a.shape[0]:
+            return
+        tops = np.maximum.accumulate(np.concatenate([self.top[None], a]), axis=0)  # row k: top after k draws
+        safe = np.where(np.isfinite(tops[1:]), tops[1:], 0.0)
+        with np.errstate(invalid="ignore"):
+            scale = np.exp(tops[:-1] - safe)
+            term = np.exp(a - safe)
+        if a.shape[1] <= SCALAR_ROWS:
+            total = self.total.tolist()
+            for s_k, t_k in zip(scale.tolist(), term.tolist(), strict=True):
+                total = [x * s + t for x, s, t in zip(total, s_k, t_k, strict=True)]
+            self.total = np.array(total, dtype=np.float64)
+        else:
+            total = self.total.copy()
+            with np.errstate(invalid="ignore"):
+                for s_k, t_k in zip(scale, term, strict=True):
+                    np.multiply(total, s_k, out=total)
+                    np.add(total, t_k, out=total)
+            self.total = total
+        self.top = tops[-1].copy()
+        self.count += a.shape[0]
 
     def value(self) -> np.ndarray:
         """log((1/K) sum_k exp(a_k)), (N,) float64; ValueError before any draw."""

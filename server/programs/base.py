@@ -185,6 +185,5 @@ async def dequantised_log_prob(run: Run, graph: str, x: np.ndarray, noise: Noise
         u = noise.uniform(k * n, dim)
         xs = np.broadcast_to(x, (k, *x.shape)).reshape(k * n, *x.shape[1:])
         log_prob = (await run(graph, {"x": xs, "u": u}))["log_prob"].reshape(k, n)
-        for row in log_prob:  # draw by draw, as the one-draw-at-a-time loop adds them
-            bound.add(row)
+        bound.add_draws(log_prob)  # draw by draw in effect: the one-draw-at-a-time loop's numbers, bit for bit
     return bound.value().astype(np.float32)

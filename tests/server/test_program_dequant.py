@@ -91,3 +91,32 @@ def test_log_mean_exp_is_stable_for_far_apart_and_infinite_draws() -> None:
     assert got[1] == -np.inf
     with pytest.raises(ValueError, match="no draws"):
         LogMeanExp(1).value()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 50])  # both sides of SCALAR_ROWS
+def test_a_block_of_draws_adds_exactly_as_the_draws_one_by_one(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    for trial in range(200):
+        scale = [1.0, 50.0, 1e3, 1e6][trial % 4]
+        draws = rng.standard_normal((int(rng.integers(1, 20)), rows)) * scale + rng.standard_normal() * scale
+        for value, share in ((-np.inf, 0.2), (np.inf, 0.05), (np.nan, 0.05)):
+            if trial % 3 == 0:
+                draws[rng.random(draws.shape) < share] = value
+        one, block = LogMeanExp(rows), LogMeanExp(rows)
+        with np.errstate(all="ignore"):
+            for row in draws[:1]:  # a draw already added before the blocks
+                one.add(row)
+                block.add(row)
+            for row in draws[1:]:
+                one.add(row)
+            cut = int(rng.integers(1, len(draws) + 1))
+            block.add_draws(draws[1:cut])
+            block.add_draws(draws[cut:])
+            assert block.count == one.count == len(draws)
+            for got, want in ((block.total, one.total), (block.top, one.top), (block.value(), one.value())):
+                assert np.array_equal(got, want, equal_nan=True), (trial, got, want)
+
+
+def test_a_block_of_draws_of_the_wrong_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"draws must be \(K, 3\)"):
+        LogMeanExp(3).add_draws(np.zeros((2, 4)))
