@@ -35,7 +35,7 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--max-batch-size", "max_batch_size", int, "N", "most rows merged into one graph call (default 512)"),
     ("--max-queue-delay-ms", "max_queue_delay_ms", float, "MS", "longest wait for a batch to fill (2)"),
     ("--max-queue-size", "max_queue_size", int, "N", "most queued requests per graph (default 4096)"),
-    ("--instances", "instances", int, "N", "ONNX Runtime sessions per graph (default 1)"),
+    ("--instances", "instances", int, "N", "concurrent calls per graph (default 1; one shared session on the CPU)"),
     ("--threads", "intra_op_threads", int, "N", "ONNX Runtime intra-op threads per session (default 1)"),
     ("--inter-op-threads", "inter_op_threads", int, "N", "ONNX Runtime inter-op threads (default 1)"),
     ("--workers", "workers", int, "N", "threads running ONNX Runtime calls (default 4)"),

@@ -51,7 +51,8 @@ class ServerConfig:
     max_queue_size: int = 4096
     """Most requests queued per graph before new ones fail with RESOURCE_EXHAUSTED."""
     instances: int = 1
-    """ONNX Runtime sessions per graph running batches concurrently (default; config.json overrides)."""
+    """Calls per graph running batches concurrently (default; config.json overrides); on the CPU with one
+    intra-op thread they share one session."""
     max_rows_per_request: int = 65536
     """Most rows of x or z in one LogLikelihood / Encode / Decode request."""
     max_sample_n: int = 100000
@@ -367,7 +368,9 @@ class ServingSettings:
     max_queue_size: int = 4096
     """Most requests queued per graph before QueueFull."""
     instances: int = 1
-    """ONNX Runtime sessions per graph, each running its own batches concurrently."""
+    """Calls per graph that run at once, each on its own batches. On the CPU with one intra-op thread they share
+    one ONNX Runtime session (its Run is thread-safe); on CUDA or with more intra-op threads each instance has
+    its own session."""
     provider: str = "auto"
     """``auto``, ``cuda`` or ``cpu``."""
     intra_op_threads: int = 1

@@ -99,6 +99,8 @@ class LoadedModel:
     fingerprint: str = ""
     warmup_calls: dict[str, int] = field(default_factory=dict)
     """ONNX Runtime calls per graph that the warm-up made before the version served (empty: no warm-up)."""
+    sessions: dict[str, int] = field(default_factory=dict)
+    """ONNX Runtime sessions opened per graph: 1 however many instances share it on the CPU, else one each."""
     derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     """Values derived from this version alone, cached by whoever derives them (the OIP tensor specs of an
     operation, read by every request): a reload makes a new LoadedModel, so they never go stale."""
@@ -195,9 +197,17 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
     batchers: dict[str, Batcher] = {}
     runners: dict[str, Callable[[int, Feeds], Feeds]] = {}
     providers: list[str] = []
+    opened: dict[str, int] = {}
     for g in manifest.graphs:
-        sessions = [_open_graph(folder, g, opts, settings, where) for _ in range(settings.instances)]
+        sessions = [_open_graph(folder, g, opts, settings, where)]
+        # ONNX Runtime's Run is thread-safe: on the CPU with one intra-op thread (each call then runs on its
+        # caller's thread alone), the instances share one session, so more of them cost no more memory for the
+        # weights; on CUDA (a stream each) or with an intra-op pool (threads each) every instance opens its own.
+        shared = not uses_cuda(sessions[0]) and settings.intra_op_threads == 1
+        sessions += [sessions[0] if shared else _open_graph(folder, g, opts, settings, where)
+                     for _ in range(settings.instances - 1)]
         runners[g.name] = _runner(sessions)
+        opened[g.name] = len({id(session) for session in sessions})
         providers = providers or list(sessions[0].get_providers())
         check_signature(sessions[0], g, where)
         shapes = {i.name: tuple(None if d < 0 else d for d in i.shape[1:]) for i in g.inputs}
@@ -215,7 +225,8 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
     warmup_calls = warm_up(program, manifest, spec, operations, runners, settings, where) if settings.warmup else {}
     loaded = LoadedModel(name=name, version=version, manifest=manifest, spec=spec, serving=settings,
                          providers=providers, program=program, batchers=batchers, operations=operations,
-                         fingerprint=fingerprint(repo, name, version), warmup_calls=warmup_calls)
+                         fingerprint=fingerprint(repo, name, version), warmup_calls=warmup_calls,
+                         sessions=opened)
     for b in batchers.values():  # no request in flight can join a batch beyond the version's active ones
         b.expected = lambda: loaded.active
         b.early = settings.adaptive_batching

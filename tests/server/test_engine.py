@@ -198,6 +198,29 @@ def test_concurrent_scores_of_every_family_equal_their_solo_runs(engine_config, 
         assert all(equal(m[0], s[0]) for m, s in zip(merged, solo, strict=True)), f"{name} {op}"
 
 
+@pytest.mark.parametrize(("threads", "sessions"), [(1, 1), (2, 3)])
+def test_instances_share_one_session_on_the_cpu_with_one_thread_and_answer_as_one_instance(
+        engine_config, repo_copy, threads, sessions) -> None:
+    """Three instances: with one intra-op thread they run concurrent calls on one shared session (ONNX Runtime's
+    Run is thread-safe), with an intra-op pool each opens its own; either way 64-row requests split over the
+    instances, running at once, give the numbers of the same requests one by one."""
+    name = "digits-realnvp"
+    set_serving(repo_copy, name, instances=3, intra_op_threads=threads, max_batch_size=64)
+    x = Reference(newest(repo_copy, name)).data(64 * 6, seed=3)
+
+    async def body(engine):
+        model = engine.get_model(name)
+        opened = dict(model.sessions)
+        merged = await asyncio.gather(*(encode(engine, name, x[i:i + 64], i) for i in range(0, len(x), 64)))
+        solo = [await encode(engine, name, x[i:i + 64], i) for i in range(0, len(x), 64)]
+        return opened, merged, solo, sum(b.calls for b in model.batchers.values())
+
+    opened, merged, solo, calls = running(replace(engine_config, repo=repo_copy), body)
+    assert opened and set(opened.values()) == {sessions}, opened
+    assert calls >= 12  # each request its own 64-row call, six of them at once over three instances
+    assert all(equal(m[0], s[0]) for m, s in zip(merged, solo, strict=True))
+
+
 # ---- errors -------------------------------------------------------------------------------------------------------
 
 def test_operations_the_model_lacks_are_unsupported_naming_what_it_can_do(engine_config, repo_copy) -> None:
