@@ -1,8 +1,9 @@
 """`python -m benchmarks.request_cost`: server CPU per 1-row request on both gRPC APIs, with the profile's top.
 
 Starts `genserve serve` on one model of a repository, drives it closed-loop with ``--clients`` concurrent requests
-(one grpc.aio channel in a separate process, the same serialised request every time, answers kept as bytes), and
-reads the server's CPU time (all its threads, /proc) at the edges of a window: CPU per request is the server's
+(grpc.aio channels in a separate process, one TCP connection unless ``--connections N``, the same serialised
+request every time, answers kept as bytes), and reads the server's CPU time (all its threads, and every process
+below it under ``--processes N``, /proc) at the edges of a window: CPU per request is the server's
 CPU seconds over the requests answered in the window, so it holds even when other work shares the machine
 (which only stretches the wall time). With ``--profile`` py-spy samples the server during a second window and
 the top of its profile (self time by function, and the share under each of genserve's stations) is printed.
@@ -34,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks import scrape
-from benchmarks.procstat import loadavg, process_cpu_s, thread_cpu_s
+from benchmarks.peers import treecpu
+from benchmarks.procstat import loadavg, thread_cpu_s
 from benchmarks.serverproc import ServerProcess, per_model_flags, repo_variant
 
 OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -59,27 +61,33 @@ def payloads(model: str, operation: str, x: np.ndarray) -> dict[str, tuple[str, 
             "v1": (V1 + V1_METHODS[operation], v1_request.SerializeToString())}
 
 
-def _client(target: str, method: str, payload: bytes, clients: int, conn, ) -> None:
-    """Load-generator process: ``clients`` closed loops; answers 'go' with a count of completions per 'mark'."""
+def _client(target: str, method: str, payload: bytes, clients: int, conn, connections: int = 1) -> None:
+    """Load-generator process: ``clients`` closed loops dealt over ``connections`` TCP connections; answers
+    'go' with a count of completions per 'mark'."""
     import grpc
 
     async def main() -> None:
         done = [0]
         latencies: list[float] = []
         stop = asyncio.Event()
-        async with grpc.aio.insecure_channel(target) as channel:
-            call = channel.unary_unary(method)
+        # Each channel its own TCP connection (gRPC shares one between channels with the same arguments).
+        options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [await stack.enter_async_context(grpc.aio.insecure_channel(target, options=options))
+                        for _ in range(connections)]
+            calls = [channel.unary_unary(method) for channel in channels]
 
-            async def loop() -> None:
+            async def loop(call: Any) -> None:
                 while not stop.is_set():
                     t = time.perf_counter()
                     await call(payload, timeout=60)
                     latencies.append(time.perf_counter() - t)
                     done[0] += 1
 
-            await call(payload, timeout=60)  # the channel is connected and the path warm
+            for call in calls:
+                await call(payload, timeout=60)  # the channels are connected and the path warm
             conn.send("ready")
-            tasks = [asyncio.create_task(loop()) for _ in range(clients)]
+            tasks = [asyncio.create_task(loop(calls[i % connections])) for i in range(clients)]
             loop_ = asyncio.get_running_loop()
             while True:
                 message = await loop_.run_in_executor(None, conn.recv)
@@ -95,23 +103,32 @@ def _client(target: str, method: str, payload: bytes, clients: int, conn, ) -> N
     asyncio.run(main())
 
 
+def server_cpu(pid: int) -> tuple[dict[int, float], dict[str, float]]:
+    """CPU seconds so far of the server and the processes below it (``--processes N``'s workers), by pid, and of
+    their threads, keyed ``"<name>/<tid>/<pid>"`` (every process's own thread is named ``main``)."""
+    per_pid = treecpu.tree_cpu_s(pid)
+    threads = {f"{key}/{p}": value for p in per_pid for key, value in thread_cpu_s(p).items()}
+    return per_pid, threads
+
+
 def measure(server: ServerProcess, method: str, payload: bytes, clients: int, seconds: float,
-            profile_s: float = 0.0, native: bool = False) -> dict[str, Any]:
-    """Warm 2 s, then one window of ``seconds``: requests/s and server CPU per request (µs, by thread)."""
+            profile_s: float = 0.0, native: bool = False, connections: int = 1) -> dict[str, Any]:
+    """Warm 2 s, then one window of ``seconds``: requests/s and server CPU per request (µs, by thread), over
+    the server's whole process tree."""
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_client, args=(server.target, method, payload, clients, there), daemon=True)
+    proc = ctx.Process(target=_client, args=(server.target, method, payload, clients, there, connections),
+                       daemon=True)
     proc.start()
     if here.recv() != "ready":
         raise RuntimeError("the load generator did not start")
     time.sleep(2.0)  # a benchmark's warm-up window, not synchronisation
     here.send("mark")
-    (n0, _), cpu0, threads0, t0 = here.recv(), process_cpu_s(server.pid), thread_cpu_s(server.pid), time.monotonic()
+    (n0, _), (cpu0, threads0), t0 = here.recv(), server_cpu(server.pid), time.monotonic()
     calls0 = scrape.fetch(server.metrics_url)
     time.sleep(seconds)
     here.send("mark")
-    (n1, latencies), cpu1, threads1, t1 = (here.recv(), process_cpu_s(server.pid), thread_cpu_s(server.pid),
-                                           time.monotonic())
+    (n1, latencies), (cpu1, threads1), t1 = here.recv(), server_cpu(server.pid), time.monotonic()
     calls1 = scrape.fetch(server.metrics_url)
     calls, rows = (scrape.total(calls1, name) - scrape.total(calls0, name)  # graph calls and their rows
                    for name in ("genserve_batch_size_rows_count", "genserve_batch_size_rows_sum"))
@@ -122,12 +139,15 @@ def measure(server: ServerProcess, method: str, payload: bytes, clients: int, se
     requests = n1 - n0
     by_thread = collections.Counter()
     for key, value in threads1.items():
-        by_thread[key.split("/")[0]] += value - threads0.get(key, 0.0)
+        if key in threads0:  # threads (and processes) alive at both readings, as for the total
+            by_thread[key.split("/")[0]] += value - threads0[key]
+    cpu = treecpu.cores_between(cpu0, cpu1, 1.0)  # CPU seconds over the window
     result = {"requests": requests, "seconds": t1 - t0, "requests_per_s": requests / (t1 - t0),
-              "server_cpu_us_per_request": 1e6 * (cpu1 - cpu0) / max(requests, 1),
+              "server_cpu_us_per_request": 1e6 * cpu / max(requests, 1),
               "by_thread_us_per_request": {k: round(1e6 * v / max(requests, 1), 1)
                                             for k, v in by_thread.most_common() if v > 0},
-              "server_cores": (cpu1 - cpu0) / (t1 - t0), "loadavg": loadavg()[0],
+              "server_cores": cpu / (t1 - t0), "server_processes": len(cpu0.keys() & cpu1.keys()),
+              "loadavg": loadavg()[0],
               "rows_per_call": rows / calls if calls else None,  # graph rows per ONNX Runtime call (its /metrics)
               "p50_ms": 1e3 * float(np.percentile(latencies, 50)) if latencies else None,
               "p99_ms": 1e3 * float(np.percentile(latencies, 99)) if latencies else None}
@@ -233,10 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=--FLAG:VALUE,...",
                    help="also serve the current tree with these `genserve serve` flags (repeatable), e.g. "
                    "'w1=--workers:1,--switch-interval-ms:5'")
+    p.add_argument("--connections", type=int, default=1,
+                   help="TCP connections of the load generator, its clients dealt over them (several: a server of "
+                        "--processes N gets connections to spread over its processes)")
     p.add_argument("--rounds", type=int, default=1, help="measurements of every cell (with --baseline: "
                    "alternating the two servers)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.connections < 1:
+        p.error(f"--connections must be >= 1, got {args.connections}")
 
     x = np.zeros((args.rows, 8, 8), dtype=np.float32)
     x[:, 2:6, 3:5] = 12.0
@@ -265,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     order = list(servers.items())
                     for name, server in order if round_ % 2 == 0 else order[::-1]:  # alternate who goes first
                         cell = measure(server, method, payload, clients, args.seconds,
-                                       profile_s=args.seconds if args.profile else 0.0, native=args.native)
+                                       profile_s=args.seconds if args.profile else 0.0, native=args.native,
+                                       connections=args.connections)
                         cell.update(api=api, clients=clients, server=name, round=round_)
                         results["cells"].append(cell)
                         _print(cell)
