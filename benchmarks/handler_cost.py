@@ -10,6 +10,9 @@ Python a request costs besides the graph and gRPC; ``--profile`` prints cProfile
 CPU clock too) and the Python calls per request.
 
     python -m benchmarks.handler_cost --repo quickstart/model_repository --model digits-realnvp --profile
+
+``--operation log_likelihood`` times a LogLikelihood request instead: its one graph call holds the rows times
+the flow's dequantisation draws (16 for the quickstart's), and the bare call is that call.
 """
 
 from __future__ import annotations
@@ -78,13 +81,28 @@ async def servicer_path(repo: Path, model: str, data: bytes, requests: int, prof
         await engine.stop()
 
 
-def bare_graph(repo: Path, model: str, x: np.ndarray, requests: int) -> float:
-    """CPU us per call of the model's forward graph (the flow's encode) on a bare session, u = 1/2."""
+def dequant_draws(repo: Path, model: str) -> int:
+    """The flow's dequantisation draws K per LogLikelihood row (its manifest's ``dequant_draws``)."""
+    from genserve.core.manifest import read_manifest
+
+    return int(read_manifest(_newest(repo, model) / "manifest.json").parameters["dequant_draws"])
+
+
+def _newest(repo: Path, model: str) -> Path:
+    return max((v for v in (repo / model).iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
+
+
+def bare_graph(repo: Path, model: str, x: np.ndarray, requests: int, draws: int = 0) -> float:
+    """CPU us per call of the model's forward graph on a bare session: the flow's encode (u = 1/2), or with
+    ``draws`` the one call of a LogLikelihood request (``draws`` copies of the rows, uniform u)."""
     from genserve.server.sessions import SessionOptions, make_session
 
-    folder = max((v for v in (repo / model).iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
-    session = make_session(str(folder / "forward.onnx"), SessionOptions(provider="cpu"))
-    feeds = {"x": x, "u": np.full((x.shape[0], int(np.prod(x.shape[1:]))), 0.5, np.float32)}
+    session = make_session(str(_newest(repo, model) / "forward.onnx"), SessionOptions(provider="cpu"))
+    if draws:
+        x = np.concatenate([x] * draws)
+    u = (np.random.default_rng(0).random if draws else lambda shape: np.full(shape, 0.5))(
+        (x.shape[0], int(np.prod(x.shape[1:])))).astype(np.float32)
+    feeds = {"x": x, "u": u}
     for _ in range(200):
         session.run(None, feeds)
     t = time.thread_time()
@@ -97,6 +115,9 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.handler_cost", description=__doc__.split("\n")[0])
     p.add_argument("--repo", type=Path, default=Path("quickstart/model_repository"))
     p.add_argument("--model", default="digits-realnvp", help="a flow (its encode runs the forward graph)")
+    p.add_argument("--operation", default="encode", choices=("encode", "log_likelihood"),
+                   help="the request: encode (one forward call of its rows) or log_likelihood (one forward call "
+                        "of its rows times the dequantisation draws, then the log-mean-exp)")
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
@@ -107,11 +128,12 @@ def main() -> None:
     if not (args.repo / args.model).is_dir():
         raise SystemExit(f"no model {args.model!r} in {args.repo}: run `genserve quickstart` first, or pass --repo")
     logging.getLogger("genserve").setLevel(logging.WARNING)
-    data, x = request_bytes(args.model, "encode", args.rows)
+    data, x = request_bytes(args.model, args.operation, args.rows)
+    draws = dequant_draws(args.repo, args.model) if args.operation == "log_likelihood" else 0
     for r in range(args.rounds):
         path = asyncio.run(servicer_path(args.repo, args.model, data, args.requests,
                                          args.profile and r == args.rounds - 1, args.inline_call_us))
-        graph = bare_graph(args.repo, args.model, x, args.requests)
+        graph = bare_graph(args.repo, args.model, x, args.requests, draws)
         print(f"round {r}: servicer path {path['us_per_request']:.0f} us CPU per request "
               f"({path['inline_calls']}/{path['calls']} calls inline, threshold {path['inline_call_us']:.0f} us); "
               f"bare graph call {graph:.0f} us; genserve's own {path['us_per_request'] - graph:.0f} us", flush=True)
