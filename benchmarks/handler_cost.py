@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.peers.graph import model_version_dir
+
 
 def request_bytes(model: str, operation: str, rows: int) -> tuple[bytes, np.ndarray]:
     """A serialised 1-input OIP request of ``rows`` digits-like rows (levels 0..16), seed 1 (request_cost's
@@ -85,11 +87,7 @@ def dequant_draws(repo: Path, model: str) -> int:
     """The flow's dequantisation draws K per LogLikelihood row (its manifest's ``dequant_draws``)."""
     from genserve.core.manifest import read_manifest
 
-    return int(read_manifest(_newest(repo, model) / "manifest.json").parameters["dequant_draws"])
-
-
-def _newest(repo: Path, model: str) -> Path:
-    return max((v for v in (repo / model).iterdir() if v.name.isdigit()), key=lambda v: int(v.name))
+    return int(read_manifest(model_version_dir(repo, model) / "manifest.json").parameters["dequant_draws"])
 
 
 def bare_graph(repo: Path, model: str, x: np.ndarray, requests: int, draws: int = 0) -> float:
@@ -97,12 +95,12 @@ def bare_graph(repo: Path, model: str, x: np.ndarray, requests: int, draws: int 
     ``draws`` the one call of a LogLikelihood request (``draws`` copies of the rows, uniform u)."""
     from genserve.server.sessions import SessionOptions, make_session
 
-    session = make_session(str(_newest(repo, model) / "forward.onnx"), SessionOptions(provider="cpu"))
+    session = make_session(str(model_version_dir(repo, model) / "forward.onnx"), SessionOptions(provider="cpu"))
+    shape = (x.shape[0] * max(draws, 1), int(np.prod(x.shape[1:])))
     if draws:
-        x = np.concatenate([x] * draws)
-    u = (np.random.default_rng(0).random if draws else lambda shape: np.full(shape, 0.5))(
-        (x.shape[0], int(np.prod(x.shape[1:])))).astype(np.float32)
-    feeds = {"x": x, "u": u}
+        feeds = {"x": np.concatenate([x] * draws), "u": np.random.default_rng(0).random(shape, np.float32)}
+    else:
+        feeds = {"x": x, "u": np.full(shape, 0.5, np.float32)}
     for _ in range(200):
         session.run(None, feeds)
     t = time.thread_time()

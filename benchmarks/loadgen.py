@@ -127,14 +127,21 @@ def _worker(conn: Any, target: str, method: str, payload: bytes, timeout_s: floa
     asyncio.run(_worker_main(conn, target, method, payload, timeout_s, connections))
 
 
+def open_channels(target: str, connections: int, options: list[tuple[str, Any]] | None = None) -> list[Any]:
+    """``connections`` grpc.aio channels to ``target``, each its own TCP connection (gRPC shares one between
+    channels with the same arguments otherwise): a server of ``--processes N`` gets connections to spread."""
+    import grpc
+
+    options = [*(options or []), *([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])]
+    return [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+
+
 async def _worker_main(conn: Any, target: str, method: str, payload: bytes, timeout_s: float,
                        connections: int = 1) -> None:
     import grpc
 
-    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    if connections > 1:  # each channel its own TCP connection (gRPC shares one between channels otherwise)
-        options.append(("grpc.use_local_subchannel_pool", 1))
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+    channels = open_channels(target, connections, [("grpc.max_send_message_length", 64 << 20),
+                                                   ("grpc.max_receive_message_length", 64 << 20)])
     # No (de)serialisers: the request goes out as the prepared bytes and the answer stays bytes.
     calls = [channel.unary_unary(SERVICE + method) for channel in channels]
     ends, lats = array("d"), array("d")

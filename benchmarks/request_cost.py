@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import scrape
+from benchmarks.loadgen import open_channels
 from benchmarks.peers import treecpu
 from benchmarks.procstat import loadavg, thread_cpu_s
 from benchmarks.serverproc import ServerProcess, per_model_flags, repo_variant
@@ -64,17 +65,13 @@ def payloads(model: str, operation: str, x: np.ndarray) -> dict[str, tuple[str, 
 def _client(target: str, method: str, payload: bytes, clients: int, conn, connections: int = 1) -> None:
     """Load-generator process: ``clients`` closed loops dealt over ``connections`` TCP connections; answers
     'go' with a count of completions per 'mark'."""
-    import grpc
 
     async def main() -> None:
         done = [0]
         latencies: list[float] = []
         stop = asyncio.Event()
-        # Each channel its own TCP connection (gRPC shares one between channels with the same arguments).
-        options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
         async with contextlib.AsyncExitStack() as stack:
-            channels = [await stack.enter_async_context(grpc.aio.insecure_channel(target, options=options))
-                        for _ in range(connections)]
+            channels = [await stack.enter_async_context(channel) for channel in open_channels(target, connections)]
             calls = [channel.unary_unary(method) for channel in channels]
 
             async def loop(call: Any) -> None:
@@ -141,12 +138,13 @@ def measure(server: ServerProcess, method: str, payload: bytes, clients: int, se
     for key, value in threads1.items():
         if key in threads0:  # threads (and processes) alive at both readings, as for the total
             by_thread[key.split("/")[0]] += value - threads0[key]
-    cpu = treecpu.cores_between(cpu0, cpu1, 1.0)  # CPU seconds over the window
+    alive = cpu0.keys() & cpu1.keys()
+    cpu = sum(cpu1[p] - cpu0[p] for p in alive)  # CPU seconds over the window
     result = {"requests": requests, "seconds": t1 - t0, "requests_per_s": requests / (t1 - t0),
               "server_cpu_us_per_request": 1e6 * cpu / max(requests, 1),
               "by_thread_us_per_request": {k: round(1e6 * v / max(requests, 1), 1)
                                             for k, v in by_thread.most_common() if v > 0},
-              "server_cores": cpu / (t1 - t0), "server_processes": len(cpu0.keys() & cpu1.keys()),
+              "server_cores": cpu / (t1 - t0), "server_processes": len(alive),
               "loadavg": loadavg()[0],
               "rows_per_call": rows / calls if calls else None,  # graph rows per ONNX Runtime call (its /metrics)
               "p50_ms": 1e3 * float(np.percentile(latencies, 50)) if latencies else None,

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.loadgen import open_channels
+
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
@@ -89,13 +91,11 @@ async def _worker_main(conn: Any, connections: int = 1) -> None:
 
     channels: dict[str, list[Any]] = {}
     loop = asyncio.get_running_loop()
-    # each channel its own TCP connection (gRPC shares one between channels of the same target otherwise)
-    options = OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if connections > 1 else [])
 
     async def measure(target: str, payload: bytes, clients: int, t0: float, t1: float, timeout_s: float
                       ) -> tuple[np.ndarray, dict[str, int], int]:
         if target not in channels:
-            channels[target] = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
+            channels[target] = open_channels(target, connections, OPTIONS)
         calls = [channel.unary_unary(INFER) for channel in channels[target]]  # no (de)serialisers: bytes
         lats = array("d")
         errors: dict[str, int] = {}
