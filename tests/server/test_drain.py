@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_lifecycle import ServeProcess, latent
+from waiting import wait_for
 
 from genserve.clients.client import Client, GenserveError
 from genserve.oip import grpc_service_pb2 as oip_pb
@@ -41,14 +42,6 @@ def repo(repo_dir: Path, tmp_path: Path) -> Path:
     """Only the cheapest model: each server process starts in a few seconds."""
     shutil.copytree(repo_dir / MODEL, tmp_path / "repo" / MODEL)
     return tmp_path / "repo"
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    """Poll ``condition`` until it holds; ``timeout`` only bounds a test that would hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
 
 
 async def on_loop(f: Callable[[], None]) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from genserve.core.manifest import OPERATION_NAME, read_manifest, write_manifest
 from genserve.core.tensors import from_proto, to_proto
@@ -83,10 +84,13 @@ def test_cancelling_a_sample_stream_stops_its_work(repo: Path) -> None:
                 return got
 
         asyncio.run(scenario())
+        cancelled = lambda: value(srv, "genserve_requests_total", model=MODEL,  # noqa: E731
+                                  method="SampleStream", code="CANCELLED")
+        wait_for(lambda: cancelled() >= 1, "the server accounts the stream as CANCELLED")  # it sees the cancel late
         settled(srv)  # nothing in flight, queued or held: no work goes on after the cancel
         made = value(srv, "genserve_samples_generated_total", model=MODEL)
         assert made < n / 4, f"{made} of {n} samples were made for a stream cancelled after 256"
-        assert value(srv, "genserve_requests_total", model=MODEL, method="SampleStream", code="CANCELLED") == 1
+        assert cancelled() == 1
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             stub = service_pb2_grpc.GenerativeServiceStub(channel)
             rows = sum(r.samples.shape[0] for r in stub.SampleStream(
@@ -126,8 +130,13 @@ def test_cancelling_a_score_stream_stops_reading_and_scoring(repo: Path) -> None
 
         answered, pulled_after = asyncio.run(scenario())
         assert answered == 3 and pulled_after == 0
+        # the client's call is done at once; the server's handler notices the cancel a moment later (its gauges
+        # count engine operations, which are none between two chunks, so wait for the stream's own account)
+        cancelled = lambda: value(srv, "genserve_requests_total", model=MODEL,  # noqa: E731
+                                  method="LogLikelihoodStream", code="CANCELLED")
+        wait_for(lambda: cancelled() >= 1, "the server accounts the stream as CANCELLED")
         settled(srv)  # nothing in flight, queued or held: no scoring goes on after the cancel
-        assert value(srv, "genserve_requests_total", model=MODEL, method="LogLikelihoodStream", code="CANCELLED") == 1
+        assert cancelled() == 1
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             stub = service_pb2_grpc.GenerativeServiceStub(channel)
             out = list(stub.LogLikelihoodStream(iter([pb.LogLikelihoodRequest(model=MODEL, x=to_proto(digits(5)))]),
