@@ -125,7 +125,8 @@ the two cores); a lone client 0.6 (whose requests run alone, so the rule never a
 SPLIT_MIN_ROWS = 64
 """A due batch is split over idle instances (``instances`` > 1) only into parts of at least this many rows: a
 large batch (eight 64-row requests, 512 rows) runs as two calls at once on two instances instead of one call
-while the other instance waits; small ones stay whole, since every call costs the event loop its hand-off."""
+while the other instance waits; small ones stay whole, since every call costs the event loop its hand-off. While
+a call runs, a batch under this many rows waits for it instead of starting a second one."""
 
 
 class LoopLoad:
@@ -230,7 +231,9 @@ class Batcher:
         max_queue_delay_ms: longest wait of the oldest queued submission for others to join it.
         max_queue_size: most submissions waiting (not yet fully handed to calls).
         instances: calls that may run at once (one worker per instance); a due batch of at least twice
-            ``SPLIT_MIN_ROWS`` rows is split over the idle ones.
+            ``SPLIT_MIN_ROWS`` rows is split over the idle ones, and while a call runs, a batch under
+            ``SPLIT_MIN_ROWS`` rows waits for it rather than start another (as with one instance; its
+            submissions then do not even wake the idle worker). One idle worker watches the queue at a time.
         executor: thread pool for the calls (None: the event loop's default executor).
         input_shapes: input name -> shape of one row (None for a free axis); submissions are checked against
             it so that a malformed submission fails alone instead of breaking a merged call.
@@ -329,6 +332,7 @@ class Batcher:
         self._fresh = 0  # of those, the fresh ones
         self._running = 0  # calls in progress
         self._wakeup: asyncio.Event | None = None
+        self._watch: asyncio.Lock | None = None  # held by the one idle worker that watches the queue
         self._idle: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
         self._closed = False
@@ -359,7 +363,7 @@ class Batcher:
         """Start the workers on the running event loop (``submit`` does this on first use)."""
         if self._workers:
             return
-        self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
+        self._wakeup, self._idle, self._watch = asyncio.Event(), asyncio.Event(), asyncio.Lock()
         self._idle.set()
         self._workers = [asyncio.ensure_future(self._worker(i)) for i in range(self.instances)]
 
@@ -397,7 +401,8 @@ class Batcher:
         self._waiting += 1
         self._fresh += fresh
         self._depth_changed()
-        self._wakeup.set()
+        if not self._running or self._queued_rows >= min(SPLIT_MIN_ROWS, self.max_batch_size):
+            self._wakeup.set()  # else an idle instance would find a small batch, which waits (_due_reason)
         return await sub.future  # task cancellation cancels the future; _settled drops its unrun rows
 
     async def stop(self, drain: bool = True) -> None:
@@ -477,6 +482,10 @@ class Batcher:
             return "full", due
         if self._split_rest:
             return "split", due
+        if self._running and self._queued_rows < SPLIT_MIN_ROWS:
+            # another instance's call runs: a small batch waits for it to return, as with one instance, rather
+            # than start a second call of its own (a hand-off for few rows, and smaller calls after it)
+            return None, math.inf
         if now >= due:
             return "delay", due
         if self.expected is None or self._waiting < self.expected():  # someone in flight may still join
@@ -533,7 +542,12 @@ class Batcher:
                 await asyncio.sleep(0.01)  # and must not spin
 
     async def _next_batch(self) -> list[tuple[_Submission, int, int]]:
-        """Wait until a batch is due (full, or its oldest row waited ``delay``), then take it."""
+        """Wait until a batch is due (full, or its oldest row waited ``delay``), then take it. One idle worker
+        watches the queue at a time; the others wait their turn (each arrival wakes one worker, not all)."""
+        async with self._watch:
+            return await self._watch_queue()
+
+    async def _watch_queue(self) -> list[tuple[_Submission, int, int]]:
         loop = asyncio.get_running_loop()
         while True:
             while self._queue and self._queue[0].future.done():
@@ -552,7 +566,7 @@ class Batcher:
                 return self._take()
             self._wakeup.clear()
             try:
-                async with asyncio.timeout(max(until - now, 0.0)):
+                async with asyncio.timeout(None if until == math.inf else max(until - now, 0.0)):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass

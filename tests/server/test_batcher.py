@@ -951,3 +951,48 @@ def test_a_large_due_batch_is_split_over_idle_instances_and_small_ones_stay_whol
     assert b.reasons == ({first: 1, "split": len(want_calls) - 1} if len(want_calls) > 1 else {first: 1})
     for i, out in enumerate(outs):
         assert same_bits(out, run_session(session, rows_of(feeds, i * rows, (i + 1) * rows)))
+
+
+def test_while_one_instance_runs_a_small_batch_waits_for_it_and_a_large_one_takes_the_other(ppca) -> None:
+    """Two instances, one call running: a batch under SPLIT_MIN_ROWS rows does not start a second call (a
+    hand-off for a few rows, and smaller calls after it: 1-row requests at 64 clients ran 0.92x of one instance),
+    even past its delay; once SPLIT_MIN_ROWS rows are queued they go to the idle instance at once, in one call,
+    while the first still runs. Every request gets its own rows' answers, bit for bit."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 2 + SPLIT_MIN_ROWS, seed=21)
+    started, release = [], threading.Event()
+    lock = threading.Lock()
+
+    def run(instance, f):
+        with lock:
+            started.append(len(f["x"]))
+            first = len(started) == 1
+        if first:
+            release.wait(60)  # the first call holds its instance until the test lets it go
+        return run_session(session, f)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        # delay 0: without the rule the small batch would be due at once, and the idle instance would take it
+        b = Batcher("log_prob", run, max_batch_size=512, max_queue_delay_ms=0.0, instances=2, executor=pool)
+
+        async def main():
+            parts = [(0, 1), (1, 2), (2, 2 + SPLIT_MIN_ROWS)]
+            first = asyncio.ensure_future(b.submit(rows_of(feeds, *parts[0])))
+            await until(lambda: started == [1], timeout=60)
+            small = asyncio.ensure_future(b.submit(rows_of(feeds, *parts[1])))
+            for _ in range(20):  # loop turns (not time): the idle instance's worker has looked at the queue
+                await asyncio.sleep(0)
+            assert b.queued_rows == 1 and started == [1]
+            large = asyncio.ensure_future(b.submit(rows_of(feeds, *parts[2])))
+            await until(lambda: len(started) == 2, timeout=60)
+            assert started == [1, 1 + SPLIT_MIN_ROWS] and not first.done()  # the second call, beside the first
+            release.set()
+            outs = await asyncio.gather(first, small, large)
+            await b.stop()
+            return parts, outs
+
+        parts, outs = asyncio.run(main())
+    for (a, z), out in zip(parts, outs, strict=True):
+        assert same_bits(out, run_session(session, rows_of(feeds, a, z)))
