@@ -39,7 +39,7 @@ from genserve.v1 import manifest_pb2 as pb
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]*$")
-DEFAULT_SERVING = {"max_batch_size": 512, "max_queue_delay_ms": 2.0, "max_queue_size": 4096, "instances": 1}
+DEFAULT_SERVING = {"max_batch_size": 512, "max_queue_delay_ms": 2.0, "max_queue_size": 4096}  # instances: the server's
 CHECK_ROWS = 64  # test rows for the operation checks at export time
 
 

@@ -718,6 +718,8 @@ class Batcher:
         """A call ended (answered or failed): the running count, the idle event, the metrics."""
         self._running -= 1
         self.calls += 1
+        if self._queued_rows:
+            self._wakeup.set()  # the watching worker may sleep on a small batch that waited for this call
         self._check_idle()
         if self.observe is not None:
             try:

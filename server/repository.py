@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,8 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
         # caller's thread alone), the instances share one session, so more of them cost no more memory for the
         # weights; on CUDA (a stream each) or with an intra-op pool (threads each) every instance opens its own.
         shared = not uses_cuda(sessions[0]) and settings.intra_op_threads == 1
+        if settings.instances == 0:  # auto: resolved once, on the first graph (every graph has the provider)
+            settings = replace(settings, instances=auto_instances(shared))
         sessions += [sessions[0] if shared else _open_graph(folder, g, opts, settings, where)
                      for _ in range(settings.instances - 1)]
         runners[g.name] = _runner(sessions)
@@ -235,6 +238,16 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
 
 WARMUP_ROWS = 64
 """Rows of the warm-up's full-batch call of each graph (at most max_batch_size)."""
+
+
+def auto_instances(shared: bool) -> int:
+    """The instance count of ``instances = 0`` (auto): 2 where the instances share one session (the CPU with one
+    intra-op thread: no memory for a second copy of the weights) and this process may run on 2 or more cores,
+    else 1. A second instance overlaps a large batch's call with the event loop's work for the requests around
+    it (64-row requests at 8 and 64 clients: 1.15x to 1.19x the requests/s of one); the batcher never starts a
+    second call for a batch under ``SPLIT_MIN_ROWS`` rows, so small requests run as with one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 2 if shared and cores >= 2 else 1
 
 
 def warm_up(program: Program, manifest: pb.ModelManifest, spec: DataSpec, operations: tuple[str, ...],

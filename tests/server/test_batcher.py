@@ -990,6 +990,19 @@ def test_while_one_instance_runs_a_small_batch_waits_for_it_and_a_large_one_take
             assert started == [1, 1 + SPLIT_MIN_ROWS] and not first.done()  # the second call, beside the first
             release.set()
             outs = await asyncio.gather(first, small, large)
+            # and a small batch that waited beside a running call goes when that call returns, with no arrival
+            # after it to wake the idle worker (once it waited for the server's deadline instead)
+            release.clear()
+            started.clear()
+            held = asyncio.ensure_future(b.submit(rows_of(feeds, *parts[0])))
+            await until(lambda: started == [1], timeout=60)
+            late = asyncio.ensure_future(b.submit(rows_of(feeds, *parts[1])))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert started == [1]
+            release.set()
+            again = await asyncio.wait_for(asyncio.gather(held, late), timeout=60)
+            assert started == [1, 1] and all(same_bits(o, out) for o, out in zip(again, outs[:2], strict=True))
             await b.stop()
             return parts, outs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -219,6 +220,34 @@ def test_instances_share_one_session_on_the_cpu_with_one_thread_and_answer_as_on
     assert opened and set(opened.values()) == {sessions}, opened
     assert calls >= 12  # each request its own 64-row call, six of them at once over three instances
     assert all(equal(m[0], s[0]) for m, s in zip(merged, solo, strict=True))
+
+
+@pytest.mark.parametrize(("threads", "config_json", "want"), [(1, None, "auto"), (2, None, 1), (1, 3, 3)])
+def test_instances_auto_is_two_sharing_a_session_on_the_cpu_else_one_and_a_config_json_count_wins(
+        engine_config, repo_copy, threads, config_json, want) -> None:
+    """``instances = 0`` (the default; export writes no count into config.json): 2 on the CPU with one intra-op
+    thread, where they share one session, on a machine of 2 or more cores, else 1; with an intra-op pool, 1; a
+    model's config.json count is taken as it is. The resolved count is what the model reports and runs."""
+    name = "digits-realnvp"
+    path = repo_copy / name / "config.json"
+    serving = json.loads(path.read_text())
+    assert "instances" not in serving  # what export writes
+    if config_json is not None:
+        set_serving(repo_copy, name, instances=config_json)
+    if want == "auto":
+        want = 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+    cfg = replace(engine_config, repo=repo_copy, intra_op_threads=threads)
+    assert cfg.instances == 0  # the server's default
+
+    async def body(engine):
+        model = engine.get_model(name)
+        return model.serving.instances, dict(model.sessions), {g: b.instances for g, b in model.batchers.items()}
+
+    instances, sessions, batchers = running(cfg, body)
+    assert instances == want and set(batchers.values()) == {want}
+    assert set(sessions.values()) == {1 if threads == 1 else want}
+    with pytest.raises(ValueError, match=r"instances must be >= 0 \(0: auto\)"):
+        replace(cfg, instances=-1)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------------
