@@ -401,8 +401,8 @@ class Batcher:
         self._waiting += 1
         self._fresh += fresh
         self._depth_changed()
-        if not self._running or self._queued_rows >= min(SPLIT_MIN_ROWS, self.max_batch_size):
-            self._wakeup.set()  # else an idle instance would find a small batch, which waits (_due_reason)
+        if not self._beside_a_call():
+            self._wakeup.set()  # else an idle instance would only find a small batch, which waits
         return await sub.future  # task cancellation cancels the future; _settled drops its unrun rows
 
     async def stop(self, drain: bool = True) -> None:
@@ -482,10 +482,8 @@ class Batcher:
             return "full", due
         if self._split_rest:
             return "split", due
-        if self._running and self._queued_rows < SPLIT_MIN_ROWS:
-            # another instance's call runs: a small batch waits for it to return, as with one instance, rather
-            # than start a second call of its own (a hand-off for few rows, and smaller calls after it)
-            return None, math.inf
+        if self._beside_a_call():
+            return None, math.inf  # until that call returns (``_ended`` wakes the watching worker)
         if now >= due:
             return "delay", due
         if self.expected is None or self._waiting < self.expected():  # someone in flight may still join
@@ -502,6 +500,12 @@ class Batcher:
         if rate * (due - now) < COMPANY:
             return "no_company", due
         return None, due - COMPANY / rate  # by then, company is no longer likely to come in time
+
+    def _beside_a_call(self) -> bool:
+        """Another instance's call runs and the queue holds a small batch (under ``SPLIT_MIN_ROWS`` rows, and not
+        full): it waits for that call to return, as with one instance, rather than start a second call of its
+        own (a hand-off for few rows, and smaller calls after it); its arrivals do not wake the idle worker."""
+        return bool(self._running) and self._queued_rows < min(SPLIT_MIN_ROWS, self.max_batch_size)
 
     def _settled(self, sub: _Submission) -> None:
         """A submission's future is done (answered, failed or cancelled): forget its unrun rows."""
