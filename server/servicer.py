@@ -404,6 +404,8 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
 
                 async for response in pipelined(request_iterator, score, STREAM_WINDOW):
                     yield response
+                if context.cancelled():  # a client's cancel can end the request stream as if it were complete
+                    tracked.code = grpc.StatusCode.CANCELLED
         except Failure as failure:
             await abort(context, failure)
 
