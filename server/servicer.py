@@ -404,7 +404,10 @@ class GenerativeServicer(service_pb2_grpc.GenerativeServiceServicer):
 
                 async for response in pipelined(request_iterator, score, STREAM_WINDOW):
                     yield response
-                if context.cancelled():  # a client's cancel can end the request stream as if it were complete
+                # a client's cancel ends the request stream as if it were complete; when gRPC has reported it by
+                # now the stream is CANCELLED (when it reports it only after the handler returned, the stream
+                # was answered in full and stays OK: context.cancelled() is False then, even in a done callback)
+                if context.cancelled():
                     tracked.code = grpc.StatusCode.CANCELLED
         except Failure as failure:
             await abort(context, failure)

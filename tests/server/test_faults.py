@@ -130,13 +130,18 @@ def test_cancelling_a_score_stream_stops_reading_and_scoring(repo: Path) -> None
 
         answered, pulled_after = asyncio.run(scenario())
         assert answered == 3 and pulled_after == 0
-        # the client's call is done at once; the server's handler notices the cancel a moment later (its gauges
-        # count engine operations, which are none between two chunks, so wait for the stream's own account)
-        cancelled = lambda: value(srv, "genserve_requests_total", model=MODEL,  # noqa: E731
-                                  method="LogLikelihoodStream", code="CANCELLED")
-        wait_for(lambda: cancelled() >= 1, "the server accounts the stream as CANCELLED")
+        # The client's call is done at once; the server's handler notices the cancel a moment later (its gauges
+        # count engine operations, which are none between two chunks, so wait for the stream's own account).
+        # The account is CANCELLED, or OK in one race that gRPC decides: the cancel reaches the handler as the end
+        # of the request stream, every chunk read is answered, and the handler returns before grpc.aio reports
+        # the cancel; then context.cancelled() is False even in a done callback (about 1 run in 100 under two CPU
+        # hogs). Either way the stream is accounted once, and nothing else.
+        accounts = lambda: {s.labels["code"]: s.value  # noqa: E731
+                            for m in srv.server.metrics.registry.collect() for s in m.samples
+                            if s.name == "genserve_requests_total" and s.labels.get("method") == "LogLikelihoodStream"}
+        wait_for(lambda: sum(accounts().values()) >= 1, "the server accounts the stream")
         settled(srv)  # nothing in flight, queued or held: no scoring goes on after the cancel
-        assert cancelled() == 1
+        assert sum(accounts().values()) == 1 and set(accounts()) <= {"CANCELLED", "OK"}, accounts()
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
             stub = service_pb2_grpc.GenerativeServiceStub(channel)
             out = list(stub.LogLikelihoodStream(iter([pb.LogLikelihoodRequest(model=MODEL, x=to_proto(digits(5)))]),
