@@ -61,8 +61,16 @@ class _Dist:
     def __init__(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
+        self.owned = self.world > 1 and not dist.is_initialized()
+        if self.owned:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    def close(self) -> None:
+        """Destroy the process group this made, on every rank, as torch.distributed asks of a program before it
+        ends (so no rank leaves while gloo's threads in another still talk to it)."""
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owned = False
 
     @property
     def main(self) -> bool:
@@ -91,9 +99,17 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     """Train ``cfg.model`` and write the best checkpoint to ``out``; returns the metrics.
 
     With ``resume`` an existing checkpoint at ``out`` continues from its last finished epoch; the result equals
-    an uninterrupted run (shuffling and dropout are seeded per epoch).
+    an uninterrupted run (shuffling and dropout are seeded per epoch). Under torchrun each rank calls it.
     """
     ddp = _Dist()
+    try:
+        return _train(ddp, cfg, out, resume, progress, data)
+    finally:
+        ddp.close()
+
+
+def _train(ddp: _Dist, cfg: TrainConfig, out: str | Path, resume: bool, progress: bool,
+           data: Dataset | None) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = data or load_dataset(cfg.dataset, seed=cfg.seed, levels=cfg.levels)
