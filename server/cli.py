@@ -36,8 +36,7 @@ FLAGS: list[tuple[str, str, type, str, str]] = [
     ("--max-queue-delay-ms", "max_queue_delay_ms", float, "MS", "longest wait for a batch to fill (2)"),
     ("--max-queue-size", "max_queue_size", int, "N", "most queued requests per graph (default 4096)"),
     ("--instances", "instances", int, "N",
-     "concurrent calls per graph (default 0, auto: 2 sharing one session on the CPU with 2+ cores per process, "
-     "else 1)"),
+     "concurrent calls per graph (default 0, auto: 2 sharing one session on the CPU with 2+ cores, else 1)"),
     ("--threads", "intra_op_threads", int, "N", "ONNX Runtime intra-op threads per session (default 1)"),
     ("--inter-op-threads", "inter_op_threads", int, "N", "ONNX Runtime inter-op threads (default 1)"),
     ("--workers", "workers", int, "N", "threads running ONNX Runtime calls (default 4)"),

@@ -373,8 +373,8 @@ class ServingSettings:
     """Calls per graph that run at once, each on its own batches. On the CPU with one intra-op thread they share
     one ONNX Runtime session (its Run is thread-safe); on CUDA or with more intra-op threads each instance has
     its own session. 0: auto, resolved when a version loads (``auto_instances``): 2 where they share a session
-    and each of the ``processes`` has 2 or more cores (a second call overlaps the event loop's work for large
-    batches: 64-row requests ran 1.15x to 1.19x; small batches never start a second call), else 1."""
+    on a machine of 2 or more cores (a second call overlaps the event loop's work for large batches: 64-row
+    requests ran 1.15x to 1.19x; small batches never start a second call), else 1."""
     provider: str = "auto"
     """``auto``, ``cuda`` or ``cpu``."""
     intra_op_threads: int = 1

@@ -287,7 +287,7 @@ class Engine:
                             on_depth=None if m is None else m.set_queue_depth, pad_batches=self.cfg.pad_batches,
                             inline_call_s=self.inline_call_s, occupancy=self.occupancy,
                             inline_idle_call_s=self.inline_idle_call_s, loop_load=self.loop_load,
-                            busy_delay_factor=self.cfg.busy_delay_factor, processes=self.cfg.processes)
+                            busy_delay_factor=self.cfg.busy_delay_factor)
 
     def _retire(self, m: LoadedModel) -> None:
         task = asyncio.ensure_future(m.retire())

@@ -162,9 +162,8 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
                  on_depth: Callable[[str, str, int], None] | None = None, pad_batches: str = "auto",
                  inline_call_s: float = 0.0, occupancy: Occupancy | None = None,
                  inline_idle_call_s: float = 0.0, loop_load: LoopLoad | None = None,
-                 busy_delay_factor: float = 1.0, processes: int = 1) -> LoadedModel:
-    """Load ``repo/name/version`` (blocking: reads files, hashes graphs, opens sessions); else LoadFailed.
-    ``processes``: the server's process count, for ``instances = 0`` (``auto_instances``)."""
+                 busy_delay_factor: float = 1.0) -> LoadedModel:
+    """Load ``repo/name/version`` (blocking: reads files, hashes graphs, opens sessions); else LoadFailed."""
     folder = repo / name / str(version)
     where = f"{name} version {version}"
     try:
@@ -207,7 +206,7 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
         # weights; on CUDA (a stream each) or with an intra-op pool (threads each) every instance opens its own.
         shared = not uses_cuda(sessions[0]) and settings.intra_op_threads == 1
         if settings.instances == 0:  # auto: resolved once, on the first graph (every graph has the provider)
-            settings = replace(settings, instances=auto_instances(shared, processes))
+            settings = replace(settings, instances=auto_instances(shared))
         sessions += [sessions[0] if shared else _open_graph(folder, g, opts, settings, where)
                      for _ in range(settings.instances - 1)]
         runners[g.name] = _runner(sessions)
@@ -241,17 +240,16 @@ WARMUP_ROWS = 64
 """Rows of the warm-up's full-batch call of each graph (at most max_batch_size)."""
 
 
-def auto_instances(shared: bool, processes: int = 1) -> int:
+def auto_instances(shared: bool) -> int:
     """The instance count of ``instances = 0`` (auto): 2 where the instances share one session (the CPU with one
-    intra-op thread: no memory for a second copy of the weights) and each of the server's ``processes`` has 2
-    or more of the cores this process may run on, else 1. A second instance overlaps a large batch's call with
-    the event loop's work for the requests around it (64-row requests at 8 and 64 clients: 1.15x to 1.19x the
-    requests/s of one); the batcher never starts a second call for a batch under ``SPLIT_MIN_ROWS`` rows, so
-    small requests run as with one. Where the processes already fill the cores a second instance only adds
-    threads (``--processes 2`` on 2 cores, 64-row requests at 64 clients: one instance each ran 1.07x the
-    requests/s of two, p99 49 against 67 ms)."""
+    intra-op thread: no memory for a second copy of the weights) and this process may run on 2 or more cores,
+    else 1. A second instance overlaps a large batch's call with the event loop's work for the requests around
+    it (64-row requests at 8 and 64 clients: 1.15x to 1.19x the requests/s of one); the batcher never starts a
+    second call for a batch under ``SPLIT_MIN_ROWS`` rows, so small requests run as with one. ``--processes N``
+    is not counted on purpose: the kernel spreads connections, not requests, over the processes, so one client
+    connection puts all its load on one process, which then needs both instances (BENCHMARKS.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if shared and cores // max(processes, 1) >= 2 else 1
+    return 2 if shared and cores >= 2 else 1
 
 
 def warm_up(program: Program, manifest: pb.ModelManifest, spec: DataSpec, operations: tuple[str, ...],

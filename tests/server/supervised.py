@@ -33,7 +33,7 @@ class Supervised:
         else:
             cmd = [sys.executable, "-m", "genserve.server.cli", "--config", str(config), "--processes",
                    str(processes), *flags]
-        self.log, self.processes = log, processes
+        self.log = log
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.ready = self.proc.stdout.readline().strip()  # the supervisor prints it once both workers are ready
