@@ -22,6 +22,12 @@ of its copy's config.json, which would otherwise outrank them (``variant_serving
 perfanalyzer.py: about half the client CPU per request). It reads Triton's ModelConfig first, which MLServer and
 KServe lack: they are started with a handler that answers it (runtimes/triton_config.py), ModelInfer their own.
 
+``--floor`` also measures the grpc.aio floor (runtimes/grpc_floor.py), a reference and never the best peer: a
+grpc.aio server in genserve's environment that answers a request it has seen before from a table keyed by the
+request's bytes, parsing and running nothing. Per cell the table gives floor / best peer: the most any server
+written on Python's grpc.aio could reach there against that peer (below a target, the target is out of reach
+for such a server on this machine).
+
 Run from the repository root. A peer that cannot be installed, started or answer correctly is named in the
 table with the reason, never left out silently.
 """
@@ -47,7 +53,7 @@ import numpy as np
 from benchmarks import procstat
 from benchmarks.peers import perfanalyzer, summary, treecpu
 from benchmarks.peers.graph import PeerGraph, peer_graph
-from benchmarks.peers.launch import ORT, PINS, PeerServer, PeerUnavailable, installed_versions, venv
+from benchmarks.peers.launch import FLOOR, ORT, PINS, PeerServer, PeerUnavailable, installed_versions, venv
 from benchmarks.peers.oipload import OipLoad, infer_once, infer_request
 from benchmarks.serverproc import ServerProcess, per_model_flags, repo_variant
 
@@ -83,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--load", choices=("oip", "perf_analyzer"), default="oip",
                    help="load generator: the Python OIP client or Triton's perf_analyzer (benchmarks/peers/"
                         "perfanalyzer.py; --processes, --connections and --warmup-s do not apply to it)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure the grpc.aio floor (a server that answers from a table of seen requests): "
+                        "the most a Python grpc.aio server reaches in each cell")
     p.add_argument("--out", help="write the JSON here")
     return p
 
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown peers {unknown}; choose from {', '.join(PINS)}")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     variants = dict(variant_flags(v) for v in args.genserve_variant)
-    servers = [GENSERVE, *variants, *peers]
+    servers = [GENSERVE, *variants, *peers, *([FLOOR] if args.floor else [])]
     status: dict[str, str] = {}
     versions: dict[str, dict] = {GENSERVE: _own_versions()}
     if versions[GENSERVE].get("onnxruntime") != ORT.split("==")[1]:
@@ -199,6 +208,15 @@ def main(argv: list[str] | None = None) -> int:
             except PeerUnavailable as e:
                 status[peer] = str(e)
                 log(f"{peer}: NOT RUN: {e}")
+        if args.floor:  # genserve's own interpreter: no virtualenv to make
+            try:
+                floor = stack.enter_context(PeerServer(FLOOR, graph, work / FLOOR, args.max_batch_size,
+                                                       args.delay_ms, rows))
+                handles[FLOOR] = (floor.target, floor.pid, floor.model_name)
+                versions[FLOOR] = {"grpcio": versions[GENSERVE].get("grpcio")}
+            except PeerUnavailable as e:
+                status[FLOOR] = str(e)
+                log(f"{FLOOR}: NOT RUN: {e}")
         for name, (target, _, model_name) in list(handles.items()):
             for r in rows:
                 want = reference(graph, work, x_all[:r])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.peers.graph import PeerGraph, triton_model_config
 from benchmarks.peers.oipload import ready
+from benchmarks.peers.summary import FLOOR
 from benchmarks.serverproc import free_port
 
 CACHE = Path.home() / ".cache" / "genserve-bench" / "venvs"
@@ -109,6 +110,9 @@ class PeerServer:
     def _command(self, env: dict[str, str]) -> list[str]:
         py = str(CACHE / self.peer / "bin" / "python")
         spec = str(self.graph.write(self.work / "graph.json"))
+        if self.peer == FLOOR:  # genserve's own interpreter: grpcio, onnxruntime and the OIP messages are there
+            return [sys.executable, str(RUNTIMES / "grpc_floor.py"), spec, self.graph.oip_name, str(self.grpc_port),
+                    str(self._model_config())]
         http, metrics = free_port(), free_port()
         if self.peer == "kserve":
             return [py, str(RUNTIMES / "kserve_server.py"), spec, self.graph.oip_name,

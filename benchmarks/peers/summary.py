@@ -6,6 +6,10 @@ median over rounds reported. The best peer of a cell is the peer with the highes
 
 Targets (issue 17, point 4): at 8 and 64 clients, genserve >= 1.5x the best peer's requests/s with a p99 no
 higher than that peer's; at 1 client, requests/s no lower than the best peer's.
+
+The grpc.aio floor (``FLOOR``, runtimes/grpc_floor.py) is a reference, never the best peer: its ratio to the best
+peer is the most a server written on Python's grpc.aio can reach in that cell. Where it is below the cell's
+target, no such server meets the target on this machine.
 """
 
 from __future__ import annotations
@@ -16,11 +20,33 @@ import statistics
 GENSERVE = "genserve"
 TARGET_RATIO = 1.5
 """genserve / best peer requests/s wanted at 8 and 64 clients."""
+FLOOR = "grpc-floor"
+"""The grpc.aio floor: a reference server measured beside the peers, never a peer."""
 
 
 def is_own(name: str) -> bool:
     """genserve itself or one of its variants (``genserve-<name>``: other serve flags), never a peer."""
     return name == GENSERVE or name.startswith(GENSERVE + "-")
+
+
+def is_peer(name: str) -> bool:
+    """A server genserve is compared with: neither genserve (or a variant) nor the grpc.aio floor."""
+    return not is_own(name) and name != FLOOR
+
+
+def target_of(clients: int) -> float | None:
+    """The ratio to the best peer wanted at this client count (None: no target there)."""
+    return 1.0 if clients == 1 else TARGET_RATIO if clients in (8, 64) else None
+
+
+def floor_note(clients: int, ratio: float) -> str:
+    """What the floor's ratio to the best peer says about the cell's target."""
+    target = target_of(clients)
+    if target is None or math.isnan(ratio):
+        return ""
+    if ratio < target:
+        return f"target out of reach for a grpc.aio server here (the floor is {ratio:.2f}x < {target:g}x)"
+    return f"within a grpc.aio server's reach (the floor is {ratio:.2f}x >= {target:g}x)"
 
 
 def _median(values: list[float]) -> float:
@@ -67,15 +93,18 @@ def summarise(samples: list[dict], servers: list[str], rows: list[int], clients:
     for r in rows:
         for c in clients:
             stats = {name: st for name in servers if (st := cell_stats(samples, name, r, c)) is not None}
-            peers = {k: v for k, v in stats.items() if not is_own(k) and v["rps"] > 0}
+            peers = {k: v for k, v in stats.items() if is_peer(k) and v["rps"] > 0}
             best = max(peers, key=lambda k: peers[k]["rps"]) if peers else None
             rounds: dict[int, dict[str, dict]] = {}  # round -> server -> its sample in this cell
             for s in samples:
                 if (s["rows"], s["clients"]) == (r, c):
                     rounds.setdefault(s["round"], {})[s["server"]] = s
-            tops = {k: max((s["rps"] for name, s in here.items() if not is_own(name)), default=0.0)
+            tops = {k: max((s["rps"] for name, s in here.items() if is_peer(name)), default=0.0)
                     for k, here in rounds.items()}  # each round's best peer
             cell = {"rows": r, "clients": c, "servers": stats, "best_peer": best}
+            if FLOOR in stats:
+                cell["floor_ratio"] = _median([here[FLOOR]["rps"] / tops[k] for k, here in sorted(rounds.items())
+                                               if FLOOR in here and tops[k] > 0])
             for own in [n for n in servers if is_own(n)]:
                 ratio = _median([here[own]["rps"] / tops[k] for k, here in sorted(rounds.items())
                                  if own in here and tops[k] > 0])
@@ -118,6 +147,10 @@ def markdown(table: list[dict], servers: list[str], status: dict[str, str]) -> s
             lines.append(f"| {r} | {c} | **{own} / best peer ({cell['best_peer'] or 'none'})** | "
                          f"**{_num(figures['ratio'], '.2f')}x** | | p99 {_num(figures['p99_ratio'], '.2f')}x | | | | | "
                          f"| | {figures['verdict']} |")
+        if "floor_ratio" in cell:
+            lines.append(f"| {r} | {c} | *{FLOOR} / best peer ({cell['best_peer'] or 'none'})* | "
+                         f"*{_num(cell['floor_ratio'], '.2f')}x* | | | | | | | | | "
+                         f"{floor_note(c, cell['floor_ratio'])} |")
     return "\n".join(lines)
 
 
@@ -127,7 +160,7 @@ if __name__ == "__main__":  # redraw the table of a result: python -m benchmarks
     from pathlib import Path
 
     result = json.loads(Path(sys.argv[1]).read_text())
-    names = [GENSERVE, *result.get("variants", {}), *result["pins"]]
+    names = [GENSERVE, *result.get("variants", {}), *result["pins"], FLOOR]
     names = [n for n in names if n in result["versions"] or n in result["status"]]
     table = summarise(result["samples"], names, sorted({s["rows"] for s in result["samples"]}),
                       sorted({s["clients"] for s in result["samples"]}))

@@ -173,6 +173,68 @@ def test_a_genserve_variant_is_never_the_best_peer_and_gets_its_own_ratio() -> N
             cli.variant_flags(bad)
 
 
+def test_the_grpc_floor_is_never_the_best_peer_and_says_whether_a_target_is_in_reach() -> None:
+    """The grpc.aio floor is a reference: never the best peer, its ratio to each round's best peer (median over
+    rounds) says whether the cell's target is within reach of a grpc.aio server."""
+    samples = []
+    for k, (g, floor, a) in enumerate([(100.0, 140.0, 100.0), (90.0, 120.0, 100.0), (110.0, 130.0, 100.0)]):
+        samples += [_sample(k, "genserve", 1, 64, g, 4.0), _sample(k, summary.FLOOR, 1, 64, floor, 1.0),
+                    _sample(k, "a", 1, 64, a, 3.0)]
+    (cell,) = summary.summarise(samples, ["genserve", "a", summary.FLOOR], [1], [64])
+    assert cell["best_peer"] == "a" and cell["ratio"] == pytest.approx(1.0)  # the floor is faster, not a peer
+    assert cell["floor_ratio"] == pytest.approx(1.3)  # 1.4, 1.2, 1.3
+    text = summary.markdown([cell], ["genserve", "a", summary.FLOOR], {})
+    assert f"*{summary.FLOOR} / best peer (a)* | *1.30x*" in text
+    assert "target out of reach for a grpc.aio server here (the floor is 1.30x < 1.5x)" in text
+    assert summary.floor_note(1, 1.3).startswith("within a grpc.aio server's reach")
+    assert summary.floor_note(16, 0.5) == "" and summary.floor_note(8, math.nan) == ""
+    alone = summary.summarise(samples[:2], ["genserve", summary.FLOOR], [1], [64])[0]
+    assert alone["best_peer"] is None and math.isnan(alone["floor_ratio"])  # no peer: nothing to compare
+
+
+def test_the_grpc_floor_answers_what_the_graph_answers_and_repeats_from_its_table(
+        repo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--floor`` serves the graph from a real grpc.aio process: the CLI checks its answer against the graph run
+    in-process and measures it beside genserve; a repeated request gets the same bytes, Triton's ModelConfig is
+    answered, and a request for another model is refused with INVALID_ARGUMENT."""
+    import grpc
+
+    from benchmarks.peers.graph import triton_model_config
+    from genserve.oip import grpc_service_pb2 as pb
+    from genserve.oip import grpc_service_pb2_grpc as pb_grpc
+
+    out = tmp_path / "peers.json"
+    code = cli.main(["--repo", str(repo_dir), "--model", MODEL, "--operation", "encode", "--peers", "", "--floor",
+                     "--rows", "2", "--clients", "2", "--rounds", "1", "--processes", "1", "--warmup-s", "0.2",
+                     "--window-s", "0.5", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["status"] == {}  # both answered what the graph answers in-process
+    measured = {s["server"]: s for s in result["samples"]}
+    assert set(measured) == {"genserve", summary.FLOOR}
+    assert measured[summary.FLOOR]["requests"] > 0 and measured[summary.FLOOR]["errors"] == {}
+    assert f"| 2 | 2 | {summary.FLOOR} |" in capsys.readouterr().out
+
+    graph = peer_graph(repo_dir, MODEL, "encode", tmp_path / "graph")
+    x = np.random.default_rng(3).integers(0, 17, size=(3, 8, 8)).astype(np.float32)
+    with PeerServer(summary.FLOOR, graph, tmp_path / "floor", 512, 2.0, [3]) as floor:
+        request = infer_request(graph.oip_name, graph.input, x)
+        with grpc.insecure_channel(floor.target) as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            first, second = infer(request, timeout=30), infer(request, timeout=30)
+            assert first == second
+            answer = pb.ModelInferResponse.FromString(first)
+            assert answer.model_name == graph.oip_name and [o.name for o in answer.outputs] == graph.outputs
+            assert list(answer.outputs[0].shape) == [3, *graph.output_row_shapes[graph.outputs[0]]]
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            config = stub.ModelConfig(pb.ModelConfigRequest(name=graph.oip_name), timeout=30)
+            assert config.SerializeToString() == triton_model_config(graph, 512)
+            assert not stub.ModelReady(pb.ModelReadyRequest(name="other"), timeout=30).ready
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(pb.ModelInferRequest(model_name="other"), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "other" in refused.value.details()
+
+
 def test_tree_cpu_covers_the_process_and_its_children() -> None:
     with OipLoad(processes=1) as load:
         pids = treecpu.tree(os.getpid())
