@@ -96,6 +96,7 @@ class Engine:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._started = False
+        self._admitted: Request | None = None  # the request ``admit`` passed last, until an operation takes it
         self.inline_call_s = 0.0 if cfg.inline_call_us is None else cfg.inline_call_us / 1e6
         """The batchers' ``inline_call_s``: ``cfg.inline_call_us``, or (unset) measured by ``start``."""
         self.inline_idle_call_s = 0.0 if cfg.inline_idle_call_us is None else cfg.inline_idle_call_us / 1e6
@@ -381,7 +382,13 @@ class Engine:
 
     # ---- limits --------------------------------------------------------------------------------------
     def admit(self, request: Request) -> None:
-        """Every limit a request must keep, checked here and only here (InvalidInput naming the field)."""
+        """Every limit a request must keep, checked here and only here (InvalidInput naming the field). A face
+        that admits a request before it holds rows for it hands the same request object to the operation,
+        which then does not check it again (``_enter``)."""
+        self._limits(request)
+        self._admitted = request
+
+    def _limits(self, request: Request) -> None:
         cfg = self.cfg
         if isinstance(request, SampleRequest):
             n = request.n
@@ -442,7 +449,10 @@ class Engine:
         """Check the request, then hold its version (and the in-flight gauge) until ``_leave``: every operation
         is ``m = self._enter(request)``, then its work in a ``try`` whose ``finally`` is ``self._leave(m, op)``
         (plain calls rather than a context manager: this runs twice per request, on the event loop)."""
-        self.admit(request)
+        if request is self._admitted:  # admitted a moment ago by the face (requests are frozen): not again
+            self._admitted = None
+        else:
+            self._limits(request)
         m = request.model
         if m.active == 0:
             entry = self._models.get(m.name)

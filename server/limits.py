@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
+from collections import deque
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -76,12 +78,110 @@ class Expired(Exception):
 
 async def within(work: Awaitable[T], remaining: float | None, ceiling: float) -> T:
     """Await ``work`` within ``remaining`` seconds capped at ``ceiling``; on expiry the work is cancelled (its
-    queued rows drop) and Expired raised. ``asyncio.timeout`` cancels it in this task: no extra task per call."""
+    queued rows drop) and Expired raised, in this task (no extra task per call).
+
+    A client's own deadline gets an ``asyncio.timeout``. Work under the server's ceiling alone (a client that
+    set no deadline, or a longer one) shares one timer per event loop and ceiling (``Ceiling``): every such
+    deadline is the same length, so they expire in the order they began, and an ``asyncio.timeout`` per request
+    (its timer handle, put on the loop's heap and taken off again) would be spent on the common case."""
     timeout, capped = deadline(remaining, ceiling)
     if math.isinf(timeout):
         return await work
+    if capped:
+        return await Ceiling.of(timeout).run(work)
     try:
         async with asyncio.timeout(timeout):
             return await work
     except TimeoutError:
         raise Expired(capped) from None
+
+
+class _Entry:
+    """One unit of work under a ``Ceiling``: its task (None once it ended), when it expires, and whether the
+    ceiling cancelled it."""
+
+    __slots__ = ("task", "at", "cancelling", "fired")
+
+    def __init__(self, task: asyncio.Task, at: float) -> None:
+        self.task: asyncio.Task | None = task
+        self.at = at
+        self.cancelling = task.cancelling()
+        self.fired = False
+
+
+class Ceiling:
+    """Deadlines of one length on one event loop, sharing one timer: ``await Ceiling.of(seconds).run(work)``.
+
+    Entries queue in the order they began, which is the order they expire. One timer handle waits for the
+    oldest entry still running; when it fires it cancels whatever has reached its deadline (Expired is raised
+    in that task, as ``asyncio.timeout`` raises TimeoutError) and waits for the next. Ended entries leave the
+    front as new ones arrive, and the queue is compacted when ended entries behind a long one outnumber the
+    running ones, so it holds about as many entries as there is work in progress.
+    """
+
+    _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, Ceiling]] = \
+        weakref.WeakKeyDictionary()
+    _last: tuple[asyncio.AbstractEventLoop, float, Ceiling] | None = None
+
+    __slots__ = ("loop", "seconds", "entries", "running", "handle", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self.loop, self.seconds = loop, seconds
+        self.entries: deque[_Entry] = deque()
+        self.running = 0
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, seconds: float) -> Ceiling:
+        """The running loop's ceiling of ``seconds``."""
+        loop = asyncio.get_running_loop()
+        last = cls._last
+        if last is not None and last[0] is loop and last[1] == seconds:
+            return last[2]
+        ceilings = cls._shared.setdefault(loop, {})
+        ceiling = ceilings.get(seconds)
+        if ceiling is None:
+            ceiling = ceilings[seconds] = cls(loop, seconds)
+        cls._last = (loop, seconds, ceiling)
+        return ceiling
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Await ``work`` in the current task; Expired (capped) when the ceiling cancelled it."""
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Ceiling.run must be awaited in a task")
+        entry = self._enter(task)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if entry.fired and task.uncancel() <= entry.cancelling:
+                raise Expired(True) from None  # the ceiling's cancel, and no other: the work ran too long
+            raise
+        finally:
+            entry.task = None
+            self.running -= 1
+
+    def _enter(self, task: asyncio.Task) -> _Entry:
+        entries = self.entries
+        while entries and entries[0].task is None:
+            entries.popleft()
+        if len(entries) > 2 * self.running + 64:  # ended entries held behind a long one: drop them
+            self.entries = entries = deque(e for e in entries if e.task is not None)
+        entry = _Entry(task, self.loop.time() + self.seconds)
+        entries.append(entry)
+        self.running += 1
+        if self.handle is None:
+            self.handle = self.loop.call_at(entry.at, self._expire)
+        return entry
+
+    def _expire(self) -> None:
+        """The timer: cancel every running entry whose deadline has come, then wait for the next one."""
+        self.handle = None
+        entries, now = self.entries, self.loop.time()
+        while entries and (entries[0].task is None or entries[0].at <= now):
+            entry = entries.popleft()
+            if entry.task is not None and not entry.fired:
+                entry.fired = True
+                entry.task.cancel()
+        if entries:  # the oldest still running, not yet due
+            self.handle = self.loop.call_at(entries[0].at, self._expire)

@@ -110,7 +110,7 @@ from genserve.server.oip_models import (
     split_name,
     wanted_outputs,
 )
-from genserve.server.oip_tensors import decode_inputs, encode_output, latent_shape, tensor_specs
+from genserve.server.oip_tensors import decode_inputs, encode_output, latent_shape, output_datatypes, tensor_specs
 from genserve.server.repository import LoadedModel
 from genserve.server.transport import (
     STREAM_WINDOW,
@@ -416,7 +416,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.parameters["seed"].int64_param = seed
                 for k, v in extra.items():
                     response.parameters[k].string_param = v
-                datatypes = {s.name: s.datatype for s in out_specs}
+                datatypes = output_datatypes(loaded, operation)
                 for name in wanted:
                     array = results.get(name)
                     if array is None:

@@ -44,6 +44,8 @@ DATATYPES: dict[str, DType] = {
     "FP32": DType(np.dtype("<f4"), "fp32_contents", mc.TYPE_FP32),
     "FP64": DType(np.dtype("<f8"), "fp64_contents", mc.TYPE_FP64),
 }
+NATIVE: dict[str, np.dtype] = {name: d.numpy.newbyteorder("=") for name, d in DATATYPES.items()}
+"""Each datatype's numpy type in this machine's byte order (made once: ``newbyteorder`` builds a new dtype)."""
 CONTENT_FIELDS = tuple(f.name for f in pb.InferTensorContents.DESCRIPTOR.fields)
 
 
@@ -72,6 +74,15 @@ def tensor_specs(loaded: LoadedModel, operation: str) -> tuple[list[TensorSpec],
     if specs is None:
         specs = loaded.derived[key] = _tensor_specs(loaded, operation)
     return specs
+
+
+def output_datatypes(loaded: LoadedModel, operation: str) -> dict[str, str]:
+    """Output name -> OIP datatype of ``<model>.<operation>`` (made once per version and operation)."""
+    key = ("oip.output_datatypes", operation)
+    datatypes = loaded.derived.get(key)
+    if datatypes is None:
+        datatypes = loaded.derived[key] = {s.name: s.datatype for s in tensor_specs(loaded, operation)[1]}
+    return datatypes
 
 
 def _tensor_specs(loaded: LoadedModel, operation: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -144,7 +155,7 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     if dtype is None:
         raise invalid(f"input {name!r} has datatype {tensor.datatype!r}; use one of {', '.join(DATATYPES)} "
                       "(FP32 for data and latents)")
-    shape = check_shape(tuple(int(d) for d in tensor.shape), f"input {name!r}")
+    shape = check_shape(tuple(tensor.shape), f"input {name!r}")  # a repeated int64: Python ints
     count = math.prod(shape)
     given = [f for f in CONTENT_FIELDS if len(getattr(tensor.contents, f))] if tensor.HasField("contents") else []
     if raw is not None:
@@ -154,7 +165,7 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
         if len(raw) != want:
             raise invalid(f"input {name!r}: raw contents have {len(raw)} bytes, but shape {list(shape)} of "
                           f"{tensor.datatype} needs {want}")
-        return np.frombuffer(raw, dtype=dtype.numpy).reshape(shape).astype(dtype.numpy.newbyteorder("="))
+        return np.frombuffer(raw, dtype=dtype.numpy).reshape(shape).astype(NATIVE[tensor.datatype])
     if dtype.contents is None:
         raise invalid(f"input {name!r} is {tensor.datatype}, which has no typed contents field; send it in "
                       "raw_input_contents")
@@ -167,7 +178,7 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
         raise invalid(f"input {name!r}: contents.{dtype.contents} has {len(values)} elements, but shape "
                       f"{list(shape)} needs {count}")
     wide = np.asarray(values)
-    array = wide.astype(dtype.numpy.newbyteorder("="))
+    array = wide.astype(NATIVE[tensor.datatype])
     if wide.dtype.kind in "iu" and not np.array_equal(array, wide):
         raise invalid(f"input {name!r}: contents.{dtype.contents} has values outside the range of "
                       f"{tensor.datatype}")

@@ -40,7 +40,7 @@ class FlowProgram(Program):
                              **options: Any) -> np.ndarray:
         """Continuous: exact log p(x). Discrete: log (1/K) sum_k p(x + u_k), K = ``draws``, u_k =
         noise.uniform(N, D) per draw (a lower bound on log P(x) that tightens with K); nats per row, (N,)."""
-        x = x.astype(np.float32)
+        x = x.astype(np.float32, copy=False)  # the engine checked and copied it
         if not self.spec.discrete:
             return (await run("forward", {"x": x}))["log_prob"]
         draws = int(draws or self.param("dequant_draws"))
@@ -53,7 +53,7 @@ class FlowProgram(Program):
 
     async def encode(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
         """z = f(x); discrete x at the centre of its cell (u = 1/2), so decoding gives x back."""
-        x = x.astype(np.float32)
+        x = x.astype(np.float32, copy=False)
         feeds = {"x": x}
         if self.spec.discrete:
             feeds["u"] = np.full_like(flat(x), 0.5)

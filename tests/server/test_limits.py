@@ -270,3 +270,58 @@ def test_concurrent_rpcs(repo: Path) -> None:
     assert all(a.x.shape == [1, 8, 8] for a in answers) and after.x.shape == [1, 8, 8]
     with pytest.raises(ValueError, match="max_concurrent_rpcs"):
         config(repo, max_concurrent_rpcs=0)
+
+
+def test_work_under_the_ceiling_shares_one_timer_and_expires_in_order() -> None:
+    """Work whose deadline is the server's ceiling (no client deadline, or a longer one) shares one timer per
+    loop and ceiling: a unit that ends in time returns its result; units that run past the ceiling are cancelled
+    with Expired (capped), each at its own deadline or later, in the order they began; a cancel from elsewhere
+    stays a CancelledError; the task's cancel count is back to 0 after an expiry; and a thousand finished units
+    behind one long unit leave the queue short. A client deadline shorter than the ceiling expires as not capped."""
+    from genserve.server.limits import Ceiling, Expired, within
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        assert await within(asyncio.sleep(0, "done"), None, 0.2) == "done"
+        assert await within(asyncio.sleep(0, "done"), 30.0, 0.2) == "done"  # a longer client deadline: capped
+
+        expired: list[tuple[int, float]] = []
+
+        async def runs_too_long(i: int) -> None:
+            started = loop.time()
+            with pytest.raises(Expired) as e:
+                await within(asyncio.sleep(60), None, 0.2)
+            assert e.value.capped
+            assert asyncio.current_task().cancelling() == 0
+            expired.append((i, loop.time() - started))
+
+        first = asyncio.ensure_future(runs_too_long(0))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(runs_too_long(1))
+        assert await within(asyncio.sleep(0.01, "in time"), None, 0.2) == "in time"  # between the two
+        await asyncio.gather(first, second)
+        assert [i for i, _ in expired] == [0, 1] and all(waited >= 0.19 for _, waited in expired)
+
+        cancelled = asyncio.ensure_future(within(asyncio.sleep(60), None, 60.0))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+
+        held = asyncio.Event()
+        long = asyncio.ensure_future(within(held.wait(), None, 60.0))
+        await asyncio.sleep(0)
+        for _ in range(1000):
+            await within(asyncio.sleep(0), None, 60.0)
+        ceiling = Ceiling.of(60.0)
+        assert ceiling.running == 1 and len(ceiling.entries) <= 2 * ceiling.running + 65
+        held.set()
+        assert await long is True
+        assert ceiling.running == 0
+
+        with pytest.raises(Expired) as client:
+            await within(asyncio.sleep(60), 0.05, 60.0)
+        assert not client.value.capped
+
+    asyncio.run(main())
+    asyncio.run(main())  # a second loop gets its own timers
