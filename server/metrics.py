@@ -26,7 +26,7 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 # No `..._created` series beside every counter and histogram: they double the series count and no dashboard
@@ -61,6 +61,78 @@ def histogram(name: str, documentation: str, labelnames: Sequence[str], buckets:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         return Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
     return ScrapedHistogram(name, documentation, labelnames, buckets, registry)
+
+
+def counter(name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> Any:
+    """A labelled counter for the hot path: ``ScrapedValues`` in one process, prometheus_client's ``Counter``
+    under ``--processes N``. Either answers ``.labels(*values).inc(amount)``; the exposition is ``<name>_total``."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return Counter(name, documentation, labelnames, registry=registry)
+    return ScrapedValues(name, documentation, labelnames, registry, counter=True)
+
+
+def gauge(name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry,
+          multiprocess_mode: str) -> Any:
+    """A labelled gauge for the hot path: ``ScrapedValues`` in one process, prometheus_client's ``Gauge`` under
+    ``--processes N`` (``multiprocess_mode``: how the workers' values add up). Either answers ``.labels(*values)``
+    with ``inc``, ``dec`` and ``set``."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return Gauge(name, documentation, labelnames, registry=registry, multiprocess_mode=multiprocess_mode)
+    return ScrapedValues(name, documentation, labelnames, registry, counter=False)
+
+
+class ScrapedValue:
+    """One label set of a ``ScrapedValues``: a plain number."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class ScrapedValues:
+    """A labelled Prometheus counter or gauge kept in plain Python numbers and turned into samples when scraped
+    (a custom collector, as ``ScrapedHistogram``): an update is one addition, where prometheus_client's takes a
+    lock, several times per request on the event loop. Updates come from one thread (the event loop)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry | None, counter: bool) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self.family = CounterMetricFamily if counter else GaugeMetricFamily
+        self._children: dict[tuple[str, ...], ScrapedValue] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> ScrapedValue:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        values = tuple(str(v) for v in values)
+        child = self._children.get(values)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(values, ScrapedValue())
+        return child
+
+    def describe(self) -> list[Any]:
+        return [self.family(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> list[Any]:
+        family = self.family(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            children = list(self._children.items())
+        for values, child in children:
+            family.add_metric(list(values), child.value)
+        return [family]
 
 
 class ScrapedHistogram:
@@ -156,14 +228,14 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("genserve_requests", "RPCs finished, by model, method and gRPC status code",
+        self.requests = counter("genserve_requests", "RPCs finished, by model, method and gRPC status code",
                                 ["model", "method", "code"], registry=r)
         self.request_duration = histogram("genserve_request_duration_seconds",
                                           "RPC latency from arrival to answer, seconds", ["model", "method"],
                                           buckets=LATENCY_BUCKETS, registry=r)
         # multiprocess_mode: how `--processes N` (prometheus_client's multiprocess mode) adds up the workers'
         # gauges; ignored in one process.
-        self.inflight = Gauge("genserve_inflight_requests", "Operations the engine is running now",
+        self.inflight = gauge("genserve_inflight_requests", "Operations the engine is running now",
                               ["model", "method"], registry=r, multiprocess_mode="livesum")
         self.queue_wait = histogram("genserve_queue_wait_seconds",
                                     "Wait of a submission in a graph's batch queue until its first rows ran",
@@ -177,11 +249,11 @@ class Metrics:
                                    ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_failures = Counter("genserve_batch_failures", "ONNX Runtime calls that raised",
                                       ["model", "graph"], registry=r)
-        self.queue_depth = Gauge("genserve_queue_depth_rows", "Rows waiting in a graph's batch queue",
+        self.queue_depth = gauge("genserve_queue_depth_rows", "Rows waiting in a graph's batch queue",
                                  ["model", "graph"], registry=r, multiprocess_mode="livesum")
-        self.samples = Counter("genserve_samples_generated", "Samples returned by Sample", ["model"],
+        self.samples = counter("genserve_samples_generated", "Samples returned by Sample", ["model"],
                                registry=r)
-        self.rows_scored = Counter("genserve_rows_scored", "Rows scored by LogLikelihood", ["model"],
+        self.rows_scored = counter("genserve_rows_scored", "Rows scored by LogLikelihood", ["model"],
                                    registry=r)
         self.model_loaded = Gauge("genserve_model_loaded", "1 while a model version is loaded and serving",
                                   ["model", "version"], registry=r, multiprocess_mode="livemin")
