@@ -99,29 +99,44 @@ class ScrapedValue:
         self.value = float(value)
 
 
-class ScrapedValues:
-    """A labelled Prometheus counter or gauge kept in plain Python numbers and turned into samples when scraped
-    (a custom collector, as ``ScrapedHistogram``): an update is one addition, where prometheus_client's takes a
-    lock, several times per request on the event loop. Updates come from one thread (the event loop)."""
+class _Scraped:
+    """What ``ScrapedValues`` and ``ScrapedHistogram`` share: name, help, label names, a child per label set
+    (made by ``_child``), and registration as a custom collector."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry | None, counter: bool) -> None:
+                 registry: CollectorRegistry | None) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
-        self.family = CounterMetricFamily if counter else GaugeMetricFamily
-        self._children: dict[tuple[str, ...], ScrapedValue] = {}
+        self._children: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
         if registry is not None:
             registry.register(self)
 
-    def labels(self, *values: str) -> ScrapedValue:
+    def _child(self) -> Any:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Any:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
         values = tuple(str(v) for v in values)
         child = self._children.get(values)
         if child is None:
             with self._lock:
-                child = self._children.setdefault(values, ScrapedValue())
+                child = self._children.setdefault(values, self._child())
         return child
+
+
+class ScrapedValues(_Scraped):
+    """A labelled Prometheus counter or gauge kept in plain Python numbers and turned into samples when scraped
+    (a custom collector, as ``ScrapedHistogram``): an update is one addition, where prometheus_client's takes a
+    lock, several times per request on the event loop. Updates come from one thread (the event loop)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 registry: CollectorRegistry | None, counter: bool) -> None:
+        self.family = CounterMetricFamily if counter else GaugeMetricFamily
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _child(self) -> ScrapedValue:
+        return ScrapedValue()
 
     def describe(self) -> list[Any]:
         return [self.family(self.name, self.documentation, labels=self.labelnames)]
@@ -135,7 +150,7 @@ class ScrapedValues:
         return [family]
 
 
-class ScrapedHistogram:
+class ScrapedHistogram(_Scraped):
     """A labelled Prometheus histogram kept in plain Python numbers and turned into samples when scraped (a custom
     collector, prometheus_client's ``HistogramMetricFamily``): an observation is one ``bisect`` and two additions,
     where ``Histogram.observe`` takes two locks and walks the bucket list, about 6 us per observation on the event
@@ -150,23 +165,12 @@ class ScrapedHistogram:
             raise ValueError(f"{name}: buckets not in sorted order")
         if not bounds or bounds[-1] != math.inf:
             bounds.append(math.inf)
-        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
         self.bounds = tuple(bounds)
         self._le = [floatToGoString(b) for b in bounds]
-        self._children: dict[tuple[str, ...], ScrapedHistogramChild] = {}
-        self._lock = threading.Lock()
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> ScrapedHistogramChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-        values = tuple(str(v) for v in values)
-        child = self._children.get(values)
-        if child is None:
-            with self._lock:
-                child = self._children.setdefault(values, ScrapedHistogramChild(self.bounds))
-        return child
+    def _child(self) -> ScrapedHistogramChild:
+        return ScrapedHistogramChild(self.bounds)
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
