@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +97,9 @@ class Engine:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
         self._started = False
-        self._admitted: Request | None = None  # the request ``admit`` passed last, until an operation takes it
+        # the request ``admit`` passed last, until an operation takes it (weakly: a request refused after its
+        # admission, e.g. for the row budget, is not kept alive)
+        self._admitted: weakref.ref[Request] | None = None
         self.inline_call_s = 0.0 if cfg.inline_call_us is None else cfg.inline_call_us / 1e6
         """The batchers' ``inline_call_s``: ``cfg.inline_call_us``, or (unset) measured by ``start``."""
         self.inline_idle_call_s = 0.0 if cfg.inline_idle_call_us is None else cfg.inline_idle_call_us / 1e6
@@ -386,7 +389,7 @@ class Engine:
         that admits a request before it holds rows for it hands the same request object to the operation,
         which then does not check it again (``_enter``)."""
         self._limits(request)
-        self._admitted = request
+        self._admitted = weakref.ref(request)
 
     def _limits(self, request: Request) -> None:
         cfg = self.cfg
@@ -449,8 +452,9 @@ class Engine:
         """Check the request, then hold its version (and the in-flight gauge) until ``_leave``: every operation
         is ``m = self._enter(request)``, then its work in a ``try`` whose ``finally`` is ``self._leave(m, op)``
         (plain calls rather than a context manager: this runs twice per request, on the event loop)."""
-        if request is self._admitted:  # admitted a moment ago by the face (requests are frozen): not again
-            self._admitted = None
+        admitted = self._admitted
+        if admitted is not None and admitted() is request:  # admitted a moment ago by the face (requests are
+            self._admitted = None                           # frozen): not again
         else:
             self._limits(request)
         m = request.model

@@ -123,13 +123,13 @@ class Ceiling:
         weakref.WeakKeyDictionary()
     _last: tuple[asyncio.AbstractEventLoop, float, Ceiling] | None = None
 
-    __slots__ = ("loop", "seconds", "entries", "running", "handle", "__weakref__")
+    __slots__ = ("seconds", "entries", "running", "armed")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        self.loop, self.seconds = loop, seconds
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds  # no reference to its loop: the loop's entry in _shared goes when the loop does
         self.entries: deque[_Entry] = deque()
         self.running = 0
-        self.handle: asyncio.TimerHandle | None = None
+        self.armed = False  # a timer waits on the loop (its handle is not kept: it would hold the loop)
 
     @classmethod
     def of(cls, seconds: float) -> Ceiling:
@@ -141,7 +141,7 @@ class Ceiling:
         ceilings = cls._shared.setdefault(loop, {})
         ceiling = ceilings.get(seconds)
         if ceiling is None:
-            ceiling = ceilings[seconds] = cls(loop, seconds)
+            ceiling = ceilings[seconds] = cls(seconds)
         cls._last = (loop, seconds, ceiling)
         return ceiling
 
@@ -167,21 +167,25 @@ class Ceiling:
             entries.popleft()
         if len(entries) > 2 * self.running + 64:  # ended entries held behind a long one: drop them
             self.entries = entries = deque(e for e in entries if e.task is not None)
-        entry = _Entry(task, self.loop.time() + self.seconds)
+        loop = asyncio.get_running_loop()
+        entry = _Entry(task, loop.time() + self.seconds)
         entries.append(entry)
         self.running += 1
-        if self.handle is None:
-            self.handle = self.loop.call_at(entry.at, self._expire)
+        if not self.armed:
+            loop.call_at(entry.at, self._expire)
+            self.armed = True
         return entry
 
     def _expire(self) -> None:
         """The timer: cancel every running entry whose deadline has come, then wait for the next one."""
-        self.handle = None
-        entries, now = self.entries, self.loop.time()
+        self.armed = False
+        loop = asyncio.get_running_loop()
+        entries, now = self.entries, loop.time()
         while entries and (entries[0].task is None or entries[0].at <= now):
             entry = entries.popleft()
             if entry.task is not None and not entry.fired:
                 entry.fired = True
                 entry.task.cancel()
         if entries:  # the oldest still running, not yet due
-            self.handle = self.loop.call_at(entries[0].at, self._expire)
+            loop.call_at(entries[0].at, self._expire)
+            self.armed = True

@@ -5,8 +5,10 @@ setting), and a flood of refused requests does not grow the server's memory."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -277,7 +279,8 @@ def test_work_under_the_ceiling_shares_one_timer_and_expires_in_order() -> None:
     loop and ceiling: a unit that ends in time returns its result; units that run past the ceiling are cancelled
     with Expired (capped), each at its own deadline or later, in the order they began; a cancel from elsewhere
     stays a CancelledError; the task's cancel count is back to 0 after an expiry; and a thousand finished units
-    behind one long unit leave the queue short. A client deadline shorter than the ceiling expires as not capped."""
+    behind one long unit leave the queue short. A client deadline shorter than the ceiling expires as not capped.
+    A finished loop is not kept alive by its timers."""
     from genserve.server.limits import Ceiling, Expired, within
 
     async def main() -> None:
@@ -323,5 +326,13 @@ def test_work_under_the_ceiling_shares_one_timer_and_expires_in_order() -> None:
             await within(asyncio.sleep(60), 0.05, 60.0)
         assert not client.value.capped
 
-    asyncio.run(main())
-    asyncio.run(main())  # a second loop gets its own timers
+    loops = []
+
+    async def on_a_loop() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        await main()
+
+    asyncio.run(on_a_loop())
+    asyncio.run(on_a_loop())  # a second loop gets its own timers
+    gc.collect()
+    assert loops[0]() is None, "the shared timers kept a finished event loop alive"
