@@ -75,12 +75,6 @@ COMPANY = 0.1
 the delay (about a one-in-ten chance of one). Closed-loop clients arrive in bunches rather than at the steady
 rate this assumes: at 0.5, lone 64-row submissions at 8 clients went a millisecond early a third of the time."""
 
-LOOK_EVERY = 8
-"""A steady lone client's submissions run without first turning the loop, except one in this many (and the first
-after a quiet spell of ``memory_s``): the turn lets requests that arrived together enter before one runs alone.
-A crowd that gRPC hands over one request at a time is found within this many lone runs; then requests are in
-flight together and the lone path stops for ``memory_s``."""
-
 CALL_MEAN_WEIGHT = 0.2
 """Weight of the newest call in a size class's running mean of call time (for ``inline_call_s``)."""
 
@@ -358,8 +352,6 @@ class Batcher:
         (a lone submission, and no arrival likely within the rest of the delay), "split" (the rest of a batch
         whose first part another instance took, ``SPLIT_MIN_ROWS``)."""
         self._split_rest = False  # the queue's front is the rest of a batch split over idle instances: due now
-        self._lone_at = -math.inf  # when a fresh submission last ran alone
-        self._unlooked = 0  # fresh lone runs since the last that turned the loop first
 
     # ---- public ------------------------------------------------------------------------------------
     @property
@@ -395,8 +387,6 @@ class Batcher:
         if fresh and self.early and self.expected is not None:
             self._arrived(now)
         if self._alone(rows, fresh):
-            if not self._look_first(now, fresh):
-                return self._run_alone(feeds, rows, fresh)
             # One turn of the loop first: requests that arrived with this one (handlers gRPC has ready to run)
             # enter the engine and submit now, and then this one is no longer alone and queues to merge with
             # them. Without the turn each of a burst ran alone, one after another, and nothing merged.
@@ -716,19 +706,6 @@ class Batcher:
             return self._inline(rows.bit_length(), 1)
         finally:
             self._running -= 1
-
-    def _look_first(self, now: float, fresh: bool) -> bool:
-        """Whether a submission that would run alone turns the loop once first (see ``LOOK_EVERY``): always for
-        a later step of a request (a multi-step request lets the loop turn between its calls), else after a
-        quiet spell or when ``LOOK_EVERY`` lone runs went by without a look."""
-        quiet = now - self._lone_at > self.memory_s
-        if fresh:
-            self._lone_at = now
-        if not fresh or quiet or self._unlooked + 1 >= LOOK_EVERY:
-            self._unlooked = 0
-            return True
-        self._unlooked += 1
-        return False
 
     def _run_alone(self, feeds: Feeds, rows: int, fresh: bool) -> Feeds:
         """A lone submission's call on the event loop's thread, as ``_execute`` would run it (see ``_alone``)."""

@@ -16,7 +16,6 @@ import pytest
 from genserve.core.manifest import read_manifest, spec_from_proto
 from genserve.server.batcher import (
     BUSY_SHARE,
-    LOOK_EVERY,
     SPLIT_MIN_ROWS,
     Batcher,
     BatchFailed,
@@ -519,10 +518,9 @@ async def turns_while(work):
 
 
 def test_a_lone_inline_call_is_run_by_submit_itself_after_one_turn_of_the_loop(ppca) -> None:
-    """A lone submission that would be taken at once and run inline is run inside ``submit``, the first after a
-    quiet spell after one turn of the loop (for requests that arrived with it), without the queue, its future
-    and the worker's wake-up: the loop turns once while it is answered, not the two or more of the worker's
-    path. Its answer equals a
+    """A lone submission that would be taken at once and run inline is run inside ``submit`` after one turn of
+    the loop (for requests that arrived with it), without the queue, its future and the worker's wake-up: the
+    loop turns once while it is answered, not the two or more of the worker's path. Its answer equals a
     worker's; a failing call raises BatchFailed with the cause and is counted as failed; the batcher keeps
     serving with its counts back at zero."""
     manifest, session = ppca
@@ -557,35 +555,6 @@ def test_a_lone_inline_call_is_run_by_submit_itself_after_one_turn_of_the_loop(p
     assert b.calls == 4 and b.inline_calls == 2 and b.reasons["all_here"] == 4
     assert [s.ok for s in stats] == [True, True, False, True] and all(s.rows == 2 and s.requests == 1 for s in stats)
     assert counts == (0, 0, 0)
-
-
-def test_a_steady_lone_client_turns_the_loop_first_once_in_eight_and_after_a_quiet_spell(ppca) -> None:
-    """A steady lone client's submissions run alone without first turning the loop, except one in LOOK_EVERY and
-    the first after a quiet spell of ``memory_s``; a later step of a request always turns it first (the loop
-    turns between a multi-step request's calls). Every answer equals the first."""
-    manifest, session = ppca
-    feeds = graph_feeds(manifest, manifest.graphs[0], 2, seed=16)
-    b = Batcher("log_prob", lambda i, f: run_session(session, f), max_queue_delay_ms=50.0, expected=lambda: 1,
-                early=True, inline_call_s=10.0, memory_s=60.0)  # no stall of a busy machine counts as quiet
-
-    async def main():
-        first = await b.submit(feeds)  # times the 2-row class on a worker thread
-        steady = [await turns_while(b.submit(feeds)) for _ in range(2 * LOOK_EVERY + 1)]
-        b.memory_s = 0.01
-        await asyncio.sleep(0.05)  # the scenario: a quiet spell longer than memory_s
-        after_quiet = await turns_while(b.submit(feeds))
-        b.memory_s = 60.0
-        steps = [await turns_while(b.submit(feeds, fresh=False)) for _ in range(3)]
-        await b.stop()
-        return first, steady, after_quiet, steps
-
-    first, steady, after_quiet, steps = asyncio.run(main())
-    look = [1] + [0] * (LOOK_EVERY - 1)
-    assert [turns for _, turns in steady] == look + look + [1]
-    assert after_quiet[1] == 1 and [turns for _, turns in steps] == [1, 1, 1]
-    answers = [out for out, _ in (*steady, after_quiet, *steps)]
-    assert all(same_bits(first, out) for out in answers)
-    assert b.inline_calls == len(answers) and b.calls == len(answers) + 1
 
 
 def test_a_lone_costly_call_runs_on_the_loop_thread_only_when_the_whole_server_is_idle(ppca) -> None:
