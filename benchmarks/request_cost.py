@@ -22,7 +22,6 @@ import collections
 import contextlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 import subprocess
 import sys
@@ -199,16 +198,7 @@ def _function(frame: str) -> str:
 @contextlib.contextmanager
 def _server(repo: Path, flags: dict[str, Any], tree: str | None) -> Iterator[ServerProcess]:
     """`genserve serve` from this checkout, or (``tree``) from another checkout of genserve's source."""
-    saved = os.environ.get("PYTHONPATH")
-    if tree is not None:
-        os.environ["PYTHONPATH"] = str(Path(tree).resolve())  # its genserve/ links come before the install
-    try:
-        server = ServerProcess(repo, flags).start()
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+    server = ServerProcess(repo, flags, tree=tree).start()
     try:
         yield server
     finally:

@@ -70,12 +70,15 @@ class ServerProcess:
     """``genserve serve`` as a child process on free loopback ports; ``with ServerProcess(repo) as s: s.target``.
 
     ``flags`` are extra ``genserve serve`` flags (e.g. ``{"--threads": 1, "--workers": 4}``). The server's
-    stderr is kept (its last lines appear in the error when it fails to start).
+    stderr is kept (its last lines appear in the error when it fails to start). ``tree``: serve genserve from
+    this checkout of its source (e.g. a ``git worktree`` of an older commit) instead of the installed one;
+    ``start`` checks that the server really imports it from there (``served_from``).
     """
 
     def __init__(self, repo: str | Path, flags: dict[str, Any] | None = None, start_timeout_s: float = 180.0,
-                 log_level: str = "WARNING") -> None:
-        self.repo = Path(repo)
+                 log_level: str = "WARNING", tree: str | Path | None = None) -> None:
+        self.repo = Path(repo).resolve()
+        self.tree = None if tree is None else Path(tree).resolve()
         self.flags = dict(flags or {})
         self.start_timeout_s = start_timeout_s
         self.log_level = log_level
@@ -106,9 +109,28 @@ class ServerProcess:
             cmd += [flag] if value is None else [flag, str(value)]  # None: a switch such as --no-warmup
         return cmd
 
+    def env(self) -> dict[str, str] | None:
+        """The server's environment: this process's, or with ``tree`` first on the import path. ``python -m``
+        puts the working directory first (this checkout's ``genserve/`` links, when run from its root), so
+        PYTHONSAFEPATH leaves it out and the tree's links come before the working directory and the install."""
+        if self.tree is None:
+            return None
+        return {**os.environ, "PYTHONPATH": str(self.tree), "PYTHONSAFEPATH": "1"}
+
+    def served_from(self) -> Path:
+        """The folder that ``genserve.server`` is imported from in the server's environment."""
+        out = subprocess.run([sys.executable, "-c", "import genserve.server as s; print(s.__path__[0])"],
+                             env=self.env(), capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip())
+
     def start(self) -> ServerProcess:
+        if self.tree is not None:
+            where = self.served_from()
+            if not (where.is_relative_to(self.tree) or where.resolve().is_relative_to(self.tree)):
+                raise RuntimeError(f"asked to serve genserve from {self.tree}, but the server would import "
+                                   f"{where}: is {self.tree} a checkout of genserve with its genserve/ links?")
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     bufsize=1)
+                                     bufsize=1, env=self.env())
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         ready: list[str] = []
         reader = threading.Thread(target=self._wait_ready, args=(ready,), daemon=True)

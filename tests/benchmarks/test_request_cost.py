@@ -13,6 +13,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of the repository, not an installed package
@@ -72,3 +73,25 @@ def test_server_cpu_covers_the_process_and_its_children() -> None:
         assert all(value >= 0 for value in per_pid.values())
     finally:
         child.communicate(b"")
+
+
+def test_a_tree_is_what_the_server_imports_even_from_this_checkouts_root(tmp_path: Path) -> None:
+    """``--tree`` / ``--baseline``: ``python -m`` puts the working directory (this checkout's ``genserve/`` links,
+    when run from its root) before PYTHONPATH, which served this checkout on both sides of an A/B; the tree must
+    win, and a folder that is no checkout of genserve is refused before anything starts."""
+    from benchmarks.serverproc import ServerProcess
+
+    root = ROOT
+    tree = tmp_path / "tree"
+    (tree / "genserve" / "server").mkdir(parents=True)
+    (tree / "genserve" / "__init__.py").write_text("")
+    (tree / "genserve" / "server" / "__init__.py").write_text("")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        assert ServerProcess(root / "quickstart", tree=tree).served_from() == tree / "genserve" / "server"
+        assert ServerProcess(root / "quickstart").served_from().resolve() == (root / "server").resolve()
+        with pytest.raises(RuntimeError, match="is .* a checkout of genserve"):
+            ServerProcess(root / "quickstart", tree=tmp_path / "empty").start()
+    finally:
+        os.chdir(here)
