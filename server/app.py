@@ -51,7 +51,7 @@ from genserve.server.interface import EngineInterface, ModelStatus, ReloadResult
 from genserve.server.message_parsing import Registrar, SafeParsing
 from genserve.server.metrics import Metrics
 from genserve.server.oip_models import reflection_pool
-from genserve.server.process import apply_process_settings
+from genserve.server.process import apply_process_settings, release_heap, settle_heap
 from genserve.server.servicer import GenerativeServicer
 from genserve.server.transport import Failure
 from genserve.v1 import service_pb2, service_pb2_grpc
@@ -205,6 +205,9 @@ class Server:
         self.servicer: GenerativeServicer | None = None
         self.tracing: tracing.Tracing | None = None
         """OpenTelemetry (``cfg.otlp_endpoint``; server/tracing.py); None: off."""
+        self.owns_process = False
+        """Set by ``serve``: the process is this server's, so its heap is settled (``settle_heap``) once the
+        models are loaded and after every change to them; servers inside another program leave it alone."""
 
     async def start(self, cfg: ServerConfig, engine: EngineInterface | None = None) -> None:
         """Load the repository, bind ``cfg.host:cfg.port`` and serve; ``engine`` replaces the default one."""
@@ -309,6 +312,11 @@ class Server:
         log.info("serving on %s (%s)", address(cfg.host, self.port), security(cfg))
         if self.auth is not None:
             log.info("auth: %d bearer token(s) accepted", self.auth.count)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.owns_process and not self._stopping:
+            settle_heap()
 
     def _refused(self) -> None:
         if self.metrics is not None:
@@ -404,6 +412,7 @@ class Server:
         async with self._reload_lock:
             result = await self.engine.reload()
             await self.refresh_health()
+            self._settle()
         for error in result.errors:
             log.warning("reload: %s version %s failed to load: %s", error.model, error.version, error.message)
         if self.peers is not None and not from_peer:
@@ -417,6 +426,7 @@ class Server:
                 status = await self.engine.load_model(name)
             finally:  # a failed load may still have changed what serves
                 await self.refresh_health()
+                self._settle()
         if self.peers is not None and not from_peer:
             await self.peers.notify("load", name)
         return status
@@ -426,6 +436,7 @@ class Server:
         async with self._reload_lock:
             status = await self.engine.unload_model(name)
             await self.refresh_health()
+            self._settle()
         if self.peers is not None and not from_peer:
             await self.peers.notify("unload", name)
         return status
@@ -495,6 +506,8 @@ class Server:
         if self.tracing is not None:
             # Flushes the spans still buffered; off the loop, as an unreachable collector takes its export timeout.
             await asyncio.to_thread(self.tracing.shutdown)
+        if self.owns_process:
+            release_heap()
 
     def _close_metrics_http(self) -> None:
         if self._http is not None:
@@ -606,6 +619,7 @@ async def serve(cfg: ServerConfig, announce: Callable[[str], None] = print, peer
     apply_process_settings(cfg.switch_interval_ms, cfg.malloc_arena_max)  # this process is the server's
     server = Server()
     server.peers = peers
+    server.owns_process = True
     await server.start(cfg)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
