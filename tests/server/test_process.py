@@ -48,7 +48,9 @@ def cycle():
 
 kept = [cycle() for _ in range(100)]
 gone = weakref.ref(cycle())  # unreachable, only a collection frees it
+before = gc.get_threshold()
 settle_heap()
+assert gc.get_threshold()[0] >= 7000 and gc.get_threshold()[1:] == before[1:], gc.get_threshold()
 assert gone() is None, "settle_heap left an unreachable cycle"
 assert gc.get_freeze_count() >= 200, gc.get_freeze_count()
 assert not any(kept[0] is o for o in gc.get_objects()), "a live object stayed in the collector's generations"
@@ -57,6 +59,7 @@ settle_heap()
 assert dropped() is None, "an object frozen earlier and dropped since was never collected"
 release_heap()
 assert gc.get_freeze_count() == 0
+assert gc.get_threshold() == before
 print("ok")
 """
 
