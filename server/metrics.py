@@ -20,6 +20,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     ProcessCollector,
     disable_created_metrics,
@@ -263,11 +264,13 @@ class Metrics:
                                   ["model", "version"], registry=r, multiprocess_mode="livemin")
         self.unauthenticated = Counter("genserve_unauthenticated",
                                        "RPCs refused for missing or bad credentials", registry=r)
-        # The process's CPU seconds, resident memory and open files (process_*), as Prometheus' own clients
-        # export them (one process only: in --processes N mode the workers' values live in files, see
-        # server/workers.py, and the process collector does not apply).
+        # The process's CPU seconds, resident memory and open files (process_*), and its garbage collections
+        # by generation (python_gc_*), as Prometheus' own clients export them (one process only: in
+        # --processes N mode the workers' values live in files, see server/workers.py, and these collectors
+        # do not apply).
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             ProcessCollector(registry=r)
+            GCCollector(registry=r)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._graph_children: dict[tuple[str, str], tuple[Any, ...]] = {}  # (model, graph) -> observe_batch's
 

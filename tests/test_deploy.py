@@ -530,4 +530,4 @@ def test_the_dashboard_has_a_panel_for_every_metric_family() -> None:
     assert {"genserve_batch_size_rows", "genserve_queue_depth_rows"} <= families  # units in the names
     missing = sorted(f for f in families if f not in exprs)
     assert not missing, f"metric families without a Grafana panel: {missing}"
-    assert "process_resident_memory_bytes" in exprs
+    assert "process_resident_memory_bytes" in exprs and "python_gc_collections_total" in exprs

@@ -549,6 +549,7 @@ def test_padded_batches_and_the_metrics_endpoint(engine_config) -> None:
         server.server_close()
     assert 'genserve_rows_scored_total{model="digits-ppca"} 5.0' in text
     assert "process_resident_memory_bytes" in text and "process_cpu_seconds_total" in text
+    assert 'python_gc_collections_total{generation="2"}' in text  # what settle_heap (server/process.py) cuts
     assert "_created" not in text  # no creation-time series beside every counter and histogram
 
 
