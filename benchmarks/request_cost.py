@@ -96,7 +96,26 @@ def _client(target: str, method: str, payload: bytes, clients: int, conn, connec
                     conn.send(done[0])
                     return
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception as e:  # told to the parent, which would otherwise wait for an answer that never comes
+        details = e.details() if callable(getattr(e, "details", None)) else None  # a gRPC error's message
+        conn.send(("error", f"{type(e).__name__}: {details or e}"))
+
+
+def _receive(conn, proc, timeout_s: float = 300.0) -> Any:
+    """The load generator's next message; a RuntimeError when it failed, died or said nothing within
+    ``timeout_s`` (generous: a window is seconds long, and a busy machine only stretches it)."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.5):
+        if not proc.is_alive() and not conn.poll(0):
+            raise RuntimeError(f"the load generator exited (code {proc.exitcode}) without an answer")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the load generator said nothing for {timeout_s:.0f} s")
+    message = conn.recv()
+    if isinstance(message, tuple) and message and message[0] == "error":
+        raise RuntimeError(f"the load generator failed: {message[1]}")
+    return message
 
 
 def server_cpu(pid: int) -> tuple[dict[int, float], dict[str, float]]:
@@ -116,21 +135,21 @@ def measure(server: ServerProcess, method: str, payload: bytes, clients: int, se
     proc = ctx.Process(target=_client, args=(server.target, method, payload, clients, there, connections),
                        daemon=True)
     proc.start()
-    if here.recv() != "ready":
+    if _receive(here, proc) != "ready":
         raise RuntimeError("the load generator did not start")
     time.sleep(2.0)  # a benchmark's warm-up window, not synchronisation
     here.send("mark")
-    (n0, _), (cpu0, threads0), t0 = here.recv(), server_cpu(server.pid), time.monotonic()
+    (n0, _), (cpu0, threads0), t0 = _receive(here, proc), server_cpu(server.pid), time.monotonic()
     calls0 = scrape.fetch(server.metrics_url)
     time.sleep(seconds)
     here.send("mark")
-    (n1, latencies), (cpu1, threads1), t1 = here.recv(), server_cpu(server.pid), time.monotonic()
+    (n1, latencies), (cpu1, threads1), t1 = _receive(here, proc), server_cpu(server.pid), time.monotonic()
     calls1 = scrape.fetch(server.metrics_url)
     calls, rows = (scrape.total(calls1, name) - scrape.total(calls0, name)  # graph calls and their rows
                    for name in ("genserve_batch_size_rows_count", "genserve_batch_size_rows_sum"))
     top = py_spy_top(server.pid, profile_s, native=native) if profile_s > 0 else None
     here.send("stop")
-    here.recv()
+    _receive(here, proc)
     proc.join(30)
     requests = n1 - n0
     by_thread = collections.Counter()

@@ -95,3 +95,33 @@ def test_a_tree_is_what_the_server_imports_even_from_this_checkouts_root(tmp_pat
             ServerProcess(root / "quickstart", tree=tmp_path / "empty").start()
     finally:
         os.chdir(here)
+
+
+def test_a_load_generator_that_fails_is_an_error_not_a_wait() -> None:
+    """A server that refuses the request (here: UNAVAILABLE, as a server whose model failed to load answers)
+    ends the measurement with the server's message; the parent used to wait for the child's answer for good."""
+
+    def infer(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "model 'm' has no version that loaded")
+
+    service, method = request_cost.OIP_INFER.strip("/").split("/")
+    handler = grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(infer)})
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=request_cost._client, daemon=True,
+                       args=(f"127.0.0.1:{port}", request_cost.OIP_INFER, b"request", 2, there, 1))
+    try:
+        proc.start()
+        with pytest.raises(RuntimeError, match="load generator failed: .*no version that loaded"):
+            request_cost._receive(here, proc)
+        proc.join(60)
+        assert proc.exitcode == 0  # it said what went wrong, then ended
+        with pytest.raises(RuntimeError, match="exited .* without an answer"):
+            request_cost._receive(here, proc)
+    finally:
+        server.stop(None)
+        if proc.is_alive():
+            proc.kill()
