@@ -175,7 +175,7 @@ def measure(server: ServerProcess, method: str, payload: bytes, clients: int, se
 def py_spy_top(pid: int, seconds: float, rows: int = 25, native: bool = False) -> dict[str, Any]:
     """py-spy samples of the server's main thread (the event loop) for ``seconds``: self time by function and
     the share of samples under each genserve module (inclusive), most first."""
-    exe = shutil.which("py-spy")
+    exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))  # a venv's
     if exe is None:
         return {"error": "py-spy is not installed (pip install py-spy)"}
     with tempfile.TemporaryDirectory() as tmp:
