@@ -112,7 +112,10 @@ def _receive(conn, proc, timeout_s: float = 300.0) -> Any:
             raise RuntimeError(f"the load generator exited (code {proc.exitcode}) without an answer")
         if time.monotonic() > deadline:
             raise RuntimeError(f"the load generator said nothing for {timeout_s:.0f} s")
-    message = conn.recv()
+    try:
+        message = conn.recv()
+    except EOFError:  # its end closed: it exited without a word
+        raise RuntimeError(f"the load generator exited (code {proc.exitcode}) without an answer") from None
     if isinstance(message, tuple) and message and message[0] == "error":
         raise RuntimeError(f"the load generator failed: {message[1]}")
     return message

@@ -11,6 +11,7 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,6 +20,21 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of the repository, not an installed package
 
 from benchmarks import request_cost  # noqa: E402
+
+
+def _serve_and_load(infer: Any, clients: int, connections: int) -> tuple[grpc.Server, Any, Any]:
+    """A gRPC server answering OIP ModelInfer with ``infer``, and request_cost's load generator (not yet
+    started) aimed at it: (server, the parent's end of the pipe, the process)."""
+    service, method = request_cost.OIP_INFER.strip("/").split("/")
+    handler = grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(infer)})
+    server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=request_cost._client, daemon=True,
+                       args=(f"127.0.0.1:{port}", request_cost.OIP_INFER, b"request", clients, there, connections))
+    return server, here, proc
 
 
 def test_the_load_generator_deals_its_clients_over_its_connections() -> None:
@@ -32,15 +48,7 @@ def test_the_load_generator_deals_its_clients_over_its_connections() -> None:
             answered[0] += 1
         return b"answer"
 
-    service, method = request_cost.OIP_INFER.strip("/").split("/")
-    handler = grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(infer)})
-    server = grpc.server(futures.ThreadPoolExecutor(8), handlers=[handler])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=request_cost._client, daemon=True,
-                       args=(f"127.0.0.1:{port}", request_cost.OIP_INFER, b"request", 6, there, 3))
+    server, here, proc = _serve_and_load(infer, clients=6, connections=3)
     try:
         proc.start()
         assert here.poll(120) and here.recv() == "ready"
@@ -104,15 +112,7 @@ def test_a_load_generator_that_fails_is_an_error_not_a_wait() -> None:
     def infer(request: bytes, context: grpc.ServicerContext) -> bytes:
         context.abort(grpc.StatusCode.UNAVAILABLE, "model 'm' has no version that loaded")
 
-    service, method = request_cost.OIP_INFER.strip("/").split("/")
-    handler = grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(infer)})
-    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=request_cost._client, daemon=True,
-                       args=(f"127.0.0.1:{port}", request_cost.OIP_INFER, b"request", 2, there, 1))
+    server, here, proc = _serve_and_load(infer, clients=2, connections=1)
     try:
         proc.start()
         with pytest.raises(RuntimeError, match="load generator failed: .*no version that loaded"):
