@@ -206,6 +206,7 @@ class Server:
         self.tracing: tracing.Tracing | None = None
         """OpenTelemetry (``cfg.otlp_endpoint``; server/tracing.py); None: off."""
         self.owns_process = False
+        self._gc_watch: Callable[[], None] | None = None  # stops timing garbage collections (Metrics.watch_gc)
         """Set by ``serve``: the process is this server's, so its heap is settled (``settle_heap``) once the
         models are loaded and after every change to them; servers inside another program leave it alone."""
 
@@ -316,6 +317,8 @@ class Server:
 
     def _settle(self) -> None:
         if self.owns_process and not self._stopping:
+            if self._gc_watch is None and self.metrics is not None:
+                self._gc_watch = self.metrics.watch_gc()
             settle_heap()
 
     def _refused(self) -> None:
@@ -508,6 +511,9 @@ class Server:
             await asyncio.to_thread(self.tracing.shutdown)
         if self.owns_process:
             release_heap()
+            if self._gc_watch is not None:
+                self._gc_watch()
+                self._gc_watch = None
 
     def _close_metrics_http(self) -> None:
         if self._http is not None:

@@ -9,11 +9,13 @@ vs inference count do.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import threading
+import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from prometheus_client import (
@@ -39,6 +41,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 """Seconds; from 100 µs (one small ONNX Runtime call) to a minute (a long Langevin chain)."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 """Rows per ONNX Runtime call."""
+GC_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+"""Seconds of one garbage collection: from a young generation's tens of µs to a full one's milliseconds."""
 
 
 class WithoutRemoved:
@@ -268,9 +272,14 @@ class Metrics:
         # by generation (python_gc_*), as Prometheus' own clients export them (one process only: in
         # --processes N mode the workers' values live in files, see server/workers.py, and these collectors
         # do not apply).
+        self.gc_pause: ScrapedHistogram | None = None
+        """Garbage collections of this process while it serves (``watch_gc``); one process only."""
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             ProcessCollector(registry=r)
             GCCollector(registry=r)
+            self.gc_pause = ScrapedHistogram(
+                "genserve_gc_pause_seconds", "Garbage collections of the server process, by generation: seconds "
+                "each held the interpreter (and so the event loop)", ["generation"], GC_BUCKETS, r)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._graph_children: dict[tuple[str, str], tuple[Any, ...]] = {}  # (model, graph) -> observe_batch's
 
@@ -283,6 +292,30 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Time every garbage collection of this process into ``genserve_gc_pause_seconds`` (a server that owns
+        its process: ``serve``); returns the function that stops it. Collections never overlap (the collector
+        runs one at a time, whichever thread triggers it) and the callback takes no lock, so it cannot wait on
+        one held by the code whose allocation started the collection. Off under ``--processes N``."""
+        if self.gc_pause is None:
+            return lambda: None
+        children = [self.gc_pause.labels(str(g)) for g in range(3)]
+        started = [0.0]
+
+        def timed(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                children[info["generation"]].observe(time.perf_counter() - started[0])
+
+        gc.callbacks.append(timed)
+
+        def stop() -> None:
+            if timed in gc.callbacks:
+                gc.callbacks.remove(timed)
+
+        return stop
 
     # ---- transport ---------------------------------------------------------------------------------
     def observe_request(self, model: str, method: str, code: str, seconds: float) -> None:

@@ -84,8 +84,14 @@ async def main(owns):
     started = gc.get_freeze_count()
     await server.load_model(sys.argv[3])
     loaded = gc.get_freeze_count()
+    before = server.metrics.value("genserve_gc_pause_seconds_count", {"generation": "2"}) or 0
+    gc.collect()
+    gc.collect()
+    timed = (server.metrics.value("genserve_gc_pause_seconds_count", {"generation": "2"}) or 0) - before
     await server.stop()
-    print(started, loaded, gc.get_freeze_count())
+    gc.collect()  # after stop: no longer timed
+    after = (server.metrics.value("genserve_gc_pause_seconds_count", {"generation": "2"}) or 0) - before
+    print(started, loaded, gc.get_freeze_count(), int(timed), int(after))
 
 asyncio.run(main(sys.argv[4] == "owns"))
 """
@@ -94,14 +100,16 @@ asyncio.run(main(sys.argv[4] == "owns"))
 @pytest.mark.parametrize("owns", ["owns", "embedded"])
 def test_a_server_that_owns_its_process_freezes_its_heap_while_it_serves(repo_dir: Path, owns: str) -> None:
     """`serve` settles the heap once the models are loaded and after each change (here a second model loaded,
-    whose objects are frozen too); a server started inside another program leaves that program's heap alone."""
+    whose objects are frozen too), and times the collections into genserve_gc_pause_seconds while it serves; a
+    server started inside another program leaves that program's heap and its collector alone."""
     out = subprocess.run([sys.executable, "-c", SERVE, str(repo_dir), "digits-realnvp", "digits-vae", owns],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    started, loaded, stopped = map(int, out.stdout.split())
+    started, loaded, stopped, timed, after = map(int, out.stdout.split())
     if owns == "owns":
         assert started > 10_000  # the modules, the model and its ONNX Runtime session
         assert loaded > started  # settled again with the second model
         assert stopped == 0
+        assert timed == 2 and after == 2  # genserve_gc_pause_seconds timed both collections, and none after stop
     else:
-        assert started == loaded == stopped == 0
+        assert started == loaded == stopped == timed == after == 0
