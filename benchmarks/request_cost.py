@@ -106,16 +106,19 @@ def _client(target: str, method: str, payload: bytes, clients: int, conn, connec
 def _receive(conn, proc, timeout_s: float = 300.0) -> Any:
     """The load generator's next message; a RuntimeError when it failed, died or said nothing within
     ``timeout_s`` (generous: a window is seconds long, and a busy machine only stretches it)."""
+    def gone() -> RuntimeError:
+        return RuntimeError(f"the load generator exited (code {proc.exitcode}) without an answer")
+
     deadline = time.monotonic() + timeout_s
     while not conn.poll(0.5):
         if not proc.is_alive() and not conn.poll(0):
-            raise RuntimeError(f"the load generator exited (code {proc.exitcode}) without an answer")
+            raise gone()
         if time.monotonic() > deadline:
             raise RuntimeError(f"the load generator said nothing for {timeout_s:.0f} s")
     try:
         message = conn.recv()
     except EOFError:  # its end closed: it exited without a word
-        raise RuntimeError(f"the load generator exited (code {proc.exitcode}) without an answer") from None
+        raise gone() from None
     if isinstance(message, tuple) and message and message[0] == "error":
         raise RuntimeError(f"the load generator failed: {message[1]}")
     return message

@@ -126,7 +126,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         if self.tree is not None:
             where = self.served_from()
-            if not (where.is_relative_to(self.tree) or where.resolve().is_relative_to(self.tree)):
+            if not where.resolve().is_relative_to(self.tree):  # the tree's genserve/ links lead into it
                 raise RuntimeError(f"asked to serve genserve from {self.tree}, but the server would import "
                                    f"{where}: is {self.tree} a checkout of genserve with its genserve/ links?")
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -206,9 +206,10 @@ class Server:
         self.tracing: tracing.Tracing | None = None
         """OpenTelemetry (``cfg.otlp_endpoint``; server/tracing.py); None: off."""
         self.owns_process = False
-        self._gc_watch: Callable[[], None] | None = None  # stops timing garbage collections (Metrics.watch_gc)
         """Set by ``serve``: the process is this server's, so its heap is settled (``settle_heap``) once the
-        models are loaded and after every change to them; servers inside another program leave it alone."""
+        models are loaded and after every change to them, and its garbage collections are timed
+        (``Metrics.watch_gc``); servers inside another program leave both alone."""
+        self._gc_watch: Callable[[], None] | None = None  # stops timing garbage collections
 
     async def start(self, cfg: ServerConfig, engine: EngineInterface | None = None) -> None:
         """Load the repository, bind ``cfg.host:cfg.port`` and serve; ``engine`` replaces the default one."""
@@ -313,12 +314,12 @@ class Server:
         log.info("serving on %s (%s)", address(cfg.host, self.port), security(cfg))
         if self.auth is not None:
             log.info("auth: %d bearer token(s) accepted", self.auth.count)
+        if self.owns_process and self.metrics is not None:
+            self._gc_watch = self.metrics.watch_gc()
         self._settle()
 
     def _settle(self) -> None:
         if self.owns_process and not self._stopping:
-            if self._gc_watch is None and self.metrics is not None:
-                self._gc_watch = self.metrics.watch_gc()
             settle_heap()
 
     def _refused(self) -> None:

@@ -58,12 +58,18 @@ class WithoutRemoved:
             yield metric
 
 
+def multiprocess() -> bool:
+    """Whether this is a worker of ``--processes N`` (prometheus_client's multiprocess mode, server/workers.py):
+    metrics then live in the workers' files, and the one-process collectors do not apply."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
 def histogram(name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
               registry: CollectorRegistry) -> Any:
     """A labelled histogram for the event loop's hot path: ``ScrapedHistogram`` in one process, prometheus_client's
     ``Histogram`` under ``--processes N`` (its values live in the workers' multiprocess files). Either answers
     ``.labels(*values).observe(amount)``."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if multiprocess():
         return Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
     return ScrapedHistogram(name, documentation, labelnames, buckets, registry)
 
@@ -71,7 +77,7 @@ def histogram(name: str, documentation: str, labelnames: Sequence[str], buckets:
 def counter(name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> Any:
     """A labelled counter for the hot path: ``ScrapedValues`` in one process, prometheus_client's ``Counter``
     under ``--processes N``. Either answers ``.labels(*values).inc(amount)``; the exposition is ``<name>_total``."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if multiprocess():
         return Counter(name, documentation, labelnames, registry=registry)
     return ScrapedValues(name, documentation, labelnames, registry, counter=True)
 
@@ -81,7 +87,7 @@ def gauge(name: str, documentation: str, labelnames: Sequence[str], registry: Co
     """A labelled gauge for the hot path: ``ScrapedValues`` in one process, prometheus_client's ``Gauge`` under
     ``--processes N`` (``multiprocess_mode``: how the workers' values add up). Either answers ``.labels(*values)``
     with ``inc``, ``dec`` and ``set``."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+    if multiprocess():
         return Gauge(name, documentation, labelnames, registry=registry, multiprocess_mode=multiprocess_mode)
     return ScrapedValues(name, documentation, labelnames, registry, counter=False)
 
@@ -274,7 +280,7 @@ class Metrics:
         # do not apply).
         self.gc_pause: ScrapedHistogram | None = None
         """Garbage collections of this process while it serves (``watch_gc``); one process only."""
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        if not multiprocess():
             ProcessCollector(registry=r)
             GCCollector(registry=r)
             self.gc_pause = ScrapedHistogram(
@@ -357,7 +363,7 @@ class Metrics:
         ``--processes N`` mode a series cannot be removed from the workers' files (prometheus_client keeps the
         last value), so it is set to NaN there, which the supervisor's ``/metrics`` leaves out
         (``WithoutRemoved``)."""
-        if loaded is None and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        if loaded is None and multiprocess():
             self.model_loaded.labels(model, str(version)).set(math.nan)
         elif loaded is None:
             try:

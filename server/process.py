@@ -49,7 +49,7 @@ def settle_heap() -> None:
     Under load they are frequent: every call in flight when a younger collection runs is promoted to the oldest
     generation, and once those promotions pass a quarter of it Python collects it whole. With the server's
     ~50,000 long-lived objects there, each such collection held the event loop for 10 to 14 ms, several times
-    a second at 64 clients (BENCHMARKS.md: the p99 of 1-row requests went from 27 to 16 ms). ``serve`` calls
+    a second at 64 clients (BENCHMARKS.md: the p99 of 1-row requests went from 26 to 14 ms). ``serve`` calls
     this once its models are loaded and after every change to them; unfreezing first lets the collector find
     what an unloaded model left in cycles, so nothing frozen earlier stays for good.
 
