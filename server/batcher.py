@@ -25,7 +25,8 @@ read them rather than for the graph) the wait stretches to ``busy_delay_factor``
 the requests the loop reads meanwhile instead of the few it read in one delay.
 
 Each batch runs as ONE call in a thread pool (ONNX Runtime releases the GIL, so the event loop keeps serving),
-and its outputs are split back in row order. Guarantees:
+and its outputs are split back in row order; a large due batch is split over idle instances, and a lone costly
+call on an idle server runs as two halves at once, one on the loop's thread (``_halves``). Guarantees:
 
 * exactly one result per submission: its own rows, in its order, never a neighbour's;
 * a call that raises fails every submission with rows in that call, and only those; the next call runs;
@@ -127,6 +128,14 @@ SPLIT_MIN_ROWS = 64
 large batch (eight 64-row requests, 512 rows) runs as two calls at once on two instances instead of one call
 while the other instance waits; small ones stay whole, since every call costs the event loop its hand-off. While
 a call runs, a batch under this many rows waits for it instead of starting a second one."""
+
+
+HALF_MIN_ROWS = 32
+"""A lone call runs as two halves at once (``_halves``) only with at least this many rows in each. A call's
+fixed cost (about 90 us of a 1-row digits-flow call, against 9 us a row) does not halve: 64 rows took 650 us
+whole and 480 us as two halves, but 32 rows 364 us whole and 325 to 355 us as halves, for half as much CPU
+again; and a size class timed while the server warmed up (its first calls are slow) must not split small calls
+for nothing."""
 
 
 class LoopLoad:
@@ -234,6 +243,8 @@ class Batcher:
             ``SPLIT_MIN_ROWS`` rows is split over the idle ones, and while a call runs, a batch under
             ``SPLIT_MIN_ROWS`` rows waits for it rather than start another (as with one instance; its
             submissions then do not even wake the idle worker). One idle worker watches the queue at a time.
+            A lone call that runs on the loop's thread only because the server is idle (its size class costs
+            ``inline_call_s`` or more) runs as two halves at once, the second on instance 1 (``_halves``).
         executor: thread pool for the calls (None: the event loop's default executor).
         input_shapes: input name -> shape of one row (None for a free axis); submissions are checked against
             it so that a malformed submission fails alone instead of breaking a merged call.
@@ -393,6 +404,8 @@ class Batcher:
             await asyncio.sleep(0)
             self._admit()  # the turn may have closed the batcher or filled its queue
             if self._alone(rows, fresh):
+                if self._halves(rows):
+                    return await self._run_halves(feeds, rows, fresh)
                 return self._run_alone(feeds, rows, fresh)
             now = loop.time()
         sub = _Submission(feeds, rows, loop.create_future(), now, fresh)
@@ -723,13 +736,61 @@ class Batcher:
         finally:
             self._ended(rows, 1, (0.0,), seconds, ok)
 
+    def _halves(self, rows: int) -> bool:
+        """Whether a lone call (``_alone``) runs as two halves at once, the loop's thread running one and a worker
+        thread the other: with two or more instances, on the CPU (no padded shapes), when calls of its size
+        class cost at least ``inline_call_s``. Such a call runs on the loop only because nothing else is in
+        flight in the whole server (``inline_idle_call_s``), so the machine's other cores have nothing of this
+        server to do; its per-row work is most of its cost, so each half takes about half the time, and the
+        hand-off to the worker (about a sixteenth of ``inline_call_s``) is small beside it. A 64-row call of the
+        digits flow: 650 us whole, 480 us as two halves. Each row's result is the same either way (one intra-op
+        thread: rows do not depend on their company). Each half has at least ``HALF_MIN_ROWS`` rows."""
+        return (self.instances > 1 and rows >= 2 * HALF_MIN_ROWS and not self.pad_sizes
+                and self._call_s.get(rows.bit_length(), 0.0) >= self.inline_call_s)
+
+    async def _run_halves(self, feeds: Feeds, rows: int, fresh: bool) -> Feeds:
+        """A lone submission as two calls at once (``_halves``): its second half on instance 1 in the executor,
+        its first half on instance 0 on the loop's thread meanwhile; the outputs joined in row order. Each half
+        counts as a call. A failure of either fails the submission; the worker's half, when the submission
+        fails or is cancelled first, is still awaited by its own accounting (``_running`` stays right)."""
+        self.reasons["all_here" if fresh else "steps"] += 1
+        half = rows - rows // 2
+        second = rows - half
+        loop = asyncio.get_running_loop()
+        self._running += 2
+        other = loop.run_in_executor(self.executor, self._call, 1, {k: v[half:] for k, v in feeds.items()})
+
+        def other_ended(f: asyncio.Future) -> None:
+            ok = not f.cancelled() and f.exception() is None
+            self._ended(second, 1, (), f.result()[1] if ok else 0.0, ok)  # its wait is the first half's
+
+        other.add_done_callback(other_ended)
+        seconds, ok = 0.0, False
+        try:
+            first, seconds, cost = self._call(0, {k: v[:half] for k, v in feeds.items()})
+            self.inline_calls += 1
+            _check_rows(first, half)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - as in _execute: the call's failure is the submission's
+            raise self._failure(e, half, 1) from e
+        finally:
+            self._ended(half, 1, (0.0,), seconds, ok)
+        try:
+            rest, _, rest_cost = await asyncio.shield(other)  # cancelled: the worker's half still ends first
+            _check_rows(rest, second)
+            outputs = {k: np.concatenate([first[k], rest[k]]) for k in first}
+            self._called(rows.bit_length(), cost + rest_cost, outputs, rows)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the worker's half failed, or the halves do not add up
+            raise self._failure(e, rows, 1) from e
+        return outputs
+
     def _called(self, size: int, cost: float, outputs: Feeds, rows: int) -> None:
         """A call of size class ``size`` returned after ``cost`` seconds: remember its cost, check its rows."""
         mean = self._call_s.get(size)
         self._call_s[size] = cost if mean is None else mean + CALL_MEAN_WEIGHT * (cost - mean)
-        bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows}
-        if bad:
-            raise RuntimeError(f"outputs {bad} do not have the batch's {rows} rows on axis 0")
+        _check_rows(outputs, rows)
 
     def _failure(self, e: Exception, rows: int, requests: int) -> BatchFailed:
         err = BatchFailed(f"graph {self.graph!r} of model {self.model!r} failed on a batch of {rows} rows from "
@@ -788,6 +849,12 @@ class Batcher:
         sub.parts.sort(key=lambda p: p[0])
         names = sub.parts[0][1].keys()
         sub.future.set_result({k: np.concatenate([p[1][k] for p in sub.parts]) for k in names})
+
+
+def _check_rows(outputs: Feeds, rows: int) -> None:
+    bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != rows}
+    if bad:
+        raise RuntimeError(f"outputs {bad} do not have the batch's {rows} rows on axis 0")
 
 
 def pad_buckets(max_batch_size: int, smallest: int = 16, step: int = 4) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ import pytest
 from genserve.core.manifest import read_manifest, spec_from_proto
 from genserve.server.batcher import (
     BUSY_SHARE,
+    HALF_MIN_ROWS,
     SPLIT_MIN_ROWS,
     Batcher,
     BatchFailed,
@@ -615,6 +616,122 @@ def test_a_lone_costly_call_runs_on_the_loop_thread_only_when_the_whole_server_i
 
     asyncio.run(again())
     assert alone.inline_calls == 0 and loop_thread not in threads
+
+
+def test_a_lone_costly_call_runs_as_two_halves_at_once_on_the_loop_and_a_worker(ppca) -> None:
+    """With two instances, a lone call that runs on the loop only because the server is idle (its size class
+    costs at least ``inline_call_s``) runs as two halves at once: the first on instance 0 on the loop's thread,
+    the second on instance 1 in a worker thread. The answer is the whole call's, bit for bit (odd rows too);
+    each half is a call of its own in the metrics. With one instance, or a cheap size class, the call stays
+    whole. A failing half fails its submission only; the batcher keeps serving with its counts at zero."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 2 * HALF_MIN_ROWS + 1, seed=21)
+    half = HALF_MIN_ROWS + 1
+    calls: list[tuple[int, int, int]] = []  # (instance, rows, thread)
+    fail = [-1]  # the instance whose call raises
+
+    def run(i, f):
+        calls.append((i, len(next(iter(f.values()))), threading.get_ident()))
+        if i == fail[0]:
+            raise RuntimeError(f"instance {i} exploded")
+        return run_session(session, f)
+
+    server = Occupancy(memory_s=600.0)
+
+    def batcher(instances: int, inline_call_s: float, stats: list[BatchStats]) -> Batcher:
+        return Batcher("log_prob", run, max_batch_size=512, max_queue_delay_ms=50.0, expected=lambda: 1, early=True,
+                       instances=instances, inline_call_s=inline_call_s, inline_idle_call_s=10.0,
+                       occupancy=server, observe=stats.append)
+
+    async def requests(b: Batcher, n: int):
+        server.enter()
+        try:
+            return threading.get_ident(), [await b.submit(feeds) for _ in range(n)]
+        finally:
+            server.leave()
+
+    stats: list[BatchStats] = []
+    b = batcher(2, 1e-12, stats)
+
+    async def halves():
+        out = await requests(b, 3)  # the first times the class (a worker), then two run as halves
+        fail[0] = 1
+        with pytest.raises(BatchFailed, match="instance 1 exploded"):
+            await b.submit(feeds)
+        fail[0] = 0
+        with pytest.raises(BatchFailed, match="instance 0 exploded"):
+            await b.submit(feeds)
+        fail[0] = -1
+        await until(lambda: not b._running, 60.0)  # the worker's half of the last request ends on its own
+        again = await b.submit(feeds)
+        counts = (b.queued_rows, b.waiting, b._running)
+        await b.stop()
+        return out, again, counts
+
+    (loop_thread, outs), again, counts = asyncio.run(halves())
+    whole = run_session(session, feeds)
+    assert all(same_bits(o, whole) for o in [*outs, again])
+    assert calls[0][:2] == (0, 2 * half - 1) and calls[0][2] != loop_thread  # timing the class: a worker
+    for pair in (calls[1:3], calls[3:5]):  # the two halves of a request, in whichever order they began
+        assert sorted((i, rows, t == loop_thread) for i, rows, t in pair) == [(0, half, True), (1, half - 1, False)]
+    assert b.inline_calls == 4 and counts == (0, 0, 0)
+    # The loop's half is counted as it returns; the worker's once the loop, free again, hears that it ended.
+    assert [s.rows for s in stats[:5]] == [2 * half - 1, half, half - 1, half, half - 1]
+    assert all(s.ok for s in stats[:5]) and [s.queue_waits for s in stats[1:3]] == [(0.0,), ()]  # one per request
+    assert sum(not s.ok for s in stats) == 2 and stats[-1].ok and stats[-1].rows in (half, half - 1)
+
+    # One instance, or a size class cheaper than inline_call_s: the call stays whole on the loop's thread.
+    for instances, inline_call_s in ((1, 1e-12), (2, 10.0)):
+        calls.clear()
+        whole_stats: list[BatchStats] = []
+        one = batcher(instances, inline_call_s, whole_stats)
+
+        async def main(one=one):
+            out = await requests(one, 3)
+            await one.stop()
+            return out
+
+        loop_thread, outs = asyncio.run(main())
+        assert all(same_bits(o, whole) for o in outs)
+        assert [rows for _, rows, _ in calls] == [2 * half - 1] * 3
+        assert [t == loop_thread for *_, t in calls[1:]] == [True] * 2
+
+
+def test_a_cancelled_request_s_worker_half_still_ends_its_call(ppca) -> None:
+    """A request cancelled while its worker half runs: the cancellation reaches the request at once, the
+    worker's call ends on its own, and only then does the batcher count it ended (no second call starts on a
+    running instance unseen, no exception left unretrieved)."""
+    manifest, session = ppca
+    feeds = graph_feeds(manifest, manifest.graphs[0], 2 * HALF_MIN_ROWS, seed=22)
+    release = threading.Event()
+    slow = [False]
+
+    def run(i, f):
+        if slow[0] and i == 1:
+            release.wait(60)
+        return run_session(session, f)
+
+    server = Occupancy(memory_s=600.0)
+    b = Batcher("log_prob", run, max_queue_delay_ms=50.0, expected=lambda: 1, early=True, instances=2,
+                inline_call_s=1e-12, inline_idle_call_s=10.0, occupancy=server)
+
+    async def main():
+        server.enter()
+        await b.submit(feeds)  # times the class
+        slow[0] = True
+        task = asyncio.ensure_future(b.submit(feeds))
+        await until(lambda: b.inline_calls == 1, 60.0)  # the loop's half ran; the worker's waits on the event
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        running = b._running
+        release.set()
+        await until(lambda: not b._running, 60.0)
+        server.leave()
+        await b.stop()
+        return running
+
+    assert asyncio.run(main()) == 1 and b.calls == 3
 
 
 def test_the_inline_rule_reads_a_calls_cost_on_its_cost_clock(ppca) -> None:
