@@ -109,7 +109,7 @@ class Program:
                 continue
             try:
                 number = opt.kind(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # int(inf) overflows
                 what = "a whole number" if opt.kind is int else "a number"
                 raise InvalidOption(f"{value!r} is not {what}", name) from None
             if opt.kind is int and number != value:
@@ -131,6 +131,13 @@ class Program:
         self.params = dict(params)
         self.graphs = dict(graphs or {})
         """The model's graphs by name: which optional graphs exist (an AR ``step``) and their state shapes."""
+        for opt in self.options:  # the model's own defaults obey the ranges a request's options do
+            if isinstance(opt.default, str) and opt.default in self.params and opt.kind is not bool:
+                try:
+                    self.check_options(opt.operation, {opt.name: self.params[opt.default]})
+                except InvalidOption as e:  # e.g. 1e9 dequantisation draws: every default request would run forever
+                    raise ValueError(f"manifest parameter {opt.default!r} (the default {opt.name} of "
+                                     f"{opt.operation}): {e}; re-export the model") from None
 
     def param(self, key: str) -> float:
         if key not in self.params:

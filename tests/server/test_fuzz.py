@@ -320,6 +320,23 @@ def test_damaged_manifests_fail_that_model_alone(loader: tuple, errors: ErrorLog
     assert reload_and_check(loader, errors, {}) == "READY"
 
 
+def test_a_default_option_out_of_range_fails_that_model_at_load_not_at_every_request(loader: tuple,
+                                                                                     errors: ErrorLog) -> None:
+    """A manifest whose own default for an option lies outside the range a request may ask for (1e9
+    dequantisation draws, infinity, a fraction, zero) fails to load, naming the parameter, instead of loading
+    and then running forever at warm-up or at every request that leaves the option unset (a fuzzed manifest
+    with a huge dequant_draws once held the reload up until the test's timeout)."""
+    errors.take()
+    original = json.loads(loader[3]["manifest.json"])
+    for bad in (1e9, "Infinity", 2.5, 0):  # "Infinity": protobuf JSON's spelling of a double's infinity
+        doc = json.loads(json.dumps(original))
+        doc["parameters"]["dequant_draws"] = bad
+        assert reload_and_check(loader, errors, {"manifest.json": json.dumps(doc).encode()}) == "FAILED", bad
+        victim = next(s for s in loader[1].list_models() if s.name == VICTIM)
+        assert "'dequant_draws'" in victim.message and "re-export" in victim.message, (bad, victim.message)
+    assert reload_and_check(loader, errors, {}) == "READY"
+
+
 @st.composite
 def damaged_graphs(draw: st.DrawFn, graphs: dict[str, bytes]) -> tuple[str, bytes, bool]:
     """(graph file, damaged bytes, whether the manifest's sha256 is updated to match them)."""
