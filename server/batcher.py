@@ -741,10 +741,10 @@ class Batcher:
         thread the other: with two or more instances, on the CPU (no padded shapes), when calls of its size
         class cost at least ``inline_call_s``. Such a call runs on the loop only because nothing else is in
         flight in the whole server (``inline_idle_call_s``), so the machine's other cores have nothing of this
-        server to do; its per-row work is most of its cost, so each half takes about half the time, and the
-        hand-off to the worker (about a sixteenth of ``inline_call_s``) is small beside it. A 64-row call of the
-        digits flow: 650 us whole, 480 us as two halves. Each row's result is the same either way (one intra-op
-        thread: rows do not depend on their company). Each half has at least ``HALF_MIN_ROWS`` rows."""
+        server to do; its per-row work is most of its cost, so each half takes about half the time (figures at
+        ``HALF_MIN_ROWS``, the fewest rows a half may have), and the hand-off to the worker (about a sixteenth
+        of ``inline_call_s``) is small beside it. Each row's result is the same either way (one intra-op
+        thread: rows do not depend on their company)."""
         return (self.instances > 1 and rows >= 2 * HALF_MIN_ROWS and not self.pad_sizes
                 and self._call_s.get(rows.bit_length(), 0.0) >= self.inline_call_s)
 
@@ -757,8 +757,8 @@ class Batcher:
         half = rows - rows // 2
         second = rows - half
         loop = asyncio.get_running_loop()
-        self._running += 2
         other = loop.run_in_executor(self.executor, self._call, 1, {k: v[half:] for k, v in feeds.items()})
+        self._running += 2  # after the hand-off: an executor that refuses work leaves the count as it was
 
         def other_ended(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None
