@@ -156,12 +156,18 @@ def test_concurrent_requests_share_the_members_graph_calls(server: BackgroundSer
             return await asyncio.gather(*[aio.LogLikelihood(pb.LogLikelihoodRequest(
                 model=MIX, x=to_proto(x[i:i + 1]), seed=i)) for i in range(32)])
 
-    answers = asyncio.run(together())
-    after = batch_calls(server.metrics_port, "m0/logits")
-    calls, rows = after[0] - before[0], after[1] - before[1]
-    assert rows == 32 and calls < 32, f"{calls} calls of m0/logits for 32 concurrent one-row requests"
-    for i, r in enumerate(answers):  # and merged rows answer exactly what they answer alone
-        np.testing.assert_array_equal(from_proto(r.log_prob), alone[i])
+    # A starved machine (CI beside other work) can hand the server a burst one request at a time, each alone by
+    # the time it runs; a few bursts give the merge its chance, and every burst must answer what it answers alone.
+    for _ in range(5):
+        answers = asyncio.run(together())
+        after = batch_calls(server.metrics_port, "m0/logits")
+        calls, rows = after[0] - before[0], after[1] - before[1]
+        for i, r in enumerate(answers):  # merged rows answer exactly what they answer alone
+            np.testing.assert_array_equal(from_proto(r.log_prob), alone[i])
+        if calls < 32:
+            break
+        before = after
+    assert rows == 32 and calls < 32, f"{calls} calls of m0/logits for 32 concurrent one-row requests, 5 times"
 
 
 @pytest.mark.parametrize(("method", "request_", "code", "words"), [
