@@ -270,12 +270,6 @@ def warm_up(program: Program, manifest: pb.ModelManifest, spec: DataSpec, operat
     async def run(graph: str, feeds: Feeds) -> Feeds:
         return call(graph, 0, feeds)
 
-    value = min(max(0.0, spec.low), spec.high)
-    x = np.full((1, *spec.shape), value, np.float32)
-    latent = manifest.parameters.get("latent_dim")
-    z = np.zeros((1, int(latent)) if latent else (1, *spec.shape), np.float32)
-    temperature = float(manifest.parameters.get("temperature", 1.0))
-
     async def every_operation() -> None:
         for op in operations:
             if op == "sample":
@@ -287,7 +281,12 @@ def warm_up(program: Program, manifest: pb.ModelManifest, spec: DataSpec, operat
             elif op == "decode":
                 await program.decode(run, z, Noise(0))
 
-    try:
+    try:  # the inputs too: a manifest's latent_dim or temperature may be what fails (a negative latent_dim)
+        value = min(max(0.0, spec.low), spec.high)
+        x = np.full((1, *spec.shape), value, np.float32)
+        latent = manifest.parameters.get("latent_dim")
+        z = np.zeros((1, int(latent)) if latent else (1, *spec.shape), np.float32)
+        temperature = float(manifest.parameters.get("temperature", 1.0))
         asyncio.run(every_operation())
         rows = min(WARMUP_ROWS, settings.max_batch_size)
         for g in manifest.graphs:
