@@ -347,7 +347,10 @@ def _session(folder: Path, graph: str, file: str, sha256: str, opts: SessionOpti
         raise LoadFailed(f"{where}: {file}: sha256 mismatch (manifest {sha256[:12]}..., file "
                          f"{actual[:12]}...); it changed or was damaged after export; re-export the model")
     try:
-        return make_session(path, opts)
+        session = make_session(path, opts)
+        for arg in (*session.get_inputs(), *session.get_outputs()):  # what the load reads next: a damaged file
+            _ = arg.name, arg.shape, arg.type                        # can hold names that are not UTF-8
+        return session
     except Exception as e:  # noqa: BLE001 - ORT raises its own types for bad graphs
         first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise LoadFailed(f"{where}: ONNX Runtime cannot load {file}: {first}") from None

@@ -26,6 +26,12 @@ Run = Callable[[str, Feeds], Awaitable[Feeds]]
 
 T = TypeVar("T")
 
+MOST_STEPS = 65536
+"""The most Langevin steps or importance samples anything may ask for, a model's own manifest default included,
+whatever the server's limits (``--max-langevin-steps``, ``--max-importance-samples`` cap a request's further).
+Unbounded, a damaged or hand-edited default (1e9) loaded and then ran its warm-up, and every request that left the
+option unset, for days."""
+
 
 @dataclass(frozen=True)
 class GraphSignature:

@@ -14,7 +14,7 @@ import numpy as np
 from genserve.core.families import FAMILIES
 from genserve.core.langevin import langevin_constants
 from genserve.core.noise import Noise
-from genserve.server.programs.base import Option, Program, Run, SampleResult, flat
+from genserve.server.programs.base import MOST_STEPS, Option, Program, Run, SampleResult, flat
 
 
 class EnergyProgram(Program):
@@ -22,7 +22,7 @@ class EnergyProgram(Program):
     ``langevin_noise`` (defaults from the manifest's parameters)."""
 
     operations = FAMILIES["energy"].operations
-    options = (Option("langevin_steps", "sample", int, 1, None, "langevin_steps", "Langevin steps per chain"),
+    options = (Option("langevin_steps", "sample", int, 1, MOST_STEPS, "langevin_steps", "Langevin steps per chain"),
                Option("langevin_step_size", "sample", float, 0.0, None, "langevin_step_size", "step size eta",
                       open_low=True),
                Option("langevin_noise", "sample", float, 0.0, None, "langevin_noise", "noise scale tau"))

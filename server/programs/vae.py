@@ -11,7 +11,7 @@ import numpy as np
 
 from genserve.core.families import FAMILIES
 from genserve.core.noise import Noise, categorical_from_uniform
-from genserve.server.programs.base import Option, Program, Run, SampleResult
+from genserve.server.programs.base import MOST_STEPS, Option, Program, Run, SampleResult
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -23,7 +23,7 @@ class VAEProgram(Program):
     """The operations of ``genserve.training.vae.VAE``, drawing noise in the same order."""
 
     operations = FAMILIES["latent_variable"].operations
-    options = (Option("importance_samples", "log_likelihood", int, 1, None, "importance_samples",
+    options = (Option("importance_samples", "log_likelihood", int, 1, MOST_STEPS, "importance_samples",
                       "K of the importance-weighted bound (more: tighter and slower)"),
                Option("sample", "encode", bool, default=False, doc="draw z from q(z|x) instead of its mean"),
                Option("sample", "decode", bool, default=False, doc="draw x from p(x|z) instead of its mode"))

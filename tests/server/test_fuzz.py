@@ -337,6 +337,26 @@ def test_a_default_option_out_of_range_fails_that_model_at_load_not_at_every_req
     assert reload_and_check(loader, errors, {}) == "READY"
 
 
+def test_a_graph_whose_names_are_not_utf8_fails_that_model_alone(loader: tuple, errors: ErrorLog) -> None:
+    """A damaged graph that ONNX Runtime loads but whose axis names are not UTF-8 (a bit flip a clean-clone CI's
+    fuzzing drew, with the manifest's sha256 updated to match) fails that version's load with a message; reading
+    its signature once raised UnicodeDecodeError, an unexpected error logged at ERROR."""
+    import hashlib
+
+    errors.take()
+    pristine = loader[3]
+    doc = json.loads(pristine["manifest.json"])
+    graph = doc["graphs"][0]
+    damaged = pristine[graph["file"]].replace(b"batch", b"\xe2atch")
+    assert damaged != pristine[graph["file"]]
+    graph["sha256"] = hashlib.sha256(damaged).hexdigest()
+    damage = {graph["file"]: damaged, "manifest.json": json.dumps(doc).encode()}
+    assert reload_and_check(loader, errors, damage) == "FAILED"
+    victim = next(s for s in loader[1].list_models() if s.name == VICTIM)
+    assert "cannot load" in victim.message and "utf-8" in victim.message, victim.message
+    assert reload_and_check(loader, errors, {}) == "READY"
+
+
 @st.composite
 def damaged_graphs(draw: st.DrawFn, graphs: dict[str, bytes]) -> tuple[str, bytes, bool]:
     """(graph file, damaged bytes, whether the manifest's sha256 is updated to match them)."""

@@ -48,3 +48,25 @@ def test_valid_options_are_typed_and_capped_by_the_server() -> None:
         vae.check_options("log_likelihood", {"importance_samples": 7}, caps={"importance_samples": 5})
     assert program_class("flow")(LEVELS, {}).check_options("log_likelihood", {"draws": 3}) == {"draws": 3}
     assert vae.sampled == ("encode", "decode") and program_class("linear_gaussian")(ROWS, {}).sampled == ("decode",)
+
+
+@pytest.mark.parametrize(("family", "parameter", "option", "operation"), [
+    ("energy", "langevin_steps", "langevin_steps", "sample"),
+    ("latent_variable", "importance_samples", "importance_samples", "log_likelihood"),
+    ("flow", "dequant_draws", "draws", "log_likelihood"),
+])
+def test_a_manifest_default_beyond_any_request_fails_the_program(family, parameter, option, operation) -> None:
+    """A model's own default for a step or sample count obeys the bound a request does, whatever the server's
+    limits: a default of 1e9 (a damaged manifest) is refused when the program is made, naming the parameter,
+    instead of loading and running its warm-up and every default request for days."""
+    from genserve.server.programs.base import MOST_STEPS
+
+    make = program_class(family)
+    spec = LEVELS
+    top = 4096 if option == "draws" else MOST_STEPS
+    assert make(spec, {parameter: top}).check_options(operation, {option: top}) == {option: top}
+    for bad in (1e9, top + 1, float("inf")):
+        with pytest.raises(ValueError, match=f"manifest parameter '{parameter}'.*re-export"):
+            make(spec, {parameter: bad})
+    with pytest.raises(InvalidOption, match=f"outside 1..{top}"):  # a server cap above the bound does not lift it
+        make(spec, {}).check_options(operation, {option: top + 1}, caps={option: 10 * top})
