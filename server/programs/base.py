@@ -144,6 +144,22 @@ class Program:
                 except InvalidOption as e:  # e.g. 1e9 dequantisation draws: every default request would run forever
                     raise ValueError(f"manifest parameter {opt.default!r} (the default {opt.name} of "
                                      f"{opt.operation}): {e}; re-export the model") from None
+        if "latent_dim" in self.params:  # sizes the noise drawn for every sample: 1e9 would be gigabytes a row
+            widths = sorted({shape[1] for g in self.graphs.values() for name, shape in g.inputs.items()
+                             if name == "z" and len(shape) == 2 and shape[1] > 0})
+            q = self.whole("latent_dim", 1, max(widths) if widths else 2**20)
+            if widths and q not in widths:
+                raise ValueError(f"manifest parameter 'latent_dim' is {q}, but the graphs take z of width "
+                                 f"{' or '.join(map(str, widths))}; re-export the model")
+
+    def whole(self, key: str, low: int, high: int) -> int:
+        """Manifest parameter ``key`` as a whole number in ``low..high``; else ValueError naming it (a count
+        of loop passes or a size read from a damaged manifest would otherwise run forever or exhaust memory)."""
+        value = self.param(key)
+        if not (np.isfinite(value) and value == int(value) and low <= value <= high):
+            raise ValueError(f"manifest parameter {key!r} is {value!r}; it must be a whole number in {low}..{high}; "
+                             "re-export the model")
+        return int(value)
 
     def param(self, key: str) -> float:
         if key not in self.params:

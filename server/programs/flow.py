@@ -12,6 +12,7 @@ from genserve.core.families import FAMILIES
 from genserve.core.noise import Noise
 from genserve.core.spec import DataSpec
 from genserve.server.programs.base import (
+    MOST_STEPS,
     GraphSignature,
     Option,
     Program,
@@ -33,6 +34,14 @@ class FlowProgram(Program):
     def __init__(self, spec: DataSpec, params: dict[str, float], graphs: dict[str, GraphSignature] | None = None
                  ) -> None:
         super().__init__(spec, params, graphs)
+        if "inverse_stages" in self.params:  # an iterative inverse: loop counts, each checked once here
+            staged = sum(1 for g in self.graphs if g.startswith("inverse_pass_"))
+            stages = self.whole("inverse_stages", 1, staged or 64)
+            if staged and stages != staged:
+                raise ValueError(f"manifest parameter 'inverse_stages' is {stages}, but the manifest lists {staged} "
+                                 "inverse_pass_k graphs; re-export the model")
+            for k in range(stages):
+                self.whole(f"inverse_passes_{k}", 1, MOST_STEPS)
         if not spec.discrete:  # continuous data are scored exactly: there is nothing to draw
             self.options = ()
 

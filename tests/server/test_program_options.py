@@ -70,3 +70,35 @@ def test_a_manifest_default_beyond_any_request_fails_the_program(family, paramet
             make(spec, {parameter: bad})
     with pytest.raises(InvalidOption, match=f"outside 1..{top}"):  # a server cap above the bound does not lift it
         make(spec, {}).check_options(operation, {option: top + 1}, caps={option: 10 * top})
+
+
+def test_sizes_and_loop_counts_from_the_manifest_are_checked_when_the_program_is_made() -> None:
+    """A damaged manifest's latent_dim (1e9: gigabytes of noise a row) or iterative-inverse pass count (1e9:
+    a decode that never ends) fails the program, naming the parameter, before any warm-up runs it."""
+    from genserve.server.programs.base import GraphSignature
+
+    decoder = {"decoder": GraphSignature({"z": (-1, 16)}, ("x",))}
+    vae = program_class("latent_variable")
+    assert vae(LEVELS, {"latent_dim": 16.0}, decoder).param("latent_dim") == 16
+    for bad, message in ((1e9, "whole number in 1..16"), (17.0, "whole number in 1..16"), (0.0, "1..16"),
+                         (2.5, "whole number"), (float("nan"), "whole number")):
+        with pytest.raises(ValueError, match=f"'latent_dim'.*{message}.*re-export"):
+            vae(LEVELS, {"latent_dim": bad}, decoder)
+    two = {**decoder, "prior": GraphSignature({"z": (-1, 8)}, ("p",))}
+    with pytest.raises(ValueError, match="'latent_dim' is 12, but the graphs take z of width 8 or 16"):
+        vae(LEVELS, {"latent_dim": 12.0}, two)
+    with pytest.raises(ValueError, match="'latent_dim'.*1..1048576"):  # no graphs known: a bound still holds
+        program_class("implicit")(ROWS, {"latent_dim": 1e9})
+
+    flow = program_class("flow")
+    passes = {"forward": GraphSignature({"x": (-1, 2)}, ("z", "log_prob")),
+              "inverse_pass_0": GraphSignature({"y": (-1, 2), "x": (-1, 2)}, ("x_next",)),
+              "inverse_pass_1": GraphSignature({"y": (-1, 2), "x": (-1, 2)}, ("x_next",))}
+    good = {"inverse_stages": 2.0, "inverse_passes_0": 30.0, "inverse_passes_1": 30.0}
+    flow(ROWS, good, passes)
+    for key, bad in (("inverse_passes_1", 1e9), ("inverse_passes_0", 0.0), ("inverse_stages", 3.0),
+                     ("inverse_stages", float("inf"))):
+        with pytest.raises(ValueError, match=f"'{key}'.*re-export"):
+            flow(ROWS, {**good, key: bad}, passes)
+    with pytest.raises(ValueError, match="'inverse_stages' is 1, but the manifest lists 2"):
+        flow(ROWS, {**good, "inverse_stages": 1.0}, passes)
