@@ -40,6 +40,7 @@ from genserve.server.config import ServingSettings
 from genserve.server.metrics import BatchStats
 from genserve.server.programs import program_from_manifest
 from genserve.server.programs.base import Program, Run
+from genserve.server.scoring import check_fitted
 from genserve.server.sessions import SessionOptions, make_session, run_session, uses_cuda
 from genserve.v1 import manifest_pb2 as pb
 
@@ -179,6 +180,7 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
     try:
         spec = spec_from_proto(manifest.data)
         settings = defaults.merged(read_serving_config(repo / name / SERVING_CONFIG), manifest.serving)
+        check_fitted(manifest, spec)
     except ValueError as e:
         raise LoadFailed(f"{where}: {e}") from None
     try:

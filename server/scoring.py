@@ -10,10 +10,12 @@ anomalous the percentile reported is 100 minus the plain one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
+from genserve.core.spec import DataSpec
 from genserve.server.errors import EngineError, InvalidInput
 from genserve.v1 import manifest_pb2
 
@@ -46,6 +48,44 @@ class NoPerDimension(EngineError):
 
 def kind_names(manifest: manifest_pb2.ModelManifest) -> list[str]:
     return [k.name for k in manifest.score_kinds]
+
+
+def check_fitted(manifest: manifest_pb2.ModelManifest, spec: DataSpec) -> None:
+    """The manifest's fitted score numbers and calibration, checked once when a version loads; ValueError naming
+    the entry a damaged or hand-edited manifest got wrong. Unchecked, a NaN or a spread of zero gave NaN or
+    infinite scores to every request that asked for that kind, and a missing or mismatched entry failed each
+    such request instead of the load. Each listed kind is computed once on two rows of zeros."""
+    params = dict(manifest.parameters)  # a plain dict: a protobuf map reads a missing entry as 0.0
+    for key, value in params.items():
+        if not key.startswith("score."):
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"manifest parameter {key!r} is {value!r}; fitted score numbers are finite; "
+                             "re-export the model")
+        if (key.endswith("std") or ".var." in key) and not value > 0:  # a spread: a standard deviation, a variance
+            raise ValueError(f"manifest parameter {key!r} is {value!r}; a fitted spread is positive; "
+                             "re-export the model")
+    kinds = kind_names(manifest)
+    if kinds:
+        from genserve.core import scores as fitted
+
+        x, log_prob = np.zeros((2, *spec.shape)), np.full(2, -100.0)
+        for kind in kinds:
+            try:
+                value = np.asarray(fitted.compute(kind, spec, x, log_prob, params), dtype=np.float64)
+            except (ValueError, KeyError, IndexError) as e:
+                raise ValueError(f"score kind {kind!r} cannot be computed from the manifest's parameters "
+                                 f"({type(e).__name__}: {e}); re-export the model") from None
+            if value.shape != (2,) or not np.isfinite(value).all():
+                raise ValueError(f"score kind {kind!r} gives {value.tolist()} for rows of zeros from the "
+                                 "manifest's parameters; re-export the model")
+    for c in manifest.calibration:
+        q, p = np.asarray(c.quantiles, np.float64), np.asarray(c.probabilities, np.float64)
+        if (len(q) != len(p) or len(q) < 2 or not np.isfinite(q).all() or not np.isfinite(p).all()
+                or (p < 0).any() or (p > 1).any() or (np.diff(p) < 0).any() or (np.diff(q) < 0).any()):
+            raise ValueError(f"the calibration of {c.score!r} needs at least two quantiles, as many as "
+                             "probabilities, both finite and increasing, probabilities in [0, 1]; "
+                             "re-export the model")
 
 
 def check(m, scores: tuple[str, ...], percentile: bool, per_dimension: bool) -> None:

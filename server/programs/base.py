@@ -10,6 +10,7 @@ PyTorch model draws it, so results are identical whichever way the graphs are ru
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -123,7 +124,8 @@ class Program:
             high = min(opt.high, (caps or {}).get(name, np.inf)) if opt.high is not None else \
                 (caps or {}).get(name)
             too_low = opt.low is not None and (number <= opt.low if opt.open_low else number < opt.low)
-            if not np.isfinite(number) or too_low or (high is not None and number > high):
+            infinite = isinstance(number, float) and not math.isfinite(number)  # an int may exceed any float
+            if infinite or too_low or (high is not None and number > high):
                 top = f"{high:g}" if high is not None else "inf"
                 rng = f"({opt.low:g}, {top}]" if opt.open_low else \
                     f"{opt.low if opt.low is not None else '-inf'}..{top}"

@@ -337,6 +337,40 @@ def test_a_default_option_out_of_range_fails_that_model_at_load_not_at_every_req
     assert reload_and_check(loader, errors, {}) == "READY"
 
 
+def test_damaged_score_numbers_fail_that_model_at_load_not_at_every_scored_request(loader: tuple,
+                                                                                   errors: ErrorLog) -> None:
+    """A manifest whose fitted score numbers or calibration are damaged (a NaN, a spread of zero, an unknown
+    reference model, a missing table entry, quantiles that do not pair with their probabilities) fails to load,
+    naming what is wrong, instead of loading and giving NaN or infinite scores, or an error, to every request
+    that asks for those kinds or percentiles."""
+    errors.take()
+    original = json.loads(loader[3]["manifest.json"])
+    logq = next(k for k in original["parameters"] if ".logq." in k)
+
+    def params(**changes: Any) -> dict:
+        doc = json.loads(json.dumps(original))
+        doc["parameters"].update(changes)
+        return doc
+
+    dropped = json.loads(json.dumps(original))
+    del dropped["parameters"][logq]
+    unpaired = json.loads(json.dumps(original))
+    unpaired["calibration"][0]["quantiles"] = unpaired["calibration"][0]["quantiles"][:-1]
+    reversed_ = json.loads(json.dumps(original))
+    reversed_["calibration"][1]["quantiles"].reverse()
+    cases = [(params(**{"score.typicality_row.std": 0.0}), "'score.typicality_row.std' is 0.0"),
+             (params(**{"score.min_z.ratio_mean": "NaN"}), "'score.min_z.ratio_mean' is nan"),
+             (params(**{"score.complexity_ratio.reference": 99.0}), "score kind 'complexity_ratio'"),
+             (dropped, "score kind 'complexity_ratio'"),
+             (unpaired, f"calibration of {original['calibration'][0]['score']!r}"),
+             (reversed_, f"calibration of {original['calibration'][1]['score']!r}")]
+    for doc, message in cases:
+        assert reload_and_check(loader, errors, {"manifest.json": json.dumps(doc).encode()}) == "FAILED", message
+        victim = next(s for s in loader[1].list_models() if s.name == VICTIM)
+        assert message in victim.message and "re-export" in victim.message, (message, victim.message)
+    assert reload_and_check(loader, errors, {}) == "READY"
+
+
 def test_a_graph_whose_names_are_not_utf8_fails_that_model_alone(loader: tuple, errors: ErrorLog) -> None:
     """A damaged graph that ONNX Runtime loads but whose axis names are not UTF-8 (a bit flip a clean-clone CI's
     fuzzing drew, with the manifest's sha256 updated to match) fails that version's load with a message; reading

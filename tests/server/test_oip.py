@@ -447,6 +447,8 @@ ERRORS = [
      "langevin_steps: does not apply to sample of digits-vae"),
     (f"{VAE}.log_likelihood", [("x", _x(), "FP32")], {"importance_samples": 0}, "INVALID_ARGUMENT",
      "importance_samples: 0 is outside 1..5000"),
+    (f"{VAE}.log_likelihood", [("x", _x(), "FP32")], {"importance_samples": 1e300}, "INVALID_ARGUMENT",
+     "'importance_samples' must be an integer"),
     (f"{VAE}.decode", [("z", np.zeros((2, 3), np.float32), "FP32")], {}, "INVALID_ARGUMENT", "latent codes"),
 ]
 
