@@ -67,7 +67,6 @@ from genserve.server.repository import (
 log = logging.getLogger("genserve.server")
 
 MAX_TEMPERATURE = 100.0
-MAX_LANGEVIN_STEP_SIZE = 1e3
 
 
 class ModelControlError(EngineError):
@@ -436,7 +435,7 @@ class Engine:
             return given
         m = request.model
         caps = {"importance_samples": self.cfg.max_importance_samples, "langevin_steps": self.cfg.max_langevin_steps,
-                "langevin_step_size": MAX_LANGEVIN_STEP_SIZE, "draws": self.cfg.max_dequant_draws}
+                "draws": self.cfg.max_dequant_draws}
         try:
             return m.program.check_options(request.operation, given, caps, f"{m.name}, a {m.model} model ({m.family})")
         except InvalidOption as e:

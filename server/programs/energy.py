@@ -16,6 +16,10 @@ from genserve.core.langevin import langevin_constants
 from genserve.core.noise import Noise
 from genserve.server.programs.base import MOST_STEPS, Option, Program, Run, SampleResult, flat
 
+MOST_SCALE = 1e3
+"""The largest Langevin step size or noise scale a request or a manifest default may give (a fuzzed default of
+1e300 overflowed the chain's float32 values to infinity at the first step)."""
+
 
 class EnergyProgram(Program):
     """Unnormalised log-likelihood and Langevin sampling; options ``langevin_steps``, ``langevin_step_size``,
@@ -23,9 +27,9 @@ class EnergyProgram(Program):
 
     operations = FAMILIES["energy"].operations
     options = (Option("langevin_steps", "sample", int, 1, MOST_STEPS, "langevin_steps", "Langevin steps per chain"),
-               Option("langevin_step_size", "sample", float, 0.0, None, "langevin_step_size", "step size eta",
+               Option("langevin_step_size", "sample", float, 0.0, MOST_SCALE, "langevin_step_size", "step size eta",
                       open_low=True),
-               Option("langevin_noise", "sample", float, 0.0, None, "langevin_noise", "noise scale tau"))
+               Option("langevin_noise", "sample", float, 0.0, MOST_SCALE, "langevin_noise", "noise scale tau"))
 
     async def log_likelihood(self, run: Run, x: np.ndarray, noise: Noise, **options: Any) -> np.ndarray:
         """-E(x) in nats per row (N,), unnormalised; integer images are scored at the centres of their cells."""

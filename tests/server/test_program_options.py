@@ -90,6 +90,12 @@ def test_sizes_and_loop_counts_from_the_manifest_are_checked_when_the_program_is
     with pytest.raises(ValueError, match="'latent_dim'.*1..1048576"):  # no graphs known: a bound still holds
         program_class("implicit")(ROWS, {"latent_dim": 1e9})
 
+    energy = program_class("energy")
+    for key in ("langevin_step_size", "langevin_noise"):  # 1e300 overflowed every chain to infinity
+        energy(ROWS, {key: 1e3})
+        with pytest.raises(ValueError, match=f"'{key}'.*outside.*1000.*re-export"):
+            energy(ROWS, {key: 1e300})
+
     flow = program_class("flow")
     passes = {"forward": GraphSignature({"x": (-1, 2)}, ("z", "log_prob")),
               "inverse_pass_0": GraphSignature({"y": (-1, 2), "x": (-1, 2)}, ("x_next",)),
