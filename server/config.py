@@ -428,6 +428,15 @@ class ServingSettings:
             values["version_policy"] = _policy(values["version_policy"])
         return replace(self, **values)
 
+    def overridden(self, layer: pb.ServingConfig) -> list[tuple[str, Any, Any]]:
+        """(setting, the layer's value, this server-wide value) for each setting the operator changed server-wide
+        (it differs from the built-in default) that ``layer`` sets otherwise: per-model settings win, so a
+        changed ``--max-queue-delay-ms`` does not reach a model whose config.json sets its own."""
+        theirs = ServingSettings().merged(layer)
+        return [(f.name, getattr(theirs, f.name), getattr(self, f.name)) for f in fields(self)
+                if f.name != "version_policy" and layer.HasField(f.name)
+                and getattr(self, f.name) != f.default and getattr(theirs, f.name) != getattr(self, f.name)]
+
     def to_proto(self) -> pb.ServingConfig:
         """Every field set: what GetModel reports as the settings in effect."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}

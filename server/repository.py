@@ -179,10 +179,17 @@ def load_version(repo: Path, name: str, version: int, defaults: ServingSettings,
         manifest.name, manifest.version = name, version
     try:
         spec = spec_from_proto(manifest.data)
-        settings = defaults.merged(read_serving_config(repo / name / SERVING_CONFIG), manifest.serving)
+        own = read_serving_config(repo / name / SERVING_CONFIG)
+        settings = defaults.merged(own, manifest.serving)
         check_fitted(manifest, spec)
     except ValueError as e:
         raise LoadFailed(f"{where}: {e}") from None
+    for source, layer in ((repo / name / SERVING_CONFIG, own), (folder / MANIFEST, manifest.serving)):
+        for key, value, server_wide in defaults.overridden(layer):
+            if layer is manifest.serving and own.HasField(key):
+                continue  # config.json's own value is the one in effect (and was named above)
+            log.info("%s: %s sets %s = %s, which wins over the server-wide %s (per-model settings win, as in "
+                     "Triton); edit that file to change it", where, source, key, value, server_wide)
     try:
         program = program_from_manifest(manifest)
     except (ValueError, ImportError, AttributeError) as e:

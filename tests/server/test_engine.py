@@ -250,6 +250,30 @@ def test_instances_auto_is_two_sharing_a_session_on_the_cpu_else_one_and_a_confi
         replace(cfg, instances=-1)
 
 
+def test_a_server_wide_setting_a_models_config_json_overrides_is_named_in_the_log(engine_config, repo_copy,
+                                                                                  caplog) -> None:
+    """Per-model settings win over the server-wide ones, as in Triton, so ``--max-queue-delay-ms 0.5`` does not
+    reach a model whose config.json says 2.0: the load says so, naming the file, the setting and both values.
+    Nothing is said where the operator left the server-wide value at its default."""
+    import logging
+
+    from genserve.server.repository import load_version
+
+    name = "digits-realnvp"
+    assert json.loads((repo_copy / name / "config.json").read_text())["max_queue_delay_ms"] == 2.0  # export's
+    as_built = replace(engine_config, repo=repo_copy, max_batch_size=512, max_queue_delay_ms=2.0)  # the defaults
+    changed = replace(as_built, max_queue_delay_ms=0.5)
+    with caplog.at_level(logging.INFO, logger="genserve.server"):
+        model = load_version(repo_copy, name, 1, changed.serving, 1)
+    said = [r.getMessage() for r in caplog.records if "wins over the server-wide" in r.getMessage()]
+    assert model.serving.max_queue_delay_ms == 2.0
+    assert len(said) == 1 and "config.json sets max_queue_delay_ms = 2.0" in said[0] and "0.5" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="genserve.server"):
+        load_version(repo_copy, name, 1, as_built.serving, 1)
+    assert not [r for r in caplog.records if "wins over the server-wide" in r.getMessage()]
+
+
 # ---- errors -------------------------------------------------------------------------------------------------------
 
 def test_operations_the_model_lacks_are_unsupported_naming_what_it_can_do(engine_config, repo_copy) -> None:
