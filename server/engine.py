@@ -90,6 +90,9 @@ class Engine:
 
     def __init__(self, cfg: ServerConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
+        self._caps = {"importance_samples": cfg.max_importance_samples, "langevin_steps": cfg.max_langevin_steps,
+                      "draws": cfg.max_dequant_draws}
+        """The server's limits on request options (``options``), beyond what each program declares."""
         self.metrics = metrics
         self._models: dict[str, _Entry] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -434,10 +437,9 @@ class Engine:
         if not given:
             return given
         m = request.model
-        caps = {"importance_samples": self.cfg.max_importance_samples, "langevin_steps": self.cfg.max_langevin_steps,
-                "draws": self.cfg.max_dequant_draws}
         try:
-            return m.program.check_options(request.operation, given, caps, f"{m.name}, a {m.model} model ({m.family})")
+            return m.program.check_options(request.operation, given, self._caps,
+                                           f"{m.name}, a {m.model} model ({m.family})")
         except InvalidOption as e:
             raise InvalidInput(str(e), e.field) from None
 
